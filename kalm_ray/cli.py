@@ -1,0 +1,169 @@
+"""The ``kalm`` command line.
+
+    kalm <stage> CONFIG [--run-dir DIR] [--debug]      # stage: collect ground imagine train evaluate
+    kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE]
+    kalm report RUN_DIR        kalm envs        kalm submit CONFIG --address URL
+
+Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+
+from kalm_ray.errors import KalmError, NotImplementedStage
+from kalm_ray.stage import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kalm", description="KALM on Ray: ground, imagine, learn, evaluate.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    help_of = {
+        "collect": "collect real episodes with scripted policies (Ray actors)",
+        "ground": "fine-tune the LLM on trajectory/instruction data (Ray Train)",
+        "imagine": "generate imagined rollouts for novel instructions (Ray Data)",
+        "train": "train offline RL policies on real (+ imagined) data (RLlib)",
+        "evaluate": "evaluate policies on every level (Ray actors)",
+    }
+    for stage in STAGES:
+        s = sub.add_parser(stage, parents=[common], help=help_of[stage])
+        s.add_argument("config", metavar="CONFIG")
+        s.add_argument("--run-dir", help="overrides the config's run_dir")
+    r = sub.add_parser("run", parents=[common], help="all stages in order, skipping finished ones")
+    r.add_argument("config", metavar="CONFIG")
+    r.add_argument("--run-dir", help="overrides the config's run_dir")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+    g.add_argument("--only", metavar="STAGE", help="run only this stage")
+    rep = sub.add_parser("report", parents=[common], help="regenerate eval/report.md and plots")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    sub.add_parser("envs", parents=[common], help="list environments, levels, tasks, sample instructions")
+    sm = sub.add_parser("submit", parents=[common], help="submit a config as a Ray job to a cluster")
+    sm.add_argument("config", metavar="CONFIG")
+    sm.add_argument("--address", required=True, help="Ray dashboard/job server URL, e.g. http://127.0.0.1:8265")
+    sm.add_argument("--stage", choices=STAGES, help="submit one stage instead of the whole run")
+    sm.add_argument("--run-dir", help="overrides the config's run_dir")
+    sm.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    for verb in ("status", "logs", "stop"):
+        j = sub.add_parser(verb, parents=[common], help=f"{verb} of a submitted job")
+        j.add_argument("job_id", metavar="JOB")
+        j.add_argument("--address", required=True, help="Ray dashboard/job server URL")
+    return p
+
+
+def _cmd_envs(_: argparse.Namespace) -> int:
+    from kalm_ray.envs import ENVS, LEVELS, get_suite
+
+    rows = [("env", "level", "tasks", "sample instructions")]
+    for env in ENVS:
+        try:
+            suite = get_suite(env)
+        except ModuleNotFoundError as e:
+            rows.append((env, "-", "-", f"(unavailable: {e})"))
+            continue
+        for level in LEVELS:
+            tasks = suite.tasks(level)
+            samples = [suite.instructions(level, t)[0] for t in tasks[:2]]
+            rows.append((env, level, str(len(tasks)), " | ".join(samples)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    from kalm_ray.config import load_config
+
+    return load_config(args.config, run_dir=getattr(args, "run_dir", None))
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from kalm_ray.pipeline import run_pipeline
+
+    cfg = _load(args)
+    run_pipeline(cfg, only=args.cmd)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kalm_ray.pipeline import run_pipeline
+
+    cfg = _load(args)
+    run_pipeline(cfg, start=args.start, only=args.only)
+    _print_summary(cfg.run_dir)
+    return 0
+
+
+def _print_summary(run_dir: str) -> None:
+    """Where everything is, and the headline table when evaluation ran."""
+    from kalm_ray.artifacts import RunDir
+    from kalm_ray.stage import OUTPUT_DIRS
+
+    run = RunDir(run_dir)
+    print(f"\n[kalm] run directory: {run.uri}")
+    for stage, out in OUTPUT_DIRS.items():
+        state = "done" if run.manifest(out) is not None else "not run"
+        print(f"  {stage:<9} {run.uri_of(out):<60} {state}")
+    if run.exists("eval", "headline.md"):
+        print("\n" + run.read_bytes("eval", "headline.md").decode())
+
+
+def _lazy(module: str, fn: str):
+    def call(args: argparse.Namespace) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                raise NotImplementedStage(f"command {args.cmd!r} is not implemented yet") from None
+            raise
+        return int(getattr(mod, fn)(args) or 0)
+
+    return call
+
+
+_COMMANDS = {
+    **{stage: _cmd_stage for stage in STAGES},
+    "run": _cmd_run,
+    "envs": _cmd_envs,
+    "report": _lazy("kalm_ray.eval.report", "cli_report"),
+    "submit": _lazy("kalm_ray.jobs", "cli_submit"),
+    "status": _lazy("kalm_ray.jobs", "cli_status"),
+    "logs": _lazy("kalm_ray.jobs", "cli_logs"),
+    "stop": _lazy("kalm_ray.jobs", "cli_stop"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="[%(name)s] %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _COMMANDS[args.cmd](args)
+    except KalmError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"kalm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kalm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"kalm: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

