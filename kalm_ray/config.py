@@ -54,6 +54,17 @@ class RayConfig(_Section):
     """Start the dashboard with a local Ray."""
     dashboard_host: str = "127.0.0.1"
     """Address the local dashboard/job server binds to; loopback unless you mean to expose it."""
+    runtime_env: str = "jobs/runtime_env.yaml"
+    """``kalm submit``: the runtime_env YAML shipped with the job (relative to the project root,
+    or absolute). ``jobs/runtime_env_gpu.yaml`` adds vLLM; ``jobs/runtime_env_preinstalled.yaml``
+    ships only the code, for clusters whose nodes already have the dependencies."""
+    shared_filesystem: bool = False
+    """``kalm submit``: the local ``run_dir`` is on a filesystem every node mounts (NFS, a single
+    machine). Without it a local ``run_dir`` is refused for a multi-node cluster."""
+    entrypoint_num_cpus: Annotated[float, Field(ge=0)] | None = None
+    """``kalm submit``: CPUs reserved for the job's driver; None = none (it runs on the head)."""
+    entrypoint_num_gpus: Annotated[float, Field(ge=0)] | None = None
+    """``kalm submit``: GPUs reserved for the driver (e.g. ``train.num_learners: 0`` on a GPU)."""
 
 
 class TextConfig(_Section):
@@ -167,6 +178,16 @@ class ImagineConfig(_Section):
     """Ray accelerator type for generation actors, e.g. ``H100`` or ``L4``."""
     keep_failures: bool = True
     """Keep valid rollouts that never reach the goal (labelled ``terminated=false``)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """hf backend: where each actor runs the model; ``auto`` = CUDA when the actor sees a GPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf backend weights dtype; ``auto`` = bfloat16 on GPU, float32 on CPU."""
+    bounds_tolerance: Annotated[float, Field(ge=0.0)] = 0.02
+    """Filter: a state value outside the env's bounds by at most this fraction of the range is
+    clipped back (a counted repair); farther out rejects the rollout as ``out_of_bounds``."""
+    step_tolerance: Annotated[float, Field(ge=0.0)] = 0.1
+    """Filter: relative slack on the env's largest physical change per step before a step is
+    rejected as ``impossible_step`` (one quantisation bin is always allowed on top)."""
     vllm_engine_kwargs: dict[str, Any] = {}
     """Extra ``vllm.AsyncEngineArgs`` (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
 
@@ -223,6 +244,9 @@ class EvaluateConfig(_Section):
     """Cap on tasks per level (a stable sample); None = every task."""
     num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     """Logical CPUs per evaluation actor."""
+    episodes_per_unit: PosInt | None = None
+    """Episodes per work unit (one policy, one actor call); None = 4 x envs_per_worker. Smaller
+    units balance the actors better and lose less work when an actor dies."""
 
 
 class ExperimentConfig(_Section):

@@ -1,0 +1,15 @@
+"""Ray job entrypoint, stage ``evaluate``: evaluate policies on every level (Ray actors).
+
+    python jobs/evaluate.py [CONFIG] [--run-dir DIR] [--debug]
+
+Submitted by ``kalm submit CONFIG --stage evaluate --address URL`` (config in $KALM_CONFIG_YAML),
+or by hand from the repository root:
+``ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/evaluate.py CONFIG``.
+"""
+
+import sys
+
+from kalm_ray.jobs import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("evaluate"))

@@ -1,0 +1,311 @@
+"""The collection role: actors that own environments and roll out behaviour policies.
+
+- :class:`EpisodeCollector` runs work units in-process (plain class: the benchmark's
+  single-worker baseline and the body of the actor).
+- ``CollectActor`` is the same class as a Ray actor.
+- :class:`CollectorPool` is the driver-side wrapper: it fans units out to a pool of
+  actors, replaces an actor that dies and resubmits its units, and yields each unit's
+  result exactly once (results are keyed by unit, so a retry cannot duplicate episodes).
+
+Everything an episode does is drawn from its own seeds (see ``episode_seeds``), so the
+data depend only on (config, seed, task, episode index), never on which actor ran it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import ray
+
+from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
+from kalm_ray.envs import get_suite
+
+log = logging.getLogger("kalm_ray")
+
+SEED_DOMAIN_COLLECT = 0x636F6C6C  # "coll": keeps collect seeds apart from other stages' seeds
+UNITS_IN_FLIGHT = 2
+"""Units queued per actor, so an actor never waits on the driver between units."""
+STARTUP_WARN_S = 60.0
+"""Warn when no actor has started after this long (the cluster may lack the CPUs asked for)."""
+
+Policy = Callable[[gym.Env, dict], "int | np.ndarray"]
+"""``policy(env, info) -> action``: the env itself, since the CLEVR pusher plans on its physics."""
+
+
+def episode_seeds(seed: int, task_index: int, episode: int) -> tuple[int, int]:
+    """``(env reset seed, policy seed)`` of one episode, a pure function of its identity.
+
+    Args:
+        seed: the experiment's master seed.
+        task_index: position of the task in the suite's ``train`` task list.
+        episode: episode index within the task (0-based).
+    """
+    ss = np.random.SeedSequence([SEED_DOMAIN_COLLECT, seed, task_index, episode])
+    env_seed, policy_seed = ss.generate_state(2, dtype=np.uint32)
+    return int(env_seed), int(policy_seed)
+
+
+@dataclass(frozen=True)
+class CollectSpec:
+    """What every collection worker needs to know (small, picklable)."""
+
+    env: str
+    max_episode_steps: int
+    seed: int
+    epsilon: float
+    fail_fraction: float
+    action_noise: float
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Episodes ``[start, stop)`` of one train task: the unit of scheduling and of retry."""
+
+    task: str
+    task_index: int
+    start: int
+    stop: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.task_index, self.start)
+
+    @property
+    def episodes(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class UnitResult:
+    """The transitions of one unit's episodes (in episode order) and per-episode facts."""
+
+    unit: WorkUnit
+    table: pa.Table
+    lengths: list[int] = field(default_factory=list)
+    successes: list[bool] = field(default_factory=list)
+
+    @property
+    def env_steps(self) -> int:
+        return int(sum(self.lengths))
+
+
+class EpisodeCollector:
+    """Owns one environment per task it has seen and rolls out the behaviour policy."""
+
+    def __init__(self, spec: CollectSpec):
+        self.spec = spec
+        self.suite = get_suite(spec.env)
+        self.schema = transition_schema(self.suite.layout.dim, self.suite.action_space)
+        self._envs: dict[str, gym.Env] = {}
+
+    def ready(self) -> bool:
+        """Called once after start-up so the driver knows the actor is alive."""
+        return True
+
+    def run_unit(self, unit: WorkUnit) -> UnitResult:
+        episodes = [
+            self.episode(unit.task, unit.task_index, k) for k in range(unit.start, unit.stop)
+        ]
+        return UnitResult(
+            unit=unit,
+            table=episodes_to_table(episodes, self.schema),
+            lengths=[len(e) for e in episodes],
+            successes=[bool(e.terminated) for e in episodes],
+        )
+
+    def episode(self, task: str, task_index: int, k: int) -> Episode:
+        """Episode ``k`` of ``task``: ends when the task's predicate holds or at the step limit."""
+        suite, limit = self.suite, self.spec.max_episode_steps
+        env_seed, policy_seed = episode_seeds(self.spec.seed, task_index, k)
+        rng = np.random.default_rng(policy_seed)
+        wordings = suite.instructions("train", task)
+        instruction = wordings[int(rng.integers(len(wordings)))]
+        policy = self._policy(task, rng)
+        env = self._env(task)
+        obs, info = env.reset(seed=env_seed)
+        start = np.asarray(obs, dtype=np.float32)
+        states, actions, rewards, successes = [start], [], [], []
+        terminated = truncated = False
+        for t in range(limit):
+            action = policy(env, info)
+            obs, _, env_terminated, env_truncated, info = env.step(action)
+            state = np.asarray(obs, dtype=np.float32)
+            # Rewards and success come from the suite's state predicates (not the env's own
+            # signals) so that real and imagined data are labelled by the very same functions.
+            ok = bool(suite.success(task, start, state))
+            rewards.append(float(suite.reward(task, start, states[-1], state)))
+            states.append(state)
+            actions.append(action)
+            successes.append(ok)
+            if ok:
+                terminated = True
+                break
+            if env_terminated:
+                raise RuntimeError(
+                    f"{self.spec.env} env terminated task {task!r} at t={t} "
+                    "but its success predicate is false"
+                )
+            if env_truncated or t + 1 == limit:
+                truncated = True
+                break
+        discrete = isinstance(suite.action_space, gym.spaces.Discrete)
+        return Episode(
+            episode_id=f"real/{task}/{k}",
+            env=self.spec.env,
+            task=task,
+            level="train",
+            instruction=instruction,
+            states=np.stack(states),
+            actions=np.asarray(actions, dtype=np.int64 if discrete else np.float32),
+            rewards=np.asarray(rewards, dtype=np.float32),
+            successes=np.asarray(successes, dtype=bool),
+            terminated=terminated,
+            truncated=truncated,
+        )
+
+    def _env(self, task: str) -> gym.Env:
+        if task not in self._envs:
+            self._envs[task] = self.suite.make_env(
+                "train", task, max_episode_steps=self.spec.max_episode_steps
+            )
+        return self._envs[task]
+
+    def _policy(self, task: str, rng: np.random.Generator) -> Policy:
+        """The behaviour policy of one episode (all its randomness drawn from ``rng``)."""
+        spec = self.spec
+        if spec.env == "clevr":
+            n_actions = int(self.suite.action_space.n)
+            if rng.random() < spec.fail_fraction:
+                return lambda env, info: int(rng.integers(n_actions))
+            from kalm_ray.envs.clevr.scripted import ScriptedPolicy
+
+            scripted = ScriptedPolicy(task, spec.epsilon, rng)
+            return lambda env, info: int(scripted.act(env))
+        if spec.env == "metaworld":
+            expert = self.suite.expert_policy(task)
+            low, high = self.suite.action_space.low, self.suite.action_space.high
+
+            def act(env: gym.Env, info: dict) -> np.ndarray:
+                a = np.asarray(expert.get_action(info["raw_obs"]), dtype=np.float64)
+                a = a + spec.action_noise * rng.standard_normal(a.shape)
+                return np.clip(a, low, high).astype(np.float32)
+
+            return act
+        raise ValueError(f"no behaviour policy for env {spec.env!r}")
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+
+
+CollectActor = ray.remote(EpisodeCollector)
+
+
+class CollectorPool:
+    """A pool of ``CollectActor`` s driven from the driver; dead actors are replaced.
+
+    Each actor has up to ``UNITS_IN_FLIGHT`` units queued. When an actor dies
+    (``RayActorError``: killed, OOM, node lost) its in-flight units go back to the
+    front of the queue and a fresh actor takes its slot, at most ``max_restarts``
+    times in all; errors raised by the collection code itself propagate.
+    """
+
+    def __init__(
+        self,
+        spec: CollectSpec,
+        *,
+        num_workers: int,
+        num_cpus_per_worker: float,
+        max_restarts: int | None = None,
+    ):
+        self.spec = spec
+        self.num_cpus = num_cpus_per_worker
+        self.max_restarts = 2 * num_workers + 2 if max_restarts is None else max_restarts
+        self.restarts = 0
+        self.actors = [self._start() for _ in range(num_workers)]
+
+    def _start(self):
+        return CollectActor.options(num_cpus=self.num_cpus).remote(self.spec)
+
+    def wait_ready(self) -> None:
+        """Block until every actor has started (for timing start-up apart from work)."""
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def imap_unordered(self, units: list[WorkUnit]) -> Iterator[UnitResult]:
+        """Run every unit once; yield results as they finish (each unit exactly once).
+
+        Units go only to actors that have started, so actors the cluster cannot place
+        (more workers than CPUs) never hold work hostage; they join if they start later.
+        """
+        todo = deque(units)
+        # ref -> (slot, actor, unit); unit None marks an actor's start-up probe.
+        inflight: dict[ray.ObjectRef, tuple[int, object, WorkUnit | None]] = {}
+        done: set[tuple[int, int]] = set()
+        started: set[int] = set()
+
+        def probe(slot: int) -> None:
+            inflight[self.actors[slot].ready.remote()] = (slot, self.actors[slot], None)
+
+        def submit(slot: int) -> None:
+            actor = self.actors[slot]
+            while (
+                todo
+                and sum(1 for _, a, u in inflight.values() if a is actor and u) < UNITS_IN_FLIGHT
+            ):
+                unit = todo.popleft()
+                inflight[actor.run_unit.remote(unit)] = (slot, actor, unit)
+
+        for slot in range(len(self.actors)):
+            probe(slot)
+        while len(done) < len(units):
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=STARTUP_WARN_S)
+            if not ready:
+                if not started:
+                    log.warning(
+                        "collect: no worker started in %ss (each asks for %s CPUs; cluster has %s)",
+                        STARTUP_WARN_S,
+                        self.num_cpus,
+                        ray.cluster_resources().get("CPU", 0),
+                    )
+                continue
+            slot, actor, unit = inflight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                if unit is not None:
+                    todo.appendleft(unit)
+                if self.actors[slot] is actor:  # the first failure seen from this actor: replace it
+                    self._replace(slot, e)
+                    probe(slot)
+                continue
+            started.add(slot)
+            if unit is not None and unit.key not in done:
+                done.add(unit.key)
+                yield result
+            if self.actors[slot] is actor:
+                submit(slot)
+
+    def _replace(self, slot: int, err: Exception) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            last = lines[-1] if lines else type(err).__name__
+            raise RuntimeError(
+                f"collection workers died {self.restarts} times; giving up (last: {last})"
+            ) from err
+        log.warning(
+            "collect: worker %d died (%s); starting a replacement", slot, type(err).__name__
+        )
+        self.actors[slot] = self._start()
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,292 @@
+"""``kalm evaluate``: every trained policy on every level, in one pass over a pool of Ray actors.
+
+Reads ``policy/*/`` (exported policies) and ``data/instructions.parquet`` (wording
+embeddings); writes ``eval/results.json``, ``eval/episodes.parquet`` (one row per policy
+and episode), ``eval/headline.md``, ``eval/report.md`` and its plots.
+
+Every policy meets the same episode specs (paired evaluation). The work is cut into units
+of (policy, chunk of specs), ordered policy by policy so an actor mostly reuses the
+policy it has cached; results are keyed by (policy, spec index).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.config import ExperimentConfig
+from kalm_ray.envs import get_suite
+from kalm_ray.errors import InputError, KalmError
+from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec, build_episode_specs, specs_digest
+from kalm_ray.eval.eval_actor import EvalPool, WorkUnit
+from kalm_ray.eval.results import PolicyId, build_results, headline_markdown
+from kalm_ray.stage import plan_stage
+
+log = logging.getLogger("kalm_ray")
+
+POLICY_INFO = "policy_info.json"
+_NAME = re.compile(r"^(?P<algo>[a-z0-9]+)-(?P<data>.+)-seed(?P<seed>\d+)$")
+
+
+def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifest:
+    """Evaluate every policy under ``policy/`` on ``cfg.evaluate.levels``; skipped when current."""
+    plan = plan_stage("evaluate", cfg, run_dir)
+    if plan.current is not None:
+        return plan.current
+    run, ev = plan.run, cfg.evaluate
+    t0 = time.perf_counter()
+
+    # ---- build: episode specs, policies, embeddings, work units ---------------------------
+    suite = get_suite(cfg.env.name)
+    specs = build_episode_specs(cfg, suite)
+    if not specs:
+        raise KalmError(f"evaluate.levels {ev.levels}: no tasks to evaluate")
+    policies = find_policies(run, env=cfg.env.name)
+    embeddings = wording_embeddings(run, specs)
+    size = ev.episodes_per_unit or 4 * ev.envs_per_worker
+    units = make_units(policies, specs, run=run, size=size)
+
+    from kalm_ray.raysetup import init_ray
+
+    init_ray(cfg.ray)
+    import ray
+
+    num_workers = ev.num_workers or max(
+        1, int(ray.available_resources().get("CPU", 1) / ev.num_cpus_per_worker)
+    )
+    num_workers = min(num_workers, len(units))
+    max_steps = cfg.env.max_episode_steps or suite.max_episode_steps
+    worker_kwargs = {
+        "make_env": functools.partial(make_suite_env, cfg.env.name, max_steps),
+        "load_policy": _policy_loader(),
+        "make_obs": _obs_builder(),
+        "embeddings": ray.put(embeddings),
+        "n_envs": ev.envs_per_worker,
+        "max_steps": max_steps,
+    }
+    t_build = time.perf_counter() - t0
+
+    # ---- run: one pass over the pool, results keyed by (policy, spec index) ---------------
+    t1 = time.perf_counter()
+    outcomes, replaced = evaluate_units(
+        units, worker_kwargs, num_workers=num_workers, num_cpus=ev.num_cpus_per_worker
+    )
+    t_run = time.perf_counter() - t1
+    missing = [
+        (p.name, s.index) for p in policies for s in specs if s.index not in outcomes[p.name]
+    ]
+    if missing:
+        raise KalmError(
+            f"evaluation lost {len(missing)} episodes (first: {missing[0]}); rerun `kalm evaluate`"
+        )
+    ordered = {p.name: [outcomes[p.name][s.index] for s in specs] for p in policies}
+    n_episodes = len(specs) * len(policies)
+    log.info(
+        "evaluated %d episodes in %.1fs (%.1f episodes/s, %d workers, %d replaced)",
+        n_episodes,
+        t_run,
+        n_episodes / t_run,
+        num_workers,
+        replaced,
+    )
+
+    # ---- save: results, episodes table, headline, report -------------------------------
+    t2 = time.perf_counter()
+    meta = {
+        "env": cfg.env.name,
+        "n_specs": len(specs),
+        "specs_digest": specs_digest(specs),
+        "seed": cfg.seed,
+        "max_steps": max_steps,
+    }
+    results = build_results(specs, ordered, policies, meta=meta)
+    from kalm_ray.eval.report import write_report
+
+    with stage_output(run, plan.out_dir) as tmp:
+        run.write_json(results, tmp, "results.json")
+        run.write_bytes(episodes_parquet(specs, ordered), tmp, "episodes.parquet")
+        run.write_text(headline_markdown(results), tmp, "headline.md")
+        plan.save_config(tmp)
+        try:
+            write_report(run, eval_dir=tmp)
+        except Exception as e:  # noqa: BLE001 - a plotting failure must not discard the results
+            log.warning(
+                "eval report failed (%s: %s); fix it and run `kalm report %s`",
+                type(e).__name__,
+                e,
+                run.uri,
+            )
+    manifest = plan.manifest(
+        counts={
+            "policies": len(policies),
+            "episodes": n_episodes,
+            "episodes_per_policy": len(specs),
+            "workers": num_workers,
+            "actors_replaced": replaced,
+            "episodes_per_s": round(n_episodes / t_run, 2),
+        },
+        timings={"build_s": t_build, "run_s": t_run, "save_s": time.perf_counter() - t2},
+    )
+    write_manifest(run, plan.out_dir, manifest)
+    return manifest
+
+
+def find_policies(run: RunDir, *, env: str) -> list[PolicyId]:
+    """Every exported policy under ``policy/`` (folders holding ``policy_info.json``)."""
+    found = []
+    for name in run.list("policy"):
+        if not run.exists("policy", name, POLICY_INFO):
+            continue
+        info = run.read_json("policy", name, POLICY_INFO)
+        m = _NAME.match(name)
+        try:
+            algo = info.get("algo") or m["algo"]  # type: ignore[index]
+            data = info.get("data") or m["data"]  # type: ignore[index]
+            seed = int(info["seed"] if info.get("seed") is not None else m["seed"])  # type: ignore[index]
+        except TypeError:
+            raise InputError(
+                f"{run.uri_of('policy', name, POLICY_INFO)}: no algo/data/seed"
+            ) from None
+        if info.get("env", env) != env:
+            raise InputError(
+                f"{run.uri_of('policy', name)}: a policy for env {info['env']!r}, not {env!r}"
+            )
+        found.append(PolicyId(name=name, algo=algo, data=data, seed=seed))
+    if not found:
+        raise InputError(
+            f"{run.uri_of('policy')}: no exported policies; run `kalm train CONFIG` first"
+        )
+    return found
+
+
+def wording_embeddings(run: RunDir, specs: Sequence[EpisodeSpec]) -> dict[str, np.ndarray]:
+    """Embedding of each wording the specs use, from ``data/instructions.parquet``."""
+    from kalm_ray.data.text import load_instruction_table
+
+    table = load_instruction_table(run)
+    wanted = sorted({s.wording for s in specs})
+    missing = [w for w in wanted if w not in table]
+    if missing:
+        raise InputError(
+            f"{run.uri_of('data', 'instructions.parquet')}: no embedding for {len(missing)} "
+            "evaluation "
+            f"wordings (e.g. {missing[0]!r}); rerun `kalm collect CONFIG`"
+        )
+    return {w: np.asarray(table[w], dtype=np.float32) for w in wanted}
+
+
+def make_units(
+    policies: Sequence[PolicyId], specs: Sequence[EpisodeSpec], *, run: RunDir, size: int
+) -> list[WorkUnit]:
+    """Policy-major work units of about ``size`` specs each (chunks of equal length)."""
+    n_chunks = max(1, math.ceil(len(specs) / size))
+    bounds = np.linspace(0, len(specs), n_chunks + 1).round().astype(int)
+    units = []
+    for p in policies:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            units.append(
+                WorkUnit(len(units), p.name, run.uri_of("policy", p.name), tuple(specs[lo:hi]))
+            )
+    return units
+
+
+def evaluate_units(
+    units: Sequence[WorkUnit],
+    worker_kwargs: dict[str, Any],
+    *,
+    num_workers: int,
+    num_cpus: float = 1.0,
+) -> tuple[dict[str, dict[int, EpisodeResult]], int]:
+    """Run ``units`` on an actor pool with a progress bar; returns (outcomes, replaced actors)."""
+    from tqdm import tqdm
+
+    outcomes: dict[str, dict[int, EpisodeResult]] = {u.policy: {} for u in units}
+    pool = EvalPool(worker_kwargs, num_workers=num_workers, num_cpus=num_cpus)
+    bar = tqdm(
+        total=sum(len(u.specs) for u in units),
+        unit="ep",
+        desc="evaluate",
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,
+        smoothing=0.1,
+    )
+    try:
+        for unit, results in pool.run(units):
+            for r in results:
+                # setdefault: a unit re-run after its actor died never overwrites or double-counts.
+                outcomes[unit.policy].setdefault(r.index, r)
+            bar.update(len(results))
+    finally:
+        bar.close()
+        pool.close()
+    return outcomes, pool.replaced
+
+
+def episodes_parquet(
+    specs: Sequence[EpisodeSpec], outcomes: dict[str, list[EpisodeResult]]
+) -> bytes:
+    """One row per (policy, episode): the spec and its outcome, as Parquet bytes."""
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "policy",
+            "index",
+            "level",
+            "task",
+            "wording",
+            "seed",
+            "success",
+            "length",
+            "return",
+        )
+    }
+    for name, results in outcomes.items():
+        for s, r in zip(specs, results, strict=True):
+            for k, v in (
+                ("policy", name),
+                ("index", s.index),
+                ("level", s.level),
+                ("task", s.task),
+                ("wording", s.wording),
+                ("seed", s.seed),
+                ("success", r.success),
+                ("length", r.length),
+                ("return", r.ret),
+            ):
+                cols[k].append(v)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    return buf.getvalue()
+
+
+def make_suite_env(env_name: str, max_steps: int, level: str, task: str) -> Any:
+    """An env of suite ``env_name`` for ``(level, task)`` (module level, so actors unpickle it).
+
+    Envs of both suites switch task at ``reset(options={"task": ...})`` within their level,
+    so a worker keeps one per (slot, level).
+    """
+    return get_suite(env_name).make_env(level, task, max_episode_steps=max_steps)
+
+
+def _policy_loader() -> Any:
+    from kalm_ray.rl.policy import load_policy
+
+    return load_policy
+
+
+def _obs_builder() -> Any:
+    from kalm_ray.rl.dataset import make_obs
+
+    return make_obs

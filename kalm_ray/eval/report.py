@@ -1,0 +1,390 @@
+"""``eval/report.md`` and its plots, rebuilt from files alone (``kalm report RUN_DIR``).
+
+Inputs: ``eval/results.json`` (required); optional: each policy's learning-curve CSV,
+``data/imagined/filter_report.json``, and the real/imagined transition Parquet files (CLEVR
+top-down rollouts). A missing optional input turns its section into one sentence saying
+so. Figures are drawn with matplotlib's Agg canvas directly (no pyplot global state, no
+display needed) and written through the run dir's filesystem, so remote run dirs work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kalm_ray.artifacts import RunDir
+from kalm_ray.envs.suite import LEVELS
+from kalm_ray.errors import InputError
+from kalm_ray.eval.results import BASELINE, TREATMENT, headline_markdown
+
+log = logging.getLogger("kalm_ray")
+
+_MIX_COLORS = {BASELINE: "#7f8c8d", TREATMENT: "#2e86de"}
+_BALL_COLORS = ("#de2929", "#2952de", "#29b340", "#8c38bf", "#29ccd9")
+_X_COLUMNS = ("iteration", "training_iteration", "iter", "step", "epoch")
+
+
+def cli_report(args: argparse.Namespace) -> int:
+    """``kalm report RUN_DIR``: regenerate ``eval/report.md`` and the plots."""
+    run = RunDir(args.run_dir)
+    written = write_report(run)
+    print(f"[kalm] report: {run.uri_of('eval', 'report.md')} ({len(written) - 1} plots)")
+    return 0
+
+
+def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
+    """Write ``report.md`` and PNGs into ``eval_dir``; returns the file names written."""
+    if not run.exists(eval_dir, "results.json"):
+        raise InputError(
+            f"{run.uri_of(eval_dir, 'results.json')} not found; run `kalm evaluate CONFIG` first"
+        )
+    results = run.read_json(eval_dir, "results.json")
+    files: dict[str, bytes] = {}
+    md = [
+        f"# Evaluation report: `{results.get('env', '?')}`",
+        "",
+        f"{len(results['policies'])} policies, {results.get('n_specs', '?')} episodes each "
+        f"(episode specs `{str(results.get('specs_digest', ''))[:12]}`, same for every policy), "
+        f"levels: {', '.join(results['levels'])}.",
+        "",
+        "## Headline",
+        "",
+        headline_markdown(results),
+    ]
+
+    md += ["## Success by level", ""]
+    files["success_by_level.png"] = _png(_success_figure(results))
+    md += [
+        "![success by level](success_by_level.png)",
+        "",
+        "Bars: success over every seed's episodes with a Wilson 95% interval; dots: single seeds.",
+        "",
+        _policy_table(results),
+        "",
+    ]
+
+    md += ["## Learning curves", ""]
+    curves = _learning_curves(run, list(results["policies"]))
+    if curves:
+        files["learning_curves.png"] = _png(_curves_figure(curves))
+        md += ["![learning curves](learning_curves.png)", ""]
+    else:
+        md += ["No learning-curve CSV was found under `policy/*/`.", ""]
+
+    md += ["## Imagined rollouts: filter rejections", ""]
+    rejections = _filter_rejections(run)
+    if rejections is None:
+        md += ["No imagined data: `data/imagined/filter_report.json` is absent.", ""]
+    elif not rejections:
+        md += ["The filter rejected no imagined rollout.", ""]
+    else:
+        files["filter_rejections.png"] = _png(_rejections_figure(rejections))
+        md += ["![filter rejections](filter_rejections.png)", "", _rejections_table(rejections), ""]
+
+    md += ["## Imagined vs real rollouts (top-down)", ""]
+    if results.get("env") != "clevr":
+        md += ["Top-down rollout plots are drawn for CLEVR-Robot only.", ""]
+    else:
+        pairs = _clevr_rollouts(run)
+        if isinstance(pairs, str):
+            md += [pairs, ""]
+        else:
+            files["rollouts_topdown.png"] = _png(_topdown_figure(pairs))
+            md += [
+                "![top-down rollouts](rollouts_topdown.png)",
+                "",
+                "Each line is one ball's path (colour = ball), from ○ (start) to × (end); "
+                "left: real episodes, right: imagined rollouts of the same task.",
+                "",
+            ]
+
+    for name, data in files.items():
+        run.write_bytes(data, eval_dir, name)
+    run.write_text("\n".join(md), eval_dir, "report.md")
+    return ["report.md", *files]
+
+
+# ---- tables -------------------------------------------------------------------------------
+
+
+def _policy_table(results: Mapping[str, Any]) -> str:
+    levels = results["levels"]
+    rows = [
+        "| policy | " + " | ".join(levels) + " | mean length |",
+        "|---|" + "---|" * (len(levels) + 1),
+    ]
+    for name, p in sorted(results["policies"].items()):
+        cells = []
+        for lv in levels:
+            s = p["levels"][lv]
+            cells.append(
+                f"{100 * s['success_rate']:.1f}% "
+                f"[{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}]"
+            )
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {p['all']['mean_length']:.1f} |")
+    return "\n".join(rows)
+
+
+def _rejections_table(rej: Mapping[str, Mapping[str, int]]) -> str:
+    levels = sorted(rej, key=lambda lv: LEVELS.index(lv) if lv in LEVELS else len(LEVELS))
+    reasons = sorted({r for c in rej.values() for r in c})
+    rows = ["| reason | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
+    rows += [
+        f"| {r} | " + " | ".join(str(rej[lv].get(r, 0)) for lv in levels) + " |" for r in reasons
+    ]
+    return "\n".join(rows)
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+def _read_csv(text: str) -> dict[str, np.ndarray]:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    cols: dict[str, np.ndarray] = {}
+    for key in rows[0].keys() if rows else []:
+        try:
+            cols[key] = np.array(
+                [float(r[key]) if r[key] not in ("", None) else np.nan for r in rows]
+            )
+        except (TypeError, ValueError):
+            continue  # a text column (timestamps, names): not a curve
+    return cols
+
+
+def _learning_curves(run: RunDir, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """policy name -> numeric CSV columns, for policies whose folder holds a ``*.csv``."""
+    curves = {}
+    for name in names:
+        csvs = [f for f in run.list("policy", name) if f.endswith(".csv")]
+        if csvs:
+            cols = _read_csv(run.read_bytes("policy", name, csvs[0]).decode())
+            if cols:
+                curves[name] = cols
+    return curves
+
+
+def _filter_rejections(run: RunDir) -> dict[str, dict[str, int]] | None:
+    """level -> reason -> rejected rollouts, from ``filter_report.json``; None when absent.
+
+    The report is walked rather than indexed, so any nesting of level/task/reason works: a
+    count is a number under a key that is a filter reason, its level the nearest level key
+    above it (``all`` when none). Only the innermost reason keys count, so totals that
+    repeat the per-task counts are not added twice.
+    """
+    if not run.exists("data", "imagined", "filter_report.json"):
+        return None
+    from kalm_ray.llm.filter import REASONS
+
+    report = run.read_json("data", "imagined", "filter_report.json")
+    found: dict[tuple[str, ...], dict[str, int]] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        for k, v in node.items():
+            if k in REASONS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                found.setdefault(path, {})[k] = int(v)
+            else:
+                walk(v, (*path, str(k)))
+
+    walk(report, ())
+    if not found:
+        return {}
+    depth = max(len(p) for p in found)  # the most detailed breakdown
+    out: dict[str, dict[str, int]] = {}
+    for path, counts in found.items():
+        if len(path) != depth:
+            continue
+        level = next((p for p in reversed(path) if p in LEVELS), "all")
+        for reason, n in counts.items():
+            if n:
+                out.setdefault(level, {})[reason] = out.get(level, {}).get(reason, 0) + n
+    return out
+
+
+def _parquet_files(run: RunDir, folder: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    if not run.exists(folder):
+        return []
+    sel = pafs.FileSelector(run.path(folder), recursive=True)
+    return sorted(
+        i.path
+        for i in run.fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
+
+
+def _read_episodes(run: RunDir, folder: str) -> dict[str, dict[str, Any]]:
+    """episode_id -> {task, level, instruction, states (T+1, D)} from a transition folder."""
+    import pyarrow.parquet as pq
+
+    from kalm_ray.data.schema import column_matrix
+
+    eps: dict[str, dict[str, Any]] = {}
+    for path in _parquet_files(run, folder):
+        t = pq.read_table(
+            path,
+            filesystem=run.fs,
+            columns=["episode_id", "t", "task", "level", "instruction", "state", "next_state"],
+        )
+        state, nxt = column_matrix(t, "state"), column_matrix(t, "next_state")
+        ids, steps = t.column("episode_id").to_pylist(), t.column("t").to_numpy()
+        tasks, levels, instr = (t.column(c).to_pylist() for c in ("task", "level", "instruction"))
+        for i, eid in enumerate(ids):
+            e = eps.setdefault(
+                eid, {"task": tasks[i], "level": levels[i], "instruction": instr[i], "rows": []}
+            )
+            e["rows"].append((int(steps[i]), state[i], nxt[i]))
+    for e in eps.values():
+        rows = sorted(e.pop("rows"), key=lambda r: r[0])
+        e["states"] = np.stack([rows[0][1], *[r[2] for r in rows]])
+    return eps
+
+
+def _clevr_rollouts(
+    run: RunDir, *, n_tasks: int = 2, per_side: int = 3
+) -> list[dict[str, Any]] | str:
+    """A few tasks seen in both real and imagined data, with up to ``per_side`` episodes each."""
+    real_files, imag_files = _parquet_files(run, "data/real"), _parquet_files(run, "data/imagined")
+    if not imag_files:
+        return "No imagined data: `data/imagined/` holds no Parquet files."
+    if not real_files:
+        return "No real data: `data/real/` holds no Parquet files."
+    real, imag = _read_episodes(run, "data/real"), _read_episodes(run, "data/imagined")
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for e in real.values():
+        by_task.setdefault(e["task"], []).append(e)
+    shared = sorted({e["task"] for e in imag.values()} & by_task.keys())
+    if not shared:
+        return "No task appears in both real and imagined data: nothing to set side by side."
+    out = []
+    for task in shared[:n_tasks]:
+        im = [e for e in imag.values() if e["task"] == task][:per_side]
+        out.append({"task": task, "real": by_task[task][:per_side], "imagined": im})
+    return out
+
+
+# ---- figures ------------------------------------------------------------------------------
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _success_figure(results: Mapping[str, Any]):
+    groups = results["groups"]
+    algos = sorted({g["algo"] for g in groups.values()})
+    mixes = sorted(
+        {g["data"] for g in groups.values()}, key=lambda m: (m != BASELINE, m != TREATMENT, m)
+    )
+    levels = results["levels"]
+    fig = _figure(max(5.0, 3.2 * len(algos)), 3.6)
+    axes = fig.subplots(1, len(algos), sharey=True, squeeze=False)[0]
+    width = 0.8 / max(1, len(mixes))
+    x = np.arange(len(levels))
+    for ax, algo in zip(axes, algos, strict=True):
+        for j, mix in enumerate(mixes):
+            g = groups.get(f"{algo}/{mix}")
+            if g is None:
+                continue
+            pooled = [g["levels"][lv]["pooled"] for lv in levels]
+            rate = np.array([p["success_rate"] for p in pooled])
+            err = np.array(
+                [[r - p["ci95"][0], p["ci95"][1] - r] for r, p in zip(rate, pooled, strict=True)]
+            ).T
+            pos = x + (j - (len(mixes) - 1) / 2) * width
+            ax.bar(pos, rate, width, yerr=err, capsize=3, label=mix, color=_MIX_COLORS.get(mix))
+            for p in results["policies"].values():
+                if p["algo"] == algo and p["data"] == mix:
+                    ax.plot(pos, [p["levels"][lv]["success_rate"] for lv in levels], "k.", ms=4)
+        ax.set_xticks(x, levels)
+        ax.set_title(algo)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("success rate")
+    axes[-1].legend(fontsize=8)
+    return fig
+
+
+def _curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]]):
+    metrics: list[str] = []
+    for cols in curves.values():
+        for k in cols:
+            if k not in _X_COLUMNS and k not in metrics and np.isfinite(cols[k]).any():
+                metrics.append(k)
+    ranked = sorted(
+        metrics, key=lambda k: (0 if "success" in k else 1 if "loss" in k else 2, metrics.index(k))
+    )
+    shown = ranked[:3]
+    fig = _figure(4.2 * max(1, len(shown)), 3.4)
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
+    for ax, metric in zip(axes, shown, strict=False):
+        for name, cols in sorted(curves.items()):
+            if metric not in cols:
+                continue
+            xkey = next((k for k in _X_COLUMNS if k in cols), None)
+            y = cols[metric]
+            xs = cols[xkey] if xkey else np.arange(len(y))
+            ok = np.isfinite(y)
+            ax.plot(xs[ok], y[ok], marker="." if ok.sum() < 30 else None, label=name, lw=1)
+        ax.set_title(metric)
+        ax.set_xlabel(next((k for k in _X_COLUMNS if any(k in c for c in curves.values())), "row"))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _rejections_figure(rej: Mapping[str, Mapping[str, int]]):
+    levels = sorted(rej, key=lambda lv: LEVELS.index(lv) if lv in LEVELS else len(LEVELS))
+    reasons = sorted({r for c in rej.values() for r in c})
+    fig = _figure(6.0, 0.5 + 0.35 * max(3, len(reasons)))
+    ax = fig.subplots()
+    left = np.zeros(len(reasons))
+    for lv in levels:
+        vals = np.array([rej[lv].get(r, 0) for r in reasons], dtype=float)
+        ax.barh(reasons, vals, left=left, label=lv)
+        left += vals
+    ax.set_xlabel("rejected rollouts")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _topdown_figure(pairs: list[dict[str, Any]]):
+    fig = _figure(8.0, 3.6 * len(pairs))
+    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    for row, pair in zip(axes, pairs, strict=True):
+        for ax, side in zip(row, ("real", "imagined"), strict=True):
+            for ep in pair[side]:
+                s = ep["states"].reshape(len(ep["states"]), -1, 2)
+                for b in range(min(s.shape[1], len(_BALL_COLORS))):
+                    ax.plot(s[:, b, 0], s[:, b, 1], "-", color=_BALL_COLORS[b], lw=1, alpha=0.7)
+                    ax.plot(s[0, b, 0], s[0, b, 1], "o", mfc="none", color=_BALL_COLORS[b], ms=5)
+                    ax.plot(s[-1, b, 0], s[-1, b, 1], "x", color=_BALL_COLORS[b], ms=5)
+            first = pair[side][0]["instruction"] if pair[side] else ""
+            ax.set_title(f"{side} ({len(pair[side])}): {json.dumps(first)[1:-1][:48]}", fontsize=8)
+            ax.set_xlim(-0.6, 0.6)
+            ax.set_ylim(-0.3, 0.7)
+            ax.set_aspect("equal")
+            ax.grid(alpha=0.2)
+        row[0].set_ylabel(pair["task"], fontsize=8)
+    return fig

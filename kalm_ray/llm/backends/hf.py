@@ -1,0 +1,179 @@
+"""The ``hf`` backend: Hugging Face ``generate`` in an autoscaling Ray Data actor pool.
+
+:class:`HFGenerator` is the callable class ``map_batches`` runs: each actor loads the model
+once, then generates a whole batch per call with the KV cache and left padding, stopping a
+request at the codec's end token (or the tokenizer's EOS) or at ``max_new_tokens``.
+
+Sampling (temperature > 0) is done with the Gumbel-max trick in a logits processor, with one
+random stream per request seeded by the request's seed: a request's output then depends on
+its seed only, not on which batch or actor it landed in (plain ``do_sample`` draws from one
+stream shared by the batch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from kalm_ray.llm.backends import GenerationSpec
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+    from kalm_ray.config import ImagineConfig
+
+
+def load_hf_dir(model_dir: str, *, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any]:
+    """A plain Hugging Face model folder: ``(model, tokenizer)`` (no codec, no adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    return model.to(device).eval(), tok
+
+
+def _resolve_loader(path: str):
+    mod, _, fn = path.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def gumbel_scores(
+    logits: torch.Tensor, noise: torch.Tensor, *, temperature: float, top_p: float
+) -> torch.Tensor:
+    """Scores whose argmax is a sample from ``softmax(logits / temperature)`` within top-p.
+
+    Args:
+        logits: ``(B, V)`` float32 next-token logits.
+        noise: ``(B, V)`` uniform(0, 1) draws, one independent row per request.
+        temperature: > 0.
+        top_p: nucleus mass in (0, 1]; tokens outside the nucleus get ``-inf``.
+
+    Returns:
+        ``(B, V)`` scores = ``logits / T + Gumbel`` (Gumbel-max: argmax is an exact sample).
+    """
+    import torch
+
+    scores = logits / temperature
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        outside = (probs.cumsum(-1) - probs) >= top_p  # the first token is always kept
+        scores = scores.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+    return scores + gumbel
+
+
+class SeededSampling:
+    """Logits processor: per-request seeded sampling via :func:`gumbel_scores`."""
+
+    def __init__(self, seeds: list[int], *, temperature: float, top_p: float):
+        import torch
+
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        vocab = scores.shape[-1]
+        noise = torch.stack([torch.rand(vocab, generator=g) for g in self.gens]).to(scores.device)
+        return gumbel_scores(scores.float(), noise, temperature=self.temperature, top_p=self.top_p)
+
+
+def cut_at_stop(ids: np.ndarray, stop_ids: list[int]) -> int:
+    """Number of generated tokens up to and including the first stop id (all when none)."""
+    hits = np.flatnonzero(np.isin(ids, stop_ids))
+    return int(hits[0]) + 1 if len(hits) else len(ids)
+
+
+class HFGenerator:
+    """Ray Data ``map_batches`` callable: one model per actor, one ``generate`` per batch.
+
+    Input batch: a ``pyarrow.Table`` with at least ``prompt`` and ``seed``; output: the same
+    table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens``.
+    """
+
+    def __init__(self, spec: GenerationSpec, *, device: str = "auto", dtype: str = "auto",
+                 num_threads: int | None = None):
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
+        model, tok, *_ = _resolve_loader(spec.loader)(spec.model_dir, device=device,
+                                                      dtype=_dtype(dtype, device))
+        tok.padding_side = "left"  # so every row's last prompt token is the last column
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        end_id = tok.convert_tokens_to_ids(spec.end_token)
+        if end_id is None or end_id == tok.unk_token_id:
+            raise ValueError(f"end token {spec.end_token!r} is not in the tokenizer's vocabulary")
+        self.stop_ids = sorted({int(end_id)} | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set()))
+        self.model, self.tok, self.device, self.spec = model.eval(), tok, device, spec
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        prompts = batch.column("prompt").to_pylist()
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=self.spec.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+            eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id,
+        )
+        processors = LogitsProcessorList()
+        if self.spec.temperature > 0:
+            processors.append(SeededSampling(batch.column("seed").to_pylist(),
+                                             temperature=self.spec.temperature, top_p=self.spec.top_p))
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                      generation_config=gen_cfg, logits_processor=processors)
+        new = out[:, enc["input_ids"].shape[1]:].cpu().numpy()
+        texts, counts = [], []
+        for row in new:
+            n = cut_at_stop(row, self.stop_ids)
+            counts.append(n)
+            texts.append(self.tok.decode(row[:n].tolist(), skip_special_tokens=False))
+        n_in = enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64)
+        return (batch.append_column("generated_text", pa.array(texts, pa.string()))
+                .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
+                .append_column("num_input_tokens", pa.array(n_in)))
+
+
+def generate_hf(ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConfig) -> ray.data.Dataset:
+    """The requests dataset through an autoscaling pool of :class:`HFGenerator` actors."""
+    import ray.data
+
+    remote_args: dict[str, Any] = {"num_cpus": icfg.num_cpus_per_actor}
+    if icfg.num_gpus_per_actor > 0:
+        remote_args["num_gpus"] = icfg.num_gpus_per_actor
+        if icfg.accelerator_type:
+            remote_args["accelerator_type"] = icfg.accelerator_type
+    device = icfg.device
+    if device == "auto" and icfg.num_gpus_per_actor == 0:
+        device = "cpu"  # an actor that reserved no GPU must not grab one it happens to see
+    return ds.map_batches(
+        HFGenerator,
+        fn_constructor_args=(spec,),
+        fn_constructor_kwargs={"device": device, "dtype": icfg.dtype,
+                               "num_threads": max(1, math.ceil(icfg.num_cpus_per_actor))},
+        batch_size=icfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=icfg.min_actors, max_size=icfg.max_actors),
+        **remote_args,
+    )

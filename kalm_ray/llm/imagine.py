@@ -1,0 +1,264 @@
+"""The ``imagine`` stage: the grounded LLM writes rollouts for instructions never executed.
+
+Reads ``model/`` (the grounded model and ``codec.json``) and ``data/real/`` (start states);
+writes ``data/imagined/`` (transitions in the shared schema, ``source='imagined'``, the
+generator as JSON) and ``filter_report.json``.
+
+Pipeline (Ray Data, streaming): requests (one wording + start state + seed each) ->
+generation (``hf`` actor pool or ``vllm`` processor) -> decode, validity filter and labels
+(tasks) -> the driver, which writes Parquet parts as batches arrive and keeps the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
+from kalm_ray.errors import InputError
+from kalm_ray.llm.backends import GenerationSpec, generate, resolve_backend
+from kalm_ray.llm.filter import FilterLimits, FilterTally
+from kalm_ray.llm.labels import judge_batch
+from kalm_ray.llm.requests import (
+    DataStarts,
+    ResetStarts,
+    StartSampler,
+    build_requests,
+    real_first_states,
+    requests_dataset,
+)
+from kalm_ray.raysetup import init_ray
+from kalm_ray.stage import plan_stage
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from kalm_ray.config import ExperimentConfig
+
+log = logging.getLogger("kalm_ray")
+
+ROWS_PER_PART = 200_000
+"""Transitions per Parquet part file written by the driver."""
+
+
+def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
+    """Imagine rollouts for ``cfg.imagine.levels``; returns the stage's manifest."""
+    plan = plan_stage("imagine", cfg, run_dir)
+    if plan.current is not None:
+        return plan.current
+    icfg, run = cfg.imagine, plan.run
+    t_start = time.perf_counter()
+
+    # ---- build: backend, codec, requests ------------------------------------------------
+    init_ray(cfg.ray)
+    backend = resolve_backend(icfg.backend)  # a one-line BackendUnavailable before any work
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.prompts import rollout_prompt
+
+    suite = get_suite(cfg.env.name)
+    codec = load_codec(run)
+    max_steps = icfg.max_steps or cfg.env.max_episode_steps or suite.max_episode_steps
+    requests = build_requests(
+        suite,
+        levels=list(icfg.levels),
+        rollouts_per_level=icfg.rollouts_per_level,
+        max_tasks_per_level=icfg.max_tasks_per_level,
+        seed=cfg.seed,
+        starts=start_sampler(run, suite, icfg.start_states),
+        prompt_fn=partial(rollout_prompt, codec),
+    )
+    spec = GenerationSpec(
+        model_dir=run.uri_of("model"),
+        max_new_tokens=max_new_tokens(codec, max_steps),
+        end_token=codec.end_token,
+        temperature=icfg.temperature,
+        top_p=icfg.top_p,
+        lora_rank=cfg.ground.lora.r,
+    )
+    limits = FilterLimits.for_suite(suite, n_bins=codec.n_bins,
+                                    bounds_tolerance=icfg.bounds_tolerance,
+                                    step_tolerance=icfg.step_tolerance)
+    t_built = time.perf_counter()
+    log.info("imagine: %d requests over levels %s, backend %s, max %d steps (%d new tokens)",
+             requests.num_rows, list(icfg.levels), backend, max_steps, spec.max_new_tokens)
+
+    # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------
+    ds = requests_dataset(requests, rows_per_block=icfg.batch_size)
+    judged = generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
+        judge_batch,
+        fn_kwargs={"decoder": codec, "env": suite.name, "limits": limits, "max_steps": max_steps},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.25,  # light numpy work beside the generation actors
+    )
+    writer_meta = {"model": cfg.ground.model.name, "model_output_id": plan.inputs.get("ground"),
+                   "backend": backend, "temperature": icfg.temperature, "top_p": icfg.top_p}
+    tally = FilterTally()
+    with stage_output(run, plan.out_dir) as tmp:
+        stats = write_rollouts(
+            judged, run=run, folder=tmp, tally=tally, total=requests.num_rows,
+            schema=transition_schema(suite.layout.dim, suite.action_space),
+            env=suite.name, generator=writer_meta, keep_failures=icfg.keep_failures,
+        )
+        report = {"backend": backend, "max_steps": max_steps, "max_new_tokens": spec.max_new_tokens,
+                  **tally.report(), "throughput": stats}
+        run.write_json(report, tmp, "filter_report.json")
+        plan.save_config(tmp)
+    t_done = time.perf_counter()
+
+    # ---- save: manifest -------------------------------------------------------------------
+    manifest = plan.manifest(
+        counts={
+            "requested": report["requested"],
+            "accepted": report["accepted"],
+            "accepted_fraction": report["accepted_fraction"],
+            "successful": report["successful"],
+            "episodes": stats["episodes_written"],
+            "transitions": stats["transitions_written"],
+            "repaired_rollouts": report["repaired_rollouts"],
+            "per_level_accepted_fraction": {lv: c["accepted_fraction"]
+                                            for lv, c in report["per_level"].items()},
+            "rejected": {r: n for r, n in report["reasons"].items() if n},
+            "backend": backend,
+        },
+        timings={"build_s": t_built - t_start, "generate_filter_write_s": t_done - t_built,
+                 "total_s": t_done - t_start, "tokens_per_s": stats["tokens_per_s"],
+                 "rollouts_per_s": stats["rollouts_per_s"]},
+    )
+    write_manifest(run, plan.out_dir, manifest)
+    _log_summary(report)
+    return manifest
+
+
+def load_codec(run: RunDir) -> Any:
+    """The grounded model's codec (``model/codec.json``)."""
+    from kalm_ray.llm.codec import Codec
+
+    if not run.exists("model", "codec.json"):
+        raise InputError(f"{run.uri_of('model', 'codec.json')}: missing; run `kalm ground CONFIG` first")
+    return Codec.load(run.uri_of("model", "codec.json"))
+
+
+def max_new_tokens(codec: Any, max_steps: int) -> int:
+    """Token budget: one step more than the limit (so over-long rollouts show as such) + end."""
+    return int(codec.tokens_per_step) * (max_steps + 1) + 1
+
+
+def start_sampler(run: RunDir, suite: Any, mode: str) -> StartSampler:
+    """Real episodes' first states (``data``) or the env's reset distribution (``reset``)."""
+    reset = ResetStarts(suite)
+    if mode == "reset":
+        return reset
+    return DataStarts(real_first_states(run), fallback=reset, task_dependent=bool(suite.layout.entities))
+
+
+def write_rollouts(
+    judged: ray.data.Dataset,
+    *,
+    run: RunDir,
+    folder: str,
+    tally: FilterTally,
+    total: int,
+    schema: pa.Schema,
+    env: str,
+    generator: dict[str, Any],
+    keep_failures: bool,
+) -> dict[str, float]:
+    """Consume the judged rollouts (progress bar), write Parquet parts, fill ``tally``.
+
+    Returns throughput numbers: wall seconds, generated tokens, tokens/s, rollouts/s, and how
+    many episodes and transitions were written.
+    """
+    from tqdm.auto import tqdm
+
+    action_dim = None if pa.types.is_integer(schema.field("action").type) else schema.field("action").type.list_size
+    dim = schema.field("state").type.list_size
+    pending: list[Episode] = []
+    n_rows = n_eps = n_parts = tokens = done = accepted = pending_rows = 0
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, n_rows, n_parts, pending_rows
+        if pending:
+            table = episodes_to_table(pending, schema)
+            pq.write_table(table, run.path(folder, f"part-{n_parts:05d}.parquet"), filesystem=run.fs)
+            n_parts, n_rows, pending, pending_rows = n_parts + 1, n_rows + table.num_rows, [], 0
+
+    with _quiet_ray_progress(), tqdm(total=total, desc="imagine", unit="rollout") as bar:
+        for batch in judged.iter_batches(batch_format="pyarrow", batch_size=None):
+            for r in batch.to_pylist():
+                kept = r["accepted"] and (r["success"] or keep_failures)
+                tally.add(level=r["level"], task=r["task"], accepted=r["accepted"],
+                          reason=r["reason"] or None, repairs=r["repairs"], success=r["success"],
+                          kept=kept, tokens=r["num_generated_tokens"], text=r["generated_text"],
+                          detail=r["detail"])
+                tokens += r["num_generated_tokens"]
+                accepted += int(r["accepted"])
+                if kept:
+                    pending.append(_episode(r, env=env, dim=dim, action_dim=action_dim, generator=generator))
+                    n_eps, pending_rows = n_eps + 1, pending_rows + int(r["n_steps"])
+                if pending_rows >= ROWS_PER_PART:
+                    flush()
+            done += batch.num_rows
+            bar.update(batch.num_rows)
+            bar.set_postfix(accepted=f"{accepted / max(done, 1):.2f}")
+    flush()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+            "rollouts_per_s": done / wall if wall else 0.0, "episodes_written": n_eps,
+            "transitions_written": n_rows, "parts": n_parts}
+
+
+def _episode(r: dict[str, Any], *, env: str, dim: int, action_dim: int | None,
+             generator: dict[str, Any]) -> Episode:
+    n = int(r["n_steps"])
+    actions = np.asarray(r["actions"], np.float32)
+    return Episode(
+        episode_id=f"imagined-{r['request_id']}",
+        env=env,
+        task=r["task"],
+        level=r["level"],
+        instruction=r["instruction"],
+        states=np.asarray(r["states"], np.float32).reshape(n + 1, dim),
+        actions=actions.astype(np.int64) if action_dim is None else actions.reshape(n, action_dim),
+        rewards=np.asarray(r["rewards"], np.float32),
+        successes=np.asarray(r["successes"], np.float32) > 0.5,
+        terminated=bool(r["terminated"]),
+        truncated=bool(r["truncated"]),
+        source="imagined",
+        generator=json.dumps({**generator, "seed": int(r["seed"])}, sort_keys=True),
+    )
+
+
+@contextmanager
+def _quiet_ray_progress():
+    """Ray Data's own bars off while ours runs (two sets of bars garble the terminal)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = old
+
+
+def _log_summary(report: dict[str, Any]) -> None:
+    for level, c in report["per_level"].items():
+        top = sorted(((n, r) for r, n in c["reasons"].items() if n), reverse=True)[:3]
+        log.info("imagine %-8s accepted %4d/%-4d (%.0f%%), successful %d; top rejections: %s",
+                 level, c["accepted"], c["requested"], 100 * c["accepted_fraction"], c["successful"],
+                 ", ".join(f"{r} {n}" for n, r in top) or "none")
+    t = report["throughput"]
+    log.info("imagine: %.1f rollouts/s, %.0f tokens/s, %d episodes written",
+             t["rollouts_per_s"], t["tokens_per_s"], t["episodes_written"])

@@ -1,0 +1,196 @@
+"""The four grounding tasks as prompt -> target pairs, and their token-id examples.
+
+Prompts (our own wording; codec tokens are written back to back, see :mod:`codec`)::
+
+    rollout      instruction: <text>\\nstart: <state>\\nplan:            -> <steps><end>
+    explain      start: <state>\\nsteps: <steps><end>\\ninstruction:      -> " <text>"
+    dynamics     state: <state>\\naction: <action>\\nnext state:         -> <state>
+    consequence  instruction: <text>\\nstart: <state>\\nfinal state:     -> <state>
+
+An example is ``input_ids = tokenizer(prompt) + tokenizer(target, no specials) + [eos]`` and
+``prompt_len``; the loss is on the target tokens only (labels ``-100`` on the prompt, see
+:func:`labels_for`). The prompt is tokenized on its own, exactly as a backend tokenizes it
+at generation time, so training and generation see the same ids.
+
+Episodes longer than ``max_seq_len`` are shortened from the front: the start moves to a
+later state of the same episode (the instruction still holds, the end is kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kalm_ray.llm.codec import Codec
+
+TASKS: tuple[str, ...] = ("rollout", "explain", "dynamics", "consequence")
+IGNORE = -100
+"""Label of a position that carries no loss (the prompt, padding)."""
+
+
+@dataclass
+class EpisodeArrays:
+    """One real episode, enough for every grounding task.
+
+    Attributes:
+        states: ``(T+1, D)`` float32; actions: ``(T,)`` int64 or ``(T, k)`` float32.
+    """
+
+    episode_id: str
+    task: str
+    instruction: str
+    states: np.ndarray
+    actions: np.ndarray
+
+
+# ---- prompt text (the imagine stage relies on rollout_prompt) --------------------------------
+
+
+def rollout_prompt(codec: Codec, instruction: str, start_state: np.ndarray) -> str:
+    """Prompt of task 1; the model's continuation is a trajectory text for ``codec.decode_rollout``."""
+    return f"instruction: {instruction.strip()}\nstart: {codec.join(codec.encode_state(start_state))}\nplan:"
+
+
+def explain_prompt(codec: Codec, states: np.ndarray, actions: np.ndarray) -> str:
+    """Prompt of task 2 (trajectory -> instruction); the target is ``" " + instruction``."""
+    return (f"start: {codec.join(codec.encode_state(states[0]))}\n"
+            f"steps: {codec.encode_trajectory(states, actions)}\ninstruction:")
+
+
+def dynamics_prompt(codec: Codec, state: np.ndarray, action: Any) -> str:
+    """Prompt of task 3 (state, action -> next state tokens)."""
+    return (f"state: {codec.join(codec.encode_state(state))}\n"
+            f"action: {codec.join(codec.encode_action(action))}\nnext state:")
+
+
+def consequence_prompt(codec: Codec, instruction: str, start_state: np.ndarray) -> str:
+    """Prompt of task 4 (start state, instruction -> final state tokens)."""
+    return (f"instruction: {instruction.strip()}\nstart: {codec.join(codec.encode_state(start_state))}\n"
+            "final state:")
+
+
+def task_pairs(codec: Codec, ep: EpisodeArrays, *, start: int = 0) -> Iterator[tuple[str, str, str]]:
+    """``(task, prompt, target)`` of the episode-level tasks, the episode cut to ``states[start:]``."""
+    s, a = ep.states[start:], ep.actions[start:]
+    yield "rollout", rollout_prompt(codec, ep.instruction, s[0]), codec.encode_trajectory(s, a)
+    yield "explain", explain_prompt(codec, s, a), " " + ep.instruction.strip()
+    yield "consequence", consequence_prompt(codec, ep.instruction, s[0]), codec.join(codec.encode_state(s[-1]))
+
+
+# ---- token ids ------------------------------------------------------------------------------
+
+
+def tokenize_example(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], int]:
+    """``(input_ids, prompt_len)``: prompt as a backend would tokenize it, target, then eos."""
+    p = tokenizer(prompt)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return [*p, *t, tokenizer.eos_token_id], len(p)
+
+
+def labels_for(input_ids: list[int] | np.ndarray, prompt_len: int) -> np.ndarray:
+    """Labels of one example: ``-100`` on the prompt, the token ids on the target. ``(L,)`` int64."""
+    labels = np.asarray(input_ids, dtype=np.int64).copy()
+    labels[:prompt_len] = IGNORE
+    return labels
+
+
+def episode_examples(codec: Codec, tokenizer: Any, ep: EpisodeArrays, *,
+                     max_seq_len: int) -> tuple[list[dict[str, Any]], int]:
+    """Token-id examples of every task from one episode, and how many were dropped as too long.
+
+    One rollout/explain/consequence example per episode (shortened from the front until it
+    fits) and one dynamics example per transition.
+    """
+    rows: list[dict[str, Any]] = []
+    dropped = 0
+    n = len(ep.actions)
+    for task in ("rollout", "explain", "consequence"):
+        for start in range(n):
+            pairs = {k: (p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task}
+            ids, plen = tokenize_example(tokenizer, *pairs[task])
+            if len(ids) <= max_seq_len:
+                rows.append({"episode_id": ep.episode_id, "task": task, "input_ids": ids, "prompt_len": plen})
+                break
+        else:
+            dropped += 1
+    for t in range(n):
+        ids, plen = tokenize_example(tokenizer, dynamics_prompt(codec, ep.states[t], ep.actions[t]),
+                                     codec.join(codec.encode_state(ep.states[t + 1])))
+        if len(ids) <= max_seq_len:
+            rows.append({"episode_id": ep.episode_id, "task": "dynamics", "input_ids": ids, "prompt_len": plen})
+        else:
+            dropped += 1
+    return rows, dropped
+
+
+# ---- splitting and episodes from rows ---------------------------------------------------------
+
+
+def is_heldout(episode_id: str, fraction: float, seed: int) -> bool:
+    """Whether an episode is in the held-out split: a stable hash of (seed, id), not of rows."""
+    h = hashlib.sha256(f"{seed}:{episode_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def episodes_from_table(table: Any) -> list[EpisodeArrays]:
+    """Episodes of a transition table (``kalm_ray.data.schema``), rows in any order."""
+    from kalm_ray.data.schema import column_matrix
+
+    ids = table.column("episode_id").to_pylist()
+    t = np.asarray(table.column("t").to_numpy())
+    state = column_matrix(table, "state")
+    nxt = column_matrix(table, "next_state")
+    act_col = table.column("action").combine_chunks()
+    if hasattr(act_col.type, "list_size"):
+        actions = column_matrix(table, "action")
+    else:
+        actions = np.asarray(act_col.to_numpy(zero_copy_only=False), np.int64)
+    tasks = table.column("task").to_pylist()
+    instr = table.column("instruction").to_pylist()
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(ids):
+        groups.setdefault(e, []).append(i)
+    out = []
+    for e, rows in groups.items():
+        rows = sorted(rows, key=lambda r: t[r])
+        states = np.concatenate([state[rows], nxt[rows[-1:]]], axis=0)
+        out.append(EpisodeArrays(episode_id=e, task=tasks[rows[0]], instruction=instr[rows[0]],
+                                 states=states, actions=actions[rows]))
+    return out
+
+
+class ExampleBuilder:
+    """Ray Data ``map_groups`` callable: one episode's rows -> its examples (with a split column).
+
+    Holds the codec and the tokenizer, loaded once per worker from the work folder.
+    """
+
+    def __init__(self, codec_path: str, tokenizer_dir: str, *, max_seq_len: int,
+                 heldout_fraction: float, seed: int):
+        from transformers import AutoTokenizer
+
+        self.codec = Codec.load(codec_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.max_seq_len = max_seq_len
+        self.fraction = heldout_fraction
+        self.seed = seed
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows: list[dict[str, Any]] = []
+        for ep in episodes_from_table(batch):
+            split = "heldout" if is_heldout(ep.episode_id, self.fraction, self.seed) else "train"
+            exs, dropped = episode_examples(self.codec, self.tokenizer, ep, max_seq_len=self.max_seq_len)
+            rows += [{**r, "split": split, "dropped": 0} for r in exs]
+            if dropped:
+                rows.append({"episode_id": ep.episode_id, "task": "dropped", "input_ids": [],
+                             "prompt_len": 0, "split": split, "dropped": dropped})
+        schema = pa.schema([("episode_id", pa.string()), ("task", pa.string()),
+                            ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
+                            ("split", pa.string()), ("dropped", pa.int32())])
+        return pa.Table.from_pylist(rows, schema=schema)

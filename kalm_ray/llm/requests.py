@@ -1,0 +1,209 @@
+"""Generation requests: (level, task, wording, start state, seed, prompt), one row each.
+
+For each target level, ``rollouts_per_level`` requests are spread round-robin over the
+level's tasks (optionally a stable sample of ``max_tasks_per_level`` of them); the k-th
+request of a task takes its k-th wording (cycling). Start states come from real episodes'
+first states or from the env's reset distribution. Everything is a deterministic function
+of the master seed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from kalm_ray.errors import InputError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from kalm_ray.artifacts import RunDir
+
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id", "level", "task", "instruction", "start_state", "seed", "prompt",
+)
+_SALT = 5  # this stage's stream of the master seed (issue 5)
+
+
+def request_schema(state_dim: int) -> pa.Schema:
+    """Arrow schema of the requests table."""
+    return pa.schema([
+        ("request_id", pa.string()),
+        ("level", pa.string()),
+        ("task", pa.string()),
+        ("instruction", pa.string()),
+        ("start_state", pa.list_(pa.float32(), state_dim)),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+    ])
+
+
+def level_rng(seed: int, level: str, purpose: str) -> np.random.Generator:
+    """A generator for one (level, purpose), independent of every other stream."""
+    return np.random.default_rng([seed, _SALT, zlib.crc32(level.encode()), zlib.crc32(purpose.encode())])
+
+
+def pick_tasks(tasks: list[str], k: int | None, rng: np.random.Generator) -> list[str]:
+    """A stable sample of ``k`` tasks, kept in the suite's order (all of them when k is None)."""
+    if k is None or k >= len(tasks):
+        return list(tasks)
+    keep = np.sort(rng.choice(len(tasks), size=k, replace=False))
+    return [tasks[i] for i in keep]
+
+
+class StartSampler(Protocol):
+    """Start states for requests of one (level, task), one per seed."""
+
+    def __call__(self, level: str, task: str, seeds: np.ndarray) -> np.ndarray:
+        """``(len(seeds), D)`` float32 start states; row i depends only on ``seeds[i]``."""
+
+
+@dataclass
+class ResetStarts:
+    """Start states from the env's own reset distribution (``env.reset(seed=s)``)."""
+
+    suite: Any
+
+    def __call__(self, level: str, task: str, seeds: np.ndarray) -> np.ndarray:
+        env = self.suite.make_env(level, task)
+        try:
+            out = [np.asarray(env.reset(seed=int(s))[0], np.float32).reshape(-1) for s in seeds]
+        finally:
+            env.close()
+        states = np.stack(out) if out else np.zeros((0, self.suite.layout.dim), np.float32)
+        if states.shape[1] != self.suite.layout.dim:
+            raise InputError(f"env {self.suite.name}: reset observation has {states.shape[1]} "
+                             f"values, the state layout {self.suite.layout.dim}")
+        return states
+
+
+@dataclass
+class DataStarts:
+    """Start states drawn from real episodes' first states (``t == 0`` rows).
+
+    A task present in the real data draws from its own episodes. Any other task draws from
+    every real first state when the scene does not depend on the task (no entity slots, e.g.
+    CLEVR-Robot), otherwise from ``fallback`` (the env's reset), since another task's scene
+    holds other objects.
+    """
+
+    by_task: dict[str, np.ndarray]
+    fallback: StartSampler | None = None
+    task_dependent: bool = False
+    pooled: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pooled = np.concatenate(list(self.by_task.values())) if self.by_task else np.zeros((0, 0))
+
+    def __call__(self, level: str, task: str, seeds: np.ndarray) -> np.ndarray:
+        pool = self.by_task.get(task)
+        if pool is None or not len(pool):
+            if self.task_dependent or not len(self.pooled):
+                if self.fallback is None:
+                    raise InputError(f"no real start state for task {task!r} and no env to reset")
+                return self.fallback(level, task, seeds)
+            pool = self.pooled
+        idx = [np.random.default_rng(int(s)).integers(len(pool)) for s in seeds]
+        return pool[idx].astype(np.float32)
+
+
+def real_first_states(run: RunDir, folder: str = "data/real") -> dict[str, np.ndarray]:
+    """Task -> ``(N, D)`` first states of the real episodes under ``folder``."""
+    files = [run.path(folder, f) for f in run.list(folder) if f.endswith(".parquet")]
+    if not files:
+        raise InputError(f"{run.uri_of(folder)}: no Parquet files; run `kalm collect CONFIG` first")
+    parts = []
+    for f in files:
+        t = pq.read_table(f, columns=["t", "task", "state"], filesystem=run.fs)
+        parts.append(t.filter(pc.equal(t.column("t"), 0)))
+    table = pa.concat_tables(parts)
+    tasks = np.asarray(table.column("task").to_pylist(), dtype=object)
+    col = table.column("state").combine_chunks()
+    states = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(table), -1)
+    return {task: states[tasks == task] for task in sorted(set(tasks.tolist()))}
+
+
+def build_requests(
+    suite: Any,
+    *,
+    levels: list[str],
+    rollouts_per_level: int,
+    max_tasks_per_level: int | None,
+    seed: int,
+    starts: StartSampler,
+    prompt_fn: Callable[[str, np.ndarray], str],
+) -> pa.Table:
+    """Every request of the stage, in a deterministic order.
+
+    Args:
+        suite: the env suite (``tasks(level)``, ``instructions(level, task)``, ``layout``).
+        levels: target levels, e.g. ``["rephrase", "easy", "hard"]``.
+        rollouts_per_level: requests per level, round-robin over its tasks.
+        max_tasks_per_level: stable sample of tasks per level (None = all).
+        seed: the master seed.
+        starts: start-state sampler.
+        prompt_fn: ``(instruction, start_state (D,)) -> prompt``.
+
+    Returns:
+        A table with :data:`REQUEST_COLUMNS` (schema :func:`request_schema`).
+    """
+    dim = suite.layout.dim
+    rows: dict[str, list] = {c: [] for c in REQUEST_COLUMNS}
+    for level in levels:
+        tasks = pick_tasks(suite.tasks(level), max_tasks_per_level, level_rng(seed, level, "tasks"))
+        if not tasks:
+            continue
+        seeds = level_rng(seed, level, "seeds").integers(0, 2**31 - 1, size=rollouts_per_level)
+        task_of = [tasks[i % len(tasks)] for i in range(rollouts_per_level)]
+        state_of = np.zeros((rollouts_per_level, dim), np.float32)
+        for task in tasks:
+            idx = np.array([i for i, t in enumerate(task_of) if t == task], dtype=int)
+            if len(idx):
+                state_of[idx] = starts(level, task, seeds[idx])
+        for i in range(rollouts_per_level):
+            wordings = suite.instructions(level, task_of[i])
+            instruction = wordings[(i // len(tasks)) % len(wordings)]
+            rows["request_id"].append(f"{level}-{i:06d}")
+            rows["level"].append(level)
+            rows["task"].append(task_of[i])
+            rows["instruction"].append(instruction)
+            rows["start_state"].append(state_of[i])
+            rows["seed"].append(int(seeds[i]))
+            rows["prompt"].append(prompt_fn(instruction, state_of[i]))
+    schema = request_schema(dim)
+    flat = np.asarray(rows.pop("start_state"), np.float32).reshape(-1)
+    arrays = {c: pa.array(v, schema.field(c).type) for c, v in rows.items()}
+    arrays["start_state"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+    return pa.Table.from_arrays([arrays[c] for c in REQUEST_COLUMNS], schema=schema)
+
+
+def requests_dataset(table: pa.Table, *, rows_per_block: int) -> ray.data.Dataset:
+    """The requests as a Ray Dataset of blocks of ``rows_per_block`` rows.
+
+    One block per generate batch, so that an actor pool spreads the batches over its actors,
+    and a batch holds the same requests whatever the number of actors (greedy outputs then
+    do not depend on it).
+    """
+    import ray.data
+
+    step = max(1, rows_per_block)
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    return ray.data.from_arrow(blocks)
+
+
+def state_matrix(column: Any, dim: int | None = None) -> np.ndarray:
+    """A start-state column of any Arrow list type (or a list of arrays) as ``(N, D)`` float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.Array) and (pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)):
+        flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)
+        return flat.reshape(len(column), -1 if dim is None else dim)
+    values = column.to_pylist() if isinstance(column, pa.Array) else list(column)
+    return np.asarray([np.asarray(v, np.float32).reshape(-1) for v in values], np.float32).reshape(len(values), -1)

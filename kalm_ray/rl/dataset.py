@@ -1,0 +1,233 @@
+"""The offline-RL data pipeline: transitions + instruction embeddings -> RLlib's columns.
+
+Ray Data reads ``data/real/`` (and ``data/imagined/``), checks that every instruction has an
+embedding, joins each row with its embedding (:class:`JoinEmbeddings`), mixes the sources at
+the configured ratio, shuffles, and writes the prepared columnar dataset once per data mix
+(``policy/_data/<mix>/``). Every training unit of that mix then reads it with RLlib's own
+offline reader; nothing is re-joined per unit or per update.
+
+Columns written (``ray.rllib.core.columns.Columns``): ``obs``/``new_obs`` ``(obs_dim,)``
+float32 = :func:`make_obs` of state/next_state and the embedding; ``actions`` (int64, or
+``(act_dim,)`` float32); ``rewards`` float32; ``terminateds``/``truncateds`` bool, kept
+distinct (a truncated step bootstraps, a terminated one does not); ``eps_id`` string.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kalm_ray.artifacts import RunDir
+from kalm_ray.data.schema import column_matrix
+from kalm_ray.errors import InputError
+
+log = logging.getLogger("kalm_ray")
+
+INSTRUCTIONS_FILE = "data/instructions.parquet"
+SOURCE_DIRS: dict[str, str] = {"real": "data/real", "imagined": "data/imagined"}
+MIX_SOURCES: dict[str, tuple[str, ...]] = {"real": ("real",), "real+imagined": ("real", "imagined")}
+_READ_COLUMNS = ["episode_id", "instruction", "state", "action", "reward", "next_state",
+                 "terminated", "truncated"]
+
+
+def make_obs(state: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """The observation a policy sees: ``concat(state, embedding)``.
+
+    The one place that defines the observation layout (training data and evaluation both
+    call it).
+
+    Args:
+        state: ``(B, D)`` env states.
+        embeddings: ``(B, E)`` instruction embeddings, row-aligned with ``state``.
+
+    Returns:
+        ``(B, D + E)`` float32.
+    """
+    state = np.asarray(state, dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if state.ndim != 2 or embeddings.ndim != 2 or len(state) != len(embeddings):
+        raise ValueError(f"make_obs: need (B, D) and (B, E), got {state.shape} and {embeddings.shape}")
+    return np.concatenate([state, embeddings], axis=1)
+
+
+def load_embeddings(run: RunDir) -> dict[str, np.ndarray]:
+    """Instruction text -> embedding ``(E,)`` float32, from ``data/instructions.parquet``."""
+    try:
+        from kalm_ray.data.text import load_instruction_table  # the collect stage's loader
+    except ImportError:
+        load_instruction_table = None
+    if load_instruction_table is not None:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in load_instruction_table(run).items()}
+    if not run.exists(INSTRUCTIONS_FILE):
+        raise InputError(f"{run.uri_of(INSTRUCTIONS_FILE)}: missing; run `kalm collect CONFIG` first")
+    table = pq.read_table(run.path(INSTRUCTIONS_FILE), columns=["text", "embedding"], filesystem=run.fs)
+    return embeddings_from_table(table)
+
+
+def embeddings_from_table(table: pa.Table) -> dict[str, np.ndarray]:
+    """``text``/``embedding`` columns of an instructions table as a dict (first row wins)."""
+    texts = table.column("text").to_pylist()
+    emb = column_matrix(table, "embedding")
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(texts):
+        out.setdefault(t, emb[i])
+    return out
+
+
+def check_embeddings(instructions: list[str], table: dict[str, np.ndarray], *, where: str) -> None:
+    """Raise InputError naming the first instruction (of ``where``) that has no embedding."""
+    missing = [t for t in instructions if t not in table]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(
+            f"{where}: instruction {missing[0]!r} has no embedding in {INSTRUCTIONS_FILE}{more}; "
+            "re-run `kalm collect` so the instruction table covers every wording"
+        )
+
+
+class JoinEmbeddings:
+    """Ray Data ``map_batches`` callable: transition rows -> RLlib offline columns.
+
+    Holds the instruction table (text -> embedding) once per actor. A row whose instruction
+    has no embedding raises :class:`InputError` (never dropped).
+    """
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.texts = {t: i for i, t in enumerate(table)}
+        self.matrix = np.stack(list(table.values())).astype(np.float32) if table else None
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        instr = batch.column("instruction").to_pylist()
+        try:
+            idx = np.fromiter((self.texts[t] for t in instr), dtype=np.int64, count=len(instr))
+        except KeyError as e:
+            raise InputError(f"instruction {e.args[0]!r} has no embedding in {INSTRUCTIONS_FILE}") from None
+        emb = self.matrix[idx]
+        action = batch.column("action")
+        if pa.types.is_fixed_size_list(action.type):
+            actions = column_matrix(batch, "action")
+        else:
+            actions = action.to_numpy().astype(np.int64)
+        return {
+            "obs": make_obs(column_matrix(batch, "state"), emb),
+            "actions": actions,
+            "rewards": batch.column("reward").to_numpy().astype(np.float32),
+            "new_obs": make_obs(column_matrix(batch, "next_state"), emb),
+            "terminateds": batch.column("terminated").to_numpy(zero_copy_only=False).astype(bool),
+            "truncateds": batch.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
+            "eps_id": np.asarray(batch.column("episode_id").to_pylist(), dtype=object),
+        }
+
+
+@dataclass
+class MixInfo:
+    """What :func:`prepare_mix` wrote for one data mix."""
+
+    mix: str
+    path: str
+    """Folder of the prepared Parquet files (a path on the run dir's filesystem)."""
+    rows: dict[str, int]
+    """Source -> rows in the prepared dataset (after resampling to the ratio)."""
+    source_rows: dict[str, int]
+    """Source -> rows available on disk."""
+    state_dim: int
+    emb_dim: int
+
+    @property
+    def obs_dim(self) -> int:
+        return self.state_dim + self.emb_dim
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mix_counts(n_real: int, n_imagined: int, ratio: float | None) -> tuple[int, int]:
+    """Rows of each source in a mix whose imagined share is ``ratio``.
+
+    All real rows are kept; imagined rows are subsampled or repeated so that
+    ``imagined / (real + imagined) == ratio`` (rounded). ``ratio=None`` keeps both as they are
+    (proportional to size); ``ratio=1`` keeps only imagined rows.
+    """
+    if ratio is None or n_imagined == 0:
+        return n_real, n_imagined
+    if ratio >= 1.0:
+        return 0, n_imagined
+    return n_real, int(round(ratio / (1.0 - ratio) * n_real))
+
+
+def _resample(ds, n_have: int, n_want: int, seed: int):
+    """``n_want`` rows of ``ds`` (``n_have`` rows): a shuffled subset, or repeats + a subset."""
+    if n_want == n_have:
+        return ds
+    if n_want == 0:
+        return ds.limit(0)
+    full, rest = divmod(n_want, n_have)
+    parts = [ds] * full
+    if rest:
+        parts.append(ds.random_shuffle(seed=seed).limit(rest))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def source_files(run: RunDir, source: str) -> list[str]:
+    """Paths (on ``run.fs``) of a source's Parquet files; InputError when there are none."""
+    folder = SOURCE_DIRS[source]
+    files = [run.path(folder, f) for f in run.list(folder) if f.endswith(".parquet")]
+    if not files:
+        raise InputError(f"{run.uri_of(folder)}: no Parquet files; run the stage that writes them first")
+    return files
+
+
+def read_source(run: RunDir, source: str):
+    """A Ray Dataset of one source's transitions (only the columns training needs)."""
+    import ray.data
+
+    return ray.data.read_parquet(source_files(run, source), filesystem=run.fs, columns=_READ_COLUMNS)
+
+
+def prepare_mix(
+    run: RunDir,
+    mix: str,
+    out_dir: str,
+    *,
+    embeddings: dict[str, np.ndarray],
+    ratio: float | None,
+    seed: int,
+) -> MixInfo:
+    """Join, mix, shuffle and write one data mix to ``out_dir`` (relative to the run dir).
+
+    Raises InputError when a source folder is empty or an instruction has no embedding.
+    """
+    import ray.data
+
+    datasets, have = {}, {}
+    for source in MIX_SOURCES[mix]:
+        ds = read_source(run, source)
+        check_embeddings(sorted(ds.unique("instruction")), embeddings,
+                         where=run.uri_of(SOURCE_DIRS[source]))
+        datasets[source], have[source] = ds, ds.count()
+    n_real, n_im = mix_counts(have["real"], have.get("imagined", 0), ratio if "imagined" in have else None)
+    want = {"real": n_real, "imagined": n_im}
+    parts = [_resample(ds, have[s], want[s], seed) for s, ds in datasets.items() if want[s] > 0]
+    if not parts:
+        raise InputError(f"data mix {mix!r}: no rows")
+    mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    joined = mixed.map_batches(
+        JoinEmbeddings,
+        fn_constructor_kwargs={"table": embeddings},
+        batch_format="pyarrow",
+        batch_size=4096,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.5,
+    )
+    # A global shuffle once per mix: RLlib's reader streams rows in file order.
+    joined.random_shuffle(seed=seed).write_parquet(run.path(out_dir), filesystem=run.fs)
+    schema = pq.read_schema(source_files(run, "real")[0], filesystem=run.fs)
+    state_dim = schema.field("state").type.list_size
+    emb_dim = len(next(iter(embeddings.values())))
+    return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in datasets},
+                   source_rows=have, state_dim=state_dim, emb_dim=emb_dim)

@@ -1,0 +1,322 @@
+"""The collect stage: seeds, units, determinism across worker counts, data invariants,
+skipping, worker replacement, and one-line errors for bad input (real Ray + real MuJoCo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kalm_ray.artifacts import RunDir
+from kalm_ray.config import parse_config
+from kalm_ray.data import read_episodes
+from kalm_ray.data.card import TaskStats, card_table
+from kalm_ray.data.collect import plan_units, resolve_tasks
+from kalm_ray.data.collect_actor import CollectSpec, episode_seeds
+from kalm_ray.errors import ConfigError
+
+# ---- pure pieces (no Ray, no simulator) ----------------------------------------------------------
+
+
+def test_episode_seeds_depend_only_on_identity():
+    assert episode_seeds(0, 3, 7) == episode_seeds(0, 3, 7)
+    seen = {episode_seeds(s, t, k) for s in (0, 1) for t in range(4) for k in range(25)}
+    assert len(seen) == 2 * 4 * 25
+    assert all(0 <= x < 2**32 for pair in seen for x in pair)
+
+
+def test_plan_units_cover_every_episode_once():
+    units = plan_units([(0, "a"), (3, "b")], episodes_per_task=45, unit_episodes=20)
+    assert [(u.task, u.task_index, u.start, u.stop) for u in units] == [
+        ("a", 0, 0, 20),
+        ("a", 0, 20, 40),
+        ("a", 0, 40, 45),
+        ("b", 3, 0, 20),
+        ("b", 3, 20, 40),
+        ("b", 3, 40, 45),
+    ]
+    assert len({u.key for u in units}) == len(units)
+    assert sum(u.episodes for u in units) == 90
+
+
+class _FakeSuite:
+    name = "fake"
+    _levels = {"train": ["a", "b", "c"], "rephrase": ["a", "b", "c"], "easy": ["e"], "hard": ["h"]}
+
+    def tasks(self, level: str) -> list[str]:
+        return list(self._levels[level])
+
+
+def test_resolve_tasks():
+    s = _FakeSuite()
+    assert resolve_tasks(s, None) == [(0, "a"), (1, "b"), (2, "c")]
+    assert resolve_tasks(s, ["c", "a", "c"]) == [(0, "a"), (2, "c")]
+    with pytest.raises(ConfigError, match=r"collect.tasks: 'zzz' is not a task") as e:
+        resolve_tasks(s, ["a", "zzz"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"'easy' task; only train tasks are collected"):
+        resolve_tasks(s, ["e"])
+
+
+def test_card_table_limits_rows_and_totals():
+    stats = [
+        TaskStats(f"t{i}", episodes=4, env_steps=4 * (i + 1), successes=i % 5) for i in range(30)
+    ]
+    full = card_table(stats)
+    assert full.count("\n") == 2 + 30  # header, rule, rows, total
+    short = card_table(stats, limit=5)
+    assert "25 more tasks" in short and "**all**" in short
+    assert "| t0 | 4 | 1.0 | 0.0% |" in short  # lowest success rate first
+
+
+# ---- the stage on real Ray and the real CLEVR env ------------------------------------------------
+
+TASKS = ["left:red:blue", "behind:green:cyan", "right:purple:red", "front:blue:green"]
+EPISODES = 5
+
+
+def _cfg(run_dir: Path, **collect) -> object:
+    data = {
+        "name": "collect-test",
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "env": {"name": "clevr"},
+        "collect": {
+            "episodes_per_task": EPISODES,
+            "tasks": TASKS,
+            "epsilon": 0.2,
+            "fail_fraction": 0.2,
+            "num_workers": 1,
+            **collect,
+        },
+    }
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def clevr():
+    from kalm_ray.envs import get_suite
+
+    return get_suite("clevr")
+
+
+@pytest.fixture(scope="module")
+def collected(ray_local, tmp_path_factory, clevr):
+    """The same config collected with 1 and with 2 workers (small units, so tasks span several)."""
+    import kalm_ray.data.collect as collect_mod
+
+    table_cache: dict = {}
+    real_build = collect_mod.build_instruction_table
+
+    def cached_build(suite, encoder):  # embedding all wordings once is enough for this module
+        key = (suite.name, encoder.name)
+        if key not in table_cache:
+            table_cache[key] = real_build(suite, encoder)
+        return table_cache[key]
+
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(collect_mod, "UNIT_EPISODES", 2)
+        mp.setattr(collect_mod, "build_instruction_table", cached_build)
+        for workers in (1, 2):
+            run_dir = tmp_path_factory.mktemp(f"collect{workers}") / "run"
+            cfg = _cfg(run_dir, num_workers=workers)
+            out[workers] = (cfg, RunDir(str(run_dir)), collect_mod.run_collect(cfg, str(run_dir)))
+        out["rebuild"] = cached_build
+        yield out
+
+
+def _files(run: RunDir) -> dict[str, bytes]:
+    return {
+        n: run.read_bytes("data/real", n) for n in run.list("data/real") if n.endswith(".parquet")
+    }
+
+
+def test_same_bytes_with_one_and_two_workers(collected, clevr):
+    one, two = _files(collected[1][1]), _files(collected[2][1])
+    assert list(one) == [f"episodes-{i:04d}.parquet" for i, _ in resolve_tasks(clevr, TASKS)]
+    assert one == two
+    meta = pq.ParquetFile(collected[1][1].path("data/real", next(iter(one)))).metadata
+    assert set((meta.metadata or {}).keys()) <= {b"ARROW:schema"}  # no timestamps or hosts
+
+
+def test_dataset_invariants(collected, clevr):
+    cfg, run, manifest = collected[1]
+    table = read_episodes(run)
+    rows = table.to_pylist()
+    limit = clevr.max_episode_steps
+    by_ep: dict[str, list[dict]] = {}
+    for r in rows:
+        by_ep.setdefault(r["episode_id"], []).append(r)
+    assert sorted(by_ep) == sorted(f"real/{t}/{k}" for t in TASKS for k in range(EPISODES))
+
+    novel = {
+        w
+        for lv in ("rephrase", "easy", "hard")
+        for t in clevr.tasks(lv)
+        for w in clevr.instructions(lv, t)
+    }
+    for ep_id, steps in by_ep.items():
+        task = steps[0]["task"]
+        assert [s["t"] for s in steps] == list(range(len(steps)))
+        start = np.asarray(steps[0]["state"], np.float32)
+        for i, s in enumerate(steps):
+            assert (s["env"], s["level"], s["source"], s["generator"]) == (
+                "clevr",
+                "train",
+                "real",
+                None,
+            )
+            assert s["task"] == task and s["instruction"] == steps[0]["instruction"]
+            nxt = np.asarray(s["next_state"], np.float32)
+            ok = bool(clevr.success(task, start, nxt))
+            assert s["success"] == ok, (ep_id, i)
+            assert s["reward"] == pytest.approx(
+                clevr.reward(task, start, np.asarray(s["state"], np.float32), nxt), abs=1e-5
+            )
+            assert not (s["terminated"] and s["truncated"])
+            if s["terminated"]:
+                assert ok and i == len(steps) - 1
+            if s["truncated"]:
+                assert not ok and i == len(steps) - 1 and len(steps) == limit
+            if i + 1 < len(steps):
+                assert not ok  # the episode ends as soon as the goal holds
+                assert s["next_state"] == steps[i + 1]["state"]
+        assert steps[-1]["terminated"] or steps[-1]["truncated"]
+        assert steps[0]["instruction"] in clevr.instructions("train", task)
+        assert steps[0]["instruction"] not in novel
+
+    counts = manifest.counts
+    assert counts["episodes"] == len(by_ep) == len(TASKS) * EPISODES
+    assert counts["env_steps"] == len(rows)
+    succ = sum(s[-1]["terminated"] for s in by_ep.values())
+    assert counts["successes"] == succ
+    for t in TASKS:
+        assert counts["per_task"][t]["episodes"] == EPISODES
+    assert 0.0 < counts["success_rate"] <= 1.0
+
+
+def test_instructions_card_and_manifest(collected, clevr):
+    from kalm_ray.data.text import encoder_info, load_instruction_table, read_instruction_table
+
+    cfg, run, manifest = collected[1]
+    table = read_instruction_table(run)
+    assert encoder_info(table) == (manifest.counts["encoder"], manifest.counts["embedding_dim"])
+    assert manifest.counts["embedding_dim"] == 384
+    emb = load_instruction_table(run)
+    for lv in ("train", "rephrase", "easy", "hard"):
+        for t in clevr.tasks(lv):
+            for w in clevr.instructions(lv, t):
+                assert emb[w].shape == (384,)
+    readme = run.read_bytes("data/real", "README.md").decode()
+    assert "| task | episodes | mean length | success rate |" in readme and TASKS[0] in readme
+    on_disk = json.loads(run.read_bytes("data/real", "manifest.json"))
+    assert on_disk["fingerprint"] == manifest.fingerprint and on_disk["versions"]["ray"]
+    assert run.exists("data/real", "config.yaml")
+
+
+def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys, monkeypatch):
+    import kalm_ray.data.collect as collect_mod
+
+    monkeypatch.setattr(collect_mod, "build_instruction_table", collected["rebuild"])
+    cfg, run, manifest = collected[1]
+    before = _files(run)
+    again = collect_mod.run_collect(cfg, run)
+    assert again.output_id == manifest.output_id
+    assert "up to date" in capsys.readouterr().out
+    assert not [n for n in run.list("data") if ".replaced-" in n]
+
+    changed = cfg.model_copy(update={"seed": cfg.seed + 1})
+    fresh = collect_mod.run_collect(changed, run)
+    assert fresh.output_id != manifest.output_id and fresh.fingerprint != manifest.fingerprint
+    assert _files(run) != before
+    assert [n for n in run.list("data") if n.startswith("real.replaced-")]
+
+
+@pytest.mark.faults
+def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, clevr):
+    import ray
+
+    from kalm_ray.data.collect_actor import CollectorPool, EpisodeCollector
+
+    spec = CollectSpec(
+        env="clevr",
+        max_episode_steps=clevr.max_episode_steps,
+        seed=1,
+        epsilon=0.1,
+        fail_fraction=0.0,
+        action_noise=0.0,
+    )
+    units = plan_units(resolve_tasks(clevr, TASKS), episodes_per_task=6, unit_episodes=1)
+    pool = CollectorPool(spec, num_workers=2, num_cpus_per_worker=1.0)
+    got = []
+    try:
+        for result in pool.imap_unordered(units):
+            if not got:
+                ray.kill(pool.actors[0])
+            got.append(result)
+    finally:
+        pool.shutdown()
+    assert pool.restarts == 1
+    assert sorted(r.unit.key for r in got) == sorted(u.key for u in units)
+    local = EpisodeCollector(spec)
+    for r in got:
+        assert r.table.equals(local.run_unit(r.unit).table)
+
+
+# ---- bad input: one line, non-zero exit, before any work -----------------------------------------
+
+
+def _write_cfg(tmp_path: Path, **collect) -> str:
+    path = tmp_path / "cfg.yaml"
+    data = {
+        "name": "bad-input",
+        "env": {"name": "clevr"},
+        "collect": {"episodes_per_task": 1, **collect},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    from kalm_ray.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("kalm: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("task", "needle"),
+    [
+        ("left:red:red", "is not a task"),
+        ("move:red:left", "'easy' task; only train tasks are collected"),
+    ],
+)
+def test_unknown_task_fails_before_work(tmp_path, capsys, task, needle):
+    run_dir = tmp_path / "run"
+    line = _one_line_error(
+        capsys, ["collect", _write_cfg(tmp_path, tasks=[task]), "--run-dir", str(run_dir)]
+    )
+    assert "collect.tasks" in line and needle in line
+    assert not (run_dir / "data").exists()
+
+
+def test_unwritable_or_malformed_run_dir(tmp_path, capsys):
+    cfg = _write_cfg(tmp_path)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad in (str(a_file / "run"), "/proc/kalm-collect-test", "nosuchscheme://bucket/run"):
+        line = _one_line_error(capsys, ["collect", cfg, "--run-dir", bad])
+        assert "run" in line
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    (claimed / "run.json").write_text(json.dumps({"experiment": "someone-else"}))
+    line = _one_line_error(capsys, ["collect", cfg, "--run-dir", str(claimed)])
+    assert "someone-else" in line

@@ -1,0 +1,187 @@
+"""The validity filter: the right reason for each kind of bad rollout, and it never raises."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalm_ray.llm.filter import (
+    REASONS,
+    FilterLimits,
+    FilterTally,
+    Verdict,
+    check_arrays,
+    check_text,
+)
+
+D = 4
+LIMITS = FilterLimits(
+    low=np.full(D, -1.0), high=np.full(D, 1.0), max_step_delta=np.full(D, 0.3),
+    quantum=np.full(D, 2.0 / 63), bounds_tolerance=0.02, step_tolerance=0.1, n_actions=8,
+)
+START = np.zeros(D, np.float32)
+
+
+def walk(n: int, step: float = 0.1) -> np.ndarray:
+    """``(n + 1, D)``: dimension 0 moves by ``step`` each step, the rest stay."""
+    s = np.zeros((n + 1, D))
+    s[:, 0] = step * np.arange(n + 1)
+    return s
+
+
+def test_valid_rollout_is_accepted_unchanged():
+    v = check_arrays(START, walk(5), np.arange(5) % 8, limits=LIMITS, max_steps=10)
+    assert v.accepted and v.reason is None and v.repairs == 0
+    assert v.states.dtype == np.float32 and v.states.shape == (6, D)
+    assert v.actions.dtype == np.int64 and v.n_steps == 5
+
+
+def test_small_overshoot_is_clipped_and_counted():
+    s = walk(3)
+    s[:, 1] = [0.4, 0.6, 0.9, 1.03]  # 1.5% of the range (2.0) beyond the bound: within 2%
+    v = check_arrays(s[0], s, [1, 2, 3], limits=LIMITS, max_steps=10)
+    assert v.accepted, v
+    assert v.repairs == 1 and v.states[3, 1] == pytest.approx(1.0)
+
+
+def far_out() -> np.ndarray:
+    s = walk(3)
+    s[3, 3] = 1.2  # 10% of the range beyond the bound
+    return s
+
+
+@pytest.mark.parametrize(
+    ("states", "actions", "reason"),
+    [
+        (walk(0), np.zeros(0), "empty"),
+        (walk(12), np.zeros(12), "too_long"),
+        (np.zeros((4, D + 1)), np.zeros(3), "wrong_step_shape"),
+        (walk(3), np.zeros(2), "wrong_step_shape"),
+        (walk(3), np.zeros((3, 2)), "wrong_step_shape"),
+        (np.where(np.eye(4, D) > 0, np.nan, walk(3)), np.zeros(3), "non_finite"),
+        (walk(3), np.array([0, 9, 1]), "bad_action"),
+        (walk(3), np.array([0, 1.5, 1]), "bad_action"),
+        (walk(3), np.array([0, -1, 1]), "bad_action"),
+        (far_out(), np.zeros(3), "out_of_bounds"),
+        (walk(2, step=0.45), np.zeros(2), "impossible_step"),
+        (np.zeros((6, D)), np.zeros(5), "no_progress"),
+        (walk(5, step=0.005), np.zeros(5), "no_progress"),  # moves, but less than one bin
+    ],
+)
+def test_each_reason(states, actions, reason):
+    v = check_arrays(START, states, actions, limits=LIMITS, max_steps=10)
+    assert not v.accepted
+    assert v.reason == reason, v.detail
+    assert v.reason in REASONS
+
+
+def test_ragged_steps_are_wrong_shape():
+    v = check_arrays(START, [[0, 0, 0, 0], [0.1, 0, 0]], [0], limits=LIMITS, max_steps=10)
+    assert v.reason == "wrong_step_shape"
+
+
+def test_continuous_actions_clip_within_tolerance_and_reject_beyond():
+    lim = FilterLimits(low=LIMITS.low, high=LIMITS.high, max_step_delta=LIMITS.max_step_delta,
+                       quantum=LIMITS.quantum, action_low=-np.ones(2), action_high=np.ones(2))
+    ok = check_arrays(START, walk(2), [[0.5, 1.01], [-1.02, 0.0]], limits=lim, max_steps=10)
+    assert ok.accepted and ok.repairs == 2 and ok.actions.dtype == np.float32
+    assert np.abs(ok.actions).max() == pytest.approx(1.0)
+    bad = check_arrays(START, walk(2), [[0.5, 1.5], [0, 0]], limits=lim, max_steps=10)
+    assert bad.reason == "bad_action"
+
+
+def test_limits_for_suite():
+    class S:
+        class layout:
+            low, high = np.array([-1.0, 0.0]), np.array([1.0, 2.0])
+            max_step_delta = np.array([0.3, 0.3])
+
+        action_space = gym.spaces.Discrete(40)
+
+    lim = FilterLimits.for_suite(S, n_bins=11, bounds_tolerance=0.05)
+    assert lim.n_actions == 40 and lim.action_low is None
+    assert np.allclose(lim.quantum, [0.2, 0.2]) and lim.bounds_tolerance == 0.05
+    S.action_space = gym.spaces.Box(-1, 1, (4,))
+    lim = FilterLimits.for_suite(S, n_bins=11)
+    assert lim.n_actions is None and lim.action_low.shape == (4,)
+
+
+# ---- texts: never raises, whatever the decoder does ---------------------------------------
+
+
+class CodecError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class FakeDecoder:
+    """Decodes "a,b,c,d|act;..." steps; misbehaves on purpose for some inputs."""
+
+    def decode_rollout(self, start_state, text, *, max_steps):
+        if "boom" in text:
+            raise ZeroDivisionError("decoder bug")
+        if "weird" in text:
+            raise CodecError("some_new_reason", "not in our list")
+        steps = [s for s in text.split(";") if s.strip()]
+        if len(steps) > max_steps:
+            raise CodecError("too_long", f"{len(steps)} steps")
+        states, actions = [list(start_state)], []
+        for s in steps:
+            vals, _, act = s.partition("|")
+            states.append([float(x) for x in vals.split(",")])
+            actions.append(int(act))
+        return states, actions  # lists: a ragged rollout reaches the filter as it is
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (None, "empty"),
+        ("", "empty"),
+        ("   ", "empty"),
+        (float("nan"), "empty"),
+        ("boom", "unparseable"),
+        ("weird", "unparseable"),
+        ("x,y|z", "unparseable"),  # float('x') raises ValueError inside the decoder
+        ("0.1,0,0,0|1;" * 11, "too_long"),
+        ("0.1,0,0,0|1;0.2,0,0|1", "wrong_step_shape"),
+        ("nan,0,0,0|1", "non_finite"),
+        ("0.9,0,0,0|1", "impossible_step"),
+        ("0.1,0,0,0|1;0.2,0,0,0|2", None),
+        (b"0.1,0,0,0|1", None),
+    ],
+)
+def test_check_text_reasons(text, reason):
+    v = check_text(FakeDecoder(), START, text, limits=LIMITS, max_steps=10)
+    assert isinstance(v, Verdict)
+    assert v.reason == reason, v.detail
+    assert v.accepted == (reason is None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=80), st.binary(max_size=40), st.none(), st.floats()))
+def test_check_text_never_raises(text):
+    v = check_text(FakeDecoder(), START, text, limits=LIMITS, max_steps=10)
+    assert v.accepted or v.reason in REASONS
+
+
+def test_tally_report():
+    t = FilterTally(max_examples=1)
+    t.add(level="easy", task="a", accepted=True, reason=None, repairs=2, success=True, kept=True, tokens=10)
+    t.add(level="easy", task="a", accepted=False, reason="too_long", repairs=0, success=False,
+          kept=False, tokens=30, text="xx", detail="d")
+    t.add(level="hard", task="b", accepted=False, reason="too_long", repairs=0, success=False,
+          kept=False, tokens=5, text="yy")
+    r = t.report()
+    assert r["requested"] == 3 and r["accepted"] == 1 and math.isclose(r["accepted_fraction"], 1 / 3)
+    assert r["reasons"]["too_long"] == 2 and set(REASONS) <= set(r["reasons"])
+    assert r["per_level"]["easy"]["accepted_fraction"] == 0.5
+    assert r["per_task"]["easy"]["a"]["repaired_values"] == 2
+    assert r["generated_tokens"] == 45
+    assert len(r["examples"]["too_long"]) == 1
