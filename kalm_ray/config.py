@@ -135,7 +135,8 @@ class GroundConfig(_Section):
     lr: Annotated[float, Field(gt=0)] = 5e-4
     """Peak learning rate (linear warm-up, cosine decay)."""
     max_seq_len: PosInt = 1024
-    """Examples longer than this are truncated from the left of the target."""
+    """Longest example in tokens; longer episodes are shortened from the front (the start moves
+    to a later state of the episode, its end is kept)."""
     num_workers: PosInt = 1
     """Ray Train workers."""
     use_gpu: bool = False
@@ -144,6 +145,14 @@ class GroundConfig(_Section):
     """Steps between checkpoints (resume point after a crash)."""
     tiny_init_from_encoder: bool = True
     """``tiny`` only: initialise token embeddings from the sentence encoder's."""
+    train_codec_embeddings: bool = True
+    """LoRA only: also train the codec tokens' embedding rows (PEFT trainable tokens; reserved
+    tokens are often untrained). The model is then served merged; off = the adapter alone is
+    servable on the unchanged base (vLLM LoRA)."""
+    eval_examples: PosInt = 128
+    """Held-out transitions (dynamics) and episodes (explanation) scored after grounding."""
+    eval_rollouts: PosInt = 32
+    """Held-out (instruction, start state) prompts whose generated rollouts are scored."""
 
 
 class ImagineConfig(_Section):

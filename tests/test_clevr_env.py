@@ -20,7 +20,9 @@ CORNERS = [(-0.45, -0.15), (0.45, -0.15), (-0.45, 0.55), (0.45, 0.55)]
 
 def isolated(xy: tuple[float, float], ball: int = 0) -> np.ndarray:
     corners = iter(CORNERS)
-    return np.concatenate([np.array(xy) if i == ball else np.array(next(corners)) for i in range(5)])
+    return np.concatenate(
+        [np.array(xy) if i == ball else np.array(next(corners)) for i in range(5)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,9 @@ def test_isolated_push_distance(env: CLEVRRobotEnv, k: int) -> None:
     env.reset(seed=0, options={"state": start})
     env.step(k)  # ball 0 (red), direction k
     moved = env.get_state() - start
-    expected = 0.248 * np.sign(DIRECTION_VECTORS[k]) if k < 4 else 0.195 * np.sign(DIRECTION_VECTORS[k])
+    expected = (
+        0.248 * np.sign(DIRECTION_VECTORS[k]) if k < 4 else 0.195 * np.sign(DIRECTION_VECTORS[k])
+    )
     np.testing.assert_allclose(moved[:2], expected, atol=0.03)
     np.testing.assert_allclose(moved[2:], 0.0, atol=1e-6)  # nothing else touched
 
@@ -108,7 +112,6 @@ def test_episode_ends() -> None:
         obs, info = env.reset(seed=episode)
         start = obs.copy()
         for t in range(1, 7):
-            # Mostly greedy-ish pushes of the goal ball so some episodes succeed.
             action = int(rng.integers(40))
             obs, reward, terminated, truncated, info = env.step(action)
             assert isinstance(reward, float)

@@ -75,20 +75,63 @@ def test_card_table_limits_rows_and_totals():
 
 # ---- the stage on real Ray and the real CLEVR env ------------------------------------------------
 
-TASKS = ["left:red:blue", "behind:green:cyan", "right:purple:red", "front:blue:green"]
-EPISODES = 5
+
+def make_tiny_sentence_model(folder: Path) -> str:
+    """A random 32-d, 1-layer BERT saved in sentence-transformers layout (MiniLM's tokenizer)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from kalm_ray.config import TextConfig
+    from kalm_ray.data.text import resolve_encoder
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(cfg).save_pretrained(folder)
+    src = resolve_encoder(TextConfig())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    return str(folder)
 
 
-def _cfg(run_dir: Path, **collect) -> object:
+TASKS = ["left:red:blue", "behind:green:cyan", "front:blue:green"]
+EPISODES = 4
+
+
+def _cfg(run_dir: Path, encoder: str, **collect) -> object:
     data = {
         "name": "collect-test",
         "run_dir": str(run_dir),
         "seed": 3,
         "env": {"name": "clevr"},
+        "text": {"encoder": encoder},
         "collect": {
             "episodes_per_task": EPISODES,
             "tasks": TASKS,
-            "epsilon": 0.2,
+            "epsilon": 0.1,
             "fail_fraction": 0.2,
             "num_workers": 1,
             **collect,
@@ -105,29 +148,25 @@ def clevr():
 
 
 @pytest.fixture(scope="module")
-def collected(ray_local, tmp_path_factory, clevr):
+def tiny_encoder(tmp_path_factory) -> str:
+    """A 32-d random BERT in sentence-transformers layout: embeds the env's ~3,000 wordings
+    in a blink (the default MiniLM is tested in test_text.py)."""
+    return make_tiny_sentence_model(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="module")
+def collected(ray_local, tmp_path_factory, tiny_encoder):
     """The same config collected with 1 and with 2 workers (small units, so tasks span several)."""
     import kalm_ray.data.collect as collect_mod
-
-    table_cache: dict = {}
-    real_build = collect_mod.build_instruction_table
-
-    def cached_build(suite, encoder):  # embedding all wordings once is enough for this module
-        key = (suite.name, encoder.name)
-        if key not in table_cache:
-            table_cache[key] = real_build(suite, encoder)
-        return table_cache[key]
 
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(collect_mod, "UNIT_EPISODES", 2)
-        mp.setattr(collect_mod, "build_instruction_table", cached_build)
         for workers in (1, 2):
             run_dir = tmp_path_factory.mktemp(f"collect{workers}") / "run"
-            cfg = _cfg(run_dir, num_workers=workers)
+            cfg = _cfg(run_dir, tiny_encoder, num_workers=workers)
             out[workers] = (cfg, RunDir(str(run_dir)), collect_mod.run_collect(cfg, str(run_dir)))
-        out["rebuild"] = cached_build
-        yield out
+    return out
 
 
 def _files(run: RunDir) -> dict[str, bytes]:
@@ -189,6 +228,8 @@ def test_dataset_invariants(collected, clevr):
         assert steps[-1]["terminated"] or steps[-1]["truncated"]
         assert steps[0]["instruction"] in clevr.instructions("train", task)
         assert steps[0]["instruction"] not in novel
+    ends = [(s[-1]["terminated"], s[-1]["truncated"]) for s in by_ep.values()]
+    assert (True, False) in ends and (False, True) in ends  # both kinds of ending were checked
 
     counts = manifest.counts
     assert counts["episodes"] == len(by_ep) == len(TASKS) * EPISODES
@@ -206,12 +247,12 @@ def test_instructions_card_and_manifest(collected, clevr):
     cfg, run, manifest = collected[1]
     table = read_instruction_table(run)
     assert encoder_info(table) == (manifest.counts["encoder"], manifest.counts["embedding_dim"])
-    assert manifest.counts["embedding_dim"] == 384
+    assert manifest.counts["embedding_dim"] == 32
     emb = load_instruction_table(run)
     for lv in ("train", "rephrase", "easy", "hard"):
         for t in clevr.tasks(lv):
             for w in clevr.instructions(lv, t):
-                assert emb[w].shape == (384,)
+                assert emb[w].shape == (32,)
     readme = run.read_bytes("data/real", "README.md").decode()
     assert "| task | episodes | mean length | success rate |" in readme and TASKS[0] in readme
     on_disk = json.loads(run.read_bytes("data/real", "manifest.json"))
@@ -219,10 +260,9 @@ def test_instructions_card_and_manifest(collected, clevr):
     assert run.exists("data/real", "config.yaml")
 
 
-def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys, monkeypatch):
+def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys):
     import kalm_ray.data.collect as collect_mod
 
-    monkeypatch.setattr(collect_mod, "build_instruction_table", collected["rebuild"])
     cfg, run, manifest = collected[1]
     before = _files(run)
     again = collect_mod.run_collect(cfg, run)
@@ -230,7 +270,8 @@ def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys, m
     assert "up to date" in capsys.readouterr().out
     assert not [n for n in run.list("data") if ".replaced-" in n]
 
-    changed = cfg.model_copy(update={"seed": cfg.seed + 1})
+    fewer = cfg.collect.model_copy(update={"episodes_per_task": 2})
+    changed = cfg.model_copy(update={"collect": fewer})
     fresh = collect_mod.run_collect(changed, run)
     assert fresh.output_id != manifest.output_id and fresh.fingerprint != manifest.fingerprint
     assert _files(run) != before
@@ -251,7 +292,7 @@ def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, cle
         fail_fraction=0.0,
         action_noise=0.0,
     )
-    units = plan_units(resolve_tasks(clevr, TASKS), episodes_per_task=6, unit_episodes=1)
+    units = plan_units(resolve_tasks(clevr, TASKS[:2]), episodes_per_task=3, unit_episodes=1)
     pool = CollectorPool(spec, num_workers=2, num_cpus_per_worker=1.0)
     got = []
     try:

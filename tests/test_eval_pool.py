@@ -7,6 +7,7 @@ from test_eval_support import ToySuite, load_scripted, toy_embeddings, toy_make_
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.config import parse_config
+from kalm_ray.errors import KalmError
 from kalm_ray.eval.episodes import build_episode_specs
 from kalm_ray.eval.eval_actor import EvalPool, EvalWorker
 from kalm_ray.eval.evaluate import make_units
@@ -70,4 +71,16 @@ def test_pool_matches_in_process_worker(ray_local, tmp_path) -> None:
     finally:
         pool.close()
     assert got == _reference(units, kwargs)
+    assert pool.replaced == 0
+
+
+def test_actor_that_cannot_start_is_one_error_not_a_retry_loop(ray_local, tmp_path) -> None:
+    _, units, kwargs = _setup(tmp_path)
+    kwargs["embeddings"] = {"bad": "not a vector"}  # EvalWorker.__init__ raises ValueError
+    pool = EvalPool(kwargs, num_workers=1, num_cpus=1)
+    try:
+        with pytest.raises(KalmError, match="failed to start: .*ValueError"):
+            list(pool.run(units[:2]))
+    finally:
+        pool.close()
     assert pool.replaced == 0

@@ -21,8 +21,13 @@ from kalm_ray.llm.filter import (
 
 D = 4
 LIMITS = FilterLimits(
-    low=np.full(D, -1.0), high=np.full(D, 1.0), max_step_delta=np.full(D, 0.3),
-    quantum=np.full(D, 2.0 / 63), bounds_tolerance=0.02, step_tolerance=0.1, n_actions=8,
+    low=np.full(D, -1.0),
+    high=np.full(D, 1.0),
+    max_step_delta=np.full(D, 0.3),
+    quantum=np.full(D, 2.0 / 63),
+    bounds_tolerance=0.02,
+    step_tolerance=0.1,
+    n_actions=8,
 )
 START = np.zeros(D, np.float32)
 
@@ -86,8 +91,14 @@ def test_ragged_steps_are_wrong_shape():
 
 
 def test_continuous_actions_clip_within_tolerance_and_reject_beyond():
-    lim = FilterLimits(low=LIMITS.low, high=LIMITS.high, max_step_delta=LIMITS.max_step_delta,
-                       quantum=LIMITS.quantum, action_low=-np.ones(2), action_high=np.ones(2))
+    lim = FilterLimits(
+        low=LIMITS.low,
+        high=LIMITS.high,
+        max_step_delta=LIMITS.max_step_delta,
+        quantum=LIMITS.quantum,
+        action_low=-np.ones(2),
+        action_high=np.ones(2),
+    )
     ok = check_arrays(START, walk(2), [[0.5, 1.01], [-1.02, 0.0]], limits=lim, max_steps=10)
     assert ok.accepted and ok.repairs == 2 and ok.actions.dtype == np.float32
     assert np.abs(ok.actions).max() == pytest.approx(1.0)
@@ -103,11 +114,11 @@ def test_limits_for_suite():
 
         action_space = gym.spaces.Discrete(40)
 
-    lim = FilterLimits.for_suite(S, n_bins=11, bounds_tolerance=0.05)
+    lim = FilterLimits.for_suite(S, n_bins=10, bounds_tolerance=0.05)
     assert lim.n_actions == 40 and lim.action_low is None
     assert np.allclose(lim.quantum, [0.2, 0.2]) and lim.bounds_tolerance == 0.05
     S.action_space = gym.spaces.Box(-1, 1, (4,))
-    lim = FilterLimits.for_suite(S, n_bins=11)
+    lim = FilterLimits.for_suite(S, n_bins=10)
     assert lim.n_actions is None and lim.action_low.shape == (4,)
 
 
@@ -173,15 +184,122 @@ def test_check_text_never_raises(text):
 
 def test_tally_report():
     t = FilterTally(max_examples=1)
-    t.add(level="easy", task="a", accepted=True, reason=None, repairs=2, success=True, kept=True, tokens=10)
-    t.add(level="easy", task="a", accepted=False, reason="too_long", repairs=0, success=False,
-          kept=False, tokens=30, text="xx", detail="d")
-    t.add(level="hard", task="b", accepted=False, reason="too_long", repairs=0, success=False,
-          kept=False, tokens=5, text="yy")
+    t.add(
+        level="easy",
+        task="a",
+        accepted=True,
+        reason=None,
+        repairs=2,
+        success=True,
+        kept=True,
+        tokens=10,
+    )
+    t.add(
+        level="easy",
+        task="a",
+        accepted=False,
+        reason="too_long",
+        repairs=0,
+        success=False,
+        kept=False,
+        tokens=30,
+        text="xx",
+        detail="d",
+    )
+    t.add(
+        level="hard",
+        task="b",
+        accepted=False,
+        reason="too_long",
+        repairs=0,
+        success=False,
+        kept=False,
+        tokens=5,
+        text="yy",
+    )
     r = t.report()
-    assert r["requested"] == 3 and r["accepted"] == 1 and math.isclose(r["accepted_fraction"], 1 / 3)
+    assert (
+        r["requested"] == 3 and r["accepted"] == 1 and math.isclose(r["accepted_fraction"], 1 / 3)
+    )
     assert r["reasons"]["too_long"] == 2 and set(REASONS) <= set(r["reasons"])
     assert r["per_level"]["easy"]["accepted_fraction"] == 0.5
     assert r["per_task"]["easy"]["a"]["repaired_values"] == 2
     assert r["generated_tokens"] == 45
     assert len(r["examples"]["too_long"]) == 1
+
+
+# ---- the real codec and the CLEVR-Robot suite: the acceptance battery ---------------------
+
+
+@pytest.fixture(scope="module")
+def clevr():
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.codec import Codec
+
+    suite = get_suite("clevr")
+    codec = Codec.for_suite(suite, n_bins=64)
+    return suite, codec, FilterLimits.for_suite(suite, n_bins=64)
+
+
+def clevr_rollout(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Red ball pushed right by 0.2 per step from a fixed scene: ``(n + 1, 10)``, ``(n,)``."""
+    start = np.array([-0.4, 0.0, 0.0, 0.3, 0.3, 0.0, -0.3, 0.4, 0.4, 0.4], np.float32)
+    states = np.repeat(start[None], n + 1, axis=0)
+    states[:, 0] += 0.2 * np.minimum(np.arange(n + 1), 4)  # stops at the wall's reach
+    return states, np.zeros(n, np.int64)
+
+
+def battery(codec) -> list[tuple[str, str | None]]:
+    states, actions = clevr_rollout(3)
+    good = codec.encode_trajectory(states, actions)
+    toks = codec.encode_steps(states, actions)
+    jump = states.copy()
+    jump[1:, 2] = [-0.45, 0.5, 0.5]  # blue jumps 0.95 in one push (max 0.5)
+    long_s, long_a = clevr_rollout(10 * 5)
+    return [
+        ("", "empty"),
+        (codec.end_token, "empty"),
+        (good, None),
+        (" ".join(toks) + " " + codec.end_token, None),  # whitespace between tokens is noise
+        (good + "instruction: trailing words after the end", None),
+        (codec.join(toks[:-4]), "wrong_step_shape"),  # generation cut in the middle of a step
+        (codec.join(toks[:-4]) + codec.end_token, "wrong_step_shape"),
+        (codec.join(toks), "no_end"),
+        ("move the red ball " + good, "unparseable"),  # words where codec tokens belong
+        (
+            good.replace(codec.bin_tokens[0], "[unused999]", 1)
+            if codec.bin_tokens[0] in good
+            else toks[0] + "[unused999]" + codec.end_token,
+            "unparseable",
+        ),  # a token outside the codec
+        ("nan nan inf " + codec.end_token, "unparseable"),
+        (codec.join([*codec.action_tokens[:1]] * 12) + codec.end_token, "wrong_step_shape"),
+        (codec.encode_trajectory(long_s, long_a), "too_long"),  # 10x the limit
+        (codec.encode_trajectory(jump, actions), "impossible_step"),
+        (codec.encode_trajectory(np.repeat(states[:1], 4, axis=0), actions), "no_progress"),
+        ("\x00\ufffd" * 50, "unparseable"),
+    ]
+
+
+def test_codec_battery(clevr):
+    suite, codec, limits = clevr
+    for text, reason in battery(codec):
+        v = check_text(codec, clevr_rollout(3)[0][0], text, limits=limits, max_steps=5)
+        assert v.reason == reason, (text[:80], v.detail)
+        if reason is None:
+            assert v.accepted and v.n_steps == 3
+            np.testing.assert_allclose(v.states, clevr_rollout(3)[0], atol=1.2 / 64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_codec_texts_never_raise(clevr, data):
+    suite, codec, limits = clevr
+    pieces = st.one_of(
+        st.sampled_from(codec.all_tokens),
+        st.sampled_from(["nan", " ", "x", "[unused1]"]),
+        st.text(max_size=3),
+    )
+    text = "".join(data.draw(st.lists(pieces, max_size=60)))
+    v = check_text(codec, clevr_rollout(1)[0][0], text, limits=limits, max_steps=5)
+    assert v.accepted or v.reason in REASONS

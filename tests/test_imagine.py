@@ -33,12 +33,22 @@ def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", END, "go", *WORDS])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -65,8 +75,14 @@ def fixed_starts(level, task, seeds):
 
 
 def make_requests(seed=0, **kw):
-    args = dict(levels=["easy", "hard"], rollouts_per_level=7, max_tasks_per_level=None, seed=seed,
-                starts=fixed_starts, prompt_fn=lambda ins, s: f"{ins} | {s[0]:.0f}")
+    args = dict(
+        levels=["easy", "hard"],
+        rollouts_per_level=7,
+        max_tasks_per_level=None,
+        seed=seed,
+        starts=fixed_starts,
+        prompt_fn=lambda ins, s: f"{ins} | {s[0]:.0f}",
+    )
     args.update(kw)
     return build_requests(ToySuite(), **args)
 
@@ -80,7 +96,12 @@ def test_requests_round_robin_wordings_and_determinism():
     rows = t.to_pylist()
     easy = [r for r in rows if r["level"] == "easy"]
     assert [r["task"] for r in easy] == ["a", "b", "c", "a", "b", "c", "a"]
-    assert [r["instruction"] for r in easy[:4]] == ["do a please", "do b please", "do c please", "a now"]
+    assert [r["instruction"] for r in easy[:4]] == [
+        "do a please",
+        "do b please",
+        "do c please",
+        "a now",
+    ]
     assert len({r["request_id"] for r in rows}) == 14 and len({r["seed"] for r in rows}) == 14
     assert all(r["prompt"] == f"{r['instruction']} | {r['start_state'][0]:.0f}" for r in rows)
     assert make_requests().equals(t)
@@ -134,31 +155,42 @@ def test_gumbel_scores_sample_the_softmax_within_top_p():
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(20000, 1)
     gen = torch.Generator().manual_seed(0)
-    picks = gumbel_scores(logits, torch.rand(logits.shape, generator=gen), temperature=1.0,
-                          top_p=1.0).argmax(-1)
+    picks = gumbel_scores(
+        logits, torch.rand(logits.shape, generator=gen), temperature=1.0, top_p=1.0
+    ).argmax(-1)
     freq = torch.bincount(picks, minlength=3).float() / len(picks)
     assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.02)
-    nucleus = gumbel_scores(logits, torch.rand(logits.shape, generator=gen), temperature=1.0,
-                            top_p=0.5).argmax(-1)
+    nucleus = gumbel_scores(
+        logits, torch.rand(logits.shape, generator=gen), temperature=1.0, top_p=0.5
+    ).argmax(-1)
     assert (nucleus == 0).all()  # 0.6 alone covers the nucleus
 
 
 def _requests_table(n: int) -> pa.Table:
     rng = np.random.default_rng(0)
     prompts = ["go " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 9)))) for _ in range(n)]
-    return pa.table({
-        "request_id": [f"easy-{i:06d}" for i in range(n)],
-        "level": ["easy"] * n, "task": ["a"] * n, "instruction": ["i"] * n,
-        "start_state": pa.array([[0.0, 1.0]] * n, pa.list_(pa.float32(), 2)),
-        "seed": pa.array(np.arange(n) * 7 + 1, pa.int64()),
-        "prompt": prompts,
-    })
+    return pa.table(
+        {
+            "request_id": [f"easy-{i:06d}" for i in range(n)],
+            "level": ["easy"] * n,
+            "task": ["a"] * n,
+            "instruction": ["i"] * n,
+            "start_state": pa.array([[0.0, 1.0]] * n, pa.list_(pa.float32(), 2)),
+            "seed": pa.array(np.arange(n) * 7 + 1, pa.int64()),
+            "prompt": prompts,
+        }
+    )
 
 
 def _spec(model_dir: Path, temperature: float = 0.0) -> GenerationSpec:
-    return GenerationSpec(model_dir=str(model_dir), max_new_tokens=12, end_token=END,
-                          temperature=temperature, top_p=0.95,
-                          loader="kalm_ray.llm.backends.hf:load_hf_dir")
+    return GenerationSpec(
+        model_dir=str(model_dir),
+        max_new_tokens=12,
+        end_token=END,
+        temperature=temperature,
+        top_p=0.95,
+        loader="kalm_ray.llm.backends.hf:load_hf_dir",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +204,16 @@ def test_hf_generator_in_process(tiny_model):
     table = _requests_table(6)
     gen = HFGenerator(_spec(tiny_model), device="cpu", num_threads=1)
     out = gen(table)
-    assert out.column_names == [*table.column_names, "generated_text", "num_generated_tokens",
-                                "num_input_tokens"]
+    assert out.column_names == [
+        *table.column_names,
+        "generated_text",
+        "num_generated_tokens",
+        "num_input_tokens",
+    ]
     counts = out.column("num_generated_tokens").to_pylist()
     assert all(0 < c <= 12 for c in counts)
     texts = out.column("generated_text").to_pylist()
-    assert all(len(t.split()) == c for t, c in zip(texts, counts))
+    assert all(len(t.split()) == c for t, c in zip(texts, counts, strict=True))
     # Left padding + KV cache: a request's greedy output does not depend on its batch mates.
     alone = gen(table.slice(2, 1)).column("generated_text").to_pylist()[0]
     assert alone == texts[2]
@@ -200,12 +236,195 @@ def test_hf_backend_one_actor_equals_two_actors(ray_local, tiny_model):
     table = _requests_table(24)
 
     def run(n_actors: int) -> list[dict]:
-        icfg = ImagineConfig(backend="hf", batch_size=4, min_actors=n_actors, max_actors=n_actors,
-                             num_cpus_per_actor=1)
-        ds = generate_hf(requests_dataset(table, rows_per_block=4), spec=_spec(tiny_model), icfg=icfg)
+        icfg = ImagineConfig(
+            backend="hf",
+            batch_size=4,
+            min_actors=n_actors,
+            max_actors=n_actors,
+            num_cpus_per_actor=1,
+        )
+        ds = generate_hf(
+            requests_dataset(table, rows_per_block=4), spec=_spec(tiny_model), icfg=icfg
+        )
         rows = ds.take_all()
-        return sorted(({k: r[k] for k in ("request_id", "generated_text", "num_generated_tokens")}
-                       for r in rows), key=lambda r: r["request_id"])
+        return sorted(
+            (
+                {k: r[k] for k in ("request_id", "generated_text", "num_generated_tokens")}
+                for r in rows
+            ),
+            key=lambda r: r["request_id"],
+        )
 
     one, two = run(1), run(2)
     assert len(one) == 24 and one == two
+
+
+# ---- the stage end to end (generation replaced by a scripted stand-in) -----------------------
+
+
+def scripted_generate(ds, *, backend, spec, icfg):
+    """Stand-in backend: red pushed right 0.25 per step for 3 steps; every 4th text is junk."""
+    import json as _json
+
+    from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.requests import state_matrix as _sm
+
+    codec = Codec.from_dict(_json.loads(spec.model_dir))  # the test passes the codec here
+
+    def gen(batch: pa.Table) -> pa.Table:
+        texts = []
+        for i, s in enumerate(_sm(batch.column("start_state"), 10)):
+            if int(batch.column("request_id")[i].as_py()[-6:]) % 4 == 3:
+                texts.append("oops")
+                continue
+            states = np.repeat(s[None], 4, axis=0)
+            states[:, 0] = np.minimum(s[0] + 0.25 * np.arange(4), 0.47)
+            texts.append(codec.encode_trajectory(states, np.zeros(3, np.int64)))
+        return (
+            batch.append_column("generated_text", pa.array(texts))
+            .append_column(
+                "num_generated_tokens", pa.array([len(t) // 9 for t in texts], pa.int64())
+            )
+            .append_column("num_input_tokens", pa.array([1] * len(texts), pa.int64()))
+        )
+
+    return ds.map_batches(gen, batch_format="pyarrow", batch_size=None)
+
+
+def fake_upstream(run_dir: Path, codec) -> None:
+    """data/real with a few CLEVR first states, model/codec.json, both with manifests."""
+    from kalm_ray.artifacts import Manifest, RunDir, write_manifest
+    from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
+    from kalm_ray.envs import get_suite
+
+    suite = get_suite("clevr")
+    run = RunDir(str(run_dir))
+    run.claim("t")
+    rng = np.random.default_rng(0)
+    eps = []
+    for k in range(6):
+        s = rng.uniform([-0.4, -0.1] * 5, [0.0, 0.5] * 5).astype(np.float32)
+        eps.append(
+            Episode(
+                episode_id=f"r{k}",
+                env="clevr",
+                task="behind:red:blue",
+                level="train",
+                instruction="x",
+                states=np.stack([s, s]),
+                actions=np.zeros(1, np.int64),
+                rewards=np.zeros(1, np.float32),
+                successes=np.zeros(1, bool),
+                terminated=False,
+                truncated=True,
+            )
+        )
+    table = episodes_to_table(eps, transition_schema(10, suite.action_space))
+    run.makedirs("data", "real")
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, run.path("data", "real", "part-0.parquet"))
+    write_manifest(run, "data/real", Manifest.new("collect", "c", {}))
+    run.write_json(codec.to_dict(), "model", "codec.json")
+    write_manifest(run, "model", Manifest.new("ground", "g", {}))
+
+
+def test_run_imagine_end_to_end(ray_local, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import cloudpickle
+    import pyarrow.parquet as pq
+
+    from kalm_ray.config import parse_config
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm import imagine
+    from kalm_ray.llm.codec import Codec
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests
+    codec = Codec.for_suite(get_suite("clevr"), n_bins=64)
+    fake_upstream(tmp_path, codec)
+    monkeypatch.setattr(imagine, "generate", scripted_generate)
+    monkeypatch.setattr(
+        imagine,
+        "GenerationSpec",
+        lambda **kw: GenerationSpec(**{**kw, "model_dir": json.dumps(codec.to_dict())}),
+    )
+    cfg = parse_config(
+        {
+            "name": "t",
+            "run_dir": str(tmp_path),
+            "env": {"name": "clevr"},
+            "imagine": {
+                "backend": "hf",
+                "levels": ["easy", "hard"],
+                "rollouts_per_level": 12,
+                "max_steps": 5,
+                "batch_size": 4,
+            },
+        }
+    )
+    m = imagine.run_imagine(cfg, str(tmp_path))
+
+    report = json.loads((tmp_path / "data/imagined/filter_report.json").read_text())
+    assert report["requested"] == 24 and report["reasons"]["unparseable"] == 6
+    assert report["accepted"] == 18 and m.counts["accepted"] == 18
+    assert set(report["per_level"]) == {"easy", "hard"} and report["examples"]["unparseable"]
+    assert report["throughput"]["rollouts_per_s"] > 0
+    table = pq.read_table(tmp_path / "data/imagined/part-00000.parquet")
+    assert table.column("source").unique().to_pylist() == ["imagined"]
+    gens = {json.loads(g)["backend"] for g in table.column("generator").unique().to_pylist()}
+    assert gens == {"hf"}
+    rows = table.to_pylist()
+    # move:red:right succeeds after the first push; it is cut there and terminated.
+    right = [r for r in rows if r["task"] == "move:red:right"]
+    assert right and all(r["t"] == 0 and r["terminated"] and not r["truncated"] for r in right)
+    ends = [r for r in rows if r["terminated"] or r["truncated"]]
+    assert len(ends) == m.counts["episodes"] == 18  # keep_failures: every accepted rollout
+    assert all(not (r["terminated"] and r["truncated"]) for r in rows)
+    assert (tmp_path / "data/imagined/config.yaml").exists()
+    # Up to date: the second call does nothing and returns the same manifest.
+    assert imagine.run_imagine(cfg, str(tmp_path)).output_id == m.output_id
+
+
+@pytest.mark.slow
+def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path):
+    """The real hf backend on the embedded tiny model (untrained: nearly all rejected)."""
+    import json
+
+    from kalm_ray.config import parse_config
+    from kalm_ray.envs import LEVELS, get_suite
+    from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.imagine import run_imagine
+    from kalm_ray.llm.model import build_tiny, set_generation_stops
+
+    suite = get_suite("clevr")
+    codec = Codec.for_suite(suite, n_bins=64)
+    fake_upstream(tmp_path, codec)
+    texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
+    model, tok = build_tiny(codec, texts, init_from_encoder=False)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    set_generation_stops(tmp_path / "model", tok, codec)
+    cfg = parse_config(
+        {
+            "name": "t",
+            "run_dir": str(tmp_path),
+            "env": {"name": "clevr"},
+            "imagine": {
+                "backend": "hf",
+                "levels": ["easy"],
+                "rollouts_per_level": 8,
+                "max_steps": 3,
+                "batch_size": 4,
+                "min_actors": 1,
+                "max_actors": 2,
+            },
+        }
+    )
+    m = run_imagine(cfg, str(tmp_path))
+    report = json.loads((tmp_path / "data/imagined/filter_report.json").read_text())
+    assert report["requested"] == 8 == m.counts["requested"]
+    assert sum(report["reasons"].values()) + report["accepted"] == 8
+    assert report["generated_tokens"] > 0 and report["throughput"]["tokens_per_s"] > 0
+    assert report["max_new_tokens"] == codec.max_step_tokens() * 4 + 1

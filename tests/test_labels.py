@@ -19,7 +19,9 @@ class LineSuite:
         return bool(state[0] - start[0] >= 0.5)
 
     def reward(self, task, start, state, next_state):
-        return float(next_state[0] - state[0]) + (1.0 if self.success(task, start, next_state) else 0.0)
+        return float(next_state[0] - state[0]) + (
+            1.0 if self.success(task, start, next_state) else 0.0
+        )
 
 
 def rollout(xs: list[float]) -> np.ndarray:
@@ -72,14 +74,24 @@ def test_judge_batch_columns(monkeypatch):
             xs = [float(x) for x in text.split()]
             return rollout([float(start[0]), *xs]), np.zeros(len(xs))
 
-    limits = FilterLimits(low=np.full(2, -2.0), high=np.full(2, 2.0), max_step_delta=np.full(2, 0.5),
-                          quantum=np.full(2, 0.01), n_actions=4)
-    batch = pa.table({
-        "request_id": ["a", "b", "c"], "level": ["easy"] * 3, "task": ["right"] * 3,
-        "start_state": pa.array([[0.0, 0.0]] * 3, pa.list_(pa.float32(), 2)),
-        "prompt": ["p"] * 3, "generated_text": ["0.3 0.6 0.9", "0.1 0.2", "oops"],
-        "num_generated_tokens": [3, 2, 1],
-    })
+    limits = FilterLimits(
+        low=np.full(2, -2.0),
+        high=np.full(2, 2.0),
+        max_step_delta=np.full(2, 0.5),
+        quantum=np.full(2, 0.01),
+        n_actions=4,
+    )
+    batch = pa.table(
+        {
+            "request_id": ["a", "b", "c"],
+            "level": ["easy"] * 3,
+            "task": ["right"] * 3,
+            "start_state": pa.array([[0.0, 0.0]] * 3, pa.list_(pa.float32(), 2)),
+            "prompt": ["p"] * 3,
+            "generated_text": ["0.3 0.6 0.9", "0.1 0.2", "oops"],
+            "num_generated_tokens": [3, 2, 1],
+        }
+    )
     out = labels.judge_batch(batch, decoder=Dec(), env="line", limits=limits, max_steps=10)
     assert set(JUDGED_COLUMNS) <= set(out.column_names) and "prompt" not in out.column_names
     rows = out.to_pylist()
@@ -89,3 +101,27 @@ def test_judge_batch_columns(monkeypatch):
     assert rows[1]["truncated"] and not rows[1]["terminated"]
     assert rows[2]["reason"] == "unparseable" and rows[2]["generated_text"] == "oops"
     assert rows[0]["generated_text"] == ""
+
+
+def test_clevr_labels_equal_the_predicate():
+    """A hand-built CLEVR rollout: red pushed right three times, task move:red:right."""
+    from kalm_ray.envs import get_suite
+
+    suite = get_suite("clevr")
+    start = np.array([-0.4, 0.0, 0.0, 0.3, 0.3, 0.0, -0.3, 0.4, 0.4, 0.4], np.float32)
+    states = np.repeat(start[None], 4, axis=0)
+    states[:, 0] = [-0.4, -0.3, -0.2, 0.05]  # +0.1, +0.2 (goal: +0.15), +0.45
+    actions = np.array([0, 0, 0])
+    lab = label_rollout(suite, "move:red:right", states, actions)
+    want = [suite.success("move:red:right", start, s) for s in states[1:]]
+    assert want == [False, True, True]
+    assert lab.successes.tolist() == want[:2] and lab.terminated and lab.n_steps == 2
+    np.testing.assert_allclose(
+        lab.rewards,
+        [suite.reward("move:red:right", start, states[t], states[t + 1]) for t in range(2)],
+        rtol=1e-6,
+    )
+    # The same states for a goal that never holds: kept whole, truncated, rewards per step.
+    other = label_rollout(suite, "move:red:left", states, actions)
+    assert other.n_steps == 3 and other.truncated and not other.successes.any()
+    assert [suite.success("move:red:left", start, s) for s in states[1:]] == [False] * 3

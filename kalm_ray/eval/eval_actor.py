@@ -179,21 +179,13 @@ class EvalPool:
             try:
                 results = ray.get(ref)
             except (RayActorError, ActorUnavailableError) as e:
-                if (
-                    e.actor_init_failed
-                ):  # a bug or bad input, not a lost worker: replacing won't help
-                    last = [ln for ln in str(e).splitlines() if ln.strip()][-1:] or [
-                        type(e).__name__
-                    ]
-                    raise KalmError(
-                        f"an evaluation worker failed to start: {last[0].strip()}"
-                    ) from e
+                if e.actor_init_failed:  # a bug or bad input: a new actor would fail alike
+                    raise KalmError(f"an evaluation worker failed to start: {_last_line(e)}") from e
                 attempts[unit.uid] = attempts.get(unit.uid, 0) + 1
                 if attempts[unit.uid] >= self._max_attempts:
                     raise KalmError(
                         f"evaluation of policy {unit.policy!r} lost its worker "
-                        f"{attempts[unit.uid]} "
-                        f"times on the same episodes ({type(e).__name__}); giving up"
+                        f"{attempts[unit.uid]} times on the same episodes ({_last_line(e)})"
                     ) from e
                 if actor is self.actors[i]:
                     self._replace(i)
@@ -217,3 +209,9 @@ class EvalPool:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _last_line(e: BaseException) -> str:
+    """The last non-empty line of an error (Ray's carry the remote traceback above it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

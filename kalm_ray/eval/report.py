@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,20 +73,20 @@ def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
     md += ["## Learning curves", ""]
     curves = _learning_curves(run, list(results["policies"]))
     if curves:
-        files["learning_curves.png"] = _png(_curves_figure(curves))
+        files["learning_curves.png"] = _png(_curves_figure(curves, results["policies"]))
         md += ["![learning curves](learning_curves.png)", ""]
     else:
         md += ["No learning-curve CSV was found under `policy/*/`.", ""]
 
     md += ["## Imagined rollouts: filter rejections", ""]
-    rejections = _filter_rejections(run)
-    if rejections is None:
+    filt = _filter_levels(run)
+    if filt is None:
         md += ["No imagined data: `data/imagined/filter_report.json` is absent.", ""]
-    elif not rejections:
-        md += ["The filter rejected no imagined rollout.", ""]
+    elif not any(c["reasons"] for c in filt.values()):
+        md += ["The filter rejected no imagined rollout.", "", _filter_table(filt), ""]
     else:
-        files["filter_rejections.png"] = _png(_rejections_figure(rejections))
-        md += ["![filter rejections](filter_rejections.png)", "", _rejections_table(rejections), ""]
+        files["filter_rejections.png"] = _png(_rejections_figure(filt))
+        md += ["![filter rejections](filter_rejections.png)", "", _filter_table(filt), ""]
 
     md += ["## Imagined vs real rollouts (top-down)", ""]
     if results.get("env") != "clevr":
@@ -100,8 +100,9 @@ def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
             md += [
                 "![top-down rollouts](rollouts_topdown.png)",
                 "",
-                "Each line is one ball's path (colour = ball), from ○ (start) to × (end); "
-                "left: real episodes, right: imagined rollouts of the same task.",
+                "Each line is one ball's path (colour = ball: red, blue, green, purple, cyan), "
+                "from ○ (start) to × (end). Each row is one task: real episodes first, then "
+                "imagined rollouts of the same task (their wording may be a rephrasing).",
                 "",
             ]
 
@@ -132,13 +133,18 @@ def _policy_table(results: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _rejections_table(rej: Mapping[str, Mapping[str, int]]) -> str:
-    levels = sorted(rej, key=lambda lv: LEVELS.index(lv) if lv in LEVELS else len(LEVELS))
-    reasons = sorted({r for c in rej.values() for r in c})
-    rows = ["| reason | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
-    rows += [
-        f"| {r} | " + " | ".join(str(rej[lv].get(r, 0)) for lv in levels) + " |" for r in reasons
-    ]
+def _filter_table(levels: Mapping[str, Mapping[str, Any]]) -> str:
+    names = list(levels)
+    reasons = sorted({r for c in levels.values() for r in c["reasons"]})
+    rows = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in ("requested", "accepted"):
+        rows.append(f"| **{key}** | " + " | ".join(str(levels[lv][key]) for lv in names) + " |")
+    for r in reasons:
+        rows.append(
+            f"| rejected: {r} | "
+            + " | ".join(str(levels[lv]["reasons"].get(r, 0)) for lv in names)
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -170,43 +176,22 @@ def _learning_curves(run: RunDir, names: list[str]) -> dict[str, dict[str, np.nd
     return curves
 
 
-def _filter_rejections(run: RunDir) -> dict[str, dict[str, int]] | None:
-    """level -> reason -> rejected rollouts, from ``filter_report.json``; None when absent.
-
-    The report is walked rather than indexed, so any nesting of level/task/reason works: a
-    count is a number under a key that is a filter reason, its level the nearest level key
-    above it (``all`` when none). Only the innermost reason keys count, so totals that
-    repeat the per-task counts are not added twice.
-    """
+def _filter_levels(run: RunDir) -> dict[str, dict[str, Any]] | None:
+    """level -> ``{requested, accepted, reasons: {reason: n}}`` from ``filter_report.json``
+    (written by ``kalm_ray.llm.imagine``, counts from ``FilterTally``); None when absent."""
     if not run.exists("data", "imagined", "filter_report.json"):
         return None
-    from kalm_ray.llm.filter import REASONS
-
     report = run.read_json("data", "imagined", "filter_report.json")
-    found: dict[tuple[str, ...], dict[str, int]] = {}
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if not isinstance(node, dict):
-            return
-        for k, v in node.items():
-            if k in REASONS and isinstance(v, (int, float)) and not isinstance(v, bool):
-                found.setdefault(path, {})[k] = int(v)
-            else:
-                walk(v, (*path, str(k)))
-
-    walk(report, ())
-    if not found:
-        return {}
-    depth = max(len(p) for p in found)  # the most detailed breakdown
-    out: dict[str, dict[str, int]] = {}
-    for path, counts in found.items():
-        if len(path) != depth:
-            continue
-        level = next((p for p in reversed(path) if p in LEVELS), "all")
-        for reason, n in counts.items():
-            if n:
-                out.setdefault(level, {})[reason] = out.get(level, {}).get(reason, 0) + n
-    return out
+    levels = report.get("per_level") or {"all": report}
+    order = sorted(levels, key=lambda lv: LEVELS.index(lv) if lv in LEVELS else len(LEVELS))
+    return {
+        lv: {
+            "requested": int(levels[lv].get("requested", 0)),
+            "accepted": int(levels[lv].get("accepted", 0)),
+            "reasons": {r: int(n) for r, n in (levels[lv].get("reasons") or {}).items() if n},
+        }
+        for lv in order
+    }
 
 
 def _parquet_files(run: RunDir, folder: str) -> list[str]:
@@ -250,7 +235,7 @@ def _read_episodes(run: RunDir, folder: str) -> dict[str, dict[str, Any]]:
 
 
 def _clevr_rollouts(
-    run: RunDir, *, n_tasks: int = 2, per_side: int = 3
+    run: RunDir, *, n_tasks: int = 2, per_side: int = 2
 ) -> list[dict[str, Any]] | str:
     """A few tasks seen in both real and imagined data, with up to ``per_side`` episodes each."""
     real_files, imag_files = _parquet_files(run, "data/real"), _parquet_files(run, "data/imagined")
@@ -318,14 +303,20 @@ def _success_figure(results: Mapping[str, Any]):
                     ax.plot(pos, [p["levels"][lv]["success_rate"] for lv in levels], "k.", ms=4)
         ax.set_xticks(x, levels)
         ax.set_title(algo)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("success rate")
-    axes[-1].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(mixes)), fontsize=8)
     return fig
 
 
-def _curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]]):
+def _curves_figure(
+    curves: Mapping[str, Mapping[str, np.ndarray]], policies: Mapping[str, Mapping[str, Any]]
+):
+    """Up to three metrics (success first, then losses); colour = data mix, line style = algo."""
+    algos = sorted({p["algo"] for p in policies.values()})
+    styles = ("-", "--", ":", "-.")
     metrics: list[str] = []
     for cols in curves.values():
         for k in cols:
@@ -345,22 +336,31 @@ def _curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]]):
             y = cols[metric]
             xs = cols[xkey] if xkey else np.arange(len(y))
             ok = np.isfinite(y)
-            ax.plot(xs[ok], y[ok], marker="." if ok.sum() < 30 else None, label=name, lw=1)
+            info = policies.get(name, {})
+            ax.plot(
+                xs[ok],
+                y[ok],
+                marker="." if ok.sum() < 30 else None,
+                label=name,
+                lw=1,
+                color=_MIX_COLORS.get(info.get("data", "")),
+                ls=styles[algos.index(info["algo"]) % len(styles)] if "algo" in info else "-",
+            )
         ax.set_title(metric)
         ax.set_xlabel(next((k for k in _X_COLUMNS if any(k in c for c in curves.values())), "row"))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     return fig
 
 
-def _rejections_figure(rej: Mapping[str, Mapping[str, int]]):
-    levels = sorted(rej, key=lambda lv: LEVELS.index(lv) if lv in LEVELS else len(LEVELS))
-    reasons = sorted({r for c in rej.values() for r in c})
-    fig = _figure(6.0, 0.5 + 0.35 * max(3, len(reasons)))
+def _rejections_figure(levels: Mapping[str, Mapping[str, Any]]):
+    reasons = sorted({r for c in levels.values() for r in c["reasons"]})
+    fig = _figure(6.0, 0.8 + 0.35 * max(3, len(reasons)))
     ax = fig.subplots()
     left = np.zeros(len(reasons))
-    for lv in levels:
-        vals = np.array([rej[lv].get(r, 0) for r in reasons], dtype=float)
+    for lv, c in levels.items():
+        vals = np.array([c["reasons"].get(r, 0) for r in reasons], dtype=float)
         ax.barh(reasons, vals, left=left, label=lv)
         left += vals
     ax.set_xlabel("rejected rollouts")
@@ -370,21 +370,23 @@ def _rejections_figure(rej: Mapping[str, Mapping[str, int]]):
 
 
 def _topdown_figure(pairs: list[dict[str, Any]]):
-    fig = _figure(8.0, 3.6 * len(pairs))
-    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    """One row per task: its real episodes, then its imagined rollouts, one panel each."""
+    cols = max(len(p["real"]) + len(p["imagined"]) for p in pairs)
+    fig = _figure(2.7 * cols, 2.6 * len(pairs))
+    axes = fig.subplots(len(pairs), cols, squeeze=False)
     for row, pair in zip(axes, pairs, strict=True):
-        for ax, side in zip(row, ("real", "imagined"), strict=True):
-            for ep in pair[side]:
-                s = ep["states"].reshape(len(ep["states"]), -1, 2)
-                for b in range(min(s.shape[1], len(_BALL_COLORS))):
-                    ax.plot(s[:, b, 0], s[:, b, 1], "-", color=_BALL_COLORS[b], lw=1, alpha=0.7)
-                    ax.plot(s[0, b, 0], s[0, b, 1], "o", mfc="none", color=_BALL_COLORS[b], ms=5)
-                    ax.plot(s[-1, b, 0], s[-1, b, 1], "x", color=_BALL_COLORS[b], ms=5)
-            first = pair[side][0]["instruction"] if pair[side] else ""
-            ax.set_title(f"{side} ({len(pair[side])}): {json.dumps(first)[1:-1][:48]}", fontsize=8)
-            ax.set_xlim(-0.6, 0.6)
-            ax.set_ylim(-0.3, 0.7)
+        panels = [("real", e) for e in pair["real"]] + [("imagined", e) for e in pair["imagined"]]
+        for ax in row[len(panels) :]:
+            ax.set_axis_off()
+        for ax, (side, ep) in zip(row, panels, strict=False):
+            s = ep["states"].reshape(len(ep["states"]), -1, 2)
+            for b in range(min(s.shape[1], len(_BALL_COLORS))):
+                ax.plot(s[:, b, 0], s[:, b, 1], "-", color=_BALL_COLORS[b], lw=1.2)
+                ax.plot(s[0, b, 0], s[0, b, 1], "o", mfc="none", color=_BALL_COLORS[b], ms=6)
+                ax.plot(s[-1, b, 0], s[-1, b, 1], "x", color=_BALL_COLORS[b], ms=6)
+            text = textwrap.shorten(ep["instruction"], 60, placeholder="...")
+            ax.set_title(f"{side}, {len(s) - 1} steps\n{text}", fontsize=7)
+            ax.set(xlim=(-0.6, 0.6), ylim=(-0.3, 0.7), xticks=[], yticks=[])
             ax.set_aspect("equal")
-            ax.grid(alpha=0.2)
         row[0].set_ylabel(pair["task"], fontsize=8)
     return fig

@@ -185,11 +185,9 @@ class Codec:
                 Otherwise the vocabulary's never-used tokens when there are enough, else new
                 ``<|kalm_N|>`` tokens (``token_source == "added"``).
         """
-        import gymnasium as gym
-
         layout = suite.layout
         space = suite.action_space
-        if isinstance(space, gym.spaces.Discrete):
+        if hasattr(space, "n"):  # gymnasium Discrete (duck-typed: no gymnasium import needed)
             kind, n_act, n_act_tok = "discrete", int(space.n), int(space.n)
             a_low, a_high = np.zeros(0, np.float32), np.zeros(0, np.float32)
         else:

@@ -23,6 +23,8 @@ REASONS: dict[str, str] = {
     "wrong_step_shape": "a step with the wrong number of state or action values "
     "(e.g. cut off mid-step)",
     "too_long": "more steps than the env's episode limit (imagine.max_steps)",
+    "no_end": "the text stops without the end-of-trajectory token (the token budget ran out, "
+    "or the model wrote the tokenizer's EOS instead)",
     "non_finite": "a NaN or infinite state or action value",
     "bad_action": "an action outside the action space (a discrete id out of range, or a "
     "continuous value beyond bounds_tolerance)",
@@ -95,7 +97,7 @@ class FilterLimits:
             low=low,
             high=high,
             max_step_delta=np.asarray(lay.max_step_delta, np.float64),
-            quantum=(high - low) / max(n_bins - 1, 1),
+            quantum=(high - low) / n_bins,  # the codec decodes to bin centres
             bounds_tolerance=bounds_tolerance,
             step_tolerance=step_tolerance,
             n_actions=int(space.n) if discrete else None,
@@ -220,13 +222,19 @@ def check_arrays(
 
     repairs = 0
     if discrete:
-        if (actions != np.round(actions)).any() or (actions < 0).any() or (actions >= limits.n_actions).any():
+        if (
+            (actions != np.round(actions)).any()
+            or (actions < 0).any()
+            or (actions >= limits.n_actions).any()
+        ):
             return reject("bad_action", f"discrete action outside [0, {limits.n_actions})")
         actions = actions.astype(np.int64)
     else:
         span = limits.action_high - limits.action_low  # type: ignore[operator]
         slack = limits.bounds_tolerance * span
-        if (actions < limits.action_low - slack).any() or (actions > limits.action_high + slack).any():
+        if (actions < limits.action_low - slack).any() or (
+            actions > limits.action_high + slack
+        ).any():
             return reject("bad_action", "continuous action beyond the action space")
         clipped = np.clip(actions, limits.action_low, limits.action_high)
         repairs += int((clipped != actions).sum())
@@ -237,8 +245,11 @@ def check_arrays(
     under, over = body < limits.low - slack, body > limits.high + slack
     if under.any() or over.any():
         t, j = np.argwhere(under | over)[0]
-        return reject("out_of_bounds", f"step {t + 1} dim {j}: {body[t, j]:.4g} outside "
-                      f"[{limits.low[j]:.4g}, {limits.high[j]:.4g}]")
+        return reject(
+            "out_of_bounds",
+            f"step {t + 1} dim {j}: {body[t, j]:.4g} outside "
+            f"[{limits.low[j]:.4g}, {limits.high[j]:.4g}]",
+        )
     clipped = np.clip(body, limits.low, limits.high)
     repairs += int((clipped != body).sum())
     states[1:] = clipped
@@ -247,12 +258,15 @@ def check_arrays(
     jumps = np.abs(np.diff(states, axis=0))
     if (jumps > allowed).any():
         t, j = np.argwhere(jumps > allowed)[0]
-        return reject("impossible_step", f"step {t + 1} dim {j}: moved {jumps[t, j]:.4g} > "
-                      f"max {allowed[j]:.4g}")
+        return reject(
+            "impossible_step",
+            f"step {t + 1} dim {j}: moved {jumps[t, j]:.4g} > max {allowed[j]:.4g}",
+        )
     if (np.abs(states[1:] - states[0]) <= limits.quantum).all():
         return reject("no_progress", "no value moved more than one bin from the start")
-    return Verdict(accepted=True, states=states.astype(np.float32), actions=actions,
-                   repairs=repairs)
+    return Verdict(
+        accepted=True, states=states.astype(np.float32), actions=actions, repairs=repairs
+    )
 
 
 def _zero_reasons() -> dict[str, int]:
@@ -274,14 +288,36 @@ class FilterTally:
 
     @staticmethod
     def _empty() -> dict[str, Any]:
-        return {"requested": 0, "accepted": 0, "successful": 0, "kept": 0, "repaired_rollouts": 0,
-                "repaired_values": 0, "generated_tokens": 0, "reasons": _zero_reasons()}
+        return {
+            "requested": 0,
+            "accepted": 0,
+            "successful": 0,
+            "kept": 0,
+            "repaired_rollouts": 0,
+            "repaired_values": 0,
+            "generated_tokens": 0,
+            "reasons": _zero_reasons(),
+        }
 
-    def add(self, *, level: str, task: str, accepted: bool, reason: str | None, repairs: int,
-            success: bool, kept: bool, tokens: int, text: str = "", detail: str = "") -> None:
+    def add(
+        self,
+        *,
+        level: str,
+        task: str,
+        accepted: bool,
+        reason: str | None,
+        repairs: int,
+        success: bool,
+        kept: bool,
+        tokens: int,
+        text: str = "",
+        detail: str = "",
+    ) -> None:
         """Count one rollout."""
-        for c in (self.levels.setdefault(level, self._empty()),
-                  self.tasks.setdefault(level, {}).setdefault(task, self._empty())):
+        for c in (
+            self.levels.setdefault(level, self._empty()),
+            self.tasks.setdefault(level, {}).setdefault(task, self._empty()),
+        ):
             c["requested"] += 1
             c["generated_tokens"] += int(tokens)
             if accepted:
@@ -299,14 +335,24 @@ class FilterTally:
         """The JSON-ready report (without throughput, which the stage adds)."""
         total = self._empty()
         for c in self.levels.values():
-            for k in ("requested", "accepted", "successful", "kept", "repaired_rollouts",
-                      "repaired_values", "generated_tokens"):
+            for k in (
+                "requested",
+                "accepted",
+                "successful",
+                "kept",
+                "repaired_rollouts",
+                "repaired_values",
+                "generated_tokens",
+            ):
                 total[k] += c[k]
             for r, n in c["reasons"].items():
                 total["reasons"][r] = total["reasons"].get(r, 0) + n
 
         def frac(c: dict[str, Any]) -> dict[str, Any]:
-            return {**c, "accepted_fraction": c["accepted"] / c["requested"] if c["requested"] else 0.0}
+            return {
+                **c,
+                "accepted_fraction": c["accepted"] / c["requested"] if c["requested"] else 0.0,
+            }
 
         return {
             **frac(total),

@@ -84,12 +84,21 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         top_p=icfg.top_p,
         lora_rank=cfg.ground.lora.r,
     )
-    limits = FilterLimits.for_suite(suite, n_bins=codec.n_bins,
-                                    bounds_tolerance=icfg.bounds_tolerance,
-                                    step_tolerance=icfg.step_tolerance)
+    limits = FilterLimits.for_suite(
+        suite,
+        n_bins=codec.n_bins,
+        bounds_tolerance=icfg.bounds_tolerance,
+        step_tolerance=icfg.step_tolerance,
+    )
     t_built = time.perf_counter()
-    log.info("imagine: %d requests over levels %s, backend %s, max %d steps (%d new tokens)",
-             requests.num_rows, list(icfg.levels), backend, max_steps, spec.max_new_tokens)
+    log.info(
+        "imagine: %d requests over levels %s, backend %s, max %d steps (%d new tokens)",
+        requests.num_rows,
+        list(icfg.levels),
+        backend,
+        max_steps,
+        spec.max_new_tokens,
+    )
 
     # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------
     ds = requests_dataset(requests, rows_per_block=icfg.batch_size)
@@ -100,17 +109,33 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         batch_size=None,
         num_cpus=0.25,  # light numpy work beside the generation actors
     )
-    writer_meta = {"model": cfg.ground.model.name, "model_output_id": plan.inputs.get("ground"),
-                   "backend": backend, "temperature": icfg.temperature, "top_p": icfg.top_p}
+    writer_meta = {
+        "model": cfg.ground.model.name,
+        "model_output_id": plan.inputs.get("ground"),
+        "backend": backend,
+        "temperature": icfg.temperature,
+        "top_p": icfg.top_p,
+    }
     tally = FilterTally()
     with stage_output(run, plan.out_dir) as tmp:
         stats = write_rollouts(
-            judged, run=run, folder=tmp, tally=tally, total=requests.num_rows,
+            judged,
+            run=run,
+            folder=tmp,
+            tally=tally,
+            total=requests.num_rows,
             schema=transition_schema(suite.layout.dim, suite.action_space),
-            env=suite.name, generator=writer_meta, keep_failures=icfg.keep_failures,
+            env=suite.name,
+            generator=writer_meta,
+            keep_failures=icfg.keep_failures,
         )
-        report = {"backend": backend, "max_steps": max_steps, "max_new_tokens": spec.max_new_tokens,
-                  **tally.report(), "throughput": stats}
+        report = {
+            "backend": backend,
+            "max_steps": max_steps,
+            "max_new_tokens": spec.max_new_tokens,
+            **tally.report(),
+            "throughput": stats,
+        }
         run.write_json(report, tmp, "filter_report.json")
         plan.save_config(tmp)
     t_done = time.perf_counter()
@@ -125,14 +150,19 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             "episodes": stats["episodes_written"],
             "transitions": stats["transitions_written"],
             "repaired_rollouts": report["repaired_rollouts"],
-            "per_level_accepted_fraction": {lv: c["accepted_fraction"]
-                                            for lv, c in report["per_level"].items()},
+            "per_level_accepted_fraction": {
+                lv: c["accepted_fraction"] for lv, c in report["per_level"].items()
+            },
             "rejected": {r: n for r, n in report["reasons"].items() if n},
             "backend": backend,
         },
-        timings={"build_s": t_built - t_start, "generate_filter_write_s": t_done - t_built,
-                 "total_s": t_done - t_start, "tokens_per_s": stats["tokens_per_s"],
-                 "rollouts_per_s": stats["rollouts_per_s"]},
+        timings={
+            "build_s": t_built - t_start,
+            "generate_filter_write_s": t_done - t_built,
+            "total_s": t_done - t_start,
+            "tokens_per_s": stats["tokens_per_s"],
+            "rollouts_per_s": stats["rollouts_per_s"],
+        },
     )
     write_manifest(run, plan.out_dir, manifest)
     _log_summary(report)
@@ -141,16 +171,21 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
 def load_codec(run: RunDir) -> Any:
     """The grounded model's codec (``model/codec.json``)."""
-    from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.codec import CODEC_FILE, Codec
 
-    if not run.exists("model", "codec.json"):
-        raise InputError(f"{run.uri_of('model', 'codec.json')}: missing; run `kalm ground CONFIG` first")
-    return Codec.load(run.uri_of("model", "codec.json"))
+    if not run.exists("model", CODEC_FILE):
+        raise InputError(
+            f"{run.uri_of('model', CODEC_FILE)}: missing; run `kalm ground CONFIG` first"
+        )
+    try:
+        return Codec.from_dict(run.read_json("model", CODEC_FILE))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{run.uri_of('model', CODEC_FILE)}: not a usable codec ({e})") from None
 
 
 def max_new_tokens(codec: Any, max_steps: int) -> int:
     """Token budget: one step more than the limit (so over-long rollouts show as such) + end."""
-    return int(codec.tokens_per_step) * (max_steps + 1) + 1
+    return int(codec.max_step_tokens()) * (max_steps + 1) + 1
 
 
 def start_sampler(run: RunDir, suite: Any, mode: str) -> StartSampler:
@@ -158,7 +193,9 @@ def start_sampler(run: RunDir, suite: Any, mode: str) -> StartSampler:
     reset = ResetStarts(suite)
     if mode == "reset":
         return reset
-    return DataStarts(real_first_states(run), fallback=reset, task_dependent=bool(suite.layout.entities))
+    return DataStarts(
+        real_first_states(run), fallback=reset, task_dependent=bool(suite.layout.entities)
+    )
 
 
 def write_rollouts(
@@ -180,7 +217,11 @@ def write_rollouts(
     """
     from tqdm.auto import tqdm
 
-    action_dim = None if pa.types.is_integer(schema.field("action").type) else schema.field("action").type.list_size
+    action_dim = (
+        None
+        if pa.types.is_integer(schema.field("action").type)
+        else schema.field("action").type.list_size
+    )
     dim = schema.field("state").type.list_size
     pending: list[Episode] = []
     n_rows = n_eps = n_parts = tokens = done = accepted = pending_rows = 0
@@ -190,21 +231,33 @@ def write_rollouts(
         nonlocal pending, n_rows, n_parts, pending_rows
         if pending:
             table = episodes_to_table(pending, schema)
-            pq.write_table(table, run.path(folder, f"part-{n_parts:05d}.parquet"), filesystem=run.fs)
+            pq.write_table(
+                table, run.path(folder, f"part-{n_parts:05d}.parquet"), filesystem=run.fs
+            )
             n_parts, n_rows, pending, pending_rows = n_parts + 1, n_rows + table.num_rows, [], 0
 
     with _quiet_ray_progress(), tqdm(total=total, desc="imagine", unit="rollout") as bar:
         for batch in judged.iter_batches(batch_format="pyarrow", batch_size=None):
             for r in batch.to_pylist():
                 kept = r["accepted"] and (r["success"] or keep_failures)
-                tally.add(level=r["level"], task=r["task"], accepted=r["accepted"],
-                          reason=r["reason"] or None, repairs=r["repairs"], success=r["success"],
-                          kept=kept, tokens=r["num_generated_tokens"], text=r["generated_text"],
-                          detail=r["detail"])
+                tally.add(
+                    level=r["level"],
+                    task=r["task"],
+                    accepted=r["accepted"],
+                    reason=r["reason"] or None,
+                    repairs=r["repairs"],
+                    success=r["success"],
+                    kept=kept,
+                    tokens=r["num_generated_tokens"],
+                    text=r["generated_text"],
+                    detail=r["detail"],
+                )
                 tokens += r["num_generated_tokens"]
                 accepted += int(r["accepted"])
                 if kept:
-                    pending.append(_episode(r, env=env, dim=dim, action_dim=action_dim, generator=generator))
+                    pending.append(
+                        _episode(r, env=env, dim=dim, action_dim=action_dim, generator=generator)
+                    )
                     n_eps, pending_rows = n_eps + 1, pending_rows + int(r["n_steps"])
                 if pending_rows >= ROWS_PER_PART:
                     flush()
@@ -213,13 +266,20 @@ def write_rollouts(
             bar.set_postfix(accepted=f"{accepted / max(done, 1):.2f}")
     flush()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
-            "rollouts_per_s": done / wall if wall else 0.0, "episodes_written": n_eps,
-            "transitions_written": n_rows, "parts": n_parts}
+    return {
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "rollouts_per_s": done / wall if wall else 0.0,
+        "episodes_written": n_eps,
+        "transitions_written": n_rows,
+        "parts": n_parts,
+    }
 
 
-def _episode(r: dict[str, Any], *, env: str, dim: int, action_dim: int | None,
-             generator: dict[str, Any]) -> Episode:
+def _episode(
+    r: dict[str, Any], *, env: str, dim: int, action_dim: int | None, generator: dict[str, Any]
+) -> Episode:
     n = int(r["n_steps"])
     actions = np.asarray(r["actions"], np.float32)
     return Episode(
@@ -256,9 +316,19 @@ def _quiet_ray_progress():
 def _log_summary(report: dict[str, Any]) -> None:
     for level, c in report["per_level"].items():
         top = sorted(((n, r) for r, n in c["reasons"].items() if n), reverse=True)[:3]
-        log.info("imagine %-8s accepted %4d/%-4d (%.0f%%), successful %d; top rejections: %s",
-                 level, c["accepted"], c["requested"], 100 * c["accepted_fraction"], c["successful"],
-                 ", ".join(f"{r} {n}" for n, r in top) or "none")
+        log.info(
+            "imagine %-8s accepted %4d/%-4d (%.0f%%), successful %d; top rejections: %s",
+            level,
+            c["accepted"],
+            c["requested"],
+            100 * c["accepted_fraction"],
+            c["successful"],
+            ", ".join(f"{r} {n}" for n, r in top) or "none",
+        )
     t = report["throughput"]
-    log.info("imagine: %.1f rollouts/s, %.0f tokens/s, %d episodes written",
-             t["rollouts_per_s"], t["tokens_per_s"], t["episodes_written"])
+    log.info(
+        "imagine: %.1f rollouts/s, %.0f tokens/s, %d episodes written",
+        t["rollouts_per_s"],
+        t["tokens_per_s"],
+        t["episodes_written"],
+    )

@@ -56,8 +56,10 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     """
     states = np.asarray(states, dtype=np.float32)
     if states.ndim != 2 or len(states) < 2 or len(actions) != len(states) - 1:
-        raise ValueError(f"label_rollout: need (T+1, D) states and T actions, got "
-                         f"{states.shape} and {len(actions)}")
+        raise ValueError(
+            f"label_rollout: need (T+1, D) states and T actions, got "
+            f"{states.shape} and {len(actions)}"
+        )
     start = states[0]
     n = len(actions)
     rewards = np.zeros(n, np.float32)
@@ -69,13 +71,29 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
             n = t + 1
             break
     done = bool(successes[n - 1])
-    return Labels(states=states[: n + 1], actions=np.asarray(actions)[:n], rewards=rewards[:n],
-                  successes=successes[:n], terminated=done, truncated=not done)
+    return Labels(
+        states=states[: n + 1],
+        actions=np.asarray(actions)[:n],
+        rewards=rewards[:n],
+        successes=successes[:n],
+        terminated=done,
+        truncated=not done,
+    )
 
 
 JUDGED_COLUMNS: tuple[str, ...] = (
-    "accepted", "reason", "detail", "repairs", "n_steps", "success", "terminated", "truncated",
-    "states", "actions", "rewards", "successes",
+    "accepted",
+    "reason",
+    "detail",
+    "repairs",
+    "n_steps",
+    "success",
+    "terminated",
+    "truncated",
+    "states",
+    "actions",
+    "rewards",
+    "successes",
 )
 """Columns :func:`judge_batch` adds to each generated request (lists are flattened)."""
 
@@ -106,7 +124,7 @@ def judge_batch(batch: Any, *, decoder: Any, env: str, limits: Any, max_steps: i
     starts = state_matrix(batch.column("start_state"), suite.layout.dim)
     cols: dict[str, list] = {c: [] for c in JUDGED_COLUMNS}
     kept_text = []
-    for text, task, start in zip(texts, tasks, starts):
+    for text, task, start in zip(texts, tasks, starts, strict=True):
         v = check_text(decoder, start, text, limits=limits, max_steps=max_steps)
         lab = label_rollout(suite, task, v.states, v.actions) if v.accepted else None
         cols["accepted"].append(v.accepted)
@@ -121,9 +139,16 @@ def judge_batch(batch: Any, *, decoder: Any, env: str, limits: Any, max_steps: i
             value = getattr(lab, name) if lab else np.zeros(0)
             cols[name].append(np.asarray(value, np.float32).reshape(-1))
         kept_text.append("" if v.accepted else str(text)[:2000])
-    types = {"accepted": pa.bool_(), "reason": pa.string(), "detail": pa.string(),
-             "repairs": pa.int64(), "n_steps": pa.int64(), "success": pa.bool_(),
-             "terminated": pa.bool_(), "truncated": pa.bool_()}
+    types = {
+        "accepted": pa.bool_(),
+        "reason": pa.string(),
+        "detail": pa.string(),
+        "repairs": pa.int64(),
+        "n_steps": pa.int64(),
+        "success": pa.bool_(),
+        "terminated": pa.bool_(),
+        "truncated": pa.bool_(),
+    }
     out = batch.drop_columns([c for c in ("prompt", "generated_text") if c in batch.column_names])
     out = out.append_column("generated_text", pa.array(kept_text, pa.string()))
     for name in JUDGED_COLUMNS:

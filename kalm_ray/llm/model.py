@@ -234,19 +234,21 @@ def set_generation_stops(model_dir: str | Path, tokenizer: Any, codec: Codec) ->
 def model_files(model_dir: str | Path) -> dict[str, Any]:
     """What a serving engine (vLLM) should load for a grounded model directory.
 
-    Returns:
-        ``{"model": path or hub name, "adapter": path or None, "tokenizer": path,
-        "codec": path}``. ``model`` is the merged full model (``model_dir`` itself) unless a
-        LoRA adapter is servable on its base as it is (its codec tokens already in the base
-        vocabulary and untouched); then ``model`` is the base and ``adapter`` the adapter dir.
+    Returns ``{"model", "merged", "base", "adapter", "tokenizer", "codec"}``:
+
+    - usually the merged full model: ``model == merged == model_dir``, ``base``/``adapter`` None;
+    - when a LoRA adapter is servable on its base as it is (``ground.train_codec_embeddings``
+      off, codec tokens already in the base vocabulary and untouched): ``model == base`` (a
+      hub name or ``model_dir/base``), ``adapter`` the adapter folder, ``merged`` None.
     """
     d = Path(model_dir)
     info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).exists() else {}
-    out = {"model": str(d), "adapter": None, "tokenizer": str(d), "codec": str(d / "codec.json")}
+    out: dict[str, Any] = {"model": str(d), "merged": str(d), "base": None, "adapter": None,
+                           "tokenizer": str(d), "codec": str(d / "codec.json")}
     if info.get("adapter_servable") and (d / "adapter").is_dir():
         base = info["base"]
-        out["model"] = str(d / base) if (d / base).is_dir() else base
-        out["adapter"] = str(d / "adapter")
+        base = str(d / base) if (d / base).is_dir() else base
+        out.update({"model": base, "merged": None, "base": base, "adapter": str(d / "adapter")})
     return out
 
 

@@ -27,27 +27,37 @@ if TYPE_CHECKING:
     from kalm_ray.artifacts import RunDir
 
 REQUEST_COLUMNS: tuple[str, ...] = (
-    "request_id", "level", "task", "instruction", "start_state", "seed", "prompt",
+    "request_id",
+    "level",
+    "task",
+    "instruction",
+    "start_state",
+    "seed",
+    "prompt",
 )
 _SALT = 5  # this stage's stream of the master seed (issue 5)
 
 
 def request_schema(state_dim: int) -> pa.Schema:
     """Arrow schema of the requests table."""
-    return pa.schema([
-        ("request_id", pa.string()),
-        ("level", pa.string()),
-        ("task", pa.string()),
-        ("instruction", pa.string()),
-        ("start_state", pa.list_(pa.float32(), state_dim)),
-        ("seed", pa.int64()),
-        ("prompt", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("request_id", pa.string()),
+            ("level", pa.string()),
+            ("task", pa.string()),
+            ("instruction", pa.string()),
+            ("start_state", pa.list_(pa.float32(), state_dim)),
+            ("seed", pa.int64()),
+            ("prompt", pa.string()),
+        ]
+    )
 
 
 def level_rng(seed: int, level: str, purpose: str) -> np.random.Generator:
     """A generator for one (level, purpose), independent of every other stream."""
-    return np.random.default_rng([seed, _SALT, zlib.crc32(level.encode()), zlib.crc32(purpose.encode())])
+    return np.random.default_rng(
+        [seed, _SALT, zlib.crc32(level.encode()), zlib.crc32(purpose.encode())]
+    )
 
 
 def pick_tasks(tasks: list[str], k: int | None, rng: np.random.Generator) -> list[str]:
@@ -79,8 +89,10 @@ class ResetStarts:
             env.close()
         states = np.stack(out) if out else np.zeros((0, self.suite.layout.dim), np.float32)
         if states.shape[1] != self.suite.layout.dim:
-            raise InputError(f"env {self.suite.name}: reset observation has {states.shape[1]} "
-                             f"values, the state layout {self.suite.layout.dim}")
+            raise InputError(
+                f"env {self.suite.name}: reset observation has {states.shape[1]} "
+                f"values, the state layout {self.suite.layout.dim}"
+            )
         return states
 
 
@@ -100,7 +112,9 @@ class DataStarts:
     pooled: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pooled = np.concatenate(list(self.by_task.values())) if self.by_task else np.zeros((0, 0))
+        self.pooled = (
+            np.concatenate(list(self.by_task.values())) if self.by_task else np.zeros((0, 0))
+        )
 
     def __call__(self, level: str, task: str, seeds: np.ndarray) -> np.ndarray:
         pool = self.by_task.get(task)
@@ -126,7 +140,9 @@ def real_first_states(run: RunDir, folder: str = "data/real") -> dict[str, np.nd
     table = pa.concat_tables(parts)
     tasks = np.asarray(table.column("task").to_pylist(), dtype=object)
     col = table.column("state").combine_chunks()
-    states = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(table), -1)
+    states = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(
+        len(table), -1
+    )
     return {task: states[tasks == task] for task in sorted(set(tasks.tolist()))}
 
 
@@ -202,8 +218,12 @@ def state_matrix(column: Any, dim: int | None = None) -> np.ndarray:
     """A start-state column of any Arrow list type (or a list of arrays) as ``(N, D)`` float32."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if isinstance(column, pa.Array) and (pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)):
+    if isinstance(column, pa.Array) and (
+        pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)
+    ):
         flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)
         return flat.reshape(len(column), -1 if dim is None else dim)
     values = column.to_pylist() if isinstance(column, pa.Array) else list(column)
-    return np.asarray([np.asarray(v, np.float32).reshape(-1) for v in values], np.float32).reshape(len(values), -1)
+    return np.asarray([np.asarray(v, np.float32).reshape(-1) for v in values], np.float32).reshape(
+        len(values), -1
+    )

@@ -2,7 +2,7 @@
 
 Ray Data reads ``data/real/`` (and ``data/imagined/``), checks that every instruction has an
 embedding, joins each row with its embedding (:class:`JoinEmbeddings`), mixes the sources at
-the configured ratio, shuffles, and writes the prepared columnar dataset once per data mix
+the configured ratio, permutes rows within blocks, and writes the prepared columnar dataset once per data mix
 (``policy/_data/<mix>/``). Every training unit of that mix then reads it with RLlib's own
 offline reader; nothing is re-joined per unit or per update.
 
@@ -97,11 +97,15 @@ class JoinEmbeddings:
     has no embedding raises :class:`InputError` (never dropped).
     """
 
-    def __init__(self, table: dict[str, np.ndarray]):
+    def __init__(self, table: dict[str, np.ndarray], seed: int | None = None):
         self.texts = {t: i for i, t in enumerate(table)}
         self.matrix = np.stack(list(table.values())).astype(np.float32) if table else None
+        # Rows come in episode order; permuting each block decorrelates RLlib's batches.
+        self.rng = np.random.default_rng(seed) if seed is not None else None
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        if self.rng is not None:
+            batch = batch.take(self.rng.permutation(batch.num_rows))
         instr = batch.column("instruction").to_pylist()
         try:
             idx = np.fromiter((self.texts[t] for t in instr), dtype=np.int64, count=len(instr))
@@ -161,16 +165,15 @@ def mix_counts(n_real: int, n_imagined: int, ratio: float | None) -> tuple[int, 
 
 
 def _resample(ds, n_have: int, n_want: int, seed: int):
-    """``n_want`` rows of ``ds`` (``n_have`` rows): a shuffled subset, or repeats + a subset."""
+    """About ``n_want`` rows of ``ds`` (``n_have`` rows): whole repeats plus a Bernoulli sample."""
+    # NOTE: no ``random_shuffle``/``limit``/``unique`` in this pipeline: in Ray Data 2.60 they
+    # ran through shuffle/aggregation workers that, on a 2-core machine, started ~90 worker
+    # processes and took minutes for a few thousand rows. A per-block sample is a plain map.
     if n_want == n_have:
         return ds
-    if n_want == 0:
-        return ds.limit(0)
-    full, rest = divmod(n_want, n_have)
-    parts = [ds] * full
-    if rest:
-        parts.append(ds.random_shuffle(seed=seed).limit(rest))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    copies = -(-n_want // n_have)
+    repeated = ds.union(*[ds] * (copies - 1)) if copies > 1 else ds
+    return repeated.random_sample(n_want / (copies * n_have), seed=seed)
 
 
 def source_files(run: RunDir, source: str) -> list[str]:
@@ -189,6 +192,19 @@ def read_source(run: RunDir, source: str):
     return ray.data.read_parquet(source_files(run, source), filesystem=run.fs, columns=_READ_COLUMNS)
 
 
+def source_instructions(run: RunDir, source: str) -> tuple[list[str], int]:
+    """Distinct instructions and the row count of a source, from its Parquet files alone."""
+    import pyarrow.compute as pc
+
+    texts: set[str] = set()
+    rows = 0
+    for path in source_files(run, source):
+        col = pq.read_table(path, columns=["instruction"], filesystem=run.fs).column("instruction")
+        texts.update(pc.unique(col).to_pylist())
+        rows += len(col)
+    return sorted(texts), rows
+
+
 def prepare_mix(
     run: RunDir,
     mix: str,
@@ -198,36 +214,36 @@ def prepare_mix(
     ratio: float | None,
     seed: int,
 ) -> MixInfo:
-    """Join, mix, shuffle and write one data mix to ``out_dir`` (relative to the run dir).
+    """Join, mix and write one data mix to ``out_dir`` (relative to the run dir).
 
+    Rows are permuted within each 8192-row block here; training adds a local shuffle
+    buffer on top (see ``kalm_ray.rl.algos``). With ``ratio`` set, the imagined share is
+    reached in expectation (Bernoulli sampling), not to the row.
     Raises InputError when a source folder is empty or an instruction has no embedding.
     """
     import ray.data
 
-    datasets, have = {}, {}
+    have: dict[str, int] = {}
     for source in MIX_SOURCES[mix]:
-        ds = read_source(run, source)
-        check_embeddings(sorted(ds.unique("instruction")), embeddings,
-                         where=run.uri_of(SOURCE_DIRS[source]))
-        datasets[source], have[source] = ds, ds.count()
-    n_real, n_im = mix_counts(have["real"], have.get("imagined", 0), ratio if "imagined" in have else None)
+        texts, have[source] = source_instructions(run, source)
+        check_embeddings(texts, embeddings, where=run.uri_of(SOURCE_DIRS[source]))
+    n_real, n_im = mix_counts(have["real"], have.get("imagined", 0),
+                              ratio if "imagined" in have else None)
     want = {"real": n_real, "imagined": n_im}
-    parts = [_resample(ds, have[s], want[s], seed) for s, ds in datasets.items() if want[s] > 0]
+    parts = [_resample(read_source(run, s), have[s], want[s], seed + i)
+             for i, s in enumerate(have) if want[s] > 0]
     if not parts:
         raise InputError(f"data mix {mix!r}: no rows")
     mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     joined = mixed.map_batches(
         JoinEmbeddings,
-        fn_constructor_kwargs={"table": embeddings},
+        fn_constructor_kwargs={"table": embeddings, "seed": seed},
         batch_format="pyarrow",
-        batch_size=4096,
+        batch_size=8192,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-        num_cpus=0.5,
     )
-    # A global shuffle once per mix: RLlib's reader streams rows in file order.
-    joined.random_shuffle(seed=seed).write_parquet(run.path(out_dir), filesystem=run.fs)
+    joined.write_parquet(run.path(out_dir), filesystem=run.fs)
     schema = pq.read_schema(source_files(run, "real")[0], filesystem=run.fs)
-    state_dim = schema.field("state").type.list_size
-    emb_dim = len(next(iter(embeddings.values())))
-    return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in datasets},
-                   source_rows=have, state_dim=state_dim, emb_dim=emb_dim)
+    return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in have},
+                   source_rows=have, state_dim=schema.field("state").type.list_size,
+                   emb_dim=len(next(iter(embeddings.values()))))

@@ -7,9 +7,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from kalm_ray.envs.clevr.tasks import reward, success, tasks, valid_start
 from kalm_ray.envs.clevr.model import COLORS, WALL_X, WALL_Y_HIGH, WALL_Y_LOW
 from kalm_ray.envs.clevr.sim import N_ACTIONS, PushSim
+from kalm_ray.envs.clevr.tasks import reward, success, tasks, valid_start
 from kalm_ray.envs.clevr.wordings import instructions
 from kalm_ray.envs.suite import UnknownChoiceError
 
@@ -21,15 +21,27 @@ START_MIN_GAP = 0.36
 """Every pair of start centres is at least this far apart."""
 
 
+_START_BATCH = 512
+"""Candidates drawn at once; only ~0.6% of uniform draws are spaced widely enough."""
+
+
 def sample_start(rng: np.random.Generator) -> np.ndarray:
-    """A start state (10,): uniform positions, resampled until all pairs >= START_MIN_GAP apart."""
+    """A start state (10,): uniform positions, resampled until all pairs >= START_MIN_GAP apart.
+
+    Rejection sampling in batches (the first acceptable candidate of a batch is an
+    independent draw from the same distribution as one-at-a-time resampling).
+    """
     n = len(COLORS)
-    upper = np.triu_indices(n, 1)
+    i, j = np.triu_indices(n, 1)
     while True:
-        xy = np.stack([rng.uniform(*START_X, n), rng.uniform(*START_Y, n)], axis=1)
-        gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1)[upper]
-        if gaps.min() >= START_MIN_GAP:
-            return xy.ravel()
+        xy = np.stack(
+            [rng.uniform(*START_X, (_START_BATCH, n)), rng.uniform(*START_Y, (_START_BATCH, n))],
+            axis=-1,
+        )
+        gaps = np.linalg.norm(xy[:, i] - xy[:, j], axis=-1).min(axis=1)
+        ok = np.flatnonzero(gaps >= START_MIN_GAP)
+        if ok.size:
+            return xy[ok[0]].ravel()
 
 
 class CLEVRRobotEnv(gym.Env[np.ndarray, np.int64]):
@@ -129,9 +141,9 @@ class CLEVRRobotEnv(gym.Env[np.ndarray, np.int64]):
         self.task = task
         self.set_state(np.asarray(state, dtype=np.float64).ravel())
         wordings = instructions(self.level, task)
-        self.instruction = options.get("instruction") or wordings[
-            int(self.np_random.integers(len(wordings)))
-        ]
+        self.instruction = (
+            options.get("instruction") or wordings[int(self.np_random.integers(len(wordings)))]
+        )
         self.start = self._obs.copy()
         self._t = 0
         return self._obs.copy(), self._info(success(task, self.start, self._obs))

@@ -81,7 +81,7 @@ def build_xml() -> str:
     <global offwidth="640" offheight="480"/>
   </visual>
   <worldbody>
-    <light pos="0 0.2 2" dir="0 0 -1" directional="true"/>
+    <light pos="0 0.2 2" dir="0 0 -1" directional="true" diffuse="0.6 0.6 0.6"/>
     <camera name="top" pos="0 0.2 1.6" xyaxes="1 0 0 0 1 0"/>
     <geom name="table" type="plane" pos="0 0 {TABLE_Z}" size="1.2 1.2 0.1"
           contype="1" conaffinity="1" rgba="0.75 0.75 0.75 1"/>

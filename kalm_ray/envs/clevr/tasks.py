@@ -6,18 +6,15 @@ metres. ``start`` is the episode's first state (only ``move`` goals read it).
 
 Task ids (directions: ``behind`` = +y, ``left`` = -x, ``front`` = -y, ``right`` = +x):
 
-=========  ======================================  ==============================================
-level      id                                      holds when
-=========  ======================================  ==============================================
-train,     ``<dir>:<A>:<B>`` e.g. ``left:red:blue``  angle of (A - B) within 45 deg of ``dir`` and
-rephrase   ("A is <dir> of B"), 20 x 4 = 80         abs(A - B) < 0.39
-easy       ``move:<A>:<dir>``, 5 x 4 = 20           A moved >= 0.15 along ``dir`` since the start
-hard       ``multi:<rel>+<rel>[+<rel>]``            every relation holds (60 two- and 30 three-
-                                                   relation goals, see :func:`hard_tasks`)
-hard       ``line``                                each ball, in colour order, lies within 30 deg
-                                                   of +x from the previous one
-hard       ``gather``                              the other four balls within 0.325 of green
-=========  ======================================  ==============================================
+- train and rephrase, 20 ordered pairs x 4 directions = 80: ``<dir>:<A>:<B>``, e.g.
+  ``left:red:blue`` ("red is left of blue"). Holds when the angle of (A - B) is within
+  45 deg of ``dir`` and abs(A - B) < 0.39.
+- easy, 5 balls x 4 directions = 20: ``move:<A>:<dir>``. Holds when A has moved at least
+  0.15 along ``dir`` since the start.
+- hard, 92: ``multi:<rel>+<rel>[+<rel>]`` (60 two- and 30 three-relation goals, see
+  :func:`generate_hard_tasks`), every relation holds; ``line``, each ball in colour
+  order lies within 30 deg of +x from the previous one; ``gather``, the other four balls
+  are within 0.325 of green.
 
 Distance term (:func:`distance`, metres, 0 exactly when the goal holds):
 relation: ``abs((A - B) - 0.32 * dir)`` (0.32 sits mid-way in the physically possible
@@ -66,7 +63,7 @@ PUSH_LENGTH = 0.25
 SUCCESS_BONUS = 1.0
 
 HARD_SEED = "kalm_ray/clevr/hard/v1"
-"""Salt of the stable hash that orders candidate multi-relation goals (see hard_tasks)."""
+"""Salt of the stable hash that draws candidate multi-relation goals (see _draw)."""
 N_HARD_TWO = 60
 N_HARD_THREE = 30
 
@@ -120,19 +117,12 @@ Goal = Relation | Move | Multi | Line | Gather
 
 def pairwise_tasks() -> list[str]:
     """The 80 relation ids (train and rephrase), direction-major, then ordered colour pairs."""
-    return [
-        f"{d}:{a}:{b}" for d in DIRECTIONS for a in COLORS for b in COLORS if a != b
-    ]
+    return [f"{d}:{a}:{b}" for d in DIRECTIONS for a in COLORS for b in COLORS if a != b]
 
 
 def easy_tasks() -> list[str]:
     """The 20 ``move:<ball>:<dir>`` ids, ball-major."""
     return [f"move:{c}:{d}" for c in COLORS for d in DIRECTIONS]
-
-
-def _stable_key(text: str) -> str:
-    # sha256, not numpy's RNG: the sample must not change with a numpy release.
-    return hashlib.sha256(f"{HARD_SEED}:{text}".encode()).hexdigest()
 
 
 def _canonical(rel: Relation) -> tuple[str, int, int]:
@@ -429,9 +419,7 @@ def _relations_witness(rels: tuple[Relation, ...]) -> np.ndarray | None:
         ):
             continue
         # Relations only see differences, so check them before placing on the table.
-        if not all(
-            relation_holds(r.direction, np.subtract(pos[r.a], pos[r.b])) for r in rels
-        ):
+        if not all(relation_holds(r.direction, np.subtract(pos[r.a], pos[r.b])) for r in rels):
             continue
         full = _fill_free({i: np.array(p) for i, p in pos.items()})
         if full is not None:

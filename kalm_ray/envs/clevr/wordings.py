@@ -21,9 +21,7 @@ def _relation(spec: dict, rel: Relation) -> list[str]:
 
 def _multi(spec: dict, goal: Multi) -> list[str]:
     clauses = [
-        spec["clause"].format(
-            a=COLORS[r.a], b=COLORS[r.b], rel=spec["directions"][r.direction]
-        )
+        spec["clause"].format(a=COLORS[r.a], b=COLORS[r.b], rel=spec["directions"][r.direction])
         for r in goal.relations
     ]
     joined = spec["join"].join(clauses[:-1]) + spec["last_join"] + clauses[-1]

@@ -8,7 +8,7 @@ this module only finds and parses them.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
@@ -22,7 +22,7 @@ def available() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parsed(env: str) -> dict:
     source = resources.files(__name__) / f"{env}.yaml"
     if not source.is_file():

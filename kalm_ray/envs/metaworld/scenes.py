@@ -29,11 +29,13 @@ door's orientation, goal = lever hinge + (0.1, -0.04, 0)), later door-open's.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
+import mujoco
 import numpy as np
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+from metaworld.envs.sawyer_door_v3 import SawyerDoorEnvV3
 
 from kalm_ray.envs.metaworld import slots
 from kalm_ray.envs.metaworld.tasks import (
@@ -51,89 +53,79 @@ LATCH_SOLREF = (0.005, 1.0)
 """Stiff latch (2x the 0.0025 s timestep): the locked door gives at most ~0.012 rad."""
 
 
-@functools.cache
-def _locked_door_class() -> type:
-    """The door-open env with doorlockA's lever fitted and a latch (built once, lazily)."""
-    import mujoco
-    from metaworld.envs.sawyer_door_v3 import SawyerDoorEnvV3
+class LockedDoorEnv(SawyerDoorEnvV3):
+    """Meta-World's door-open env with doorlockA's lever fitted and a latch (module doc)."""
 
-    class LockedDoorEnv(SawyerDoorEnvV3):
-        def _initialize_simulation(self) -> tuple[Any, Any]:
-            spec = mujoco.MjSpec.from_file(self.fullpath)
-            door = spec.body("door_link")
-            col = spec.find_default("dl_col")
-            # doorlockA.xml's lever and its base, at the same place on the door leaf.
-            _visual(door.add_geom(), "lock_base", (0.185, -0.009, 0.061))
-            _box(door.add_geom(col), (0.185, -0.009, 0.061), (0.047, 0.013, 0.047))
-            lever = door.add_body()
-            lever.name, lever.pos = "lock_link", [0.185, -0.018, 0.061]
-            hinge = lever.add_joint()
-            hinge.name, hinge.type = "lockjoint", mujoco.mjtJoint.mjJNT_HINGE
-            hinge.axis, hinge.range = [0, 1, 0], [0, 1.57]
-            hinge.limited = mujoco.mjtLimited.mjLIMITED_TRUE
-            hinge.damping, hinge.armature = 2.0, 0.001
-            _visual(lever.add_geom(), "lock", (0.042, -0.022, 0.0))
-            _box(lever.add_geom(col), (0.042, -0.024, 0.0), (0.05, 0.019, 0.01)).mass = 0.001
-            for name, z in (("lockStartLock", 0.01), ("lockStartUnlock", -0.01)):
-                site = lever.add_site()
-                site.name, site.pos, site.size = name, [0.09, -0.04, z], [0.005] * 3
-            latch = spec.add_equality()
-            latch.name, latch.type = "door_latch", mujoco.mjtEq.mjEQ_JOINT
-            latch.objtype, latch.name1 = mujoco.mjtObj.mjOBJ_JOINT, "doorjoint"
-            latch.solref = list(LATCH_SOLREF)
-            model = spec.compile()
-            model.vis.global_.offwidth, model.vis.global_.offheight = self.width, self.height
-            return model, mujoco.MjData(model)
+    def _initialize_simulation(self) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        spec = mujoco.MjSpec.from_file(self.fullpath)
+        door = spec.body("door_link")
+        col = spec.find_default("dl_col")
+        # doorlockA.xml's lever and its base, at the same place on the door leaf.
+        _visual(door.add_geom(), "lock_base", (0.185, -0.009, 0.061))
+        _box(door.add_geom(col), (0.185, -0.009, 0.061), (0.047, 0.013, 0.047))
+        lever = door.add_body()
+        lever.name, lever.pos = "lock_link", [0.185, -0.018, 0.061]
+        hinge = lever.add_joint()
+        hinge.name, hinge.type = "lockjoint", mujoco.mjtJoint.mjJNT_HINGE
+        hinge.axis, hinge.range = [0, 1, 0], [0, 1.57]
+        hinge.limited = mujoco.mjtLimited.mjLIMITED_TRUE
+        hinge.damping, hinge.armature = 2.0, 0.001
+        _visual(lever.add_geom(), "lock", (0.042, -0.022, 0.0))
+        _box(lever.add_geom(col), (0.042, -0.024, 0.0), (0.05, 0.019, 0.01)).mass = 0.001
+        for name, z in (("lockStartLock", 0.01), ("lockStartUnlock", -0.01)):
+            site = lever.add_site()
+            site.name, site.pos, site.size = name, [0.09, -0.04, z], [0.005] * 3
+        latch = spec.add_equality()
+        latch.name, latch.type = "door_latch", mujoco.mjtEq.mjEQ_JOINT
+        latch.objtype, latch.name1 = mujoco.mjtObj.mjOBJ_JOINT, "doorjoint"
+        latch.solref = list(LATCH_SOLREF)
+        model = spec.compile()
+        model.vis.global_.offwidth, model.vis.global_.offheight = self.width, self.height
+        return model, mujoco.MjData(model)
 
-        def reset_model(self) -> np.ndarray:
-            super().reset_model()
-            joint = self.model.joint("lockjoint")
-            qpos, qvel = self.data.qpos.copy(), self.data.qvel.copy()
-            qpos[joint.qposadr[0]], qvel[joint.dofadr[0]] = LOCKED_ANGLE, 0.0
-            self.set_state(qpos, qvel)
-            self.update_latch()
-            return self._get_obs()
+    def reset_model(self) -> np.ndarray:
+        super().reset_model()
+        joint = self.model.joint("lockjoint")
+        qpos, qvel = self.data.qpos.copy(), self.data.qvel.copy()
+        qpos[joint.qposadr[0]], qvel[joint.dofadr[0]] = LOCKED_ANGLE, 0.0
+        self.set_state(qpos, qvel)
+        self.update_latch()
+        return self._get_obs()
 
-        def lever_angle(self) -> float:
-            return float(self.data.qpos[self.model.joint("lockjoint").qposadr[0]])
+    def lever_angle(self) -> float:
+        """Lock lever hinge angle (rad): 1.5708 locked (hanging), 0 unlocked (level)."""
+        return float(self.data.qpos[self.model.joint("lockjoint").qposadr[0]])
 
-        def door_angle(self) -> float:
-            return float(self.data.qpos[self.model.joint("doorjoint").qposadr[0]])
+    def door_angle(self) -> float:
+        """Door hinge angle (rad): 0 shut, negative open."""
+        return float(self.data.qpos[self.model.joint("doorjoint").qposadr[0]])
 
-        def update_latch(self) -> None:
-            latch = self.model.equality("door_latch").id
-            if self.lever_angle() <= UNLOCKED_ANGLE:
-                self.data.eq_active[latch] = 0
-            elif self.door_angle() > DOOR_SHUT:
-                self.data.eq_active[latch] = 1
+    def update_latch(self) -> None:
+        latch = self.model.equality("door_latch").id
+        if self.lever_angle() <= UNLOCKED_ANGLE:
+            self.data.eq_active[latch] = 0
+        elif self.door_angle() > DOOR_SHUT:
+            self.data.eq_active[latch] = 1
 
-        def step(self, action):
-            self.update_latch()
-            return super().step(action)
-
-    return LockedDoorEnv
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.update_latch()
+        return super().step(action)
 
 
-def _visual(geom: Any, mesh: str, at: tuple[float, ...]) -> Any:
-    import mujoco
-
+def _visual(geom: mujoco.MjsGeom, mesh: str, at: tuple[float, ...]) -> mujoco.MjsGeom:
     geom.type, geom.meshname, geom.material = mujoco.mjtGeom.mjGEOM_MESH, mesh, "dl_metal"
     geom.pos, geom.contype, geom.conaffinity, geom.group = list(at), 0, 0, 1
     return geom
 
 
-def _box(geom: Any, at: tuple[float, ...], size: tuple[float, ...]) -> Any:
-    import mujoco
-
+def _box(geom: mujoco.MjsGeom, at: tuple[float, ...], size: tuple[float, ...]) -> mujoco.MjsGeom:
     geom.type, geom.pos, geom.size = mujoco.mjtGeom.mjGEOM_BOX, list(at), list(size)
     return geom
 
 
 def _env_class(task: str) -> type:
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
     if task == "locked-door-open":
-        return _locked_door_class()
+        return LockedDoorEnv
     scene_task = COMPOSITE_TASKS[task][0] if task in COMPOSITE_TASKS else task
     return ALL_V3_ENVIRONMENTS[f"{scene_task}-v3"]
 
@@ -149,9 +141,6 @@ class Scene:
     """
 
     def __init__(self, task: str, *, max_path_length: int = 500, render_mode: str | None = None):
-        import mujoco
-
-        self._mj_forward = mujoco.mj_forward
         self.task = check_task(task)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -182,7 +171,7 @@ class Scene:
         env.reset()
         # Meta-World moves some bodies at reset without a forward pass, so its reset
         # observation can be stale (window, faucet); recompute it from a fresh forward.
-        self._mj_forward(env.model, env.data)
+        mujoco.mj_forward(env.model, env.data)
         curr = env._get_curr_obs_combined_no_goal()
         env._prev_obs = curr.copy()
         self._obs = np.hstack((curr, curr, env._get_pos_goal())).astype(np.float64)

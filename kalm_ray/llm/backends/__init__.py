@@ -94,12 +94,15 @@ def resolve_backend(choice: str) -> str:
     why = vllm_missing()
     if choice == "vllm":
         if why:
-            raise BackendUnavailable(f"imagine.backend: vllm cannot run here: {why}; "
-                                     "use imagine.backend: hf (or auto)")
+            raise BackendUnavailable(
+                f"imagine.backend: vllm cannot run here: {why}; use imagine.backend: hf (or auto)"
+            )
         return "vllm"
     if choice == "auto":
         return "hf" if why else "vllm"
-    raise BackendUnavailable(f"imagine.backend: unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}")
+    raise BackendUnavailable(
+        f"imagine.backend: unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}"
+    )
 
 
 def generate(
@@ -114,4 +117,6 @@ def generate(
         from kalm_ray.llm.backends.vllm import generate_vllm
 
         return generate_vllm(ds, spec=spec, icfg=icfg)
-    raise BackendUnavailable(f"imagine.backend: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    raise BackendUnavailable(
+        f"imagine.backend: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}"
+    )

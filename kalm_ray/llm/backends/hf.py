@@ -107,23 +107,32 @@ class HFGenerator:
     table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens``.
     """
 
-    def __init__(self, spec: GenerationSpec, *, device: str = "auto", dtype: str = "auto",
-                 num_threads: int | None = None):
+    def __init__(
+        self,
+        spec: GenerationSpec,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ):
         import torch
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
-        model, tok, *_ = _resolve_loader(spec.loader)(spec.model_dir, device=device,
-                                                      dtype=_dtype(dtype, device))
+        model, tok, *_ = _resolve_loader(spec.loader)(
+            spec.model_dir, device=device, dtype=_dtype(dtype, device)
+        )
         tok.padding_side = "left"  # so every row's last prompt token is the last column
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         end_id = tok.convert_tokens_to_ids(spec.end_token)
         if end_id is None or end_id == tok.unk_token_id:
             raise ValueError(f"end token {spec.end_token!r} is not in the tokenizer's vocabulary")
-        self.stop_ids = sorted({int(end_id)} | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set()))
+        self.stop_ids = sorted(
+            {int(end_id)} | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
+        )
         self.model, self.tok, self.device, self.spec = model.eval(), tok, device, spec
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -133,29 +142,46 @@ class HFGenerator:
         prompts = batch.column("prompt").to_pylist()
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
         gen_cfg = GenerationConfig(
-            max_new_tokens=self.spec.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-            eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id,
+            max_new_tokens=self.spec.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tok.pad_token_id,
         )
         processors = LogitsProcessorList()
         if self.spec.temperature > 0:
-            processors.append(SeededSampling(batch.column("seed").to_pylist(),
-                                             temperature=self.spec.temperature, top_p=self.spec.top_p))
+            processors.append(
+                SeededSampling(
+                    batch.column("seed").to_pylist(),
+                    temperature=self.spec.temperature,
+                    top_p=self.spec.top_p,
+                )
+            )
         with torch.inference_mode():
-            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                      generation_config=gen_cfg, logits_processor=processors)
-        new = out[:, enc["input_ids"].shape[1]:].cpu().numpy()
+            out = self.model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                generation_config=gen_cfg,
+                logits_processor=processors,
+            )
+        new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
         texts, counts = [], []
         for row in new:
             n = cut_at_stop(row, self.stop_ids)
             counts.append(n)
             texts.append(self.tok.decode(row[:n].tolist(), skip_special_tokens=False))
         n_in = enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64)
-        return (batch.append_column("generated_text", pa.array(texts, pa.string()))
-                .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
-                .append_column("num_input_tokens", pa.array(n_in)))
+        return (
+            batch.append_column("generated_text", pa.array(texts, pa.string()))
+            .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
+            .append_column("num_input_tokens", pa.array(n_in))
+        )
 
 
-def generate_hf(ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConfig) -> ray.data.Dataset:
+def generate_hf(
+    ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConfig
+) -> ray.data.Dataset:
     """The requests dataset through an autoscaling pool of :class:`HFGenerator` actors."""
     import ray.data
 
@@ -170,8 +196,11 @@ def generate_hf(ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConf
     return ds.map_batches(
         HFGenerator,
         fn_constructor_args=(spec,),
-        fn_constructor_kwargs={"device": device, "dtype": icfg.dtype,
-                               "num_threads": max(1, math.ceil(icfg.num_cpus_per_actor))},
+        fn_constructor_kwargs={
+            "device": device,
+            "dtype": icfg.dtype,
+            "num_threads": max(1, math.ceil(icfg.num_cpus_per_actor)),
+        },
         batch_size=icfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=icfg.min_actors, max_size=icfg.max_actors),

@@ -97,12 +97,15 @@ def model_paths(model_dir: str) -> tuple[str, str | None]:
     return str(source), (str(adapter) if adapter and not files.get("merged") else None)
 
 
-def generate_vllm(ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConfig) -> ray.data.Dataset:
+def generate_vllm(
+    ds: ray.data.Dataset, *, spec: GenerationSpec, icfg: ImagineConfig
+) -> ray.data.Dataset:
     """The requests dataset through ``ray.data.llm``'s vLLM processor (lazy)."""
     from ray.data.llm import build_processor
 
     source, adapter = model_paths(spec.model_dir)
     config = processor_config(icfg, spec=spec, model_source=source, adapter=adapter)
-    processor = build_processor(config, preprocess=partial(_pre, spec=spec, adapter=adapter),
-                                postprocess=_post)
+    processor = build_processor(
+        config, preprocess=partial(_pre, spec=spec, adapter=adapter), postprocess=_post
+    )
     return processor(ds)

@@ -1,0 +1,13 @@
+"""The grounded LLM: codec (numbers <-> tokens), grounding prompts, models, the ground stage.
+
+Public API the other stages rely on:
+
+- :class:`kalm_ray.llm.codec.Codec` (``for_suite``, ``save``/``load``, ``encode_state``,
+  ``encode_trajectory``, ``decode_rollout``, ``end_token``) and
+  :class:`kalm_ray.llm.codec.CodecError` with ``reason`` in ``DECODE_REASONS``;
+- :func:`kalm_ray.llm.prompts.rollout_prompt`;
+- :func:`kalm_ray.llm.model.load_grounded` and :func:`kalm_ray.llm.model.model_files`;
+- :func:`kalm_ray.llm.ground.run_ground` (the ``ground`` stage).
+
+Nothing is imported here, so importing the package costs nothing.
+"""

@@ -1,0 +1,243 @@
+"""The ``ground`` stage: fine-tune a causal LM on the four grounding tasks, with Ray Train.
+
+``run_ground(cfg, run_dir)`` reads top to bottom:
+
+1. plan: return at once if ``model/`` is current.
+2. build (driver, into the work folder ``model.work/<fingerprint>/``, which survives a
+   crash so training resumes): the codec, the tokenizer (codec tokens made atomic), and
+   for ``tiny`` the base model; then the examples of the four tasks with Ray Data
+   (``data/real/`` grouped by episode -> token ids, split by episode) as Parquet, plus the
+   held-out episodes' transitions for the metrics.
+3. run: a ``TorchTrainer`` over :func:`kalm_ray.llm.train_fn.train_loop` (ScalingConfig from
+   ``ground.num_workers``/``use_gpu``); checkpoints go to the work folder and a rerun
+   after a crash resumes from the latest (``ray.train.get_checkpoint``). Rank 0 saves the
+   final model and scores it on the held-out split.
+4. save: the final model (merged weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
+   ``grounding_metrics.json``) into ``model/`` atomically, the resolved config, then the
+   manifest; the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.config import ExperimentConfig
+from kalm_ray.envs import LEVELS, get_suite
+from kalm_ray.errors import InputError
+from kalm_ray.llm.codec import CODEC_FILE, Codec
+from kalm_ray.raysetup import init_ray
+from kalm_ray.stage import plan_stage
+
+PREP_DONE = "prep.done"
+
+
+def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
+    """Ground ``cfg.ground.model`` on ``data/real/`` into ``model/`` (see the module docstring)."""
+    plan = plan_stage("ground", cfg, run_dir)
+    run, g = plan.run, cfg.ground
+    if plan.current is not None:
+        print(f"[kalm] ground: {run.uri_of(plan.out_dir)} is up to date; nothing to do", flush=True)
+        return plan.current
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    suite = get_suite(cfg.env.name)
+    work = f"{plan.out_dir}.work/{plan.fingerprint[:12]}"
+
+    # ---- build: codec, tokenizer, base; examples with Ray Data ----------------------------------
+    prep = _prepare(cfg, suite, run, work)
+    timings["prepare_s"] = time.perf_counter() - t0
+    init_ray(cfg.ray)
+    t1 = time.perf_counter()
+    counts = _build_examples(cfg, run, work, prep)
+    timings["examples_s"] = time.perf_counter() - t1
+    print(f"[kalm] ground: {counts['examples_train']} training examples from {counts['episodes_train']} "
+          f"episodes ({counts['episodes_heldout']} held out); model {g.model.name}, {g.method}", flush=True)
+
+    # ---- run: Ray Train ---------------------------------------------------------------------------
+    t2 = time.perf_counter()
+    result = _fit(cfg, run, work, prep)
+    timings["train_s"] = time.perf_counter() - t2
+
+    # ---- save ---------------------------------------------------------------------------------
+    with stage_output(run, plan.out_dir) as tmp, result.checkpoint.as_directory() as d:
+        final = Path(d) / "final"
+        if not (final / CODEC_FILE).exists():
+            raise InputError(f"{result.checkpoint.path}: the last checkpoint holds no final model")
+        pafs.copy_files(str(final), run.path(tmp), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=run.fs)
+        plan.save_config(tmp)
+        metrics = json.loads((final / "grounding_metrics.json").read_text()) \
+            if (final / "grounding_metrics.json").exists() else {}
+    timings["total_s"] = time.perf_counter() - t0
+    counts.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+    counts.update({"params": prep["params"], "max_steps": g.max_steps,
+                   "final_loss": result.metrics.get("loss"), "tokens_per_s": result.metrics.get("tokens_per_s")})
+    manifest = plan.manifest(counts=counts, timings=timings)
+    write_manifest(run, plan.out_dir, manifest)
+    run.delete(f"{plan.out_dir}.work")
+    _print_summary(metrics, timings)
+    return manifest
+
+
+def _print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
+    if "dynamics_mae" in m:
+        print(f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
+              f"{m['copy_baseline_mae']:.4f}; explanation exact {m.get('explain_exact_match', 0):.2f}, "
+              f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
+              f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}", flush=True)
+    print(f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)", flush=True)
+
+
+def _local(run: RunDir, *parts: str) -> Path:
+    """A local folder for work files: inside the run dir when local, else a temp dir.
+
+    With a remote run dir the prepared base/tokenizer stay on the driver's node, so workers
+    must share it (single node); examples and checkpoints do go to the remote work folder.
+    """
+    if run.is_local:
+        return Path(run.path(*parts))
+    return Path(tempfile.mkdtemp(prefix="kalm-ground-"))
+
+
+def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[str, Any]:
+    """Codec, tokenizer and (tiny) base model in ``work/prep``; reused when already complete.
+
+    Returns paths and facts the train loop needs (``base``, ``tokenizer_dir``, ``codec_path``,
+    ``init_codec_rows``, ``info``, ``params``).
+    """
+    g = cfg.ground
+    prep = _local(run, work, "prep")
+    done = prep / PREP_DONE
+    if done.exists():
+        return json.loads(done.read_text())
+    prep.mkdir(parents=True, exist_ok=True)
+    tiny = g.model.name == "tiny"
+    if tiny:
+        from kalm_ray.llm.model import build_tiny, count_params
+
+        codec = Codec.for_suite(suite, g.n_bins)
+        texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
+        model, tok = build_tiny(codec, texts, init_from_encoder=g.tiny_init_from_encoder, seed=cfg.seed)
+        model.save_pretrained(str(prep / "base"))
+        tok.save_pretrained(str(prep / "base"))
+        base, tok_dir, init_rows, params = str(prep / "base"), str(prep / "base"), False, count_params(model)
+        servable = g.method == "lora" and not g.train_codec_embeddings
+        info_base = "base"
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from kalm_ray.llm.model import make_codec_tokens_atomic
+
+        try:
+            tok = AutoTokenizer.from_pretrained(g.model.name, trust_remote_code=g.model.trust_remote_code)
+            mcfg = AutoConfig.from_pretrained(g.model.name, trust_remote_code=g.model.trust_remote_code)
+        except OSError as e:
+            raise InputError(f"ground.model.name: cannot load {g.model.name!r} ({e})") from None
+        codec = Codec.for_suite(suite, g.n_bins, vocab=tok.get_vocab())
+        make_codec_tokens_atomic(tok, codec)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.save_pretrained(str(prep / "tokenizer"))
+        base, tok_dir = g.model.name, str(prep / "tokenizer")
+        untouched = codec.token_source == "reserved" and g.method == "lora" and not g.train_codec_embeddings
+        init_rows, servable, info_base = not untouched, untouched, g.model.name
+        params = int(getattr(mcfg, "num_parameters", 0) or 0)
+    codec_path = str(codec.save(prep))
+    info = {"method": g.method, "model": g.model.name, "base": info_base, "adapter_servable": servable,
+            "codec_token_source": codec.token_source}
+    out = {"base": base, "tokenizer_dir": tok_dir, "codec_path": codec_path, "init_codec_rows": init_rows,
+           "info": info, "params": params}
+    done.write_text(json.dumps(out))
+    return out
+
+
+def _build_examples(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> dict[str, Any]:
+    """Examples (token ids) and held-out transitions with Ray Data; returns counts."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from kalm_ray.llm.prompts import ExampleBuilder, is_heldout
+
+    g = cfg.ground
+    ex_uri, held_uri = run.uri_of(work, "examples"), run.uri_of(work, "heldout_real")
+    if not run.exists(work, "examples.done"):
+        if not run.exists("data", "real"):
+            raise InputError(f"{run.uri_of('data', 'real')}: no real episodes; run `kalm collect` first")
+        for part in ("examples", "heldout_real"):
+            run.delete(work, part)
+        real = ray.data.read_parquet(run.uri_of("data", "real"), file_extensions=["parquet"])
+        examples = real.groupby("episode_id").map_groups(
+            ExampleBuilder, batch_format="pyarrow", concurrency=2,
+            fn_constructor_kwargs={"codec_path": prep["codec_path"], "tokenizer_dir": prep["tokenizer_dir"],
+                                   "max_seq_len": g.max_seq_len, "heldout_fraction": g.heldout_fraction,
+                                   "seed": cfg.seed})
+        examples.write_parquet(ex_uri)
+
+        def keep_heldout(batch: Any) -> Any:
+            import pyarrow as pa
+
+            mask = [is_heldout(e, g.heldout_fraction, cfg.seed) for e in batch.column("episode_id").to_pylist()]
+            return batch.filter(pa.array(mask, pa.bool_()))
+
+        real.map_batches(keep_heldout, batch_format="pyarrow").write_parquet(held_uri)
+        run.write_text("ok", work, "examples.done")
+    meta = pads.dataset(run.path(work, "examples"), format="parquet", filesystem=run.fs).to_table(
+        columns=["episode_id", "task", "split", "dropped"])
+    by = Counter(zip(meta.column("split").to_pylist(), meta.column("task").to_pylist()))
+    eps = {s: len({e for e, sp in zip(meta.column("episode_id").to_pylist(), meta.column("split").to_pylist())
+                   if sp == s}) for s in ("train", "heldout")}
+    if not eps["train"]:
+        raise InputError(f"{run.uri_of('data', 'real')}: no training episodes")
+    counts: dict[str, Any] = {f"examples_{s}_{t}": n for (s, t), n in sorted(by.items()) if t != "dropped"}
+    counts["examples_train"] = sum(n for (s, t), n in by.items() if s == "train" and t != "dropped")
+    counts["examples_dropped_too_long"] = int(sum(meta.column("dropped").to_pylist()))
+    counts["episodes_train"], counts["episodes_heldout"] = eps["train"], eps["heldout"]
+    return counts
+
+
+def train_config(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> dict[str, Any]:
+    """The ``train_loop_config`` of the grounding run (see :mod:`kalm_ray.llm.train_fn`)."""
+    import os
+
+    g = cfg.ground
+    return {
+        "base": prep["base"], "tokenizer_dir": prep["tokenizer_dir"], "codec_path": prep["codec_path"],
+        "examples": run.uri_of(work, "examples"), "method": g.method, "lora": g.lora.model_dump(),
+        "train_codec_embeddings": g.train_codec_embeddings, "init_codec_rows": prep["init_codec_rows"],
+        "trust_remote_code": g.model.trust_remote_code, "max_steps": g.max_steps, "batch_size": g.batch_size,
+        "lr": g.lr, "task_mix": dict(g.task_mix), "seed": cfg.seed, "checkpoint_every": g.checkpoint_every,
+        "use_gpu": g.use_gpu, "cpu_threads": max(1, (os.cpu_count() or 1) // g.num_workers),
+        "info": prep["info"],
+        "metrics": {"env": cfg.env.name, "heldout_real": run.uri_of(work, "heldout_real"),
+                    "max_examples": g.eval_examples, "max_rollouts": g.eval_rollouts, "seed": cfg.seed},
+    }
+
+
+def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> Any:
+    """Run the TorchTrainer; a rerun with the same work folder resumes from its checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kalm_ray.llm.train_fn import train_loop
+
+    g = cfg.ground
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=train_config(cfg, run, work, prep),
+        scaling_config=ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu),
+        run_config=RunConfig(name="train", storage_path=run.uri_of(work, "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=1)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise InputError(f"{run.uri_of(work, 'ray')}: training reported no checkpoint")
+    return result

@@ -1,0 +1,402 @@
+"""The per-worker grounding loop: a plain torch loop that runs in Ray Train or on its own.
+
+``train_loop(config)`` is the ``train_loop_per_worker`` of a ``TorchTrainer`` and also a plain
+function: inside Ray Train (``ray`` importable and a train context active) it shards the
+examples by rank, wraps the model in DDP, reports checkpoints with ``ray.train.report`` and
+resumes from ``ray.train.get_checkpoint()``; outside it trains in-process, checkpoints into
+``config["checkpoint_dir"]`` and resumes from the newest one there. A plain loop (not the HF
+Trainer) because it reads its shard straight from the Parquet examples written by the
+ground stage (no Ray Data needed), puts the loss on target tokens only without computing
+the output layer at prompt positions, and must run unchanged on a GPU box without Ray.
+
+``config`` keys (all JSON-able):
+
+- ``base``: model to start from (local dir or hub name); ``tokenizer_dir``; ``codec_path``;
+- ``examples``: folder of example Parquet files (columns ``episode_id, task, input_ids,
+  prompt_len, split``; rows with ``split == "train"`` are used);
+- ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
+  ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
+- ``max_steps``, ``batch_size``, ``lr``, ``task_mix``, ``seed``, ``checkpoint_every``,
+  ``use_gpu``, ``cpu_threads`` (None = cores / workers);
+- ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
+- ``info``: written to ``grounded.json`` beside the final model;
+- ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.metrics.grounding_metrics`
+  plus ``env`` and ``heldout_real`` (Parquet of held-out transitions); computed on rank 0
+  after training and written as ``grounding_metrics.json`` beside the model.
+
+The final model (merged full weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
+``generation_config.json``) is written by rank 0 into the last checkpoint's ``final/``
+folder (Ray) or into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kalm_ray.llm.prompts import IGNORE
+
+log = logging.getLogger("kalm_ray")
+
+STATE_FILE = "train_state.pt"
+FINAL_DIR = "final"
+
+
+def ray_train_context() -> Any | None:
+    """The Ray Train context when running as a Ray Train worker, else None."""
+    try:
+        import ray.train
+    except ImportError:
+        return None
+    try:
+        return ray.train.get_context()
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def cosine_lr(step: int, *, total: int, peak: float, warmup: int) -> float:
+    """Learning rate at ``step``: linear warm-up to ``peak``, cosine decay to 10% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def pad_batch(rows: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels``, each ``(B, L_max)`` int64.
+
+    Labels are ``-100`` on each prompt and on padding, so the loss sees targets only.
+    """
+    n = max(len(ids) for ids, _ in rows)
+    ids = np.full((len(rows), n), pad_id, np.int64)
+    mask = np.zeros((len(rows), n), np.int64)
+    labels = np.full((len(rows), n), IGNORE, np.int64)
+    for i, (x, plen) in enumerate(rows):
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+        labels[i, plen: len(x)] = x[plen:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], list[int]]:
+    """``(episode_id, task, input_ids, prompt_len)`` lists of the training split of a folder.
+
+    The folder holds Parquet files (the ground stage) or JSONL files (one example object per
+    line; no pyarrow needed), with columns ``episode_id, task, input_ids, prompt_len, split``.
+    """
+    local = Path(path) if "://" not in path else None
+    if local is not None and local.is_dir() and any(local.glob("*.jsonl")):
+        rows = [json.loads(line) for f in sorted(local.glob("*.jsonl")) for line in f.read_text().splitlines()
+                if line.strip()]
+        rows = [r for r in rows if r.get("split", "train") == "train" and r["task"] != "dropped"]
+        return ([r["episode_id"] for r in rows], [r["task"] for r in rows],
+                [r["input_ids"] for r in rows], [int(r["prompt_len"]) for r in rows])
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, format="parquet").to_table(
+        columns=["episode_id", "task", "input_ids", "prompt_len", "split"],
+        filter=(pc.field("split") == "train") & (pc.field("task") != "dropped"))
+    return (table.column("episode_id").to_pylist(), table.column("task").to_pylist(),
+            table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist())
+
+
+class ExamplePool:
+    """A worker's shard of the training examples, sampled task by task.
+
+    Each step draws one task by ``task_mix`` weight (tasks without examples are left out,
+    the others renormalised), then ``batch_size`` of its examples; one task per batch keeps
+    lengths alike and padding low. Sampling depends only on (seed, rank, step), so a
+    resumed run draws what the crashed one would have.
+    """
+
+    def __init__(self, path: str, *, rank: int, world: int, task_mix: dict[str, float], seed: int):
+        eps, tasks, ids, plen = read_examples(path)
+        mine = [i for i, e in enumerate(eps) if zlib.crc32(e.encode()) % world == rank]
+        if not mine:  # fewer episodes than workers: share everything rather than train on nothing
+            mine = list(range(len(eps)))
+        self.rows = {i: (np.asarray(ids[i], np.int64), int(plen[i])) for i in mine}
+        by_task: dict[str, list[int]] = {}
+        for i in mine:
+            by_task.setdefault(tasks[i], []).append(i)
+        self.tasks = [t for t in task_mix if by_task.get(t) and task_mix[t] > 0]
+        if not self.tasks:
+            raise ValueError(f"{path}: no training examples for tasks {sorted(task_mix)}")
+        w = np.asarray([task_mix[t] for t in self.tasks], np.float64)
+        self.weights = w / w.sum()
+        self.by_task = {t: np.asarray(by_task[t]) for t in self.tasks}
+        self.seed, self.rank = seed, rank
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, step: int, batch_size: int) -> tuple[str, list[tuple[np.ndarray, int]]]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        task = self.tasks[rng.choice(len(self.tasks), p=self.weights)]
+        pool = self.by_task[task]
+        pick = rng.choice(pool, size=batch_size, replace=len(pool) < batch_size)
+        return task, [self.rows[int(i)] for i in pick]
+
+
+def _target_loss_module(lm: Any) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class TargetLoss(torch.nn.Module):
+        """Cross-entropy on target tokens only; the output layer runs on those positions alone."""
+
+        def __init__(self, lm: Any):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, labels):  # noqa: ANN001 - torch tensors
+            h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            tgt = labels[:, 1:]
+            sel = tgt != IGNORE
+            logits = self.lm.get_output_embeddings()(h[:, :-1][sel])
+            return F.cross_entropy(logits.float(), tgt[sel])
+
+    return TargetLoss(lm)
+
+
+def build_model(config: dict[str, Any], tokenizer: Any, codec: Any, *, dtype: Any) -> Any:
+    """The model to train: the base, codec rows ready, LoRA applied when ``method == lora``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kalm_ray.llm.model import codec_token_ids, init_codec_rows
+
+    torch.manual_seed(config.get("seed", 0))
+    model = AutoModelForCausalLM.from_pretrained(config["base"], dtype=dtype,
+                                                 trust_remote_code=bool(config.get("trust_remote_code")))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if config.get("init_codec_rows"):
+        init_codec_rows(model, tokenizer, codec, seed=config.get("seed", 0))
+    if config["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = config["lora"]
+        extra = {}
+        if config.get("train_codec_embeddings", True):
+            extra["trainable_token_indices"] = {"embed_tokens": codec_token_ids(tokenizer, codec)}
+        model = get_peft_model(model, LoraConfig(
+            r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
+            target_modules=list(lc["target_modules"]), task_type="CAUSAL_LM", **extra))
+    return model
+
+
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_state(folder: Path, *, model: Any, opt: Any, step: int) -> None:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "params": _trainable_state(model), "optimizer": opt.state_dict()},
+               folder / STATE_FILE)
+
+
+def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
+    import torch
+
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    missing = set(_trainable_state(model)) - set(state["params"])
+    if missing:
+        raise RuntimeError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}; not from this config")
+    model.load_state_dict(state["params"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _latest_local(ckpt_dir: str | None) -> Path | None:
+    if not ckpt_dir or not Path(ckpt_dir).is_dir():
+        return None
+    done = sorted(p for p in Path(ckpt_dir).glob("step_*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def save_final(model: Any, tokenizer: Any, codec: Any, out: Path, *, config: dict[str, Any]) -> Any:
+    """Write the grounded model: merged full weights, ``adapter/`` (LoRA), tokenizer, codec.
+
+    Returns the merged model (a LoRA model is merged in place: call this after training).
+    """
+    from kalm_ray.llm.model import INFO_FILE, set_generation_stops
+
+    out.mkdir(parents=True, exist_ok=True)
+    if config["method"] == "lora":
+        model.save_pretrained(str(out / "adapter"))
+        model = model.merge_and_unload()
+        info = config.get("info") or {}
+        if info.get("base") == "base" and Path(config["base"]).is_dir():
+            shutil.copytree(config["base"], out / "base", dirs_exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    codec.save(out)
+    set_generation_stops(out, tokenizer, codec)
+    (out / INFO_FILE).write_text(json.dumps(config.get("info") or {"method": config["method"]}, indent=1))
+    return model
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, float]:
+    """Ground a model on the examples in ``config["examples"]`` (see the module docstring).
+
+    Returns the last step's metrics (``loss``, ``step``, ``tokens_per_s``).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from kalm_ray.llm.codec import Codec
+
+    ctx = ray_train_context()
+    rank, world = (ctx.get_world_rank(), ctx.get_world_size()) if ctx else (0, 1)
+    use_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
+    if ctx is not None and use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if use_gpu else "cpu")
+    if device.type == "cpu":
+        # NOTE: Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker; give torch the cores this worker owns.
+        torch.set_num_threads(int(config.get("cpu_threads") or max(1, (os.cpu_count() or 1) // world)))
+    # bf16 on GPU (LoRA keeps the frozen base in bf16; full FT keeps fp32 master weights), fp32 on CPU.
+    load_dtype = torch.bfloat16 if (device.type == "cuda" and config["method"] == "lora") else torch.float32
+    autocast = device.type == "cuda"
+
+    codec = Codec.load(config["codec_path"])
+    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = build_model(config, tokenizer, codec, dtype=load_dtype)
+    model.to(device)
+    if config["method"] == "lora":
+        for p in model.parameters():  # adapters and trainable token rows train in fp32
+            if p.requires_grad:
+                p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+
+    start = 0
+    if ctx is not None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                start = _load_state(Path(d), model=model, opt=opt)
+    elif (latest := _latest_local(config.get("checkpoint_dir"))) is not None:
+        start = _load_state(latest, model=model, opt=opt)
+    if start:
+        log.info("ground: resuming at step %d", start)
+
+    wrapped = _target_loss_module(model)
+    if ctx is not None and world > 1:
+        import ray.train.torch
+
+        wrapped = ray.train.torch.prepare_model(wrapped, move_to_device=False)
+    pool = ExamplePool(config["examples"], rank=rank, world=world, task_mix=config["task_mix"],
+                       seed=int(config.get("seed", 0)))
+    total = int(config["max_steps"])
+    warmup = max(1, min(50, total // 20))
+    every = int(config.get("checkpoint_every") or total)
+    log_every = max(1, total // 10)
+    metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
+    tokens, t0, losses = 0, time.perf_counter(), []
+    model.train()
+    for step in range(start, total):
+        _, rows = pool.batch(step, int(config["batch_size"]))
+        b = {k: torch.from_numpy(v).to(device) for k, v in pad_batch(rows, pad_id).items()}
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, total=total, peak=config["lr"], warmup=warmup)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = wrapped(b["input_ids"], b["attention_mask"], b["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(b["attention_mask"].sum())
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % log_every == 0 or done == total:
+            dt = time.perf_counter() - t0
+            metrics = {"step": float(done), "loss": float(np.mean(losses)),
+                       "tokens_per_s": tokens / max(dt, 1e-9), "resumed_from": float(start)}
+            if rank == 0:
+                log.info("ground: step %d/%d loss %.4f (%.0f tok/s)", done, total, metrics["loss"],
+                         metrics["tokens_per_s"])
+            losses = []
+        if done % every == 0 or done == total:
+            _checkpoint(config, ctx=ctx, rank=rank, model=model, opt=opt, step=done, metrics=metrics,
+                        final=done == total, tokenizer=tokenizer, codec=codec, device=device)
+    if start >= total:  # nothing left to train: still produce the final model
+        _checkpoint(config, ctx=ctx, rank=rank, model=model, opt=opt, step=total, metrics=metrics,
+                    final=True, tokenizer=tokenizer, codec=codec, device=device)
+    return metrics
+
+
+def _checkpoint(config: dict[str, Any], *, ctx: Any, rank: int, model: Any, opt: Any, step: int,
+                metrics: dict[str, float], final: bool, tokenizer: Any, codec: Any, device: Any) -> None:
+    """Save a resume point (and, at the end, the final model with its metrics)."""
+    with tempfile.TemporaryDirectory(prefix="kalm-ckpt-") as tmp:
+        folder = Path(tmp)
+        if rank == 0:
+            _save_state(folder, model=model, opt=opt, step=step)
+            if final:
+                _finish(config, model=model, tokenizer=tokenizer, codec=codec, out=folder / FINAL_DIR,
+                        device=device)
+        if ctx is not None:
+            import ray.train
+
+            # NOTE: ray.train.report is a barrier: every worker calls it, only rank 0 attaches files.
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report({**metrics, "step": float(step)}, checkpoint=ckpt)
+            return
+        ckpt_dir = Path(config["checkpoint_dir"])
+        target = ckpt_dir / f"step_{step:08d}"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        staging = ckpt_dir / f".tmp-{target.name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(tmp, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        for old in sorted(ckpt_dir.glob("step_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        if final and config.get("output_dir"):
+            out = Path(config["output_dir"])
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(target / FINAL_DIR, out)
+
+
+def _finish(config: dict[str, Any], *, model: Any, tokenizer: Any, codec: Any, out: Path, device: Any) -> None:
+    """Rank 0 at the end: save the final model, then measure it on the held-out split."""
+    import torch
+    from transformers import AutoTokenizer
+
+    merged = save_final(model, tokenizer, codec, out, config=config)
+    mcfg = dict(config.get("metrics") or {})
+    if not mcfg:
+        return
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.metrics import grounding_metrics, read_episodes
+
+    t0 = time.perf_counter()
+    suite = get_suite(mcfg.pop("env"))
+    episodes = read_episodes(mcfg.pop("heldout_real"))
+    gen_tok = AutoTokenizer.from_pretrained(str(out))
+    gen_tok.padding_side = "left"
+    merged.eval()
+    with torch.no_grad():
+        mx = grounding_metrics(merged, gen_tok, codec, suite, episodes, device=str(device), **mcfg)
+    mx["seconds"] = time.perf_counter() - t0
+    (out / "grounding_metrics.json").write_text(json.dumps(mx, indent=1))
