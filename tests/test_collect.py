@@ -121,7 +121,7 @@ TASKS = ["left:red:blue", "behind:green:cyan", "front:blue:green"]
 EPISODES = 4
 
 
-def _cfg(run_dir: Path, encoder: str, **collect) -> object:
+def _cfg(run_dir: str, encoder: str, **collect) -> object:
     data = {
         "name": "collect-test",
         "run_dir": str(run_dir),
@@ -163,9 +163,11 @@ def collected(ray_local, tmp_path_factory, tiny_encoder):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(collect_mod, "UNIT_EPISODES", 2)
         for workers in (1, 2):
-            run_dir = tmp_path_factory.mktemp(f"collect{workers}") / "run"
+            run_dir = str(tmp_path_factory.mktemp(f"collect{workers}") / "run")
+            if workers == 2:  # the same data through a pyarrow.fs URI
+                run_dir = f"file://{run_dir}"
             cfg = _cfg(run_dir, tiny_encoder, num_workers=workers)
-            out[workers] = (cfg, RunDir(str(run_dir)), collect_mod.run_collect(cfg, str(run_dir)))
+            out[workers] = (cfg, RunDir(run_dir), collect_mod.run_collect(cfg, run_dir))
     return out
 
 

@@ -89,12 +89,13 @@ def test_full_report_has_every_section_and_plot(tmp_path) -> None:
     ]
     _results(run, policies)
     for p in policies:
-        run.write_text(
-            "iteration,loss,quick_success,time\n0,2,0.1,a\n1,1,0.2,b\n",
-            "policy",
-            p.name,
-            "progress.csv",
+        # As kalm_ray.rl writes it: quick_success only every few iterations, a text column.
+        curve = "iteration,updates,train_s,total_loss,quick_success,note\n"
+        curve += "".join(
+            f"{i},{50 * i},1.5,{2 / i},{'0.3' if i % 2 == 0 else ''},x\n" for i in range(1, 7)
         )
+        run.write_text(curve, "policy", p.name, "curve.csv")
+        run.write_text("a,b\n1,2\n", "policy", p.name, "other.csv")
     _write_data(run)
     written = write_report(run)
     assert set(written) == {

@@ -20,7 +20,7 @@ import kalm_ray.envs  # noqa: F401  (registers the gym ids)
 from kalm_ray.envs import get_suite
 from kalm_ray.envs.metaworld import slots
 from kalm_ray.envs.metaworld.experts import CompositeExpert
-from kalm_ray.envs.suite import UnknownChoiceError
+from kalm_ray.envs.suite import Suite, UnknownChoiceError
 
 # The package exports a `tasks` function, which shadows the submodule as an attribute.
 mw = importlib.import_module("kalm_ray.envs.metaworld.tasks")
@@ -91,6 +91,11 @@ def test_layout_shape_and_bounds():
     assert np.all(lay.low[ents] <= 0) and np.all(lay.high[ents] >= 0)
     assert suite.action_space.shape == (4,) and suite.max_episode_steps == 150
     assert suite.name == "metaworld" and suite.gym_id == "kalm_ray/MetaWorld-v0"
+
+
+def test_module_is_a_suite():
+    assert isinstance(suite, Suite)
+    assert suite.make_env.__doc__ and callable(suite.expert_policy)
 
 
 def test_levels_and_task_split():

@@ -192,7 +192,7 @@ class EpisodeCollector:
             low, high = self.suite.action_space.low, self.suite.action_space.high
 
             def act(env: gym.Env, info: dict) -> np.ndarray:
-                a = np.asarray(expert.get_action(info["raw_obs"]), dtype=np.float64)
+                a = np.asarray(self.suite.expert_action(expert, info), dtype=np.float64)
                 a = a + spec.action_noise * rng.standard_normal(a.shape)
                 return np.clip(a, low, high).astype(np.float32)
 

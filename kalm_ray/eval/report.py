@@ -29,6 +29,8 @@ log = logging.getLogger("kalm_ray")
 _MIX_COLORS = {BASELINE: "#7f8c8d", TREATMENT: "#2e86de"}
 _BALL_COLORS = ("#de2929", "#2952de", "#29b340", "#8c38bf", "#29ccd9")
 _X_COLUMNS = ("iteration", "training_iteration", "iter", "step", "epoch")
+_NOT_CURVES = ("updates", "train_s", "time", "timestamp")
+"""Bookkeeping columns of a learning-curve CSV that are not worth a panel."""
 
 
 def cli_report(args: argparse.Namespace) -> int:
@@ -168,7 +170,11 @@ def _learning_curves(run: RunDir, names: list[str]) -> dict[str, dict[str, np.nd
     """policy name -> numeric CSV columns, for policies whose folder holds a ``*.csv``."""
     curves = {}
     for name in names:
-        csvs = [f for f in run.list("policy", name) if f.endswith(".csv")]
+        # curve.csv is what kalm_ray.rl writes; any other CSV is taken when it is absent.
+        csvs = sorted(
+            (f for f in run.list("policy", name) if f.endswith(".csv")),
+            key=lambda f: f != "curve.csv",
+        )
         if csvs:
             cols = _read_csv(run.read_bytes("policy", name, csvs[0]).decode())
             if cols:
@@ -320,7 +326,11 @@ def _curves_figure(
     metrics: list[str] = []
     for cols in curves.values():
         for k in cols:
-            if k not in _X_COLUMNS and k not in metrics and np.isfinite(cols[k]).any():
+            if (
+                k not in (*_X_COLUMNS, *_NOT_CURVES)
+                and k not in metrics
+                and np.isfinite(cols[k]).any()
+            ):
                 metrics.append(k)
     ranked = sorted(
         metrics, key=lambda k: (0 if "success" in k else 1 if "loss" in k else 2, metrics.index(k))

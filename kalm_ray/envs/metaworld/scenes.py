@@ -197,7 +197,11 @@ class Scene:
         return self.reader.read(self._goal)
 
     def raw_obs(self, stage: int = 0) -> np.ndarray:
-        """The 39-d observation the current stage's Meta-World env would give (a copy)."""
+        """The 39-d observation the current stage's Meta-World env would give (a copy).
+
+        For composite tasks this also records the frame as the next call's previous frame
+        (the observation's second 18 values), so call it once per env step.
+        """
         if not self.composite:
             return self._obs.copy()
         curr = self._view_curr(stage)

@@ -54,11 +54,12 @@ Dense reward (:func:`reward`): 10 when ``next_state`` succeeds, else
 ``4 exp(-gap / 0.1) + exp(-approach / 0.05)`` in [0, 5], where ``gap`` is how far the
 predicate's distance is beyond its threshold (m; for composites the remaining stages' gaps
 summed) and ``approach`` is the TCP's distance to the entity to act on now. It depends on
-``next_state`` (and ``start`` for composites) only, so relabelling is order-free.
+``next_state`` (and ``start`` for composites) only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ import numpy as np
 
 from kalm_ray.envs.metaworld.slots import position as pos
 from kalm_ray.envs.metaworld.slots import quaternion as quat
+from kalm_ray.envs.metaworld.slots import slot
 from kalm_ray.envs.suite import LEVELS, UnknownChoiceError
 
 TRAIN_TASKS: tuple[str, ...] = (
@@ -138,13 +140,18 @@ def check_task(task: str, level: str | None = None) -> str:
 
 def rotate(q: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Rotate vector ``v`` (3,) by quaternion ``q`` (4,: w, x, y, z; normalised here)."""
-    n = float(np.linalg.norm(q))
-    if n < 1e-6:
-        return np.asarray(v, dtype=np.float64)
-    w, x, y, z = np.asarray(q, dtype=np.float64) / n
-    u = np.array([x, y, z])
-    v = np.asarray(v, dtype=np.float64)
-    return v + 2.0 * np.cross(u, np.cross(u, v) + w * v)
+    w, x, y, z = (float(c) for c in q)
+    vx, vy, vz = (float(c) for c in v)
+    n2 = w * w + x * x + y * y + z * z
+    if n2 < 1e-12:
+        return np.array([vx, vy, vz])
+    # v + 2 u x (u x v + w v) with u = (x, y, z), for the normalised quaternion; scalar
+    # arithmetic because np.cross costs more than the whole rotation on 3-vectors.
+    tx, ty, tz = y * vz - z * vy + w * vx, z * vx - x * vz + w * vy, x * vy - y * vx + w * vz
+    k = 2.0 / n2
+    return np.array(
+        [vx + k * (y * tz - z * ty), vy + k * (z * tx - x * tz), vz + k * (x * ty - y * tx)]
+    )
 
 
 def hinge_angle_y(q_parent: np.ndarray, q_child: np.ndarray) -> float:
@@ -153,12 +160,12 @@ def hinge_angle_y(q_parent: np.ndarray, q_child: np.ndarray) -> float:
     Both (4,) w-first quaternions; the relative rotation ``conj(q_parent) * q_child`` is
     projected onto a y-axis rotation (exact for a hinge about y).
     """
-    pw, px, py, pz = np.asarray(q_parent, dtype=np.float64)
-    cw, cx, cy, cz = np.asarray(q_child, dtype=np.float64)
+    pw, px, py, pz = (float(c) for c in q_parent)
+    cw, cx, cy, cz = (float(c) for c in q_child)
     # conj(p) * c, Hamilton product; only the w and y parts are needed.
     rw = pw * cw + px * cx + py * cy + pz * cz
     ry = pw * cy - py * cw - pz * cx + px * cz
-    return float(2.0 * np.arctan2(ry, rw))
+    return 2.0 * math.atan2(ry, rw)
 
 
 def _dist(a: np.ndarray, b: np.ndarray) -> float:
@@ -166,15 +173,15 @@ def _dist(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _present(state: np.ndarray, entity: str) -> bool:
-    return bool(np.any(pos(state, entity) != 0) or np.any(quat(state, entity) != 0))
+    return bool(state[slot(entity)].any())
 
 
-# ---------------------------------------------------------------- single-task tests
+# ---------------------------------------------------------------- single-task checks
 
 
 @dataclass(frozen=True)
-class Test:
-    """One success test: ``measure(state) <= threshold``; ``contact(state)`` is where the
+class Check:
+    """One success check: ``measure(state) <= threshold``; ``contact(state)`` is where the
     gripper must go to make progress (for the reward's approach term)."""
 
     measure: Callable[[np.ndarray], float]
@@ -188,14 +195,14 @@ class Test:
         return max(0.0, self.measure(state) - self.threshold)
 
 
-def _entity_to_goal(entity: str, threshold: float) -> Test:
-    return Test(
+def _entity_to_goal(entity: str, threshold: float) -> Check:
+    return Check(
         lambda s: _dist(pos(s, entity), pos(s, "goal")), threshold, lambda s: pos(s, entity)
     )
 
 
-def _axis_to_goal(entity: str, axis: int, threshold: float) -> Test:
-    return Test(
+def _axis_to_goal(entity: str, axis: int, threshold: float) -> Check:
+    return Check(
         lambda s: abs(float(pos(s, "goal")[axis]) - float(pos(s, entity)[axis])),
         threshold,
         lambda s: pos(s, entity),
@@ -222,7 +229,7 @@ def _lever_angle(s: np.ndarray) -> float:
     return hinge_angle_y(quat(s, "door_handle"), quat(s, "lock"))
 
 
-TESTS: dict[str, Test] = {
+CHECKS: dict[str, Check] = {
     "reach": _entity_to_goal("gripper", 0.05),
     "reach-wall": _entity_to_goal("gripper", 0.05),
     "push": _entity_to_goal("object", 0.05),
@@ -232,7 +239,7 @@ TESTS: dict[str, Test] = {
     "button-press": _axis_to_goal("button", 1, 0.02),
     "button-press-wall": _axis_to_goal("button", 1, 0.03),
     "door-unlock": _axis_to_goal("lock", 0, 0.02),
-    "door-lock": Test(
+    "door-lock": Check(
         lambda s: abs(float(pos(s, "goal")[2]) - float(_lock_site_locked(s)[2])),
         0.02,
         _lock_site_locked,
@@ -240,37 +247,37 @@ TESTS: dict[str, Test] = {
     "door-open": _axis_to_goal("door_handle", 0, 0.08),
     "door-close": _entity_to_goal("door_handle", 0.08),
     "window-open": _axis_to_goal("window", 0, 0.05),
-    "window-close": Test(
+    "window-close": Check(
         lambda s: abs(float(_window_close_site(s)[0]) - float(pos(s, "goal")[0])),
         0.05,
         _window_close_site,
     ),
-    "faucet-open": Test(
+    "faucet-open": Check(
         lambda s: _dist(pos(s, "faucet") + np.array([-0.04, 0.0, 0.03]), pos(s, "goal")),
         0.07,
         lambda s: pos(s, "faucet"),
     ),
-    "faucet-close": Test(
+    "faucet-close": Check(
         lambda s: _dist(_faucet_close_site(s), pos(s, "goal")), 0.07, _faucet_close_site
     ),
     "coffee-push": _entity_to_goal("object", 0.07),
     "coffee-button": _axis_to_goal("coffee_button", 1, 0.02),
-    "hammer": Test(
+    "hammer": Check(
         lambda s: float(pos(s, "goal")[1]) - 0.01 - float(pos(s, "nail")[1]),
         0.0,
         lambda s: pos(s, "hammer"),
     ),
     "soccer": _entity_to_goal("soccer_ball", 0.07),
 }
-"""Single task -> its success test on one state."""
+"""Single task -> its success check on one state."""
 
-STAGE_TESTS: dict[str, tuple[Test, Test]] = {
+STAGE_CHECKS: dict[str, tuple[Check, Check]] = {
     "make-coffee": (
-        Test(lambda s: _dist(pos(s, "object"), _mug_target(s)), 0.07, lambda s: pos(s, "object")),
+        Check(lambda s: _dist(pos(s, "object"), _mug_target(s)), 0.07, lambda s: pos(s, "object")),
         _axis_to_goal("coffee_button", 1, 0.02),
     ),
     "locked-door-open": (
-        Test(
+        Check(
             lambda s: LOCK_LEVER_RADIUS * (_lever_angle(s) - UNLOCKED_ANGLE),
             0.0,
             lambda s: pos(s, "lock"),
@@ -278,7 +285,7 @@ STAGE_TESTS: dict[str, tuple[Test, Test]] = {
         _axis_to_goal("door_handle", 0, 0.08),
     ),
 }
-"""Composite task -> (stage-1 test, stage-2 test), each on one state."""
+"""Composite task -> (stage-1 check, stage-2 check), each on one state."""
 
 _SCENE_ENTITY = {
     "make-coffee": ("object", "coffee_machine", "coffee_button"),
@@ -291,7 +298,7 @@ _SCENE_ENTITY = {
 
 def stages_holding(task: str, state: np.ndarray) -> tuple[bool, bool]:
     """(stage-1 condition, stage-2 condition) of composite ``task`` in one ``(91,)`` state."""
-    first, second = STAGE_TESTS[task]
+    first, second = STAGE_CHECKS[task]
     if not all(_present(state, e) for e in _SCENE_ENTITY[task]):
         return False, False
     return first.holds(state), second.holds(state)
@@ -304,9 +311,9 @@ def success(task: str, start: np.ndarray, state: np.ndarray) -> bool:
     ``state`` and neither held in ``start`` (see the module doc; order is checked by
     :func:`trajectory_success`). Raises UnknownChoiceError for an unknown task.
     """
-    if task in TESTS:
-        return TESTS[task].holds(state)
-    if task in STAGE_TESTS:
+    if task in CHECKS:
+        return CHECKS[task].holds(state)
+    if task in STAGE_CHECKS:
         if any(stages_holding(task, start)):
             return False
         return all(stages_holding(task, state))
@@ -341,7 +348,7 @@ def trajectory_success(task: str, states: np.ndarray) -> np.ndarray:
     """
     states = np.asarray(states, dtype=np.float32)
     start = states[0]
-    if task not in STAGE_TESTS:
+    if task not in STAGE_CHECKS:
         return np.array([success(task, start, s) for s in states], dtype=bool)
     out = np.zeros(len(states), dtype=bool)
     stage = 0
@@ -355,13 +362,13 @@ def gaps(task: str, state: np.ndarray) -> tuple[float, float]:
     """(gap, approach) in metres for the reward: how far the success test is from passing,
     and how far the TCP is from the entity to act on now."""
     gripper = pos(state, "gripper")
-    if task in TESTS:
-        test = TESTS[task]
+    if task in CHECKS:
+        test = CHECKS[task]
         return test.gap(state), _dist(gripper, test.contact(state))
-    if task not in STAGE_TESTS:
+    if task not in STAGE_CHECKS:
         raise UnknownChoiceError("metaworld task", task, ALL_TASKS)
-    first, second = STAGE_TESTS[task]
-    if first.holds(state):
+    first, second = STAGE_CHECKS[task]
+    if stages_holding(task, state)[0]:
         return second.gap(state), _dist(gripper, second.contact(state))
     return first.gap(state) + second.gap(state), _dist(gripper, first.contact(state))
 
