@@ -1,0 +1,58 @@
+"""The command line: readable listings, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import pytest
+
+from kalm_ray.cli import main
+
+
+def test_envs_table(capsys) -> None:
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["env", "level", "tasks"]
+    rows = [line.split()[:3] for line in out[1:]]
+    assert ["clevr", "train", "80"] in rows and ["clevr", "rephrase", "80"] in rows
+    assert any(r[:2] == ["metaworld", "train"] and r[2] == "10" for r in rows)
+    assert any(r[:2] == ["metaworld", "hard"] and r[2] == "4" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["collect", "nope.yaml"], "nope.yaml: no such config file"),
+        (["ground", "{cfg}"], "needs the output of 'collect'"),
+        (["run", "{cfg}", "--from", "bake"], "--from 'bake'"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, capsys, argv, needle) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: t\nrun_dir: {tmp_path / 'run'}\n")
+    rc = main([a.replace("{cfg}", str(cfg)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and needle in err[0] and err[0].startswith("kalm: error:")
+
+
+def test_bad_config_key_names_the_key(tmp_path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\ncollect:\n  episodes_per_task: -1\n")
+    assert main(["collect", str(cfg)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "collect.episodes_per_task" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("env", "level", "task", "needle"),
+    [
+        ("atari", "train", None, "unknown env 'atari'"),
+        ("clevr", "expert", None, "unknown level 'expert'"),
+        ("clevr", "train", "left:red:red", "task 'left:red:red'"),
+    ],
+)
+def test_unknown_env_level_task(env, level, task, needle) -> None:
+    from kalm_ray.envs import get_suite
+    from kalm_ray.envs.suite import UnknownChoiceError
+
+    with pytest.raises(UnknownChoiceError) as e:
+        get_suite(env).make_env(level, task)
+    assert needle in str(e.value) and "valid choices" in str(e.value) and "\n" not in str(e.value)
