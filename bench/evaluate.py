@@ -6,8 +6,9 @@
 Prints episodes/s of each mode and the ratio (goal: >= 1.7x with 2 workers on 2 free
 cores). Both modes run the same work units (every policy x chunks of the same CLEVR episode
 specs, as ``kalm evaluate`` cuts them) through the same :class:`EvalWorker` code, are timed
-from the first unit to the last result with the actors already started (start-up is
-reported apart), and must give identical per-episode outcomes.
+from the first unit to the last result with every worker already started and holding
+every policy (one single-episode warm-up unit per policy; start-up and warm-up are reported
+apart), and must give identical per-episode outcomes.
 
 Policies: with ``--run-dir``, the exported policies and instruction embeddings of that run;
 otherwise bench stand-ins: seeded random MLPs (state + 384-d embedding -> 256 -> 256 -> 40,
@@ -68,17 +69,29 @@ def concat_obs(state: np.ndarray, emb: np.ndarray) -> np.ndarray:
     return np.concatenate([state, emb], axis=1).astype(np.float32)
 
 
+def warm_units(units: list[WorkUnit]) -> list[WorkUnit]:
+    """One single-episode unit per policy: loads every policy (and torch) before timing."""
+    first = {u.policy: u for u in reversed(units)}
+    return [
+        WorkUnit(-1 - i, u.policy, u.policy_dir, u.specs[:1]) for i, u in enumerate(first.values())
+    ]
+
+
 def run_local(kwargs: dict, units: list[WorkUnit]) -> tuple[float, dict]:
     worker = EvalWorker(**kwargs)
+    for w in warm_units(units):
+        worker.run(w)
     t0 = time.perf_counter()
     out = {(u.policy, r.index): r for u in units for r in worker.run(u)}
     return time.perf_counter() - t0, out
 
 
 def run_ray(kwargs: dict, units: list[WorkUnit], workers: int) -> tuple[float, float, dict]:
+    import ray
+
     t0 = time.perf_counter()
     pool = EvalPool(kwargs, num_workers=workers, num_cpus=1.0)
-    pool.wait_ready()
+    ray.get([a.run.remote(w) for a in pool.actors for w in warm_units(units)])
     t1 = time.perf_counter()
     try:
         out = {(u.policy, r.index): r for u, res in pool.run(units) for r in res}
@@ -117,9 +130,8 @@ def main() -> None:
         run = RunDir(args.run_dir)
         policies = find_policies(run, env="clevr")
         embeddings = wording_embeddings(run, specs)
-        from kalm_ray.rl.policy import load_policy
-
         from kalm_ray.rl.dataset import make_obs
+        from kalm_ray.rl.policy import load_policy
     else:
         run = RunDir(str(Path(os.environ.get("TMPDIR", "/tmp")) / "kalm-bench-evaluate"))
         policies = [
@@ -144,6 +156,10 @@ def main() -> None:
     EvalWorker(**kwargs).run(
         WorkUnit(-1, units[0].policy, units[0].policy_dir, specs[:1])
     )  # imports
+    # NOTE: Ray starts worker processes at nice 15 (raylet config ``worker_niceness``), the
+    # driver runs at 0: on a machine shared with other jobs the actors would then lose the
+    # CPU to them and the ratio would measure priorities, not parallelism. Same nice for both.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray(RayConfig(num_cpus=max(8, os.cpu_count() or 1)))
 
     n = sum(len(u.specs) for u in units)
@@ -172,8 +188,8 @@ def main() -> None:
     print(f"  1 worker in-process : {lo:8.1f} episodes/s   (runs: {_runs(local)})")
     print(
         f"  {args.workers} Ray actors        : {hi:8.1f} episodes/s   (runs: "
-        f"{_runs(remote)}; actor start-up {statistics.median(startup):.1f}s "
-        "not counted)"
+        f"{_runs(remote)}; actor start-up + warm-up "
+        f"{statistics.median(startup):.1f}s not counted)"
     )
     print(f"  ratio               : {hi / lo:8.2f}x   (goal >= 1.7x with 2 actors on 2 free cores)")
     print("  identical episode outcomes: yes")

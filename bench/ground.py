@@ -1,6 +1,7 @@
 """Grounding training throughput of the embedded ``tiny`` model, with the config's settings.
 
     .venv/bin/python bench/ground.py [--config configs/quick.yaml] [--steps 20] [--threads 2]
+    python bench/ground.py --synthetic [--vocab 2442] [--batch-size 16]   # torch+transformers only
 
 Builds the ``tiny`` model exactly as ``kalm ground`` does for the config's env (n_bins,
 encoder init), makes examples of the four tasks from synthetic episodes inside the suite's
@@ -12,6 +13,11 @@ the config's task mix. Prints training tokens/s (prompt + target tokens, no padd
   computes logits at every position.
 
 and the ratio. Timings are medians over steps after two warm-up steps.
+
+``--synthetic`` needs no suite, encoder package or config: the tiny shape with a given vocab
+size and random token ids, with CLEVR's (prompt, target) lengths per task (rollout 27+57,
+explain 72+11, dynamics 19+11, consequence 27+11 for 5-step episodes), for machines that
+have only torch and transformers.
 """
 
 from __future__ import annotations
@@ -35,38 +41,98 @@ def synthetic_episodes(suite, n: int, *, seed: int = 0):
         s = rng.uniform(low, high).astype(np.float32)
         states = [s]
         for _ in range(t):
-            states.append(np.clip(states[-1] + rng.normal(0, 0.05, s.shape).astype(np.float32), low, high))
-        actions = rng.integers(0, suite.action_space.n, t) if discrete else rng.uniform(-1, 1, (t, 4)).astype(np.float32)
+            states.append(
+                np.clip(states[-1] + rng.normal(0, 0.05, s.shape).astype(np.float32), low, high)
+            )
+        actions = (
+            rng.integers(0, suite.action_space.n, t)
+            if discrete
+            else rng.uniform(-1, 1, (t, 4)).astype(np.float32)
+        )
         tasks = suite.tasks("train")
         task = tasks[i % len(tasks)]
-        eps.append(EpisodeArrays(episode_id=f"e{i}", task=task, instruction=suite.instructions("train", task)[0],
-                                 states=np.stack(states), actions=actions))
+        eps.append(
+            EpisodeArrays(
+                episode_id=f"e{i}",
+                task=task,
+                instruction=suite.instructions("train", task)[0],
+                states=np.stack(states),
+                actions=actions,
+            )
+        )
     return eps
+
+
+SYNTHETIC_LENGTHS = {
+    "rollout": (27, 57),
+    "explain": (72, 11),
+    "dynamics": (19, 11),
+    "consequence": (27, 11),
+}
+SYNTHETIC_MIX = {"rollout": 0.4, "explain": 0.2, "dynamics": 0.3, "consequence": 0.1}
+
+
+def synthetic_setup(vocab: int, batch_size: int, steps: int):
+    """Random tiny model and batches shaped like CLEVR grounding examples."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kalm_ray.llm.model import TINY
+    from kalm_ray.llm.train_fn import pad_batch
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY))
+    rng = np.random.default_rng(0)
+    tasks = list(SYNTHETIC_MIX)
+    w = np.asarray([SYNTHETIC_MIX[t] for t in tasks])
+    batches = []
+    for _ in range(steps + 2):
+        p, t = SYNTHETIC_LENGTHS[tasks[rng.choice(len(tasks), p=w / w.sum())]]
+        rows = []
+        for _ in range(batch_size):
+            tl = max(2, int(t * rng.uniform(0.5, 1.5))) if t > 20 else t
+            rows.append((rng.integers(5, vocab, p + tl), p))
+        batches.append(pad_batch(rows, 0))
+    return model, batches
 
 
 def main() -> None:
     import torch
 
-    from kalm_ray.config import load_config
-    from kalm_ray.envs import LEVELS, get_suite
-    from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.model import TINY, build_tiny, count_params
-    from kalm_ray.llm.prompts import episode_examples
-    from kalm_ray.llm.train_fn import _target_loss_module, pad_batch
+    from kalm_ray.llm.model import TINY, count_params
+    from kalm_ray.llm.train_fn import pad_batch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/quick.yaml")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--vocab", type=int, default=2442)
+    ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.synthetic:
+        model, batches = synthetic_setup(args.vocab, args.batch_size, args.steps)
+        print(
+            f"synthetic tiny: {count_params(model) / 1e6:.1f}M params, vocab {args.vocab}, "
+            f"batch {args.batch_size}, {args.threads} threads"
+        )
+        return _compare(model, batches)
+    from kalm_ray.config import load_config
+    from kalm_ray.envs import LEVELS, get_suite
+    from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.model import build_tiny
+    from kalm_ray.llm.prompts import episode_examples
+
     cfg = load_config(args.config)
     g = cfg.ground
-    torch.set_num_threads(args.threads)
     suite = get_suite(cfg.env.name)
     codec = Codec.for_suite(suite, g.n_bins)
     texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
     model, tok = build_tiny(codec, texts, init_from_encoder=g.tiny_init_from_encoder)
-    rows = [r for e in synthetic_episodes(suite, 200) for r in episode_examples(codec, tok, e, max_seq_len=g.max_seq_len)[0]]
+    rows = [
+        r
+        for e in synthetic_episodes(suite, 200)
+        for r in episode_examples(codec, tok, e, max_seq_len=g.max_seq_len)[0]
+    ]
     by_task: dict[str, list] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append((np.asarray(r["input_ids"]), r["prompt_len"]))
@@ -76,11 +142,24 @@ def main() -> None:
     batches = []
     for _ in range(args.steps + 2):
         pool = by_task[tasks[rng.choice(len(tasks), p=w / w.sum())]]
-        batches.append(pad_batch([pool[i] for i in rng.integers(0, len(pool), g.batch_size)], tok.pad_token_id))
-    print(f"tiny: {count_params(model) / 1e6:.1f}M params, vocab {len(tok)}, "
-          f"{ {k: TINY[k] for k in ('hidden_size', 'num_hidden_layers', 'intermediate_size')} }; "
-          f"env {cfg.env.name}, n_bins {g.n_bins}, batch {g.batch_size}, method {g.method}, "
-          f"{args.threads} threads; mean example {np.mean([len(r['input_ids']) for r in rows]):.0f} tokens")
+        batches.append(
+            pad_batch([pool[i] for i in rng.integers(0, len(pool), g.batch_size)], tok.pad_token_id)
+        )
+    print(
+        f"tiny: {count_params(model) / 1e6:.1f}M params, vocab {len(tok)}, "
+        f"{ {k: TINY[k] for k in ('hidden_size', 'num_hidden_layers', 'intermediate_size')} }; "
+        f"env {cfg.env.name}, n_bins {g.n_bins}, batch {g.batch_size}, method {g.method}, "
+        f"{args.threads} threads; mean example "
+        f"{np.mean([len(r['input_ids']) for r in rows]):.0f} tokens"
+    )
+
+    _compare(model, batches)
+
+
+def _compare(model, batches) -> None:
+    import torch
+
+    from kalm_ray.llm.train_fn import _target_loss_module
 
     ours = _target_loss_module(model)
 
@@ -101,7 +180,10 @@ def main() -> None:
         return med
 
     base = run("baseline: HF loss, logits at every position", lambda t: model(**t).loss)
-    mine = run("ours: loss on target positions only", lambda t: ours(t["input_ids"], t["attention_mask"], t["labels"]))
+    mine = run(
+        "ours: loss on target positions only",
+        lambda t: ours(t["input_ids"], t["attention_mask"], t["labels"]),
+    )
     print(f"ratio ours / baseline: {mine / base:.2f}x")
 
 

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kalm_ray.llm.codec import DECODE_REASONS, Codec, CodecError, dequantize, quantize, reserved_tokens
+from kalm_ray.llm.codec import (
+    DECODE_REASONS,
+    Codec,
+    CodecError,
+    dequantize,
+    quantize,
+    reserved_tokens,
+)
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -42,7 +49,9 @@ def test_quantize_dequantize_half_bin():
     w = (high - low) / 8
     assert np.all(np.abs(back[:3] - x[:3]) <= w / 2 + 1e-6)
     assert np.allclose(back[3], [1.0 - w[0] / 2, w[1] / 2])  # clipped to the bounds first
-    assert quantize(np.array([3.0]), np.array([2.0]), np.array([2.0]), 4).tolist() == [0]  # empty range
+    assert quantize(np.array([3.0]), np.array([2.0]), np.array([2.0]), 4).tolist() == [
+        0
+    ]  # empty range
 
 
 def _unit_states(d: int, n: int):
@@ -50,7 +59,10 @@ def _unit_states(d: int, n: int):
 
 
 @FAST
-@given(u=st.integers(1, 6).flatmap(lambda t: _unit_states(10, t + 1)), acts=st.lists(st.integers(0, 39), min_size=6, max_size=6))
+@given(
+    u=st.integers(1, 6).flatmap(lambda t: _unit_states(10, t + 1)),
+    acts=st.lists(st.integers(0, 39), min_size=6, max_size=6),
+)
 def test_clevr_round_trip(clevr_codec: Codec, u, acts):
     c = clevr_codec
     states = (c.low + np.asarray(u) * (c.high - c.low)).astype(np.float32)
@@ -71,11 +83,15 @@ def test_metaworld_round_trip(mw_codec: Codec, data):
     present = data.draw(st.lists(st.booleans(), min_size=len(c.entities), max_size=len(c.entities)))
     u = np.asarray(data.draw(_unit_states(c.state_dim, t + 1)))
     states = (c.low + u * (c.high - c.low)).astype(np.float32)
-    for (_, a, b), keep in zip(c.entities, present):
+    for (_, a, b), keep in zip(c.entities, present, strict=False):
         if not keep:
             states[:, a:b] = 0.0
-    actions = np.asarray(data.draw(st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4),
-                                            min_size=t, max_size=t)), np.float32)
+    actions = np.asarray(
+        data.draw(
+            st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4), min_size=t, max_size=t)
+        ),
+        np.float32,
+    )
     got_s, got_a = c.decode_rollout(states[0], c.encode_trajectory(states, actions), max_steps=t)
     half = (c.high - c.low) / (2 * c.n_bins)
     assert np.all(np.abs(got_s - states) <= half + 1e-6)
@@ -110,14 +126,27 @@ def test_decode_reasons(clevr_codec: Codec):
             c.decode_rollout(s[0], text, max_steps=1 if reason == "too_long" else 5)
         assert e.value.reason == reason and reason in DECODE_REASONS
     with pytest.raises(CodecError):
-        c.decode_rollout(s[0], c.join([good[1], *good]) + c.end_token, max_steps=5)  # value where action belongs
-    states, actions = c.decode_rollout(s[0], " ".join(good) + f" {c.end_token} trailing junk", max_steps=5)
+        c.decode_rollout(
+            s[0], c.join([good[1], *good]) + c.end_token, max_steps=5
+        )  # value where action belongs
+    states, actions = c.decode_rollout(
+        s[0], " ".join(good) + f" {c.end_token} trailing junk", max_steps=5
+    )
     assert actions.tolist() == [1, 2] and states.shape == (3, 10)
 
 
 @FAST
-@given(pieces=st.lists(st.one_of(st.text(max_size=6), st.sampled_from(["[unused0]", "[unused300]", "[unused256]",
-                                                                      "[unused297]", "[unused", " "])), max_size=30))
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.text(max_size=6),
+            st.sampled_from(
+                ["[unused0]", "[unused300]", "[unused256]", "[unused297]", "[unused", " "]
+            ),
+        ),
+        max_size=30,
+    )
+)
 def test_any_text_raises_only_codec_error(clevr_codec: Codec, pieces):
     try:
         clevr_codec.decode_rollout(np.zeros(10), "".join(pieces), max_steps=4)

@@ -46,16 +46,35 @@ def test_paired_difference_averages_seeds_then_specs() -> None:
     a = np.array([[0, 0, 1, 0], [0, 1, 1, 0]])
     b = np.array([[1, 0, 1, 1], [1, 1, 1, 0]])
     d = paired_difference(a, b)
-    per_spec = np.array([1.0, 0.0, 0.0, 0.5])
-    se = per_spec.std(ddof=1) / 2
+    # per-spec differences averaged over seeds: [1, 0, 0, 0.5]; diff = their mean
     assert d.diff == pytest.approx(0.375)
-    assert d.low == pytest.approx(0.375 - 1.959963984540054 * se)
+    # Agresti-Min by hand: n* = 6, mean* = 1.5 / 6 = 0.25,
+    # E*[d^2] = (1 + 0.25 + 1) / 6 = 0.375, se = sqrt((0.375 - 0.0625) / 6) = 0.228218
+    assert d.low == pytest.approx(0.25 - 1.959963984540054 * 0.2282177, abs=1e-6)
+    assert d.high == pytest.approx(0.25 + 1.959963984540054 * 0.2282177, abs=1e-6)
     assert (d.n_specs, d.n_pairs) == (4, 8)
 
 
-def test_paired_difference_identical_mixes_is_zero() -> None:
+def test_paired_difference_one_seed_is_agresti_min() -> None:
+    # 2x2 table over 30 specs: 5 only b succeeds, 2 only a succeeds, 23 concordant.
+    a = np.array([[0] * 5 + [1] * 2 + [0] * 23])
+    b = np.array([[1] * 5 + [0] * 2 + [0] * 23])
+    d = paired_difference(a, b)
+    n, p12, p21 = 32, 5.5 / 32, 2.5 / 32
+    diff = p12 - p21
+    se = math.sqrt((p12 + p21 - diff**2) / n)
+    assert d.diff == pytest.approx(3 / 30)
+    assert (d.low, d.high) == pytest.approx(
+        (diff - 1.959963984540054 * se, diff + 1.959963984540054 * se)
+    )
+
+
+def test_paired_difference_identical_mixes_has_zero_diff_and_honest_width() -> None:
     a = np.random.default_rng(0).integers(0, 2, (3, 50))
     d = paired_difference(a, a.copy())
-    assert (d.diff, d.low, d.high) == (0.0, 0.0, 0.0)
+    assert d.diff == 0.0
+    assert d.low == pytest.approx(-1.96 / 52, rel=1e-3) and d.high == pytest.approx(
+        1.96 / 52, rel=1e-3
+    )
     with pytest.raises(ValueError):
         paired_difference(a, a[:, :10])

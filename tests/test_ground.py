@@ -13,8 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 2}
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 DIRS = [(1, 0), (0, 1), (-1, 0), (0, -1), (0.8, 0.8), (-0.8, 0.8), (0.8, -0.8), (-0.8, -0.8)]
 
 
@@ -22,10 +27,16 @@ def toy_suite() -> SimpleNamespace:
     """CLEVR's shapes (10-d state, Discrete(40)) without importing gymnasium or MuJoCo."""
     low = np.tile(np.array([-0.6, -0.3], np.float32), 5)
     high = np.tile(np.array([0.6, 0.7], np.float32), 5)
-    layout = SimpleNamespace(low=low, high=high, names=tuple(f"b{i // 2}.{'xy'[i % 2]}" for i in range(10)),
-                             entities={})
-    return SimpleNamespace(name="clevr", layout=layout, action_space=SimpleNamespace(n=40), max_episode_steps=50,
-                           success=lambda task, start, state: bool(state[0] < start[0]))
+    layout = SimpleNamespace(
+        low=low, high=high, names=tuple(f"b{i // 2}.{'xy'[i % 2]}" for i in range(10)), entities={}
+    )
+    return SimpleNamespace(
+        name="clevr",
+        layout=layout,
+        action_space=SimpleNamespace(n=40),
+        max_episode_steps=50,
+        success=lambda task, start, state: bool(state[0] < start[0]),
+    )
 
 
 def toy_episodes(n: int, *, seed: int = 0) -> list[dict]:
@@ -40,11 +51,18 @@ def toy_episodes(n: int, *, seed: int = 0) -> list[dict]:
         for _ in range(t):
             a = int(rng.integers(0, 40))
             nxt = states[-1].copy()
-            nxt[2 * (a // 8): 2 * (a // 8) + 2] += 0.25 * np.asarray(DIRS[a % 8], np.float32)
+            nxt[2 * (a // 8) : 2 * (a // 8) + 2] += 0.25 * np.asarray(DIRS[a % 8], np.float32)
             states.append(np.clip(nxt, suite.layout.low, suite.layout.high))
             actions.append(a)
-        out.append({"episode_id": f"ep{i:04d}", "task": "left:red:blue", "instruction": "push the red ball left",
-                    "states": np.stack(states), "actions": np.asarray(actions, np.int64)})
+        out.append(
+            {
+                "episode_id": f"ep{i:04d}",
+                "task": "left:red:blue",
+                "instruction": "push the red ball left",
+                "states": np.stack(states),
+                "actions": np.asarray(actions, np.int64),
+            }
+        )
     return out
 
 
@@ -71,12 +89,22 @@ def prepared(tmp_path_factory) -> dict:
 
 def loop_config(prepared: dict, **kw) -> dict:
     root = prepared["root"]
-    cfg = {"base": str(root / "base"), "tokenizer_dir": str(root / "base"), "codec_path": str(root / "codec.json"),
-           "examples": str(root / "examples"), "method": "full",
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-           "max_steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "seed": 0,
-           "task_mix": {"rollout": 0.4, "explain": 0.2, "dynamics": 0.3, "consequence": 0.1},
-           "cpu_threads": 1, "info": {"method": "full"}}
+    cfg = {
+        "base": str(root / "base"),
+        "tokenizer_dir": str(root / "base"),
+        "codec_path": str(root / "codec.json"),
+        "examples": str(root / "examples"),
+        "method": "full",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "max_steps": 4,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "checkpoint_every": 2,
+        "seed": 0,
+        "task_mix": {"rollout": 0.4, "explain": 0.2, "dynamics": 0.3, "consequence": 0.1},
+        "cpu_threads": 1,
+        "info": {"method": "full"},
+    }
     cfg.update(kw)
     return cfg
 
@@ -86,14 +114,23 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     from kalm_ray.llm.prompts import rollout_prompt
     from kalm_ray.llm.train_fn import train_loop
 
-    cfg = loop_config(prepared, checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"))
+    cfg = loop_config(
+        prepared, checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")
+    )
     first = train_loop(cfg)
-    assert first["step"] == 4 and first["resumed_from"] == 0 and (tmp_path / "ckpt" / "step_00000004").is_dir()
+    assert (
+        first["step"] == 4
+        and first["resumed_from"] == 0
+        and (tmp_path / "ckpt" / "step_00000004").is_dir()
+    )
     again = train_loop({**cfg, "max_steps": 6})  # a longer run picks up where the first stopped
     assert again["resumed_from"] == 4 and again["step"] == 6
     model, tok, codec = load_grounded(tmp_path / "out")
     assert model_files(tmp_path / "out")["model"] == str(tmp_path / "out")
-    enc = tok([rollout_prompt(codec, "push the red ball left", toy_episodes(1)[0]["states"][0])], return_tensors="pt")
+    enc = tok(
+        [rollout_prompt(codec, "push the red ball left", toy_episodes(1)[0]["states"][0])],
+        return_tensors="pt",
+    )
     gen = model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert gen.shape[1] > enc["input_ids"].shape[1]
 
@@ -102,12 +139,19 @@ def test_lora_adapter_saved_and_merged(prepared, tmp_path):
     from kalm_ray.llm.model import load_grounded
     from kalm_ray.llm.train_fn import train_loop
 
-    cfg = loop_config(prepared, method="lora", max_steps=2, checkpoint_dir=str(tmp_path / "ckpt"),
-                      output_dir=str(tmp_path / "out"), info={"method": "lora", "base": "base",
-                                                              "adapter_servable": False})
+    cfg = loop_config(
+        prepared,
+        method="lora",
+        max_steps=2,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "out"),
+        info={"method": "lora", "base": "base", "adapter_servable": False},
+    )
     train_loop(cfg)
     out = tmp_path / "out"
-    assert (out / "adapter" / "adapter_config.json").exists() and (out / "base" / "config.json").exists()
+    assert (out / "adapter" / "adapter_config.json").exists() and (
+        out / "base" / "config.json"
+    ).exists()
     model, _, _ = load_grounded(out)
     assert not hasattr(model, "peft_config")  # plain transformers model, merged
 
@@ -119,9 +163,12 @@ def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local):
     from kalm_ray.llm.train_fn import train_loop
 
     def fit(steps: int):
-        return TorchTrainer(train_loop, train_loop_config=loop_config(prepared, max_steps=steps),
-                            scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
-                            run_config=RunConfig(name="g", storage_path=str(tmp_path / "ray"))).fit()
+        return TorchTrainer(
+            train_loop,
+            train_loop_config=loop_config(prepared, max_steps=steps),
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+            run_config=RunConfig(name="g", storage_path=str(tmp_path / "ray")),
+        ).fit()
 
     first = fit(2)
     with first.checkpoint.as_directory() as d:
@@ -131,16 +178,25 @@ def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local):
 
 
 def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:
+    import pyarrow.parquet as pq
+
     from kalm_ray.artifacts import Manifest, RunDir, write_manifest
     from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
     from kalm_ray.envs import get_suite
 
-    import pyarrow.parquet as pq
-
     suite = get_suite("clevr")
-    eps = [Episode(env="clevr", level="train", rewards=np.zeros(len(e["actions"]), np.float32),
-                   successes=np.zeros(len(e["actions"]), bool), terminated=False, truncated=True, **e)
-           for e in episodes]
+    eps = [
+        Episode(
+            env="clevr",
+            level="train",
+            rewards=np.zeros(len(e["actions"]), np.float32),
+            successes=np.zeros(len(e["actions"]), bool),
+            terminated=False,
+            truncated=True,
+            **e,
+        )
+        for e in episodes
+    ]
     table = episodes_to_table(eps, transition_schema(10, suite.action_space))
     (run_dir / "data" / "real").mkdir(parents=True)
     pq.write_table(table, run_dir / "data" / "real" / "episodes-0000.parquet")
@@ -155,14 +211,29 @@ def test_run_ground_stage(tmp_path, ray_local):
     from kalm_ray.llm.model import load_grounded
 
     _write_real_data(tmp_path, toy_episodes(30))
-    cfg = parse_config({"name": "groundtest", "run_dir": str(tmp_path), "env": {"name": "clevr"},
-                        "ground": {"method": "full", "max_steps": 3, "batch_size": 4, "n_bins": 64,
-                                   "heldout_fraction": 0.2, "eval_examples": 8, "eval_rollouts": 2,
-                                   "checkpoint_every": 2}})
+    cfg = parse_config(
+        {
+            "name": "groundtest",
+            "run_dir": str(tmp_path),
+            "env": {"name": "clevr"},
+            "ground": {
+                "method": "full",
+                "max_steps": 3,
+                "batch_size": 4,
+                "n_bins": 64,
+                "heldout_fraction": 0.2,
+                "eval_examples": 8,
+                "eval_rollouts": 2,
+                "checkpoint_every": 2,
+            },
+        }
+    )
     m = run_ground(cfg, str(tmp_path))
     model_dir = tmp_path / "model"
     metrics = json.loads((model_dir / "grounding_metrics.json").read_text())
-    assert {"dynamics_mae", "copy_baseline_mae", "explain_exact_match", "rollout_decoded"} <= set(metrics)
+    assert {"dynamics_mae", "copy_baseline_mae", "explain_exact_match", "rollout_decoded"} <= set(
+        metrics
+    )
     assert m.counts["episodes_heldout"] > 0 and m.counts["examples_train"] > 0
     assert not (tmp_path / "model.work").exists()
     model, tok, codec = load_grounded(model_dir)
@@ -186,9 +257,18 @@ def test_lora_grounding_110m_on_gpu(tmp_path):
     codec = Codec.for_suite(toy_suite(), 64)
     tok = _standalone_tokenizer(codec)
     make_codec_tokens_atomic(tok, codec)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                      num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     assert count_params(model) >= 100e6
@@ -200,20 +280,41 @@ def test_lora_grounding_110m_on_gpu(tmp_path):
         rows += episode_examples(codec, tok, EpisodeArrays(**e), max_seq_len=512)[0]
     (tmp_path / "ex").mkdir()
     (tmp_path / "ex" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    out = train_loop({
-        "base": str(tmp_path / "base"), "tokenizer_dir": str(tmp_path / "base"),
-        "codec_path": str(tmp_path / "codec.json"), "examples": str(tmp_path / "ex"), "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "train_codec_embeddings": True, "init_codec_rows": True, "max_steps": 60, "batch_size": 16, "lr": 2e-3,
-        "checkpoint_every": 30, "seed": 0, "use_gpu": True, "task_mix": {"dynamics": 1.0, "rollout": 1.0},
-        "checkpoint_dir": str(tmp_path / "ckpt"), "output_dir": str(tmp_path / "out"),
-        "info": {"method": "lora", "base": "base", "adapter_servable": False}})
+    out = train_loop(
+        {
+            "base": str(tmp_path / "base"),
+            "tokenizer_dir": str(tmp_path / "base"),
+            "codec_path": str(tmp_path / "codec.json"),
+            "examples": str(tmp_path / "ex"),
+            "method": "lora",
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            },
+            "train_codec_embeddings": True,
+            "init_codec_rows": True,
+            "max_steps": 60,
+            "batch_size": 16,
+            "lr": 2e-3,
+            "checkpoint_every": 30,
+            "seed": 0,
+            "use_gpu": True,
+            "task_mix": {"dynamics": 1.0, "rollout": 1.0},
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "output_dir": str(tmp_path / "out"),
+            "info": {"method": "lora", "base": "base", "adapter_servable": False},
+        }
+    )
     print("gpu lora:", out)
     assert out["step"] == 60 and np.isfinite(out["loss"])
     model, tok, codec = load_grounded(tmp_path / "out", device="cuda")
     assert model.dtype == torch.bfloat16
-    enc = tok([rollout_prompt(codec, "push the red ball left", toy_episodes(1)[0]["states"][0])],
-              return_tensors="pt").to("cuda")
+    enc = tok(
+        [rollout_prompt(codec, "push the red ball left", toy_episodes(1)[0]["states"][0])],
+        return_tensors="pt",
+    ).to("cuda")
     gen = model.generate(**enc, max_new_tokens=20, do_sample=False)
     assert gen.shape[1] > enc["input_ids"].shape[1]
 
@@ -229,9 +330,19 @@ def _standalone_tokenizer(codec):
         from transformers import PreTrainedTokenizerFast
 
         chars = [chr(c) for c in range(32, 127)]
-        vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *codec.all_tokens])}
+        vocab = {
+            t: i
+            for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *chars, *codec.all_tokens])
+        }
         tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
         tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-        tk.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
-        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="[CLS]", eos_token="[SEP]",
-                                       unk_token="[UNK]", pad_token="[PAD]")
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A", special_tokens=[("[CLS]", 2)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            bos_token="[CLS]",
+            eos_token="[SEP]",
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+        )

@@ -219,6 +219,28 @@ def test_hf_generator_in_process(tiny_model):
     assert alone == texts[2]
 
 
+def test_foreign_token_stops_a_request_early(tiny_model):
+    """With codec tokens given, a request ends at its first token outside them."""
+    from dataclasses import replace
+
+    from kalm_ray.llm.backends.hf import HFGenerator
+
+    table = _requests_table(6)
+    free = HFGenerator(_spec(tiny_model), device="cpu", num_threads=1)(table)
+    allowed = tuple(WORDS[::2])
+    spec = replace(_spec(tiny_model), codec_tokens=allowed)
+    cut = HFGenerator(spec, device="cpu", num_threads=1)(table)
+    for a, b, n in zip(
+        free.column("generated_text").to_pylist(),
+        cut.column("generated_text").to_pylist(),
+        cut.column("num_generated_tokens").to_pylist(),
+        strict=True,
+    ):
+        words = a.split()
+        k = next((i for i, w in enumerate(words) if w not in allowed), len(words) - 1)
+        assert b.split() == words[: k + 1] and n == k + 1
+
+
 def test_seeded_sampling_depends_on_the_request_seed_only(tiny_model):
     from kalm_ray.llm.backends.hf import HFGenerator
 

@@ -42,31 +42,49 @@ def tokenizer(codec):
 def _episode(codec: Codec, t: int, seed: int = 0, eid: str = "ep0") -> EpisodeArrays:
     rng = np.random.default_rng(seed)
     states = rng.uniform(codec.low, codec.high, size=(t + 1, codec.state_dim)).astype(np.float32)
-    return EpisodeArrays(episode_id=eid, task="left:red:blue", instruction="Push the red ball left of the blue ball.",
-                         states=states, actions=rng.integers(0, 40, size=t))
+    return EpisodeArrays(
+        episode_id=eid,
+        task="left:red:blue",
+        instruction="Push the red ball left of the blue ball.",
+        states=states,
+        actions=rng.integers(0, 40, size=t),
+    )
 
 
 def test_labels_mask_prompt_and_padding(codec, tokenizer):
     ep = _episode(codec, 3)
-    ids, plen = tokenize_example(tokenizer, rollout_prompt(codec, ep.instruction, ep.states[0]),
-                                 codec.encode_trajectory(ep.states, ep.actions))
+    ids, plen = tokenize_example(
+        tokenizer,
+        rollout_prompt(codec, ep.instruction, ep.states[0]),
+        codec.encode_trajectory(ep.states, ep.actions),
+    )
     labels = labels_for(ids, plen)
     assert np.all(labels[:plen] == IGNORE) and np.array_equal(labels[plen:], ids[plen:])
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert len(ids) - plen == 3 * 11 + 2  # three steps, end token, eos: one id per codec token
-    batch = pad_batch([(np.asarray(ids), plen), (np.asarray(ids[:plen + 2]), plen)], tokenizer.pad_token_id)
-    assert np.all(batch["labels"][1, plen + 2:] == IGNORE) and batch["attention_mask"][1].sum() == plen + 2
+    batch = pad_batch(
+        [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)], tokenizer.pad_token_id
+    )
+    assert (
+        np.all(batch["labels"][1, plen + 2 :] == IGNORE)
+        and batch["attention_mask"][1].sum() == plen + 2
+    )
     assert np.array_equal(batch["labels"][0], labels)
 
 
 def test_target_text_survives_tokenizer(codec, tokenizer):
     ep = _episode(codec, 4)
-    ids, plen = tokenize_example(tokenizer, rollout_prompt(codec, ep.instruction, ep.states[0]),
-                                 codec.encode_trajectory(ep.states, ep.actions))
+    ids, plen = tokenize_example(
+        tokenizer,
+        rollout_prompt(codec, ep.instruction, ep.states[0]),
+        codec.encode_trajectory(ep.states, ep.actions),
+    )
     text = tokenizer.decode(ids[plen:-1], skip_special_tokens=False)  # what a backend decodes
     states, actions = codec.decode_rollout(ep.states[0], text, max_steps=4)
     assert np.array_equal(actions, ep.actions)
-    assert np.all(np.abs(states - ep.states) <= (codec.high - codec.low) / (2 * codec.n_bins) + 1e-6)
+    assert np.all(
+        np.abs(states - ep.states) <= (codec.high - codec.low) / (2 * codec.n_bins) + 1e-6
+    )
 
 
 def test_episode_examples_all_tasks_and_shortening(codec, tokenizer):
@@ -76,7 +94,9 @@ def test_episode_examples_all_tasks_and_shortening(codec, tokenizer):
     assert sum(r["task"] == "dynamics" for r in rows) == 6 and dropped == 0
     short, _ = episode_examples(codec, tokenizer, ep, max_seq_len=60)
     roll = next(r for r in short if r["task"] == "rollout")
-    assert len(roll["input_ids"]) <= 60 and roll["input_ids"][-2] == tokenizer.convert_tokens_to_ids(codec.end_token)
+    assert len(roll["input_ids"]) <= 60 and roll["input_ids"][
+        -2
+    ] == tokenizer.convert_tokens_to_ids(codec.end_token)
 
 
 def test_split_is_by_episode(codec, suite):
@@ -85,12 +105,28 @@ def test_split_is_by_episode(codec, suite):
     eps = []
     for i in range(40):
         e = _episode(codec, 3, seed=i, eid=f"e{i}")
-        eps.append(Episode(episode_id=e.episode_id, env="clevr", task=e.task, level="train",
-                           instruction=e.instruction, states=e.states, actions=e.actions,
-                           rewards=np.zeros(3, np.float32), successes=np.zeros(3, bool),
-                           terminated=False, truncated=True))
+        eps.append(
+            Episode(
+                episode_id=e.episode_id,
+                env="clevr",
+                task=e.task,
+                level="train",
+                instruction=e.instruction,
+                states=e.states,
+                actions=e.actions,
+                rewards=np.zeros(3, np.float32),
+                successes=np.zeros(3, bool),
+                terminated=False,
+                truncated=True,
+            )
+        )
     table = episodes_to_table(eps, transition_schema(10, suite.action_space))
-    back = {e.episode_id: e for e in episodes_from_table(table.take(np.random.default_rng(0).permutation(len(table))))}
-    assert np.allclose(back["e7"].states, eps[7].states) and np.array_equal(back["e7"].actions, eps[7].actions)
+    back = {
+        e.episode_id: e
+        for e in episodes_from_table(table.take(np.random.default_rng(0).permutation(len(table))))
+    }
+    assert np.allclose(back["e7"].states, eps[7].states) and np.array_equal(
+        back["e7"].actions, eps[7].actions
+    )
     held = [is_heldout(e.episode_id, 0.25, 0) for e in eps]
     assert 3 <= sum(held) <= 18 and held == [is_heldout(e.episode_id, 0.25, 0) for e in eps]

@@ -18,12 +18,11 @@ of workers nor on which worker ran which unit.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,8 +43,6 @@ from kalm_ray.envs import LEVELS, Suite, get_suite
 from kalm_ray.errors import ConfigError
 from kalm_ray.raysetup import init_ray
 from kalm_ray.stage import plan_stage
-
-T = TypeVar("T")
 
 UNIT_EPISODES = 20
 """Episodes per work unit: small enough to balance and to lose little when a worker dies."""
@@ -93,7 +90,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         ThreadPoolExecutor(1, thread_name_prefix="kalm-embed") as bg,
     ):
         # Embedding the wordings needs no simulator: overlap it with collection.
-        embedded = bg.submit(_timed, lambda: build_instruction_table(suite, make_encoder(cfg.text)))
+        embedded = bg.submit(embed_instructions, suite, cfg)
         files = EpisodeFiles(run, tmp, units)
         pool = CollectorPool(
             spec,
@@ -207,9 +204,23 @@ def plan_units(
     ]
 
 
-def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+def embed_instructions(suite: Suite, cfg: ExperimentConfig) -> tuple[pa.Table, float]:
+    """The instructions table and the seconds it took, computed beside the collection actors.
+
+    Torch gets only the cores the local actors leave free (at least one): it runs while
+    they step their envs, and extra threads would only spin-wait against them.
+    """
+    import torch
+
     t0 = time.perf_counter()
-    return fn(), time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    local_actors = int(cfg.collect.num_workers * cfg.collect.num_cpus_per_worker)
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - local_actors)))
+    try:
+        table = build_instruction_table(suite, make_encoder(cfg.text))
+    finally:
+        torch.set_num_threads(threads)
+    return table, time.perf_counter() - t0
 
 
 def policy_description(cfg: ExperimentConfig) -> str:

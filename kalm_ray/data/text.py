@@ -200,16 +200,21 @@ class SentenceEncoder:
         return mode, "Normalize" in kinds
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """``(len(texts), dim)`` float32; batches of ``batch_size``, no gradients."""
-        out = [np.zeros((0, self.dim), np.float32)]
+        """``(len(texts), dim)`` float32; batches of ``batch_size``, no gradients.
+
+        Texts are batched by token length (and put back in order), so little compute
+        goes to padding: about half the cost on a few thousand short instructions.
+        """
+        texts = [t.lower() for t in texts] if self.lower else list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([len(x) for x in ids], kind="stable")
         for i in range(0, len(texts), self.batch_size):
-            chunk = (
-                [t.lower() for t in texts[i : i + self.batch_size]]
-                if self.lower
-                else texts[i : i + self.batch_size]
-            )
+            idx = order[i : i + self.batch_size]
             tok = self.tokenizer(
-                chunk,
+                [texts[j] for j in idx],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -218,11 +223,10 @@ class SentenceEncoder:
             tok = {k: v.to(self.device) for k, v in tok.items()}
             with self._torch.inference_mode():
                 hidden = self.model(**tok).last_hidden_state
-            vec = pool_tokens(
-                hidden.float().cpu().numpy(), tok["attention_mask"].cpu().numpy(), self.pooling
-            )
-            out.append(l2_normalize(vec) if self.normalize else vec)
-        return np.concatenate(out).astype(np.float32)
+            mask = tok["attention_mask"].cpu().numpy()
+            vec = pool_tokens(hidden.float().cpu().numpy(), mask, self.pooling)
+            out[idx] = l2_normalize(vec) if self.normalize else vec
+        return out
 
 
 def resolve_encoder(cfg: TextConfig) -> Path:

@@ -27,9 +27,9 @@ BASELINE = "real"
 TREATMENT = "real+imagined"
 CI_METHOD = (
     "Per policy: Wilson score 95% interval over episodes. Across seeds: mean ± sample std of "
-    "per-seed rates. Paired difference (real+imagined − real, same algorithm): each episode "
-    "spec's success difference is averaged over the seeds trained with both mixes, then "
-    "mean ± 1.96·sd/√(specs) over specs (normal approximation; specs are the independent units)."
+    "per-seed rates. Paired difference (real+imagined − real, same algorithm, seed k paired "
+    "with seed k): each episode spec's success difference is averaged over seeds, then the mean "
+    "over specs with an Agresti-Min adjusted Wald 95% interval (specs are the independent units)."
 )
 
 

@@ -5,7 +5,7 @@
   zero width at 0% or 100%, which matters with the few dozen episodes per task we run.
 - :func:`seed_mean_std`: the spread of a success rate across training seeds.
 - :func:`paired_difference`: the effect of a data mix measured on the *same* episode
-  specs (paired evaluation), with a normal-approximation interval over specs.
+  specs (paired evaluation), with an adjusted-Wald (Agresti-Min) interval over specs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class PairedDiff:
 
     Attributes:
         diff: mean over specs of the per-spec difference (a rate difference in [-1, 1]).
-        low, high: 95% normal-approximation interval of ``diff``.
+        low, high: 95% interval of the difference (adjusted Wald, see :func:`paired_difference`).
         n_specs: episode specs compared (the independent units).
         n_pairs: (spec, seed) pairs behind them.
     """
@@ -80,24 +80,33 @@ def paired_difference(a: np.ndarray, b: np.ndarray, z: float = Z95) -> PairedDif
             from the same episode spec ``j`` (same task, wording and start seed).
 
     Returns:
-        :class:`PairedDiff`. Each spec's difference is first averaged over seeds, so the
-        specs (independent draws of task, wording and start state) are the units; the
-        interval is ``mean ± z * sd / sqrt(n_specs)``. It degenerates to zero width when
-        every spec has the same difference (e.g. both mixes always fail); with fewer than
-        ~30 specs read it as rough.
+        :class:`PairedDiff`. Each spec's difference ``d_j`` is first averaged over seeds, so
+        the specs (independent draws of task, wording and start state) are the units and
+        ``diff = mean(d_j)``. The interval is Agresti & Min's (2005) adjusted Wald interval
+        for paired proportions, generalised to seed-averaged ``d_j``: half a pseudo-spec is
+        added to each cell of the 2x2 table (weights 0.5 at ``d = +1`` and ``d = -1``, 1 at
+        ``d = 0``), then ``mean* ± z * sqrt((E*[d^2] - mean*^2) / (n + 2))``. With one seed
+        it is exactly their interval; unlike the plain normal approximation it does not
+        collapse to zero width when every spec has the same outcome under both mixes.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(
-            f"paired_difference needs equal (seeds, specs) shapes, got {a.shape} and {b.shape}"
+            f"paired_difference needs equal (seeds, specs) shapes, got {a.shape}, {b.shape}"
         )
     n_seeds, n_specs = a.shape
     if n_specs == 0 or n_seeds == 0:
         return PairedDiff(0.0, -1.0, 1.0, 0, 0)
     d = (b - a).mean(axis=0)
-    mean = float(d.mean())
-    se = float(d.std(ddof=1) / math.sqrt(n_specs)) if n_specs > 1 else 1.0
+    n_adj = n_specs + 2.0
+    mean_adj = float(d.sum()) / n_adj  # the pseudo-specs at +1 and -1 cancel
+    second = (float(np.sum(d * d)) + 1.0) / n_adj  # 0.5 * (+1)^2 + 0.5 * (-1)^2 = 1
+    se = math.sqrt(max(second - mean_adj**2, 0.0) / n_adj)
     return PairedDiff(
-        mean, max(-1.0, mean - z * se), min(1.0, mean + z * se), n_specs, n_seeds * n_specs
+        float(d.mean()),
+        max(-1.0, mean_adj - z * se),
+        min(1.0, mean_adj + z * se),
+        n_specs,
+        n_seeds * n_specs,
     )

@@ -174,7 +174,9 @@ class Codec:
         return n_bins + n_action_tokens + n_entities + 1
 
     @classmethod
-    def for_suite(cls, suite: Any, n_bins: int = 256, *, vocab: Iterable[str] | None = None) -> Codec:
+    def for_suite(
+        cls, suite: Any, n_bins: int = 256, *, vocab: Iterable[str] | None = None
+    ) -> Codec:
         """The codec of a suite (``suite.layout`` bounds/entities, ``suite.action_space``).
 
         Args:
@@ -208,10 +210,23 @@ class Codec:
         acts = [next(it) for _ in range(n_act_tok)]
         ent_toks = [next(it) for _ in ents]
         end = next(it)
-        return cls(env=suite.name, low=layout.low, high=layout.high, n_bins=n_bins, entities=ents,
-                   action_kind=kind, n_actions=n_act, action_low=a_low, action_high=a_high,
-                   bin_tokens=bins, action_tokens=acts, entity_tokens=ent_toks, end_token=end,
-                   token_source=source, names=list(layout.names))
+        return cls(
+            env=suite.name,
+            low=layout.low,
+            high=layout.high,
+            n_bins=n_bins,
+            entities=ents,
+            action_kind=kind,
+            n_actions=n_act,
+            action_low=a_low,
+            action_high=a_high,
+            bin_tokens=bins,
+            action_tokens=acts,
+            entity_tokens=ent_toks,
+            end_token=end,
+            token_source=source,
+            names=list(layout.names),
+        )
 
     @property
     def state_dim(self) -> int:
@@ -255,8 +270,12 @@ class Codec:
             if not 0 <= a < self.n_actions:
                 raise ValueError(f"action {a} outside Discrete({self.n_actions})")
             return [self.action_tokens[a]]
-        idx = quantize(np.asarray(action, np.float32).reshape(-1), self.action_low, self.action_high,
-                       self.n_bins)
+        idx = quantize(
+            np.asarray(action, np.float32).reshape(-1),
+            self.action_low,
+            self.action_high,
+            self.n_bins,
+        )
         return [self.action_tokens[0], *(self.bin_tokens[i] for i in idx)]
 
     def encode_steps(self, states: np.ndarray, actions: np.ndarray) -> list[str]:
@@ -293,7 +312,9 @@ class Codec:
                 return toks, False
             m = self._token_re.match(text, pos)
             if m is None:
-                raise CodecError("unparseable", f"non-codec text at char {pos}: {text[pos:pos + 20]!r}")
+                raise CodecError(
+                    "unparseable", f"non-codec text at char {pos}: {text[pos : pos + 20]!r}"
+                )
             if m.group(0) == self.end_token:
                 return toks, True
             toks.append(m.group(0))
@@ -306,19 +327,25 @@ class Codec:
         for j in range(count):
             b = self._bin_of.get(toks[i + j])
             if b is None:
-                raise CodecError("wrong_step_shape", f"{what}: expected a value, got {toks[i + j]!r}")
+                raise CodecError(
+                    "wrong_step_shape", f"{what}: expected a value, got {toks[i + j]!r}"
+                )
             out[j] = b
         return out, i + count
 
     def _decode_state(self, toks: list[str], i: int) -> tuple[np.ndarray, int]:
         state = np.zeros(self.state_dim, np.float32)
         idx, i = self._bins(toks, i, len(self._free), "state")
-        state[self._free] = dequantize(idx, self.low[self._free], self.high[self._free], self.n_bins)
+        state[self._free] = dequantize(
+            idx, self.low[self._free], self.high[self._free], self.n_bins
+        )
         last = -1
         while i < len(toks) and toks[i] in self._ent_of:
             k = self._ent_of[toks[i]]
             if k <= last:
-                raise CodecError("wrong_step_shape", f"entity {self.entities[k][0]!r} repeated or out of order")
+                raise CodecError(
+                    "wrong_step_shape", f"entity {self.entities[k][0]!r} repeated or out of order"
+                )
             last = k
             _, a, b = self.entities[k]
             idx, i = self._bins(toks, i + 1, b - a, self.entities[k][0])
@@ -328,7 +355,9 @@ class Codec:
     def _decode_action(self, toks: list[str], i: int) -> tuple[Any, int]:
         a = self._act_of.get(toks[i])
         if a is None:
-            raise CodecError("wrong_step_shape", f"expected an action at token {i}, got {toks[i]!r}")
+            raise CodecError(
+                "wrong_step_shape", f"expected an action at token {i}, got {toks[i]!r}"
+            )
         if self.discrete:
             return a, i + 1
         idx, i = self._bins(toks, i + 1, self.n_actions, "action")
@@ -344,7 +373,9 @@ class Codec:
             raise CodecError("wrong_step_shape", f"{len(toks) - i} tokens after the state")
         return state
 
-    def decode_rollout(self, start_state: np.ndarray, text: str, *, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_rollout(
+        self, start_state: np.ndarray, text: str, *, max_steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """States and actions of a generated trajectory text.
 
         Args:
@@ -376,21 +407,30 @@ class Codec:
             raise CodecError("no_end", f"no end token after {len(actions)} steps")
         if not actions:
             raise CodecError("empty", "end token before any step")
-        acts = (np.asarray(actions, np.int64) if self.discrete
-                else np.stack(actions).astype(np.float32))
+        acts = (
+            np.asarray(actions, np.int64) if self.discrete else np.stack(actions).astype(np.float32)
+        )
         return np.stack(states), acts
 
     # ---- persistence --------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": CODEC_VERSION, "env": self.env, "n_bins": self.n_bins,
-            "low": self.low.tolist(), "high": self.high.tolist(), "names": self.names,
+            "version": CODEC_VERSION,
+            "env": self.env,
+            "n_bins": self.n_bins,
+            "low": self.low.tolist(),
+            "high": self.high.tolist(),
+            "names": self.names,
             "entities": [list(e) for e in self.entities],
-            "action_kind": self.action_kind, "n_actions": self.n_actions,
-            "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(),
-            "bin_tokens": self.bin_tokens, "action_tokens": self.action_tokens,
-            "entity_tokens": self.entity_tokens, "end_token": self.end_token,
+            "action_kind": self.action_kind,
+            "n_actions": self.n_actions,
+            "action_low": self.action_low.tolist(),
+            "action_high": self.action_high.tolist(),
+            "bin_tokens": self.bin_tokens,
+            "action_tokens": self.action_tokens,
+            "entity_tokens": self.entity_tokens,
+            "end_token": self.end_token,
             "token_source": self.token_source,
             "grammar": "step := ACTION STATE; trajectory := step* END (see kalm_ray.llm.codec)",
             "decode_with_skip_special_tokens": False,
@@ -400,13 +440,23 @@ class Codec:
     def from_dict(cls, d: Mapping[str, Any]) -> Codec:
         if d.get("version") != CODEC_VERSION:
             raise ValueError(f"codec version {d.get('version')!r}, expected {CODEC_VERSION}")
-        return cls(env=d["env"], low=d["low"], high=d["high"], n_bins=int(d["n_bins"]),
-                   entities=[(str(n), int(a), int(b)) for n, a, b in d["entities"]],
-                   action_kind=d["action_kind"], n_actions=int(d["n_actions"]),
-                   action_low=d["action_low"], action_high=d["action_high"],
-                   bin_tokens=list(d["bin_tokens"]), action_tokens=list(d["action_tokens"]),
-                   entity_tokens=list(d["entity_tokens"]), end_token=d["end_token"],
-                   token_source=d.get("token_source", "reserved"), names=list(d.get("names", [])))
+        return cls(
+            env=d["env"],
+            low=d["low"],
+            high=d["high"],
+            n_bins=int(d["n_bins"]),
+            entities=[(str(n), int(a), int(b)) for n, a, b in d["entities"]],
+            action_kind=d["action_kind"],
+            n_actions=int(d["n_actions"]),
+            action_low=d["action_low"],
+            action_high=d["action_high"],
+            bin_tokens=list(d["bin_tokens"]),
+            action_tokens=list(d["action_tokens"]),
+            entity_tokens=list(d["entity_tokens"]),
+            end_token=d["end_token"],
+            token_source=d.get("token_source", "reserved"),
+            names=list(d.get("names", [])),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write ``codec.json`` (``path`` is the file or the folder that gets it)."""

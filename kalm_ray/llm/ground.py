@@ -58,10 +58,14 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     t1 = time.perf_counter()
     counts = _build_examples(cfg, run, work, prep)
     timings["examples_s"] = time.perf_counter() - t1
-    print(f"[kalm] ground: {counts['examples_train']} training examples from {counts['episodes_train']} "
-          f"episodes ({counts['episodes_heldout']} held out); model {g.model.name}, {g.method}", flush=True)
+    print(
+        f"[kalm] ground: {counts['examples_train']} training examples from "
+        f"{counts['episodes_train']} "
+        f"episodes ({counts['episodes_heldout']} held out); model {g.model.name}, {g.method}",
+        flush=True,
+    )
 
-    # ---- run: Ray Train ---------------------------------------------------------------------------
+    # ---- run: Ray Train ------------------------------------------------------------------
     t2 = time.perf_counter()
     result = _fit(cfg, run, work, prep)
     timings["train_s"] = time.perf_counter() - t2
@@ -71,15 +75,28 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
         final = Path(d) / "final"
         if not (final / CODEC_FILE).exists():
             raise InputError(f"{result.checkpoint.path}: the last checkpoint holds no final model")
-        pafs.copy_files(str(final), run.path(tmp), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=run.fs)
+        pafs.copy_files(
+            str(final),
+            run.path(tmp),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=run.fs,
+        )
         plan.save_config(tmp)
-        metrics = json.loads((final / "grounding_metrics.json").read_text()) \
-            if (final / "grounding_metrics.json").exists() else {}
+        metrics = (
+            json.loads((final / "grounding_metrics.json").read_text())
+            if (final / "grounding_metrics.json").exists()
+            else {}
+        )
     timings["total_s"] = time.perf_counter() - t0
     counts.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
-    counts.update({"params": prep["params"], "max_steps": g.max_steps,
-                   "final_loss": result.metrics.get("loss"), "tokens_per_s": result.metrics.get("tokens_per_s")})
+    counts.update(
+        {
+            "params": prep["params"],
+            "max_steps": g.max_steps,
+            "final_loss": result.metrics.get("loss"),
+            "tokens_per_s": result.metrics.get("tokens_per_s"),
+        }
+    )
     manifest = plan.manifest(counts=counts, timings=timings)
     write_manifest(run, plan.out_dir, manifest)
     run.delete(f"{plan.out_dir}.work")
@@ -89,11 +106,18 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
 
 def _print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
     if "dynamics_mae" in m:
-        print(f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
-              f"{m['copy_baseline_mae']:.4f}; explanation exact {m.get('explain_exact_match', 0):.2f}, "
-              f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
-              f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}", flush=True)
-    print(f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)", flush=True)
+        print(
+            f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
+            f"{m['copy_baseline_mae']:.4f}; explanation exact "
+            f"{m.get('explain_exact_match', 0):.2f}, "
+            f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
+            f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}",
+            flush=True,
+        )
+    print(
+        f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
+        flush=True,
+    )
 
 
 def _local(run: RunDir, *parts: str) -> Path:
@@ -125,10 +149,17 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
 
         codec = Codec.for_suite(suite, g.n_bins)
         texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
-        model, tok = build_tiny(codec, texts, init_from_encoder=g.tiny_init_from_encoder, seed=cfg.seed)
+        model, tok = build_tiny(
+            codec, texts, init_from_encoder=g.tiny_init_from_encoder, seed=cfg.seed
+        )
         model.save_pretrained(str(prep / "base"))
         tok.save_pretrained(str(prep / "base"))
-        base, tok_dir, init_rows, params = str(prep / "base"), str(prep / "base"), False, count_params(model)
+        base, tok_dir, init_rows, params = (
+            str(prep / "base"),
+            str(prep / "base"),
+            False,
+            count_params(model),
+        )
         servable = g.method == "lora" and not g.train_codec_embeddings
         info_base = "base"
     else:
@@ -137,8 +168,12 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
         from kalm_ray.llm.model import make_codec_tokens_atomic
 
         try:
-            tok = AutoTokenizer.from_pretrained(g.model.name, trust_remote_code=g.model.trust_remote_code)
-            mcfg = AutoConfig.from_pretrained(g.model.name, trust_remote_code=g.model.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(
+                g.model.name, trust_remote_code=g.model.trust_remote_code
+            )
+            mcfg = AutoConfig.from_pretrained(
+                g.model.name, trust_remote_code=g.model.trust_remote_code
+            )
         except OSError as e:
             raise InputError(f"ground.model.name: cannot load {g.model.name!r} ({e})") from None
         codec = Codec.for_suite(suite, g.n_bins, vocab=tok.get_vocab())
@@ -147,19 +182,34 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
             tok.pad_token = tok.eos_token
         tok.save_pretrained(str(prep / "tokenizer"))
         base, tok_dir = g.model.name, str(prep / "tokenizer")
-        untouched = codec.token_source == "reserved" and g.method == "lora" and not g.train_codec_embeddings
+        untouched = (
+            codec.token_source == "reserved" and g.method == "lora" and not g.train_codec_embeddings
+        )
         init_rows, servable, info_base = not untouched, untouched, g.model.name
         params = int(getattr(mcfg, "num_parameters", 0) or 0)
     codec_path = str(codec.save(prep))
-    info = {"method": g.method, "model": g.model.name, "base": info_base, "adapter_servable": servable,
-            "codec_token_source": codec.token_source}
-    out = {"base": base, "tokenizer_dir": tok_dir, "codec_path": codec_path, "init_codec_rows": init_rows,
-           "info": info, "params": params}
+    info = {
+        "method": g.method,
+        "model": g.model.name,
+        "base": info_base,
+        "adapter_servable": servable,
+        "codec_token_source": codec.token_source,
+    }
+    out = {
+        "base": base,
+        "tokenizer_dir": tok_dir,
+        "codec_path": codec_path,
+        "init_codec_rows": init_rows,
+        "info": info,
+        "params": params,
+    }
     done.write_text(json.dumps(out))
     return out
 
 
-def _build_examples(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> dict[str, Any]:
+def _build_examples(
+    cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
+) -> dict[str, Any]:
     """Examples (token ids) and held-out transitions with Ray Data; returns counts."""
     import pyarrow.dataset as pads
     import ray.data
@@ -170,54 +220,89 @@ def _build_examples(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[st
     ex_uri, held_uri = run.uri_of(work, "examples"), run.uri_of(work, "heldout_real")
     if not run.exists(work, "examples.done"):
         if not run.exists("data", "real"):
-            raise InputError(f"{run.uri_of('data', 'real')}: no real episodes; run `kalm collect` first")
+            raise InputError(
+                f"{run.uri_of('data', 'real')}: no real episodes; run `kalm collect` first"
+            )
         for part in ("examples", "heldout_real"):
             run.delete(work, part)
         real = ray.data.read_parquet(run.uri_of("data", "real"), file_extensions=["parquet"])
         examples = real.groupby("episode_id").map_groups(
-            ExampleBuilder, batch_format="pyarrow", concurrency=2,
-            fn_constructor_kwargs={"codec_path": prep["codec_path"], "tokenizer_dir": prep["tokenizer_dir"],
-                                   "max_seq_len": g.max_seq_len, "heldout_fraction": g.heldout_fraction,
-                                   "seed": cfg.seed})
+            ExampleBuilder,
+            batch_format="pyarrow",
+            concurrency=2,
+            fn_constructor_kwargs={
+                "codec_path": prep["codec_path"],
+                "tokenizer_dir": prep["tokenizer_dir"],
+                "max_seq_len": g.max_seq_len,
+                "heldout_fraction": g.heldout_fraction,
+                "seed": cfg.seed,
+            },
+        )
         examples.write_parquet(ex_uri)
 
         def keep_heldout(batch: Any) -> Any:
             import pyarrow as pa
 
-            mask = [is_heldout(e, g.heldout_fraction, cfg.seed) for e in batch.column("episode_id").to_pylist()]
+            mask = [
+                is_heldout(e, g.heldout_fraction, cfg.seed)
+                for e in batch.column("episode_id").to_pylist()
+            ]
             return batch.filter(pa.array(mask, pa.bool_()))
 
         real.map_batches(keep_heldout, batch_format="pyarrow").write_parquet(held_uri)
         run.write_text("ok", work, "examples.done")
     meta = pads.dataset(run.path(work, "examples"), format="parquet", filesystem=run.fs).to_table(
-        columns=["episode_id", "task", "split", "dropped"])
-    by = Counter(zip(meta.column("split").to_pylist(), meta.column("task").to_pylist()))
-    eps = {s: len({e for e, sp in zip(meta.column("episode_id").to_pylist(), meta.column("split").to_pylist())
-                   if sp == s}) for s in ("train", "heldout")}
-    if not eps["train"]:
-        raise InputError(f"{run.uri_of('data', 'real')}: no training episodes")
-    counts: dict[str, Any] = {f"examples_{s}_{t}": n for (s, t), n in sorted(by.items()) if t != "dropped"}
+        columns=["episode_id", "task", "split", "dropped"]
+    )
+    split = meta.column("split").to_pylist()
+    episode = meta.column("episode_id").to_pylist()
+    by = Counter(zip(split, meta.column("task").to_pylist(), strict=True))
+    eps = {
+        s: len({e for e, sp in zip(episode, split, strict=True) if sp == s})
+        for s in ("train", "heldout")
+    }
+    counts: dict[str, Any] = {
+        f"examples_{s}_{t}": n for (s, t), n in sorted(by.items()) if t != "dropped"
+    }
     counts["examples_train"] = sum(n for (s, t), n in by.items() if s == "train" and t != "dropped")
     counts["examples_dropped_too_long"] = int(sum(meta.column("dropped").to_pylist()))
     counts["episodes_train"], counts["episodes_heldout"] = eps["train"], eps["heldout"]
     return counts
 
 
-def train_config(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> dict[str, Any]:
+def train_config(
+    cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
+) -> dict[str, Any]:
     """The ``train_loop_config`` of the grounding run (see :mod:`kalm_ray.llm.train_fn`)."""
     import os
 
     g = cfg.ground
     return {
-        "base": prep["base"], "tokenizer_dir": prep["tokenizer_dir"], "codec_path": prep["codec_path"],
-        "examples": run.uri_of(work, "examples"), "method": g.method, "lora": g.lora.model_dump(),
-        "train_codec_embeddings": g.train_codec_embeddings, "init_codec_rows": prep["init_codec_rows"],
-        "trust_remote_code": g.model.trust_remote_code, "max_steps": g.max_steps, "batch_size": g.batch_size,
-        "lr": g.lr, "task_mix": dict(g.task_mix), "seed": cfg.seed, "checkpoint_every": g.checkpoint_every,
-        "use_gpu": g.use_gpu, "cpu_threads": max(1, (os.cpu_count() or 1) // g.num_workers),
+        "base": prep["base"],
+        "tokenizer_dir": prep["tokenizer_dir"],
+        "codec_path": prep["codec_path"],
+        "examples": run.uri_of(work, "examples"),
+        "method": g.method,
+        "lora": g.lora.model_dump(),
+        "train_codec_embeddings": g.train_codec_embeddings,
+        "init_codec_rows": prep["init_codec_rows"],
+        "trust_remote_code": g.model.trust_remote_code,
+        "max_steps": g.max_steps,
+        "batch_size": g.batch_size,
+        "lr": g.lr,
+        "task_mix": dict(g.task_mix),
+        "seed": cfg.seed,
+        "checkpoint_every": g.checkpoint_every,
+        "use_gpu": g.use_gpu,
+        "cpu_threads": max(1, (os.cpu_count() or 1) // g.num_workers),
         "info": prep["info"],
-        "metrics": {"env": cfg.env.name, "heldout_real": run.uri_of(work, "heldout_real"),
-                    "max_examples": g.eval_examples, "max_rollouts": g.eval_rollouts, "seed": cfg.seed},
+        "metrics": {
+            "env": cfg.env.name,
+            "heldout_real": run.uri_of(work, "heldout_real"),
+            "max_examples": g.eval_examples,
+            "max_rollouts": g.eval_rollouts,
+            "seed": cfg.seed,
+        },
     }
 
 
@@ -233,9 +318,12 @@ def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) ->
         train_loop,
         train_loop_config=train_config(cfg, run, work, prep),
         scaling_config=ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu),
-        run_config=RunConfig(name="train", storage_path=run.uri_of(work, "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(
+            name="train",
+            storage_path=run.uri_of(work, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=1),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:

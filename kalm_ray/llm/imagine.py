@@ -83,6 +83,7 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         temperature=icfg.temperature,
         top_p=icfg.top_p,
         lora_rank=cfg.ground.lora.r,
+        codec_tokens=tuple(codec.all_tokens),
     )
     limits = FilterLimits.for_suite(
         suite,
@@ -101,14 +102,6 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     )
 
     # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------
-    ds = requests_dataset(requests, rows_per_block=icfg.batch_size)
-    judged = generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
-        judge_batch,
-        fn_kwargs={"decoder": codec, "env": suite.name, "limits": limits, "max_steps": max_steps},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=0.25,  # light numpy work beside the generation actors
-    )
     writer_meta = {
         "model": cfg.ground.model.name,
         "model_output_id": plan.inputs.get("ground"),
@@ -117,7 +110,20 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         "top_p": icfg.top_p,
     }
     tally = FilterTally()
-    with stage_output(run, plan.out_dir) as tmp:
+    with _quiet_ray_progress(), stage_output(run, plan.out_dir) as tmp:
+        ds = requests_dataset(requests, rows_per_block=icfg.batch_size)
+        judged = generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
+            judge_batch,
+            fn_kwargs={
+                "decoder": codec,
+                "env": suite.name,
+                "limits": limits,
+                "max_steps": max_steps,
+            },
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,  # light numpy work beside the generation actors
+        )
         stats = write_rollouts(
             judged,
             run=run,
@@ -236,7 +242,7 @@ def write_rollouts(
             )
             n_parts, n_rows, pending, pending_rows = n_parts + 1, n_rows + table.num_rows, [], 0
 
-    with _quiet_ray_progress(), tqdm(total=total, desc="imagine", unit="rollout") as bar:
+    with tqdm(total=total, desc="imagine", unit="rollout") as bar:
         for batch in judged.iter_batches(batch_format="pyarrow", batch_size=None):
             for r in batch.to_pylist():
                 kept = r["accepted"] and (r["success"] or keep_failures)
@@ -301,7 +307,11 @@ def _episode(
 
 @contextmanager
 def _quiet_ray_progress():
-    """Ray Data's own bars off while ours runs (two sets of bars garble the terminal)."""
+    """Ray Data's own bars off while ours runs (two sets of bars garble the terminal).
+
+    A Dataset copies the DataContext when it is created, so this must wrap the dataset's
+    creation, not only its consumption.
+    """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

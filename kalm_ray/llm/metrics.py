@@ -39,19 +39,31 @@ def read_episodes(path: str) -> list[EpisodeArrays]:
     return episodes_from_table(table) if table.num_rows else []
 
 
-def generate_ids(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int,
-                 batch_size: int, device: str, stop_ids: list[int]) -> list[list[int]]:
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: str,
+    stop_ids: list[int],
+) -> list[list[int]]:
     """Greedy continuations (token ids, cut after the first stop id), batched with KV cache."""
-    import torch
 
     out: list[list[int]] = []
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                             pad_token_id=pad)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=pad,
+        )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
             out.append(row if cut is None else row[: cut + 1])
     return out
@@ -61,18 +73,32 @@ def _strip(ids: list[int], drop: set[int]) -> list[int]:
     return [t for t in ids if t not in drop]
 
 
-def dynamics_metrics(model: Any, tokenizer: Any, codec: Codec, transitions: list[tuple], *,
-                     batch_size: int, device: str) -> dict[str, float]:
+def dynamics_metrics(
+    model: Any,
+    tokenizer: Any,
+    codec: Codec,
+    transitions: list[tuple],
+    *,
+    batch_size: int,
+    device: str,
+) -> dict[str, float]:
     """Next-state error vs copy-the-state on ``(state, action, next_state)`` triples."""
     if not transitions:
         return {"dynamics_n": 0}
     prompts = [dynamics_prompt(codec, s, a) for s, a, _ in transitions]
     longest = max(len(codec.encode_state(n)) for _, _, n in transitions)
     eos = tokenizer.eos_token_id
-    gens = generate_ids(model, tokenizer, prompts, max_new_tokens=longest + 2, batch_size=batch_size,
-                        device=device, stop_ids=[eos])
+    gens = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=longest + 2,
+        batch_size=batch_size,
+        device=device,
+        stop_ids=[eos],
+    )
     errs, copy, ok = [], [], 0
-    for (s, _, n), ids in zip(transitions, gens):
+    for (s, _, n), ids in zip(transitions, gens, strict=False):
         text = tokenizer.decode(_strip(ids, {eos}), skip_special_tokens=False)
         copy_err = float(np.mean(np.abs(np.asarray(s) - np.asarray(n))))
         copy.append(copy_err)
@@ -82,13 +108,24 @@ def dynamics_metrics(model: Any, tokenizer: Any, codec: Codec, transitions: list
             errs.append(float(np.mean(np.abs(pred - np.asarray(n)))))
         except CodecError:
             errs.append(copy_err)  # an undecodable prediction counts as copying the state
-    return {"dynamics_n": len(transitions), "dynamics_decoded": ok / len(transitions),
-            "dynamics_mae": float(np.mean(errs)), "copy_baseline_mae": float(np.mean(copy)),
-            "dynamics_beats_copy": bool(np.mean(errs) < np.mean(copy))}
+    return {
+        "dynamics_n": len(transitions),
+        "dynamics_decoded": ok / len(transitions),
+        "dynamics_mae": float(np.mean(errs)),
+        "copy_baseline_mae": float(np.mean(copy)),
+        "dynamics_beats_copy": bool(np.mean(errs) < np.mean(copy)),
+    }
 
 
-def explain_metrics(model: Any, tokenizer: Any, codec: Codec, episodes: list[EpisodeArrays], *,
-                    batch_size: int, device: str) -> dict[str, float]:
+def explain_metrics(
+    model: Any,
+    tokenizer: Any,
+    codec: Codec,
+    episodes: list[EpisodeArrays],
+    *,
+    batch_size: int,
+    device: str,
+) -> dict[str, float]:
     """Exact match (generated) and token accuracy (teacher-forced) of the instruction."""
     import torch
 
@@ -96,14 +133,26 @@ def explain_metrics(model: Any, tokenizer: Any, codec: Codec, episodes: list[Epi
         return {"explain_n": 0}
     eos = tokenizer.eos_token_id
     prompts = [explain_prompt(codec, e.states, e.actions) for e in episodes]
-    targets = [tokenizer(" " + e.instruction.strip(), add_special_tokens=False)["input_ids"] + [eos]
-               for e in episodes]
-    gens = generate_ids(model, tokenizer, prompts, max_new_tokens=max(map(len, targets)) + 4,
-                        batch_size=batch_size, device=device, stop_ids=[eos])
-    exact = float(np.mean([g == t for g, t in zip(gens, targets)]))
+    targets = [
+        tokenizer(" " + e.instruction.strip(), add_special_tokens=False)["input_ids"] + [eos]
+        for e in episodes
+    ]
+    gens = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max(map(len, targets)) + 4,
+        batch_size=batch_size,
+        device=device,
+        stop_ids=[eos],
+    )
+    exact = float(np.mean([g == t for g, t in zip(gens, targets, strict=False)]))
     right, total = 0, 0
     for i in range(0, len(prompts), batch_size):
-        rows = [(tokenizer(p)["input_ids"], t) for p, t in zip(prompts[i: i + batch_size], targets[i: i + batch_size])]
+        rows = [
+            (tokenizer(p)["input_ids"], t)
+            for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size], strict=False)
+        ]
         n = max(len(p) + len(t) for p, t in rows)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         ids = torch.full((len(rows), n), pad, dtype=torch.long)
@@ -111,28 +160,52 @@ def explain_metrics(model: Any, tokenizer: Any, codec: Codec, episodes: list[Epi
         for j, (p, t) in enumerate(rows):
             ids[j, : len(p) + len(t)] = torch.tensor(p + t)
             mask[j, : len(p) + len(t)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        logits = (
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+        )
         for j, (p, t) in enumerate(rows):
-            pred = logits[j, len(p) - 1: len(p) + len(t) - 1].tolist()
-            right += sum(int(a == b) for a, b in zip(pred, t))
+            pred = logits[j, len(p) - 1 : len(p) + len(t) - 1].tolist()
+            right += sum(int(a == b) for a, b in zip(pred, t, strict=False))
             total += len(t)
-    return {"explain_n": len(episodes), "explain_exact_match": exact, "explain_token_accuracy": right / total}
+    return {
+        "explain_n": len(episodes),
+        "explain_exact_match": exact,
+        "explain_token_accuracy": right / total,
+    }
 
 
-def generation_metrics(model: Any, tokenizer: Any, codec: Codec, suite: Any, episodes: list[EpisodeArrays], *,
-                       max_steps: int, batch_size: int, device: str) -> dict[str, Any]:
+def generation_metrics(
+    model: Any,
+    tokenizer: Any,
+    codec: Codec,
+    suite: Any,
+    episodes: list[EpisodeArrays],
+    *,
+    max_steps: int,
+    batch_size: int,
+    device: str,
+) -> dict[str, Any]:
     """Rollouts from held-out (instruction, start state): decode rate, reasons, predicate rate."""
     if not episodes:
         return {"rollout_n": 0}
     eos = tokenizer.eos_token_id
     end_id = codec_token_ids(tokenizer, codec)[-1]
-    per_step = max(len(codec.encode_steps(e.states, e.actions)) / max(1, len(e.actions)) for e in episodes)
+    per_step = max(
+        len(codec.encode_steps(e.states, e.actions)) / max(1, len(e.actions)) for e in episodes
+    )
     prompts = [rollout_prompt(codec, e.instruction, e.states[0]) for e in episodes]
-    gens = generate_ids(model, tokenizer, prompts, max_new_tokens=int(max_steps * (per_step + 1)) + 2,
-                        batch_size=batch_size, device=device, stop_ids=[end_id, eos])
+    gens = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=int(max_steps * (per_step + 1)) + 2,
+        batch_size=batch_size,
+        device=device,
+        stop_ids=[end_id, eos],
+    )
     reasons: Counter[str] = Counter()
     decoded, success, lengths = 0, 0, []
-    for e, ids in zip(episodes, gens):
+    for e, ids in zip(episodes, gens, strict=False):
         text = tokenizer.decode(_strip(ids, {eos}), skip_special_tokens=False)
         try:
             states, _ = codec.decode_rollout(e.states[0], text, max_steps=max_steps)
@@ -143,15 +216,30 @@ def generation_metrics(model: Any, tokenizer: Any, codec: Codec, suite: Any, epi
         lengths.append(len(states) - 1)
         success += bool(suite.success(e.task, states[0], states[-1]))
     real = float(np.mean([suite.success(e.task, e.states[0], e.states[-1]) for e in episodes]))
-    return {"rollout_n": len(episodes), "rollout_decoded": decoded / len(episodes),
-            "rollout_success": success / len(episodes), "rollout_reasons": dict(reasons),
-            "rollout_mean_steps": float(np.mean(lengths)) if lengths else 0.0,
-            "real_success": real, "rollout_max_steps": max_steps}
+    return {
+        "rollout_n": len(episodes),
+        "rollout_decoded": decoded / len(episodes),
+        "rollout_success": success / len(episodes),
+        "rollout_reasons": dict(reasons),
+        "rollout_mean_steps": float(np.mean(lengths)) if lengths else 0.0,
+        "real_success": real,
+        "rollout_max_steps": max_steps,
+    }
 
 
-def grounding_metrics(model: Any, tokenizer: Any, codec: Codec, suite: Any, episodes: list[EpisodeArrays], *,
-                      device: str = "cpu", max_examples: int = 128, max_rollouts: int = 32,
-                      batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
+def grounding_metrics(
+    model: Any,
+    tokenizer: Any,
+    codec: Codec,
+    suite: Any,
+    episodes: list[EpisodeArrays],
+    *,
+    device: str = "cpu",
+    max_examples: int = 128,
+    max_rollouts: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
     """All grounding metrics on held-out episodes (a seeded sample of them, sizes capped).
 
     Args:
@@ -159,16 +247,36 @@ def grounding_metrics(model: Any, tokenizer: Any, codec: Codec, suite: Any, epis
         max_rollouts: episodes whose (instruction, start) prompt a rollout.
     """
     rng = np.random.default_rng(seed)
-    trans = [(e.states[t], e.actions[t], e.states[t + 1]) for e in episodes for t in range(len(e.actions))]
+    trans = [
+        (e.states[t], e.actions[t], e.states[t + 1])
+        for e in episodes
+        for t in range(len(e.actions))
+    ]
     pick = rng.permutation(len(trans))[:max_examples]
     ep_pick = [episodes[i] for i in rng.permutation(len(episodes))]
     longest = max((len(e.actions) for e in episodes), default=1)
     max_steps = int(min(suite.max_episode_steps, 2 * longest + 5))
     out: dict[str, Any] = {"heldout_episodes": len(episodes), "heldout_transitions": len(trans)}
-    out.update(dynamics_metrics(model, tokenizer, codec, [trans[i] for i in pick], batch_size=batch_size,
-                                device=device))
-    out.update(explain_metrics(model, tokenizer, codec, ep_pick[:max_examples], batch_size=batch_size,
-                               device=device))
-    out.update(generation_metrics(model, tokenizer, codec, suite, ep_pick[:max_rollouts], max_steps=max_steps,
-                                  batch_size=batch_size, device=device))
+    out.update(
+        dynamics_metrics(
+            model, tokenizer, codec, [trans[i] for i in pick], batch_size=batch_size, device=device
+        )
+    )
+    out.update(
+        explain_metrics(
+            model, tokenizer, codec, ep_pick[:max_examples], batch_size=batch_size, device=device
+        )
+    )
+    out.update(
+        generation_metrics(
+            model,
+            tokenizer,
+            codec,
+            suite,
+            ep_pick[:max_rollouts],
+            max_steps=max_steps,
+            batch_size=batch_size,
+            device=device,
+        )
+    )
     return out

@@ -21,7 +21,6 @@ modified here). :func:`model_files` says which to give vLLM.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -69,8 +68,13 @@ def make_codec_tokens_atomic(tokenizer: Any, codec: Codec) -> int:
 
     before = len(tokenizer)
     have = set(tokenizer.get_added_vocab())
-    new = [AddedToken(t, normalized=False, special=False, single_word=False, lstrip=False, rstrip=False)
-           for t in codec.all_tokens if t not in have]
+    new = [
+        AddedToken(
+            t, normalized=False, special=False, single_word=False, lstrip=False, rstrip=False
+        )
+        for t in codec.all_tokens
+        if t not in have
+    ]
     if new:
         tokenizer.add_tokens(new)
     return len(tokenizer) - before
@@ -87,7 +91,9 @@ def codec_token_ids(tokenizer: Any, codec: Codec) -> list[int]:
     return ids
 
 
-def build_tiny_tokenizer(codec: Codec, texts: Iterable[str], *, n_frequent: int = N_FREQUENT_WORDS) -> tuple[Any, list[int]]:
+def build_tiny_tokenizer(
+    codec: Codec, texts: Iterable[str], *, n_frequent: int = N_FREQUENT_WORDS
+) -> tuple[Any, list[int]]:
     """The tiny model's tokenizer, and for each of its ids the id in the encoder's vocabulary.
 
     Adds BOS (``[CLS]``) and no EOS when called on a prompt (like Llama tokenizers);
@@ -102,31 +108,48 @@ def build_tiny_tokenizer(codec: Codec, texts: Iterable[str], *, n_frequent: int 
     keep = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *codec.all_tokens}
     missing = [t for t in codec.all_tokens if t not in vocab]
     if missing:
-        raise ValueError(f"tiny tokenizer: codec needs {len(codec.all_tokens)} [unusedN] tokens, "
-                         f"the encoder vocabulary lacks {missing[:3]}; lower ground.n_bins")
+        raise ValueError(
+            f"tiny tokenizer: codec needs {len(codec.all_tokens)} [unusedN] tokens, "
+            f"the encoder vocabulary lacks {missing[:3]}; lower ground.n_bins"
+        )
     for tok, i in vocab.items():
         base = tok[2:] if tok.startswith("##") else tok
         if (len(base) == 1 and base.isascii() and base.isprintable()) or (
-                _BERT_FIRST_WORD_ID <= i < _BERT_FIRST_WORD_ID + n_frequent):
+            _BERT_FIRST_WORD_ID <= i < _BERT_FIRST_WORD_ID + n_frequent
+        ):
             keep.add(tok)
     for text in [PROMPT_WORDS, *texts]:
         keep.update(full.encode(text, add_special_tokens=False).tokens)
     kept = sorted(keep, key=vocab.__getitem__)
     new_id = {t: j for j, t in enumerate(kept)}
     src["model"]["vocab"] = new_id
-    src["added_tokens"] = [{**a, "id": new_id[a["content"]]} for a in src["added_tokens"] if a["content"] in new_id]
+    src["added_tokens"] = [
+        {**a, "id": new_id[a["content"]]} for a in src["added_tokens"] if a["content"] in new_id
+    ]
     src["padding"] = src["truncation"] = None
     cls = new_id["[CLS]"]
     src["post_processor"] = {
         "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "single": [
+            {"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [
+            {"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [cls], "tokens": ["[CLS]"]}},
     }
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(src)), bos_token="[CLS]",
-                                  eos_token="[SEP]", unk_token="[UNK]", pad_token="[PAD]",
-                                  mask_token="[MASK]", model_max_length=TINY["max_position_embeddings"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(src)),
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=TINY["max_position_embeddings"],
+    )
     make_codec_tokens_atomic(tok, codec)
     return tok, [vocab[t] for t in kept]
 
@@ -161,8 +184,12 @@ def init_codec_rows(model: Any, tokenizer: Any, codec: Codec, *, seed: int = 0) 
     emb = model.get_input_embeddings().weight
     width = emb.shape[1]
     rng = np.random.default_rng(seed + 1)
-    rows = np.concatenate([bin_features(codec.n_bins, width, seed=seed),
-                           rng.standard_normal((len(ids) - codec.n_bins, width)).astype(np.float32)])
+    rows = np.concatenate(
+        [
+            bin_features(codec.n_bins, width, seed=seed),
+            rng.standard_normal((len(ids) - codec.n_bins, width)).astype(np.float32),
+        ]
+    )
     with torch.no_grad():
         scale = float(emb.float().std())
         new = torch.from_numpy(rows * scale).to(emb.dtype)
@@ -191,8 +218,14 @@ def encoder_embeddings(orig_ids: list[int], width: int) -> np.ndarray:
     return (w / w.std() * 0.02).astype(np.float32)
 
 
-def build_tiny(codec: Codec, texts: Iterable[str], *, init_from_encoder: bool = True,
-               seed: int = 0, overrides: dict[str, Any] | None = None) -> tuple[Any, Any]:
+def build_tiny(
+    codec: Codec,
+    texts: Iterable[str],
+    *,
+    init_from_encoder: bool = True,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of the embedded ``tiny`` model (see the module docstring).
 
     Args:
@@ -206,14 +239,19 @@ def build_tiny(codec: Codec, texts: Iterable[str], *, init_from_encoder: bool = 
 
     tokenizer, orig_ids = build_tiny_tokenizer(codec, texts)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      **{**TINY, **(overrides or {})})
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY, **(overrides or {})},
+    )
     model = LlamaForCausalLM(cfg)
     if init_from_encoder:
         with torch.no_grad():
             model.get_input_embeddings().weight.copy_(
-                torch.from_numpy(encoder_embeddings(orig_ids, cfg.hidden_size)))
+                torch.from_numpy(encoder_embeddings(orig_ids, cfg.hidden_size))
+            )
     init_codec_rows(model, tokenizer, codec, seed=seed)
     return model, tokenizer
 
@@ -226,8 +264,12 @@ def set_generation_stops(model_dir: str | Path, tokenizer: Any, codec: Codec) ->
     from transformers import GenerationConfig
 
     end_id = codec_token_ids(tokenizer, codec)[-1]
-    gc = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_id], pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id, do_sample=False)
+    gc = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, end_id],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=False,
+    )
     gc.save_pretrained(str(model_dir))
 
 
@@ -243,8 +285,14 @@ def model_files(model_dir: str | Path) -> dict[str, Any]:
     """
     d = Path(model_dir)
     info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).exists() else {}
-    out: dict[str, Any] = {"model": str(d), "merged": str(d), "base": None, "adapter": None,
-                           "tokenizer": str(d), "codec": str(d / "codec.json")}
+    out: dict[str, Any] = {
+        "model": str(d),
+        "merged": str(d),
+        "base": None,
+        "adapter": None,
+        "tokenizer": str(d),
+        "codec": str(d / "codec.json"),
+    }
     if info.get("adapter_servable") and (d / "adapter").is_dir():
         base = info["base"]
         base = str(d / base) if (d / base).is_dir() else base
@@ -252,7 +300,9 @@ def model_files(model_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def load_grounded(model_dir: str | Path, *, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, Codec]:
+def load_grounded(
+    model_dir: str | Path, *, device: str = "cpu", dtype: Any = None
+) -> tuple[Any, Any, Codec]:
     """``(model, tokenizer, codec)`` of a grounded model directory, in eval mode.
 
     A directory with full weights loads directly; one holding only a LoRA adapter
@@ -279,15 +329,18 @@ def load_grounded(model_dir: str | Path, *, device: str = "cpu", dtype: Any = No
     else:
         from kalm_ray.errors import InputError
 
-        raise InputError(f"{d}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
+        raise InputError(
+            f"{d}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)"
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer, codec
 
 
-def prepare_base(name: str, codec: Codec, *, trust_remote_code: bool = False,
-                 init_rows: bool = True) -> tuple[Any, Any]:
+def prepare_base(
+    name: str, codec: Codec, *, trust_remote_code: bool = False, init_rows: bool = True
+) -> tuple[Any, Any]:
     """A Hugging Face model + tokenizer ready for grounding with ``codec``.
 
     Codec tokens are made atomic; if any is new the embeddings are resized (mean init). With
@@ -297,7 +350,10 @@ def prepare_base(name: str, codec: Codec, *, trust_remote_code: bool = False,
 
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if make_codec_tokens_atomic(tokenizer, codec) or len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    if (
+        make_codec_tokens_atomic(tokenizer, codec)
+        or len(tokenizer) > model.get_input_embeddings().num_embeddings
+    ):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -308,4 +364,3 @@ def prepare_base(name: str, codec: Codec, *, trust_remote_code: bool = False,
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
-

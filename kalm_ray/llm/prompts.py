@@ -51,34 +51,48 @@ class EpisodeArrays:
 
 
 def rollout_prompt(codec: Codec, instruction: str, start_state: np.ndarray) -> str:
-    """Prompt of task 1; the model's continuation is a trajectory text for ``codec.decode_rollout``."""
-    return f"instruction: {instruction.strip()}\nstart: {codec.join(codec.encode_state(start_state))}\nplan:"
+    """Prompt of task 1; the model's continuation is a trajectory text (``decode_rollout``)."""
+    state = codec.join(codec.encode_state(start_state))
+    return f"instruction: {instruction.strip()}\nstart: {state}\nplan:"
 
 
 def explain_prompt(codec: Codec, states: np.ndarray, actions: np.ndarray) -> str:
     """Prompt of task 2 (trajectory -> instruction); the target is ``" " + instruction``."""
-    return (f"start: {codec.join(codec.encode_state(states[0]))}\n"
-            f"steps: {codec.encode_trajectory(states, actions)}\ninstruction:")
+    return (
+        f"start: {codec.join(codec.encode_state(states[0]))}\n"
+        f"steps: {codec.encode_trajectory(states, actions)}\ninstruction:"
+    )
 
 
 def dynamics_prompt(codec: Codec, state: np.ndarray, action: Any) -> str:
     """Prompt of task 3 (state, action -> next state tokens)."""
-    return (f"state: {codec.join(codec.encode_state(state))}\n"
-            f"action: {codec.join(codec.encode_action(action))}\nnext state:")
+    return (
+        f"state: {codec.join(codec.encode_state(state))}\n"
+        f"action: {codec.join(codec.encode_action(action))}\nnext state:"
+    )
 
 
 def consequence_prompt(codec: Codec, instruction: str, start_state: np.ndarray) -> str:
     """Prompt of task 4 (start state, instruction -> final state tokens)."""
-    return (f"instruction: {instruction.strip()}\nstart: {codec.join(codec.encode_state(start_state))}\n"
-            "final state:")
+    return (
+        f"instruction: {instruction.strip()}\n"
+        f"start: {codec.join(codec.encode_state(start_state))}\n"
+        "final state:"
+    )
 
 
-def task_pairs(codec: Codec, ep: EpisodeArrays, *, start: int = 0) -> Iterator[tuple[str, str, str]]:
-    """``(task, prompt, target)`` of the episode-level tasks, the episode cut to ``states[start:]``."""
+def task_pairs(
+    codec: Codec, ep: EpisodeArrays, *, start: int = 0
+) -> Iterator[tuple[str, str, str]]:
+    """``(task, prompt, target)`` of the episode-level tasks, on the episode from ``start`` on."""
     s, a = ep.states[start:], ep.actions[start:]
     yield "rollout", rollout_prompt(codec, ep.instruction, s[0]), codec.encode_trajectory(s, a)
     yield "explain", explain_prompt(codec, s, a), " " + ep.instruction.strip()
-    yield "consequence", consequence_prompt(codec, ep.instruction, s[0]), codec.join(codec.encode_state(s[-1]))
+    yield (
+        "consequence",
+        consequence_prompt(codec, ep.instruction, s[0]),
+        codec.join(codec.encode_state(s[-1])),
+    )
 
 
 # ---- token ids ------------------------------------------------------------------------------
@@ -92,14 +106,15 @@ def tokenize_example(tokenizer: Any, prompt: str, target: str) -> tuple[list[int
 
 
 def labels_for(input_ids: list[int] | np.ndarray, prompt_len: int) -> np.ndarray:
-    """Labels of one example: ``-100`` on the prompt, the token ids on the target. ``(L,)`` int64."""
+    """Labels of one example, ``(L,)`` int64: ``-100`` on the prompt, the ids on the target."""
     labels = np.asarray(input_ids, dtype=np.int64).copy()
     labels[:prompt_len] = IGNORE
     return labels
 
 
-def episode_examples(codec: Codec, tokenizer: Any, ep: EpisodeArrays, *,
-                     max_seq_len: int) -> tuple[list[dict[str, Any]], int]:
+def episode_examples(
+    codec: Codec, tokenizer: Any, ep: EpisodeArrays, *, max_seq_len: int
+) -> tuple[list[dict[str, Any]], int]:
     """Token-id examples of every task from one episode, and how many were dropped as too long.
 
     One rollout/explain/consequence example per episode (shortened from the front until it
@@ -113,15 +128,32 @@ def episode_examples(codec: Codec, tokenizer: Any, ep: EpisodeArrays, *,
             pairs = {k: (p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task}
             ids, plen = tokenize_example(tokenizer, *pairs[task])
             if len(ids) <= max_seq_len:
-                rows.append({"episode_id": ep.episode_id, "task": task, "input_ids": ids, "prompt_len": plen})
+                rows.append(
+                    {
+                        "episode_id": ep.episode_id,
+                        "task": task,
+                        "input_ids": ids,
+                        "prompt_len": plen,
+                    }
+                )
                 break
         else:
             dropped += 1
     for t in range(n):
-        ids, plen = tokenize_example(tokenizer, dynamics_prompt(codec, ep.states[t], ep.actions[t]),
-                                     codec.join(codec.encode_state(ep.states[t + 1])))
+        ids, plen = tokenize_example(
+            tokenizer,
+            dynamics_prompt(codec, ep.states[t], ep.actions[t]),
+            codec.join(codec.encode_state(ep.states[t + 1])),
+        )
         if len(ids) <= max_seq_len:
-            rows.append({"episode_id": ep.episode_id, "task": "dynamics", "input_ids": ids, "prompt_len": plen})
+            rows.append(
+                {
+                    "episode_id": ep.episode_id,
+                    "task": "dynamics",
+                    "input_ids": ids,
+                    "prompt_len": plen,
+                }
+            )
         else:
             dropped += 1
     return rows, dropped
@@ -158,8 +190,15 @@ def episodes_from_table(table: Any) -> list[EpisodeArrays]:
     for e, rows in groups.items():
         rows = sorted(rows, key=lambda r: t[r])
         states = np.concatenate([state[rows], nxt[rows[-1:]]], axis=0)
-        out.append(EpisodeArrays(episode_id=e, task=tasks[rows[0]], instruction=instr[rows[0]],
-                                 states=states, actions=actions[rows]))
+        out.append(
+            EpisodeArrays(
+                episode_id=e,
+                task=tasks[rows[0]],
+                instruction=instr[rows[0]],
+                states=states,
+                actions=actions[rows],
+            )
+        )
     return out
 
 
@@ -169,8 +208,15 @@ class ExampleBuilder:
     Holds the codec and the tokenizer, loaded once per worker from the work folder.
     """
 
-    def __init__(self, codec_path: str, tokenizer_dir: str, *, max_seq_len: int,
-                 heldout_fraction: float, seed: int):
+    def __init__(
+        self,
+        codec_path: str,
+        tokenizer_dir: str,
+        *,
+        max_seq_len: int,
+        heldout_fraction: float,
+        seed: int,
+    ):
         from transformers import AutoTokenizer
 
         self.codec = Codec.load(codec_path)
@@ -185,12 +231,29 @@ class ExampleBuilder:
         rows: list[dict[str, Any]] = []
         for ep in episodes_from_table(batch):
             split = "heldout" if is_heldout(ep.episode_id, self.fraction, self.seed) else "train"
-            exs, dropped = episode_examples(self.codec, self.tokenizer, ep, max_seq_len=self.max_seq_len)
+            exs, dropped = episode_examples(
+                self.codec, self.tokenizer, ep, max_seq_len=self.max_seq_len
+            )
             rows += [{**r, "split": split, "dropped": 0} for r in exs]
             if dropped:
-                rows.append({"episode_id": ep.episode_id, "task": "dropped", "input_ids": [],
-                             "prompt_len": 0, "split": split, "dropped": dropped})
-        schema = pa.schema([("episode_id", pa.string()), ("task", pa.string()),
-                            ("input_ids", pa.list_(pa.int32())), ("prompt_len", pa.int32()),
-                            ("split", pa.string()), ("dropped", pa.int32())])
+                rows.append(
+                    {
+                        "episode_id": ep.episode_id,
+                        "task": "dropped",
+                        "input_ids": [],
+                        "prompt_len": 0,
+                        "split": split,
+                        "dropped": dropped,
+                    }
+                )
+        schema = pa.schema(
+            [
+                ("episode_id", pa.string()),
+                ("task", pa.string()),
+                ("input_ids", pa.list_(pa.int32())),
+                ("prompt_len", pa.int32()),
+                ("split", pa.string()),
+                ("dropped", pa.int32()),
+            ]
+        )
         return pa.Table.from_pylist(rows, schema=schema)

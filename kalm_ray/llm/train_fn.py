@@ -84,7 +84,7 @@ def pad_batch(rows: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, np.n
     for i, (x, plen) in enumerate(rows):
         ids[i, : len(x)] = x
         mask[i, : len(x)] = 1
-        labels[i, plen: len(x)] = x[plen:]
+        labels[i, plen : len(x)] = x[plen:]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -96,19 +96,32 @@ def read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], lis
     """
     local = Path(path) if "://" not in path else None
     if local is not None and local.is_dir() and any(local.glob("*.jsonl")):
-        rows = [json.loads(line) for f in sorted(local.glob("*.jsonl")) for line in f.read_text().splitlines()
-                if line.strip()]
+        rows = [
+            json.loads(line)
+            for f in sorted(local.glob("*.jsonl"))
+            for line in f.read_text().splitlines()
+            if line.strip()
+        ]
         rows = [r for r in rows if r.get("split", "train") == "train" and r["task"] != "dropped"]
-        return ([r["episode_id"] for r in rows], [r["task"] for r in rows],
-                [r["input_ids"] for r in rows], [int(r["prompt_len"]) for r in rows])
+        return (
+            [r["episode_id"] for r in rows],
+            [r["task"] for r in rows],
+            [r["input_ids"] for r in rows],
+            [int(r["prompt_len"]) for r in rows],
+        )
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     table = pads.dataset(path, format="parquet").to_table(
         columns=["episode_id", "task", "input_ids", "prompt_len", "split"],
-        filter=(pc.field("split") == "train") & (pc.field("task") != "dropped"))
-    return (table.column("episode_id").to_pylist(), table.column("task").to_pylist(),
-            table.column("input_ids").to_pylist(), table.column("prompt_len").to_pylist())
+        filter=(pc.field("split") == "train") & (pc.field("task") != "dropped"),
+    )
+    return (
+        table.column("episode_id").to_pylist(),
+        table.column("task").to_pylist(),
+        table.column("input_ids").to_pylist(),
+        table.column("prompt_len").to_pylist(),
+    )
 
 
 class ExamplePool:
@@ -160,7 +173,9 @@ def _target_loss_module(lm: Any) -> Any:
             self.lm = lm
 
         def forward(self, input_ids, attention_mask, labels):  # noqa: ANN001 - torch tensors
-            h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            h = self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
             tgt = labels[:, 1:]
             sel = tgt != IGNORE
             logits = self.lm.get_output_embeddings()(h[:, :-1][sel])
@@ -177,8 +192,9 @@ def build_model(config: dict[str, Any], tokenizer: Any, codec: Any, *, dtype: An
     from kalm_ray.llm.model import codec_token_ids, init_codec_rows
 
     torch.manual_seed(config.get("seed", 0))
-    model = AutoModelForCausalLM.from_pretrained(config["base"], dtype=dtype,
-                                                 trust_remote_code=bool(config.get("trust_remote_code")))
+    model = AutoModelForCausalLM.from_pretrained(
+        config["base"], dtype=dtype, trust_remote_code=bool(config.get("trust_remote_code"))
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if config.get("init_codec_rows"):
@@ -190,9 +206,17 @@ def build_model(config: dict[str, Any], tokenizer: Any, codec: Any, *, dtype: An
         extra = {}
         if config.get("train_codec_embeddings", True):
             extra["trainable_token_indices"] = {"embed_tokens": codec_token_ids(tokenizer, codec)}
-        model = get_peft_model(model, LoraConfig(
-            r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-            target_modules=list(lc["target_modules"]), task_type="CAUSAL_LM", **extra))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc["r"],
+                lora_alpha=lc["alpha"],
+                lora_dropout=lc["dropout"],
+                target_modules=list(lc["target_modules"]),
+                task_type="CAUSAL_LM",
+                **extra,
+            ),
+        )
     return model
 
 
@@ -204,8 +228,10 @@ def _save_state(folder: Path, *, model: Any, opt: Any, step: int) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "params": _trainable_state(model), "optimizer": opt.state_dict()},
-               folder / STATE_FILE)
+    torch.save(
+        {"step": step, "params": _trainable_state(model), "optimizer": opt.state_dict()},
+        folder / STATE_FILE,
+    )
 
 
 def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
@@ -214,7 +240,9 @@ def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     missing = set(_trainable_state(model)) - set(state["params"])
     if missing:
-        raise RuntimeError(f"{folder}: checkpoint lacks {sorted(missing)[:3]}; not from this config")
+        raise RuntimeError(
+            f"{folder}: checkpoint lacks {sorted(missing)[:3]}; not from this config"
+        )
     model.load_state_dict(state["params"], strict=False)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
@@ -245,7 +273,9 @@ def save_final(model: Any, tokenizer: Any, codec: Any, out: Path, *, config: dic
     tokenizer.save_pretrained(str(out))
     codec.save(out)
     set_generation_stops(out, tokenizer, codec)
-    (out / INFO_FILE).write_text(json.dumps(config.get("info") or {"method": config["method"]}, indent=1))
+    (out / INFO_FILE).write_text(
+        json.dumps(config.get("info") or {"method": config["method"]}, indent=1)
+    )
     return model
 
 
@@ -270,14 +300,20 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         device = torch.device("cuda" if use_gpu else "cpu")
     if device.type == "cpu":
         # NOTE: Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker; give torch the cores this worker owns.
-        torch.set_num_threads(int(config.get("cpu_threads") or max(1, (os.cpu_count() or 1) // world)))
-    # bf16 on GPU (LoRA keeps the frozen base in bf16; full FT keeps fp32 master weights), fp32 on CPU.
-    load_dtype = torch.bfloat16 if (device.type == "cuda" and config["method"] == "lora") else torch.float32
+        torch.set_num_threads(
+            int(config.get("cpu_threads") or max(1, (os.cpu_count() or 1) // world))
+        )
+    # bf16 on GPU (LoRA: frozen base in bf16; full FT: fp32 master weights), fp32 on CPU.
+    load_dtype = (
+        torch.bfloat16 if (device.type == "cuda" and config["method"] == "lora") else torch.float32
+    )
     autocast = device.type == "cuda"
 
     codec = Codec.load(config["codec_path"])
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     model = build_model(config, tokenizer, codec, dtype=load_dtype)
     model.to(device)
     if config["method"] == "lora":
@@ -305,8 +341,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         import ray.train.torch
 
         wrapped = ray.train.torch.prepare_model(wrapped, move_to_device=False)
-    pool = ExamplePool(config["examples"], rank=rank, world=world, task_mix=config["task_mix"],
-                       seed=int(config.get("seed", 0)))
+    pool = ExamplePool(
+        config["examples"],
+        rank=rank,
+        world=world,
+        task_mix=config["task_mix"],
+        seed=int(config.get("seed", 0)),
+    )
     total = int(config["max_steps"])
     warmup = max(1, min(50, total // 20))
     every = int(config.get("checkpoint_every") or total)
@@ -330,35 +371,84 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         done = step + 1
         if done % log_every == 0 or done == total:
             dt = time.perf_counter() - t0
-            metrics = {"step": float(done), "loss": float(np.mean(losses)),
-                       "tokens_per_s": tokens / max(dt, 1e-9), "resumed_from": float(start)}
+            metrics = {
+                "step": float(done),
+                "loss": float(np.mean(losses)),
+                "tokens_per_s": tokens / max(dt, 1e-9),
+                "resumed_from": float(start),
+            }
             if rank == 0:
-                log.info("ground: step %d/%d loss %.4f (%.0f tok/s)", done, total, metrics["loss"],
-                         metrics["tokens_per_s"])
+                log.info(
+                    "ground: step %d/%d loss %.4f (%.0f tok/s)",
+                    done,
+                    total,
+                    metrics["loss"],
+                    metrics["tokens_per_s"],
+                )
             losses = []
         if done % every == 0 or done == total:
-            _checkpoint(config, ctx=ctx, rank=rank, model=model, opt=opt, step=done, metrics=metrics,
-                        final=done == total, tokenizer=tokenizer, codec=codec, device=device)
+            _checkpoint(
+                config,
+                ctx=ctx,
+                rank=rank,
+                model=model,
+                opt=opt,
+                step=done,
+                metrics=metrics,
+                final=done == total,
+                tokenizer=tokenizer,
+                codec=codec,
+                device=device,
+            )
     if start >= total:  # nothing left to train: still produce the final model
-        _checkpoint(config, ctx=ctx, rank=rank, model=model, opt=opt, step=total, metrics=metrics,
-                    final=True, tokenizer=tokenizer, codec=codec, device=device)
+        _checkpoint(
+            config,
+            ctx=ctx,
+            rank=rank,
+            model=model,
+            opt=opt,
+            step=total,
+            metrics=metrics,
+            final=True,
+            tokenizer=tokenizer,
+            codec=codec,
+            device=device,
+        )
     return metrics
 
 
-def _checkpoint(config: dict[str, Any], *, ctx: Any, rank: int, model: Any, opt: Any, step: int,
-                metrics: dict[str, float], final: bool, tokenizer: Any, codec: Any, device: Any) -> None:
+def _checkpoint(
+    config: dict[str, Any],
+    *,
+    ctx: Any,
+    rank: int,
+    model: Any,
+    opt: Any,
+    step: int,
+    metrics: dict[str, float],
+    final: bool,
+    tokenizer: Any,
+    codec: Any,
+    device: Any,
+) -> None:
     """Save a resume point (and, at the end, the final model with its metrics)."""
     with tempfile.TemporaryDirectory(prefix="kalm-ckpt-") as tmp:
         folder = Path(tmp)
         if rank == 0:
             _save_state(folder, model=model, opt=opt, step=step)
             if final:
-                _finish(config, model=model, tokenizer=tokenizer, codec=codec, out=folder / FINAL_DIR,
-                        device=device)
+                _finish(
+                    config,
+                    model=model,
+                    tokenizer=tokenizer,
+                    codec=codec,
+                    out=folder / FINAL_DIR,
+                    device=device,
+                )
         if ctx is not None:
             import ray.train
 
-            # NOTE: ray.train.report is a barrier: every worker calls it, only rank 0 attaches files.
+            # NOTE: ray.train.report is a barrier: every worker calls it; rank 0 attaches files.
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report({**metrics, "step": float(step)}, checkpoint=ckpt)
             return
@@ -378,7 +468,9 @@ def _checkpoint(config: dict[str, Any], *, ctx: Any, rank: int, model: Any, opt:
             shutil.copytree(target / FINAL_DIR, out)
 
 
-def _finish(config: dict[str, Any], *, model: Any, tokenizer: Any, codec: Any, out: Path, device: Any) -> None:
+def _finish(
+    config: dict[str, Any], *, model: Any, tokenizer: Any, codec: Any, out: Path, device: Any
+) -> None:
     """Rank 0 at the end: save the final model, then measure it on the held-out split."""
     import torch
     from transformers import AutoTokenizer

@@ -123,6 +123,12 @@ def build_config(
     except TypeError as e:
         raise ConfigError(f"train.algo_params.{algo}: {e}") from None
     cfg.rl_module(model_config=model_config(algo, train.hidden))
+    if algo != "marwil":
+        # MARWIL's connector needs the module (advantages), so it keeps RLlib's PreLearner.
+        from kalm_ray.rl.offline_data import PreparedOfflineData
+
+        cfg.offline_data(offline_data_class=PreparedOfflineData, materialize_data=False,
+                         materialize_mapped_data=True)
     cfg.offline_data(
         input_=data_path,
         input_filesystem=filesystem,

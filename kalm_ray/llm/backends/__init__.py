@@ -46,6 +46,10 @@ class GenerationSpec:
         loader: ``module:function`` that loads ``(model, tokenizer, ...)`` from ``model_dir``
             (hf backend; tests point it at a plain Hugging Face folder loader).
         lora_rank: largest LoRA rank of the adapter (vllm ``max_lora_rank``).
+        codec_tokens: every token string of the codec; when given, the hf backend stops a
+            request at its first generated token that is none of these (nor whitespace): the
+            text is already unparseable, so the filter's verdict is the same, and a batch of
+            bad requests does not run to the token budget.
     """
 
     model_dir: str
@@ -55,6 +59,7 @@ class GenerationSpec:
     top_p: float = 1.0
     loader: str = "kalm_ray.llm.model:load_grounded"
     lora_rank: int = 16
+    codec_tokens: tuple[str, ...] = ()
 
 
 def gpu_visible() -> bool:

@@ -94,6 +94,36 @@ class SeededSampling:
         return gumbel_scores(scores.float(), noise, temperature=self.temperature, top_p=self.top_p)
 
 
+class StopOnForeignToken:
+    """Stopping criterion: a request is done once it generates a token outside ``allowed``.
+
+    Called by ``generate`` after each step with the sequences so far; returns ``(B,)`` bool.
+    """
+
+    def __init__(self, allowed_ids: list[int], *, prompt_len: int):
+        import torch
+
+        self.allowed = torch.tensor(sorted(set(allowed_ids)), dtype=torch.long)
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        if input_ids.shape[1] <= self.prompt_len:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        allowed = self.allowed.to(input_ids.device)
+        return ~torch.isin(input_ids[:, -1], allowed)
+
+
+def allowed_token_ids(tok: Any, tokens: tuple[str, ...]) -> list[int]:
+    """Ids of ``tokens`` plus every vocabulary entry that decodes to whitespace only."""
+    ids = [int(i) for i in tok.convert_tokens_to_ids(list(tokens))]
+    for t, i in tok.get_vocab().items():
+        if not tok.convert_tokens_to_string([t]).strip():
+            ids.append(int(i))
+    return ids
+
+
 def cut_at_stop(ids: np.ndarray, stop_ids: list[int]) -> int:
     """Number of generated tokens up to and including the first stop id (all when none)."""
     hits = np.flatnonzero(np.isin(ids, stop_ids))
@@ -134,10 +164,13 @@ class HFGenerator:
             {int(end_id)} | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set())
         )
         self.model, self.tok, self.device, self.spec = model.eval(), tok, device, spec
+        self.allowed = (
+            allowed_token_ids(tok, spec.codec_tokens) + self.stop_ids if spec.codec_tokens else None
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         prompts = batch.column("prompt").to_pylist()
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
@@ -158,17 +191,24 @@ class HFGenerator:
                     top_p=self.spec.top_p,
                 )
             )
+        stops = StoppingCriteriaList()
+        if self.allowed is not None:
+            stops.append(StopOnForeignToken(self.allowed, prompt_len=enc["input_ids"].shape[1]))
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 generation_config=gen_cfg,
                 logits_processor=processors,
+                stopping_criteria=stops,
             )
         new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
         texts, counts = [], []
         for row in new:
             n = cut_at_stop(row, self.stop_ids)
+            if self.allowed is not None:  # a row stopped early is padded after its last token
+                foreign = np.flatnonzero(~np.isin(row[:n], self.allowed))
+                n = int(foreign[0]) + 1 if len(foreign) else n
             counts.append(n)
             texts.append(self.tok.decode(row[:n].tolist(), skip_special_tokens=False))
         n_in = enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64)

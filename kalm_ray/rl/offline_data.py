@@ -1,0 +1,39 @@
+"""An RLlib ``OfflineData`` that serves kalm_ray's prepared columns as already-mapped batches.
+
+RLlib's default offline path turns every row into a one-step ``SingleAgentEpisode`` in an
+``OfflinePreLearner`` actor and runs the learner connector over those episodes. For BC,
+discrete CQL, CQL and IQL that connector only copies ``obs, actions, rewards, new_obs,
+terminateds, truncateds`` into the batch (checked against RLlib 2.60's PreLearner output in
+``tests/test_rl_data.py``), which the prepared data already holds. So this class reads the
+prepared Parquet, names the columns the way the PreLearner would (``default_policy/obs``, ...)
+and marks the data as mapped: no episode objects, no PreLearner actor per training unit.
+MARWIL keeps RLlib's default path (its connector computes advantages with the module).
+"""
+
+from __future__ import annotations
+
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.offline.offline_data import OfflineData
+from ray.rllib.utils.annotations import override
+
+MAPPED_COLUMNS: tuple[str, ...] = (
+    Columns.OBS, Columns.ACTIONS, Columns.REWARDS, Columns.NEXT_OBS, Columns.TERMINATEDS, Columns.TRUNCATEDS,
+)
+
+
+class PreparedOfflineData(OfflineData):
+    """``OfflineData`` over prepared columns; materialised once (after renaming) when
+    ``config.materialize_mapped_data`` is set, as RLlib does after its own mapping. Set
+    ``materialize_data=False`` (the parent would materialise the raw columns first)."""
+
+    @override(OfflineData)
+    def __init__(self, config):
+        super().__init__(config)
+        prefix = f"{DEFAULT_MODULE_ID}/"
+        self.data = self.data.select_columns(list(MAPPED_COLUMNS)).rename_columns(
+            {c: prefix + c for c in MAPPED_COLUMNS}
+        )
+        if config.materialize_mapped_data:
+            self.data = self.data.materialize()
+        self.data_is_mapped = True
