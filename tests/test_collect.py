@@ -311,6 +311,41 @@ def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, cle
         assert r.table.equals(local.run_unit(r.unit).table)
 
 
+def test_metaworld_noisy_expert_episodes():
+    """In-process (no Ray): the noisy metaworld.policies expert, labelled by the suite."""
+    import gymnasium as gym
+
+    from kalm_ray.data.collect_actor import EpisodeCollector, WorkUnit
+    from kalm_ray.envs import get_suite
+
+    mw = get_suite("metaworld")
+    noisy = CollectSpec(
+        env="metaworld",
+        max_episode_steps=mw.max_episode_steps,
+        seed=0,
+        epsilon=0.0,
+        fail_fraction=0.0,
+        action_noise=0.3,
+    )
+    unit = WorkUnit("reach", mw.tasks("train").index("reach"), 0, 2)
+    result = EpisodeCollector(noisy).run_unit(unit)
+    assert result.table.equals(EpisodeCollector(noisy).run_unit(unit).table)
+    rows = result.table.to_pylist()
+    assert isinstance(mw.action_space, gym.spaces.Box)
+    acts = np.array([r["action"] for r in rows], np.float32)
+    assert acts.shape == (len(rows), 4) and np.all(np.abs(acts) <= 1.0)
+    start = {}
+    for r in rows:
+        start.setdefault(r["episode_id"], np.asarray(r["state"], np.float32))
+        ok = bool(
+            mw.success("reach", start[r["episode_id"]], np.asarray(r["next_state"], np.float32))
+        )
+        assert r["success"] == ok and not (r["terminated"] and not ok)
+        assert r["instruction"] in mw.instructions("train", "reach")
+    quiet = EpisodeCollector(CollectSpec(**{**noisy.__dict__, "action_noise": 0.0})).run_unit(unit)
+    assert not quiet.table.equals(result.table)  # the noise is there
+
+
 # ---- bad input: one line, non-zero exit, before any work -----------------------------------------
 
 

@@ -14,6 +14,7 @@ data depend only on (config, seed, task, episode index), never on which actor ra
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -192,7 +193,11 @@ class EpisodeCollector:
             low, high = self.suite.action_space.low, self.suite.action_space.high
 
             def act(env: gym.Env, info: dict) -> np.ndarray:
-                a = np.asarray(self.suite.expert_action(expert, info), dtype=np.float64)
+                with warnings.catch_warnings():
+                    # metaworld.policies warns when its gains leave the [-1, 1] box; the env
+                    # clips (and so do we), as in Meta-World's own evaluation.
+                    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+                    a = np.asarray(self.suite.expert_action(expert, info), dtype=np.float64)
                 a = a + spec.action_noise * rng.standard_normal(a.shape)
                 return np.clip(a, low, high).astype(np.float32)
 

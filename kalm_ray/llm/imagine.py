@@ -102,6 +102,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     )
 
     # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------
+    import ray.data
+
     writer_meta = {
         "model": cfg.ground.model.name,
         "model_output_id": plan.inputs.get("ground"),
@@ -122,7 +124,9 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             },
             batch_format="pyarrow",
             batch_size=None,
-            num_cpus=0.25,  # light numpy work beside the generation actors
+            num_cpus=0.5,  # light numpy work beside the generation actors
+            # A few worker processes keep up with generation; more only cost memory/startup.
+            compute=ray.data.TaskPoolStrategy(size=max(2, icfg.max_actors)),
         )
         stats = write_rollouts(
             judged,

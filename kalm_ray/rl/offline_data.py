@@ -12,6 +12,7 @@ MARWIL keeps RLlib's default path (its connector computes advantages with the mo
 
 from __future__ import annotations
 
+import pyarrow.fs as pafs
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.offline.offline_data import OfflineData
@@ -30,10 +31,17 @@ class PreparedOfflineData(OfflineData):
     @override(OfflineData)
     def __init__(self, config):
         super().__init__(config)
-        prefix = f"{DEFAULT_MODULE_ID}/"
-        self.data = self.data.select_columns(list(MAPPED_COLUMNS)).rename_columns(
-            {c: prefix + c for c in MAPPED_COLUMNS}
-        )
+        names = {c: f"{DEFAULT_MODULE_ID}/{c}" for c in MAPPED_COLUMNS}
         if config.materialize_mapped_data:
-            self.data = self.data.materialize()
+            # Read in this process and hand Ray Data the table: one read per unit and no read
+            # tasks to schedule (each needs a worker process; slow on a busy 2-core machine).
+            import pyarrow.dataset as pads
+            import ray.data
+
+            fs = self.filesystem_object or pafs.LocalFileSystem()
+            table = pads.dataset(str(self.path), filesystem=fs, format="parquet").to_table(
+                columns=list(MAPPED_COLUMNS))
+            self.data = ray.data.from_arrow(table.rename_columns([names[c] for c in table.column_names]))
+        else:
+            self.data = self.data.select_columns(list(MAPPED_COLUMNS)).rename_columns(names)
         self.data_is_mapped = True
