@@ -386,6 +386,19 @@ def test_unknown_task_fails_before_work(tmp_path, capsys, task, needle):
     assert not (run_dir / "data").exists()
 
 
+def test_missing_text_encoder_fails_before_work(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    data = {
+        "name": "bad-input",
+        "collect": {"episodes_per_task": 1},
+        "text": {"encoder": "/no/model"},
+    }
+    path.write_text(yaml.safe_dump(data))
+    line = _one_line_error(capsys, ["collect", str(path), "--run-dir", str(tmp_path / "run")])
+    assert "text.encoder" in line and "/no/model" in line
+    assert not (tmp_path / "run" / "data").exists()
+
+
 def test_unwritable_or_malformed_run_dir(tmp_path, capsys):
     cfg = _write_cfg(tmp_path)
     a_file = tmp_path / "file"

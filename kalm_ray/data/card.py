@@ -77,4 +77,4 @@ def dataset_card(stats: list[TaskStats], *, env: str, policy: str, facts: dict[s
         *[f"- {k}: {v}" for k, v in facts.items()],
         "",
     ]
-    return "\n".join(head) + card_table(stats) + "\n"
+    return "\n".join(head) + "\n" + card_table(stats) + "\n"

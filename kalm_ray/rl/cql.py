@@ -82,6 +82,11 @@ class StateActionEncoder(nn.Module):
         return self.rest(self.obs_in(obs).unsqueeze(1) + self.act_in(actions))
 
 
+def _q(encoder: nn.Module, head: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` Q values of ``(B, D)`` observations and ``(B, A)`` actions."""
+    return head(encoder({Columns.OBS: obs, Columns.ACTIONS: actions})[ENCODER_OUT])[..., 0]
+
+
 def _frozen(*nets: nn.Module) -> list[nn.Parameter]:
     params = [p for n in nets for p in n.parameters() if p.requires_grad]
     for p in params:
@@ -139,16 +144,12 @@ class KalmCQLTorchRLModule(DefaultCQLTorchRLModule):
             a_rand = low + (a_rand + 1.0) * 0.5 * (high - low)
             out["logps_curr_repeat"] = logp_curr_n.transpose(0, 1).unsqueeze(-1)
             out["logps_next_repeat"] = logp_next_n.transpose(0, 1).unsqueeze(-1)
-            # Target: min over target critics at (s', a'~pi(s')).
-            q_targets = [
-                head(enc(batch_next))[..., 0]
-                for enc, head, batch_next in (
-                    (self.target_qf_encoder, self.target_qf, {Columns.OBS: next_obs, Columns.ACTIONS: a_next}),
-                    *(((self.target_qf_twin_encoder, self.target_qf_twin,
-                        {Columns.OBS: next_obs, Columns.ACTIONS: a_next}),) if self.twin_q else ()),
-                )
-            ]
-            out["q_target_next"] = torch.min(torch.stack(q_targets), dim=0).values
+            # Target: min over the target critics at (s', a' ~ pi(s')).
+            targets = [(self.target_qf_encoder, self.target_qf)]
+            if self.twin_q:
+                targets.append((self.target_qf_twin_encoder, self.target_qf_twin))
+            out["q_target_next"] = torch.min(
+                torch.stack([_q(enc, head, next_obs, a_next) for enc, head in targets]), dim=0).values
         # Per critic, one pass over s for [data action, N random, N current-policy] and one
         # over s' for N next-policy actions; the obs half of the first layer runs once per state.
         acts_s = torch.cat([actions.unsqueeze(1), a_rand, a_curr_n.transpose(0, 1)], dim=1)
@@ -166,7 +167,7 @@ class KalmCQLTorchRLModule(DefaultCQLTorchRLModule):
         # Actor term: Q of the reparameterised policy action, critics frozen (the gradient
         # reaches the policy only).
         frozen = _frozen(*(m for pair in self._critics() for m in pair))
-        q_pi = [head(enc({Columns.OBS: obs, Columns.ACTIONS: a_pi}))[..., 0] for enc, head in self._critics()]
+        q_pi = [_q(enc, head, obs, a_pi) for enc, head in self._critics()]
         for p in frozen:
             p.requires_grad_(True)
         out["q_curr"] = torch.min(torch.stack(q_pi), dim=0).values

@@ -92,6 +92,18 @@ class ModuleExporter:
         self.module.save_to_path(dest)
 
 
+def _close_iterators(algo: Any) -> None:
+    """Close the Ray Data iterators RLlib keeps after ``algo.stop()``."""
+    # NOTE: otherwise they are collected at interpreter exit, after Ray shut down, and each
+    # prints a "Ray is not initialized" traceback (ray.data stats update in GeneratorExit).
+    learner = getattr(algo.learner_group, "_learner", None)
+    iterator = getattr(learner, "iterator", None)
+    offline = getattr(algo, "offline_data", None)
+    for gen in (getattr(iterator, "_epoch_iterator", None), getattr(offline, "batch_iterators", None)):
+        if hasattr(gen, "close"):
+            gen.close()
+
+
 def train_unit(
     unit: Unit,
     *,
@@ -150,6 +162,7 @@ def train_unit(
         exporter.save(os.path.join(local, MODULE_DIR))
         algo.save_to_path(os.path.join(local, CHECKPOINT_DIR))
     finally:
+        _close_iterators(algo)
         algo.stop()
     if tmp is not None:
         pafs.copy_files(local, run.path(out_dir, unit.name), source_filesystem=pafs.LocalFileSystem(),

@@ -2,7 +2,10 @@
 
 :class:`HFGenerator` is the callable class ``map_batches`` runs: each actor loads the model
 once, then generates a whole batch per call with the KV cache and left padding, stopping a
-request at the codec's end token (or the tokenizer's EOS) or at ``max_new_tokens``.
+request at the codec's end token (or the tokenizer's EOS) or at ``max_new_tokens``. When
+the spec lists the codec's tokens, a request also stops at its first token outside them
+(:class:`StopOnForeignToken`): its text is unparseable from there on anyway, and a batch no
+longer runs to the token budget for the sake of rows that are already lost.
 
 Sampling (temperature > 0) is done with the Gumbel-max trick in a logits processor, with one
 random stream per request seeded by the request's seed: a request's output then depends on

@@ -1,0 +1,120 @@
+"""The offline-RL data pipeline: obs layout, the embedding join, mixes, RLlib's columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kalm_ray.artifacts import RunDir
+from kalm_ray.errors import InputError
+from kalm_ray.rl.dataset import JoinEmbeddings, load_embeddings, make_obs, mix_counts, prepare_mix
+from kalm_ray.rl.synthetic import ToyTask, write_toy_run
+
+
+def test_make_obs_concatenates_state_then_embedding():
+    state = np.arange(6, dtype=np.float32).reshape(2, 3)
+    emb = np.full((2, 4), 7.0, dtype=np.float32)
+    obs = make_obs(state, emb)
+    assert obs.shape == (2, 7) and obs.dtype == np.float32
+    assert np.array_equal(obs[:, :3], state) and np.array_equal(obs[:, 3:], emb)
+    with pytest.raises(ValueError):
+        make_obs(state, emb[:1])
+
+
+def test_join_gives_rllib_columns_with_full_obs_width():
+    task = ToyTask(discrete=True)
+    table = task.table(task.episodes(20, seed=3))
+    out = JoinEmbeddings(dict(zip(task.instructions, task.embeddings)))(table)
+    n = table.num_rows
+    assert set(out) == {"obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "eps_id"}
+    assert out["obs"].shape == (n, 10 + 384) and out["new_obs"].shape == (n, 394)
+    # Every row carries its own instruction's embedding, next to its own state.
+    idx = [task.instructions.index(t) for t in table.column("instruction").to_pylist()]
+    assert np.array_equal(out["obs"][:, 10:], task.embeddings[idx])
+    assert np.array_equal(out["obs"][:, :10], np.stack(table.column("state").to_numpy(zero_copy_only=False)))
+    assert out["actions"].dtype == np.int64
+    # Terminated and truncated stay distinct.
+    assert out["terminateds"].sum() == table.column("terminated").to_numpy().sum()
+    assert out["truncateds"].sum() == table.column("truncated").to_numpy().sum()
+    assert not (out["terminateds"] & out["truncateds"]).any()
+
+
+def test_join_raises_naming_an_instruction_without_embedding():
+    task = ToyTask(discrete=True)
+    table = task.table(task.episodes(10, seed=0))
+    missing = table.column("instruction")[0].as_py()
+    emb = {t: e for t, e in zip(task.instructions, task.embeddings) if t != missing}
+    with pytest.raises(InputError, match=repr(missing)):
+        JoinEmbeddings(emb)(table)
+
+
+def test_mix_counts():
+    assert mix_counts(100, 40, None) == (100, 40)
+    assert mix_counts(100, 40, 0.5) == (100, 100)
+    assert mix_counts(100, 400, 0.2) == (100, 25)
+    assert mix_counts(100, 0, 0.5) == (100, 0)
+    assert mix_counts(100, 40, 1.0) == (0, 40)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    run = RunDir(str(tmp_path_factory.mktemp("rl-data")))
+    task = ToyTask(discrete=True)
+    write_toy_run(run, task, episodes=60, imagined=30, seed=1)
+    return run, task
+
+
+def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run):
+    run, task = toy_run
+    emb = load_embeddings(run)
+    info = prepare_mix(run, "real+imagined", "policy/_data/real+imagined", embeddings=emb, ratio=None, seed=0)
+    n_real = pq.read_metadata(run.path("data/real/part-0.parquet")).num_rows
+    n_im = pq.read_metadata(run.path("data/imagined/part-0.parquet")).num_rows
+    assert info.rows == {"real": n_real, "imagined": n_im} and info.obs_dim == 394
+    import ray.data
+
+    rows = ray.data.read_parquet(info.path).take_batch(10_000)
+    assert rows["obs"].shape == (n_real + n_im, 394)
+    known = {e.tobytes() for e in task.embeddings}
+    assert all(r[10:].tobytes() in known for r in rows["obs"])
+    assert np.array_equal(rows["obs"][:, 10:], rows["new_obs"][:, 10:])
+
+
+def test_prepare_mix_refuses_missing_embedding_before_running(tmp_path):
+    run = RunDir(str(tmp_path))
+    task = ToyTask(discrete=True)
+    write_toy_run(run, task, episodes=40, drop_embeddings=(task.instructions[3],))
+    with pytest.raises(InputError, match=repr(task.instructions[3])):
+        prepare_mix(run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0)
+
+
+@pytest.mark.parametrize("algo,discrete", [("bc", True), ("dcql", True), ("cql", False), ("iql", False)])
+def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, algo, discrete):
+    """The shortcut past RLlib's PreLearner hands learners exactly what the PreLearner would."""
+    import ray.data
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+    from ray.rllib.offline.offline_prelearner import OfflinePreLearner
+
+    from kalm_ray.config import TrainConfig
+    from kalm_ray.rl.algos import build_config
+    from kalm_ray.rl.offline_data import PreparedOfflineData
+
+    task = ToyTask(discrete=discrete, emb_dim=8)
+    batch = JoinEmbeddings(dict(zip(task.instructions, task.embeddings)))(task.table(task.episodes(8, seed=2)))
+    ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(len(batch["rewards"]))]) \
+        .write_parquet(str(tmp_path / "prep"))
+    cfg = build_config(algo, train=TrainConfig(hidden=[8], batch_size=4), data_path=str(tmp_path / "prep"),
+                       filesystem=None, obs_dim=18, action_space=task.action_space, num_rows=10, seed=0)
+    spaces = (cfg.observation_space, cfg.action_space)
+    spec = MultiRLModuleSpec(rl_module_specs={"default_policy": cfg.get_rl_module_spec()})
+    pre = OfflinePreLearner(config=cfg, spaces=spaces, module_spec=spec)(dict(batch))
+    ours = PreparedOfflineData(cfg).data.take_batch(1_000)
+    order = np.lexsort(ours["default_policy/obs"].T)
+    ref_order = np.lexsort(pre["default_policy/obs"].numpy().T)
+    assert set(ours) == set(pre)
+    for key, ref in pre.items():
+        ref = ref.numpy()[ref_order]
+        got = np.asarray(ours[key])[order]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, key
+        assert np.array_equal(got, ref), key
