@@ -10,6 +10,11 @@ from the first unit to the last result with every worker already started and hol
 every policy (one single-episode warm-up unit per policy; start-up and warm-up are reported
 apart), and must give identical per-episode outcomes.
 
+The ratio means something only on free cores: on a machine shared with other jobs, Linux's
+autogroup scheduler gives each session one share of the CPU however many processes it runs
+(the actors are in the driver's session), so both modes get about the same CPU and the
+ratio drops toward 1. The load average is printed for that reason.
+
 Policies: with ``--run-dir``, the exported policies and instruction embeddings of that run;
 otherwise bench stand-ins: seeded random MLPs (state + 384-d embedding -> 256 -> 256 -> 40,
 argmax) with seeded random unit embeddings. A random policy rarely succeeds, so nearly
@@ -153,9 +158,6 @@ def main() -> None:
         n_envs=args.envs_per_worker,
         max_steps=suite.max_episode_steps,
     )
-    EvalWorker(**kwargs).run(
-        WorkUnit(-1, units[0].policy, units[0].policy_dir, specs[:1])
-    )  # imports
     # NOTE: Ray starts worker processes at nice 15 (raylet config ``worker_niceness``), the
     # driver runs at 0: on a machine shared with other jobs the actors would then lose the
     # CPU to them and the ratio would measure priorities, not parallelism. Same nice for both.
@@ -163,6 +165,7 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=max(8, os.cpu_count() or 1)))
 
     n = sum(len(u.specs) for u in units)
+    load_before = os.getloadavg()[0]
     local, remote, startup = [], [], []
     ref: dict | None = None
     for _ in range(args.repeat):
@@ -183,7 +186,8 @@ def main() -> None:
     print(
         f"evaluate bench: env=clevr policies={len(policies)} episodes={n} units={len(units)} "
         f"env_steps={steps} successes={succ} envs_per_worker={args.envs_per_worker} "
-        f"cores={os.cpu_count()} repeat={args.repeat}"
+        f"cores={os.cpu_count()} repeat={args.repeat} "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     print(f"  1 worker in-process : {lo:8.1f} episodes/s   (runs: {_runs(local)})")
     print(

@@ -182,7 +182,7 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def local_cluster(nodes: int, attempts: int = 2) -> Iterator[LocalCluster]:
+def local_cluster(nodes: int, attempts: int = 3) -> Iterator[LocalCluster]:
     """A running cluster of ``nodes`` nodes, stopped on exit.
 
     A node that does not register within Ray's fixed 30 s (a machine shared with other test

@@ -124,8 +124,8 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             facts={
                 "seed": str(cfg.seed),
                 "episode limit": f"{spec.max_episode_steps} steps",
-                "instructions": f"{instructions.num_rows} wordings over {len(LEVELS)} levels "
-                f"in {run.uri_of(*INSTRUCTIONS_FILE)}",
+                "instructions": f"{instructions.num_rows} wordings over {len(LEVELS)} levels, "
+                f"embedded by {encoder_name} ({embedding_dim}-d), in `data/instructions.parquet`",
                 "files": f"{len(files.written)} Parquet files, one per task",
             },
         )

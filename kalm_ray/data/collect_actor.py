@@ -308,6 +308,7 @@ class CollectorPool:
         log.warning(
             "collect: worker %d died (%s); starting a replacement", slot, type(err).__name__
         )
+        ray.kill(self.actors[slot])  # may be merely unreachable: make sure it is gone
         self.actors[slot] = self._start()
 
     def shutdown(self) -> None:
