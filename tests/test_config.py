@@ -69,3 +69,13 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     b = parse_config({"name": "exp", "collect": {"epsilon": 0.1}}).section_hash("env", "collect")
     c = parse_config({"name": "exp", "collect": {"epsilon": 0.2}}).section_hash("env", "collect")
     assert a == b != c
+
+
+def test_placement_fields_do_not_change_stage_hash() -> None:
+    base = parse_config({"name": "x"})
+    more = parse_config({"name": "x", "collect": {"num_workers": 8}, "evaluate": {"num_workers": 3},
+                         "imagine": {"max_actors": 6}, "text": {"batch_size": 8}})
+    for sections in (("env", "collect", "text"), ("env", "evaluate"), ("env", "ground", "imagine")):
+        assert base.section_hash(*sections) == more.section_hash(*sections)
+    assert base.section_hash("collect") != parse_config(
+        {"name": "x", "collect": {"episodes_per_task": 3}}).section_hash("collect")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from test_eval_support import ToySuite, load_scripted, toy_make_obs, toy_suite_env, write_toy_run
 
@@ -59,7 +60,13 @@ def test_evaluate_writes_results_headline_and_report(ray_local, toy_stage, capsy
     assert "No imagined data" in report  # no filter_report.json in this run: said, not crashed
     for png in ("success_by_level.png", "learning_curves.png"):
         assert run.read_bytes("eval", png)[:4] == b"\x89PNG"
-    assert run.exists("eval", "episodes.parquet") and run.exists("eval", "manifest.json")
+    assert run.exists("eval", "manifest.json")
+    # Paired: every policy ran exactly the same (index, level, task, wording, seed) list.
+    eps = pq.read_table(run.path("eval", "episodes.parquet")).to_pylist()
+    key = ("index", "level", "task", "wording", "seed")
+    per_policy = {n: [tuple(r[k] for k in key) for r in eps if r["policy"] == n] for n in POLICIES}
+    assert all(len(v) == n_specs for v in per_policy.values())
+    assert len({tuple(v) for v in per_policy.values()}) == 1
 
     # Current manifest: skipped. `kalm report` regenerates the report from files alone.
     assert run_evaluate(cfg, run).output_id == manifest.output_id

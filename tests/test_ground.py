@@ -205,6 +205,20 @@ def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:
     write_manifest(run, "data/real", Manifest.new("collect", "x", {}))
 
 
+def test_cosine_lr_and_bin_features():
+    from kalm_ray.llm.model import bin_features
+    from kalm_ray.llm.train_fn import cosine_lr
+
+    assert cosine_lr(0, total=100, peak=1.0, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(9, total=100, peak=1.0, warmup=10) == pytest.approx(1.0)
+    assert cosine_lr(100, total=100, peak=1.0, warmup=10) == pytest.approx(0.1)
+    f = bin_features(64, 32)
+    assert f.shape == (64, 32) and np.sqrt((f**2).mean()) == pytest.approx(1.0, rel=1e-4)
+    near, far = np.linalg.norm(f[10] - f[11]), np.linalg.norm(f[10] - f[50])
+    assert near < 0.5 * far  # neighbouring values start close
+
+
+@pytest.mark.slow
 def test_run_ground_stage(tmp_path, ray_local):
     from kalm_ray.config import parse_config
     from kalm_ray.llm.ground import run_ground

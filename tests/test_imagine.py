@@ -24,7 +24,7 @@ END = "<eot>"
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, *, seed: int = 0, hidden: int = 32, heads: int = 4) -> Path:
     """A randomly initialised 2-layer Llama and a word-level tokenizer, saved as an HF folder."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -39,11 +39,11 @@ def save_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2 or 1,
         max_position_embeddings=256,
         pad_token_id=0,
         bos_token_id=1,

@@ -60,8 +60,9 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     timings["examples_s"] = time.perf_counter() - t1
     print(
         f"[kalm] ground: {counts['examples_train']} training examples from "
-        f"{counts['episodes_train']} "
-        f"episodes ({counts['episodes_heldout']} held out); model {g.model.name}, {g.method}",
+        f"{counts['episodes_train']} episodes ({counts['episodes_heldout']} held out); "
+        f"training {g.model.name} ({g.method}) for {g.max_steps} steps on {g.num_workers} "
+        f"worker(s)",
         flush=True,
     )
 
@@ -226,7 +227,9 @@ def _build_examples(
         for part in ("examples", "heldout_real"):
             run.delete(work, part)
         real = ray.data.read_parquet(run.uri_of("data", "real"), file_extensions=["parquet"])
-        examples = real.groupby("episode_id").map_groups(
+        # A hash shuffle's default partition count spawns dozens of tasks; small data needs one.
+        parts = max(1, min(64, real.count() // 50_000 + 1))
+        examples = real.groupby("episode_id", num_partitions=parts).map_groups(
             ExampleBuilder,
             batch_format="pyarrow",
             concurrency=2,

@@ -91,10 +91,9 @@ def check_embeddings(instructions: list[str], table: dict[str, np.ndarray], *, w
 
 
 class JoinEmbeddings:
-    """Ray Data ``map_batches`` callable: transition rows -> RLlib offline columns.
+    """Transition rows (a pyarrow batch) -> RLlib offline columns, given the instruction table.
 
-    Holds the instruction table (text -> embedding) once per actor. A row whose instruction
-    has no embedding raises :class:`InputError` (never dropped).
+    A row whose instruction has no embedding raises :class:`InputError` (never dropped).
     """
 
     def __init__(self, table: dict[str, np.ndarray], seed: int | None = None):
@@ -126,6 +125,11 @@ class JoinEmbeddings:
             "truncateds": batch.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
             "eps_id": np.asarray(batch.column("episode_id").to_pylist(), dtype=object),
         }
+
+
+def join_batch(batch: pa.Table, *, table: dict[str, np.ndarray], seed: int | None) -> dict[str, np.ndarray]:
+    """``map_batches`` function form of :class:`JoinEmbeddings`."""
+    return JoinEmbeddings(table, seed)(batch)
 
 
 @dataclass
@@ -221,8 +225,6 @@ def prepare_mix(
     reached in expectation (Bernoulli sampling), not to the row.
     Raises InputError when a source folder is empty or an instruction has no embedding.
     """
-    import ray.data
-
     have: dict[str, int] = {}
     for source in MIX_SOURCES[mix]:
         texts, have[source] = source_instructions(run, source)
@@ -235,13 +237,10 @@ def prepare_mix(
     if not parts:
         raise InputError(f"data mix {mix!r}: no rows")
     mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    joined = mixed.map_batches(
-        JoinEmbeddings,
-        fn_constructor_kwargs={"table": embeddings, "seed": seed},
-        batch_format="pyarrow",
-        batch_size=8192,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-    )
+    # A task (not an actor pool) so that Ray Data fuses read -> join -> write into one task
+    # per file on pooled workers; an actor would start a process of its own per unit of work.
+    joined = mixed.map_batches(join_batch, fn_kwargs={"table": embeddings, "seed": seed},
+                               batch_format="pyarrow", batch_size=8192)
     joined.write_parquet(run.path(out_dir), filesystem=run.fs)
     schema = pq.read_schema(source_files(run, "real")[0], filesystem=run.fs)
     return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in have},
