@@ -36,15 +36,27 @@ from kalm_ray.llm.backends.hf import HFGenerator, cut_at_stop
 
 
 def naive_generate(
-    model, tok, prompts: list[str], *, max_new_tokens: int, stop_ids: list[int], batch_size: int = 8
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    allowed: list[int] | None = None,
+    batch_size: int = 8,
 ) -> list[list[int]]:
-    """The reference loop: re-run the model on the whole sequence each step, no cache."""
+    """The reference loop: re-run the model on the whole sequence each step, no cache.
+
+    Stops a row where ours does (a stop id, or with ``allowed`` a token outside it), so both
+    do the same work and their greedy outputs can be compared.
+    """
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         seq, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
         done = torch.zeros(len(seq), dtype=torch.bool, device=model.device)
         stops = torch.tensor(stop_ids, device=model.device)
+        ok = None if allowed is None else torch.tensor(sorted(set(allowed)), device=model.device)
         new: list[torch.Tensor] = []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
@@ -56,12 +68,19 @@ def naive_generate(
                 nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
                 new.append(nxt)
                 done |= torch.isin(nxt, stops)
+                if ok is not None:
+                    done |= ~torch.isin(nxt, ok)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 if done.all():
                     break
         ids = torch.stack(new, dim=1).cpu().numpy()
-        out += [row[: cut_at_stop(row, stop_ids)].tolist() for row in ids]
+        for row in ids:
+            n = cut_at_stop(row, stop_ids)
+            if allowed is not None:
+                foreign = np.flatnonzero(~np.isin(row[:n], allowed))
+                n = int(foreign[0]) + 1 if len(foreign) else n
+            out.append(row[:n].tolist())
     return out
 
 
@@ -131,6 +150,7 @@ def stage_setup(config: str, run_dir: str, n: int) -> tuple[GenerationSpec, pa.T
         model_dir=run.uri_of("model"),
         max_new_tokens=max_new_tokens(codec, max_steps),
         end_token=codec.end_token,
+        codec_tokens=tuple(codec.all_tokens),
     )
     return spec, table.take(pa.array(idx))
 
@@ -190,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts,
             max_new_tokens=spec.max_new_tokens,
             stop_ids=gen.stop_ids,
+            allowed=gen.allowed,
             batch_size=8,
         )
         naive_s = time.perf_counter() - t0

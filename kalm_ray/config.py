@@ -256,7 +256,9 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    _placement_only = frozenset({"num_workers", "envs_per_worker", "num_cpus_per_worker"})
+    _placement_only = frozenset(
+        {"num_workers", "envs_per_worker", "num_cpus_per_worker", "episodes_per_unit"}
+    )
 
     num_workers: PosInt | None = None
     """Evaluation actors; None = available CPUs."""

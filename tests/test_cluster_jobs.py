@@ -110,7 +110,10 @@ class LocalCluster:
         ]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
+            logs = sorted((self.dir / "ray" / "session_latest" / "logs").glob("raylet*.out"))
+            tail = logs[-1].read_text()[-1500:] if logs else "(no raylet log)"
             raise RuntimeError(
+                f"ray start {args[0]} failed ({r.returncode}); raylet log tail:\n{tail}\n"
                 f"ray start failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
             )
         self.nodes += 1

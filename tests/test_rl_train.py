@@ -1,0 +1,153 @@
+"""Training units and the ``train`` stage on tiny synthetic data (see kalm_ray.rl.synthetic)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kalm_ray.artifacts import RunDir
+from kalm_ray.config import TrainConfig, parse_config
+from kalm_ray.errors import ConfigError
+from kalm_ray.rl.dataset import load_embeddings, make_obs, prepare_mix
+from kalm_ray.rl.policy import CHECKPOINT_DIR, CURVE_FILE, MODULE_DIR, POLICY_INFO, load_policy
+from kalm_ray.rl.synthetic import ToyTask, write_toy_run
+from kalm_ray.rl.unit import Unit, train_unit
+
+TINY = TrainConfig(iterations=2, updates_per_iteration=3, batch_size=32, hidden=[32, 32], quick_eval_every=0)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    """A toy run per action kind with its ``real`` mix prepared once: {discrete: (run, task, mix)}."""
+    out = {}
+    for discrete in (True, False):
+        run = RunDir(str(tmp_path_factory.mktemp("rl-train-d" if discrete else "rl-train-c")))
+        task = ToyTask(discrete=discrete)
+        write_toy_run(run, task, episodes=80, seed=4)
+        mix = prepare_mix(run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0)
+        out[discrete] = (run, task, mix)
+    return out
+
+
+def _check_policy_folder(run: RunDir, task: ToyTask, name: str, algo: str) -> None:
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    folder = run.path("policy", name)
+    for f in (POLICY_INFO, MODULE_DIR, CHECKPOINT_DIR, CURVE_FILE):
+        assert os.path.exists(os.path.join(folder, f)), f
+    policy = load_policy(folder)
+    info = policy.info
+    assert (info["algo"], info["obs_dim"], info["state_dim"], info["emb_dim"]) == (algo, 394, 10, 384)
+    rng = np.random.default_rng(0)
+    obs = make_obs(rng.uniform(-1, 1, (7, 10)), task.embeddings[rng.integers(0, 8, 7)])
+    a = policy.act(obs)
+    assert np.array_equal(a, policy.act(obs))  # deterministic
+    if task.discrete:
+        assert a.shape == (7,) and a.dtype == np.int64 and ((a >= 0) & (a < 40)).all()
+    else:
+        assert a.shape == (7, 4) and a.dtype == np.float32 and (np.abs(a) <= 1).all()
+    # The full RLlib checkpoint holds the learner's module, which loads and acts on its own.
+    module = RLModule.from_checkpoint(
+        os.path.join(folder, CHECKPOINT_DIR, "learner_group", "learner", "rl_module", "default_policy"))
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    with torch.no_grad():
+        out = module.forward_inference({Columns.OBS: torch.from_numpy(obs)})
+    assert out[Columns.ACTION_DIST_INPUTS].shape[0] == 7
+    with open(os.path.join(folder, CURVE_FILE)) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "algo,discrete",
+    [
+        ("bc", True),
+        ("dcql", True),
+        pytest.param("marwil", True, marks=pytest.mark.slow),
+        pytest.param("bc", False, marks=pytest.mark.slow),
+        pytest.param("cql", False, marks=pytest.mark.slow),
+        pytest.param("iql", False, marks=pytest.mark.slow),
+    ],
+)
+def test_two_iterations_write_a_policy_that_reloads_and_acts(prepared, algo, discrete):
+    run, task, mix = prepared[discrete]
+    unit = Unit(algo, "real", 0)
+    res = train_unit(unit, train=TINY, run=run, out_dir="policy", mix=mix, action_space=task.action_space,
+                     info={"env": "toy", "encoder": "toy"}, quick_eval=None)
+    assert res["iterations"] == 2 and res["updates"] == 6
+    _check_policy_folder(run, task, unit.name, algo)
+
+
+def test_discrete_cql_learns_a_small_offline_task_better_than_chance(prepared):
+    run, task, mix = prepared[True]
+    train = TrainConfig(iterations=4, updates_per_iteration=100, batch_size=128, hidden=[64, 64],
+                        lr=1e-3, quick_eval_every=0, gamma=0.9)
+    unit = Unit("dcql", "real", 1)
+    train_unit(unit, train=train, run=run, out_dir="policy", mix=mix, action_space=task.action_space,
+               info={"env": "toy", "encoder": "toy"}, quick_eval=None)
+    policy = load_policy(run.path("policy", unit.name))
+    rng = np.random.default_rng(7)
+    instr = rng.integers(0, len(task.instructions), 500)
+    states = rng.uniform(-1, 1, (500, 10)).astype(np.float32)
+    accuracy = task.correct(instr, states, policy.act(make_obs(states, task.embeddings[instr]))).mean()
+    chance = 1 / task.action_space.n
+    assert accuracy > 10 * chance, f"greedy-Q accuracy {accuracy:.3f} vs chance {chance:.3f}"
+
+
+def test_unknown_algo_param_is_a_config_error():
+    import gymnasium as gym
+
+    from kalm_ray.rl.algos import build_config
+
+    train = TrainConfig(algo_params={"dcql": {"no_such_knob": 1}})
+    with pytest.raises(ConfigError, match="train.algo_params.dcql"):
+        build_config("dcql", train=train, data_path="/x", filesystem=None, obs_dim=4,
+                     action_space=gym.spaces.Discrete(3), num_rows=10, seed=0)
+
+
+def _clevr_run(tmp_path) -> RunDir:
+    """Toy transitions shaped like CLEVR's (10-d state, Discrete(40)) + every CLEVR train wording."""
+    from kalm_ray.envs import get_suite
+
+    suite = get_suite("clevr")
+    run = RunDir(str(tmp_path))
+    task = ToyTask(discrete=True)
+    write_toy_run(run, task, episodes=60, seed=5)
+    texts = sorted({w for t in suite.tasks("train") for w in suite.instructions("train", t)})
+    emb = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
+    old = pq.read_table(run.path("data/instructions.parquet"))
+    extra = pa.table({"text": texts, "env": ["clevr"] * len(texts), "level": ["train"] * len(texts),
+                      "task": [""] * len(texts),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 384)})
+    pq.write_table(pa.concat_tables([old, extra.cast(old.schema)]), run.path("data/instructions.parquet"))
+    return run
+
+
+def test_run_train_writes_policies_curves_and_manifest_then_skips(ray_local, tmp_path):
+    from kalm_ray.rl.train import run_train
+
+    run = _clevr_run(tmp_path)
+    cfg = parse_config({
+        "name": "rl-smoke", "run_dir": run.root, "env": {"name": "clevr", "max_episode_steps": 3},
+        "train": {"algos": ["dcql"], "data": ["real"], "seeds": [0], "iterations": 2,
+                  "updates_per_iteration": 2, "batch_size": 32, "hidden": [16],
+                  "quick_eval_every": 1, "quick_eval_episodes": 2},
+    })
+    manifest = run_train(cfg, run)
+    assert manifest.counts["policies"] == ["dcql-real-seed0"]
+    folder = run.path("policy", "dcql-real-seed0")
+    info = json.load(open(os.path.join(folder, POLICY_INFO)))
+    assert info["env"] == "clevr" and info["obs_dim"] == 394 and info["data"] == "real"
+    rows = list(csv.DictReader(open(os.path.join(folder, CURVE_FILE))))
+    assert len(rows) == 2 and all(0.0 <= float(r["quick_success"]) <= 1.0 for r in rows)
+    assert {"td_loss", "cql_loss", "q_mean"} <= set(rows[0])
+    assert run.exists("policy", "manifest.json") and run.exists("policy", "_data", "real")
+    assert run_train(cfg, run).output_id == manifest.output_id  # up to date: skipped
