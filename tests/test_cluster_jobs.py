@@ -97,7 +97,10 @@ class LocalCluster:
             "start",
             *args,
             f"--num-cpus={self.num_cpus}",
-            f"--temp-dir={self.dir / 'ray'}",
+            # Its own temp dir per node, as on separate machines: nodes sharing one would share
+            # runtime_resources/, and one node's agent re-extracting the job's working_dir
+            # pulls it from under the other node's processes.
+            f"--temp-dir={self.dir / f'ray{self.nodes}'}",
             "--disable-usage-stats",
             f"--node-manager-port={_free_port()}",
             f"--object-manager-port={_free_port()}",
@@ -110,7 +113,7 @@ class LocalCluster:
         ]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
-            logs = sorted((self.dir / "ray" / "session_latest" / "logs").glob("raylet*.out"))
+            logs = sorted((self.dir / f"ray{self.nodes}" / "session_latest" / "logs").glob("raylet*.out"))
             tail = logs[-1].read_text()[-1500:] if logs else "(no raylet log)"
             raise RuntimeError(
                 f"ray start {args[0]} failed ({r.returncode}); raylet log tail:\n{tail}\n"
