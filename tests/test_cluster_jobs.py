@@ -77,6 +77,9 @@ class LocalCluster:
                 "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path),
                 "RAY_USAGE_STATS_ENABLED": "0",
+            # The raylet aborts when its dashboard agent has not reported its ports in time; on a
+            # machine shared with other test sessions the agent's imports alone can take longer.
+            "RAY_agent_register_timeout_ms": "180000",
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # jobs run `python`
                 MARKER_ENV: self.marker,
             }

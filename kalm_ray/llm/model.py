@@ -15,7 +15,8 @@
 The grounded model directory (``run_dir/model/``) always holds full weights at its top
 level (LoRA merged), which load with ``AutoModelForCausalLM.from_pretrained`` and vLLM with
 no code of ours; LoRA runs also keep ``adapter/`` (and ``base/`` when the base was built or
-modified here). :func:`model_files` says which to give vLLM.
+modified here; the adapter's ``base_model_name_or_path`` is then ``../base``, relative to the
+adapter folder). :func:`model_files` says which to give vLLM, with absolute paths.
 """
 
 from __future__ import annotations

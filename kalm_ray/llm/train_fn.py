@@ -269,6 +269,13 @@ def save_final(model: Any, tokenizer: Any, codec: Any, out: Path, *, config: dic
         info = config.get("info") or {}
         if info.get("base") == "base" and Path(config["base"]).is_dir():
             shutil.copytree(config["base"], out / "base", dirs_exist_ok=True)
+        # The adapter must name a base that outlives the work folder: the hub name or ../base.
+        acfg = out / "adapter" / "adapter_config.json"
+        meta = json.loads(acfg.read_text())
+        meta["base_model_name_or_path"] = (
+            "../base" if info.get("base") == "base" else info.get("base", config["base"])
+        )
+        acfg.write_text(json.dumps(meta, indent=2))
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     codec.save(out)
