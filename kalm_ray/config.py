@@ -253,7 +253,10 @@ class TrainConfig(_Section):
     """RLlib learners; 0 = learn in the driver process."""
     num_gpus_per_learner: Annotated[float, Field(ge=0)] = 0.0
     """GPUs per learner."""
-
+    data_engine: Literal["auto", "ray", "local"] = "auto"
+    """How each mix's prepared data is built: ``ray`` (Ray Data tasks; large data, clusters),
+    ``local`` (pyarrow in the driver; no task scheduling), ``auto`` (local up to 200k rows on a
+    local run dir, else ray)."""
 
 class EvaluateConfig(_Section):
     _placement_only = frozenset(

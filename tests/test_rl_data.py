@@ -65,10 +65,12 @@ def toy_run(tmp_path_factory):
     return run, task
 
 
-def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run):
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engine):
     run, task = toy_run
     emb = load_embeddings(run)
-    info = prepare_mix(run, "real+imagined", "policy/_data/real+imagined", embeddings=emb, ratio=None, seed=0)
+    info = prepare_mix(run, "real+imagined", f"policy/_data/{engine}", embeddings=emb, ratio=None, seed=0,
+                       engine=engine)
     n_real = pq.read_metadata(run.path("data/real/part-0.parquet")).num_rows
     n_im = pq.read_metadata(run.path("data/imagined/part-0.parquet")).num_rows
     assert info.rows == {"real": n_real, "imagined": n_im} and info.obs_dim == 394
@@ -79,6 +81,14 @@ def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run):
     known = {e.tobytes() for e in task.embeddings}
     assert all(r[10:].tobytes() in known for r in rows["obs"])
     assert np.array_equal(rows["obs"][:, 10:], rows["new_obs"][:, 10:])
+
+
+def test_prepare_mix_resamples_imagined_rows_to_the_ratio(ray_local, toy_run):
+    run, _ = toy_run
+    info = prepare_mix(run, "real+imagined", "policy/_data/ratio", embeddings=load_embeddings(run),
+                       ratio=0.5, seed=0, engine="local")
+    assert info.rows["imagined"] == info.rows["real"] == info.source_rows["real"]
+    assert pq.read_metadata(run.path("policy/_data/ratio/part-00000.parquet")).num_rows == 2 * info.rows["real"]
 
 
 def test_prepare_mix_refuses_missing_embedding_before_running(tmp_path):

@@ -222,8 +222,12 @@ def state_matrix(column: Any, dim: int | None = None) -> np.ndarray:
         pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)
     ):
         flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32)
-        return flat.reshape(len(column), -1 if dim is None else dim)
+        return flat.reshape(
+            len(column), (dim or 0) if not len(column) else (-1 if dim is None else dim)
+        )
     values = column.to_pylist() if isinstance(column, pa.Array) else list(column)
+    if not values:
+        return np.zeros((0, dim or 0), np.float32)
     return np.asarray([np.asarray(v, np.float32).reshape(-1) for v in values], np.float32).reshape(
         len(values), -1
     )

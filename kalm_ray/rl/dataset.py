@@ -31,6 +31,8 @@ log = logging.getLogger("kalm_ray")
 INSTRUCTIONS_FILE = "data/instructions.parquet"
 SOURCE_DIRS: dict[str, str] = {"real": "data/real", "imagined": "data/imagined"}
 MIX_SOURCES: dict[str, tuple[str, ...]] = {"real": ("real",), "real+imagined": ("real", "imagined")}
+LOCAL_ROWS = 200_000
+"""Above this many source rows (or on a remote run dir) ``engine=auto`` uses Ray Data."""
 _READ_COLUMNS = ["episode_id", "instruction", "state", "action", "reward", "next_state",
                  "terminated", "truncated"]
 
@@ -209,6 +211,22 @@ def source_instructions(run: RunDir, source: str) -> tuple[list[str], int]:
     return sorted(texts), rows
 
 
+def to_arrow(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Joined columns as an Arrow table; 2-D columns become Ray's tensor extension type, which
+    Ray Data (and so RLlib's reader) reads back as ``(rows, width)`` arrays."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)
+                     for k, v in columns.items()})
+
+
+def pick_engine(engine: str, run: RunDir, rows: int) -> str:
+    """``auto`` -> ``local`` for a local run dir with at most :data:`LOCAL_ROWS` rows, else ``ray``."""
+    if engine != "auto":
+        return engine
+    return "local" if run.is_local and rows <= LOCAL_ROWS else "ray"
+
+
 def prepare_mix(
     run: RunDir,
     mix: str,
@@ -217,12 +235,16 @@ def prepare_mix(
     embeddings: dict[str, np.ndarray],
     ratio: float | None,
     seed: int,
+    engine: str = "auto",
 ) -> MixInfo:
     """Join, mix and write one data mix to ``out_dir`` (relative to the run dir).
 
-    Rows are permuted within each 8192-row block here; training adds a local shuffle
-    buffer on top (see ``kalm_ray.rl.algos``). With ``ratio`` set, the imagined share is
-    reached in expectation (Bernoulli sampling), not to the row.
+    ``engine``: ``ray`` runs read -> join -> write as Ray Data tasks (large data, clusters);
+    ``local`` does the same with pyarrow in this process (small data: no task scheduling);
+    ``auto`` picks by size (:func:`pick_engine`). Both write the same columns.
+    Rows are permuted within each block; training adds a local shuffle buffer on top (see
+    ``kalm_ray.rl.algos``). With ``ratio`` set, the ``ray`` engine reaches the imagined share in
+    expectation (Bernoulli sampling), the ``local`` one exactly.
     Raises InputError when a source folder is empty or an instruction has no embedding.
     """
     have: dict[str, int] = {}
@@ -232,17 +254,39 @@ def prepare_mix(
     n_real, n_im = mix_counts(have["real"], have.get("imagined", 0),
                               ratio if "imagined" in have else None)
     want = {"real": n_real, "imagined": n_im}
-    parts = [_resample(read_source(run, s), have[s], want[s], seed + i)
-             for i, s in enumerate(have) if want[s] > 0]
-    if not parts:
+    if not any(want.values()):
         raise InputError(f"data mix {mix!r}: no rows")
-    mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # A task (not an actor pool) so that Ray Data fuses read -> join -> write into one task
-    # per file on pooled workers; an actor would start a process of its own per unit of work.
-    joined = mixed.map_batches(join_batch, fn_kwargs={"table": embeddings, "seed": seed},
-                               batch_format="pyarrow", batch_size=8192)
-    joined.write_parquet(run.path(out_dir), filesystem=run.fs)
+    if pick_engine(engine, run, sum(have.values())) == "local":
+        _prepare_local(run, out_dir, have=have, want=want, embeddings=embeddings, seed=seed)
+    else:
+        parts = [_resample(read_source(run, s), have[s], want[s], seed + i)
+                 for i, s in enumerate(have) if want[s] > 0]
+        mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        # A task (not an actor pool) so that Ray Data fuses read -> join -> write into one task
+        # per file on pooled workers; an actor would start a process of its own.
+        joined = mixed.map_batches(join_batch, fn_kwargs={"table": embeddings, "seed": seed},
+                                   batch_format="pyarrow", batch_size=8192)
+        joined.write_parquet(run.path(out_dir), filesystem=run.fs)
     schema = pq.read_schema(source_files(run, "real")[0], filesystem=run.fs)
     return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in have},
                    source_rows=have, state_dim=schema.field("state").type.list_size,
                    emb_dim=len(next(iter(embeddings.values()))))
+
+
+def _prepare_local(run: RunDir, out_dir: str, *, have: dict[str, int], want: dict[str, int],
+                   embeddings: dict[str, np.ndarray], seed: int) -> None:
+    """The ``local`` engine: every source in memory, exact resampling, one Parquet file."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for source, n in have.items():
+        if want[source] == 0:
+            continue
+        t = pq.read_table(source_files(run, source), columns=_READ_COLUMNS, filesystem=run.fs)
+        if want[source] != n:
+            full, rest = divmod(want[source], n)
+            idx = np.concatenate([np.tile(np.arange(n), full), rng.choice(n, rest, replace=False)])
+            t = t.take(idx)
+        tables.append(t)
+    joined = JoinEmbeddings(embeddings, seed)(pa.concat_tables(tables, promote_options="default"))
+    run.makedirs(out_dir)
+    pq.write_table(to_arrow(joined), run.path(out_dir, "part-00000.parquet"), filesystem=run.fs)

@@ -61,7 +61,7 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         for mix in train.data:
             t = time.perf_counter()
             mixes[mix] = prepare_mix(run, mix, f"{out}/{DATA_DIR}/{mix}", embeddings=embeddings,
-                                     ratio=train.imagined_ratio, seed=cfg.seed)
+                                     ratio=train.imagined_ratio, seed=cfg.seed, engine=train.data_engine)
             t_data[mix] = round(time.perf_counter() - t, 2)
             print(f"[kalm] train: data {mix!r}: {mixes[mix].rows} rows ({t_data[mix]}s)", flush=True)
         quick = None
