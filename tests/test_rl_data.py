@@ -8,7 +8,14 @@ import pytest
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.errors import InputError
-from kalm_ray.rl.dataset import JoinEmbeddings, load_embeddings, make_obs, mix_counts, prepare_mix
+from kalm_ray.rl.dataset import (
+    JoinEmbeddings,
+    load_embeddings,
+    make_obs,
+    mix_counts,
+    prepare_mix,
+    to_arrow,
+)
 from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 
 
@@ -76,7 +83,8 @@ def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engin
     assert info.rows == {"real": n_real, "imagined": n_im} and info.obs_dim == 394
     import ray.data
 
-    rows = ray.data.read_parquet(info.path).take_batch(10_000)
+    # Read in this process (from_arrow runs no tasks), as kalm_ray.rl.offline_data does.
+    rows = ray.data.from_arrow(pq.read_table(info.path)).take_batch(10_000)
     assert rows["obs"].shape == (n_real + n_im, 394)
     known = {e.tobytes() for e in task.embeddings}
     assert all(r[10:].tobytes() in known for r in rows["obs"])
@@ -102,7 +110,6 @@ def test_prepare_mix_refuses_missing_embedding_before_running(tmp_path):
 @pytest.mark.parametrize("algo,discrete", [("bc", True), ("dcql", True), ("cql", False), ("iql", False)])
 def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, algo, discrete):
     """The shortcut past RLlib's PreLearner hands learners exactly what the PreLearner would."""
-    import ray.data
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
     from ray.rllib.offline.offline_prelearner import OfflinePreLearner
 
@@ -112,8 +119,8 @@ def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, alg
 
     task = ToyTask(discrete=discrete, emb_dim=8)
     batch = JoinEmbeddings(dict(zip(task.instructions, task.embeddings)))(task.table(task.episodes(8, seed=2)))
-    ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(len(batch["rewards"]))]) \
-        .write_parquet(str(tmp_path / "prep"))
+    (tmp_path / "prep").mkdir()
+    pq.write_table(to_arrow(batch), str(tmp_path / "prep" / "part-0.parquet"))
     cfg = build_config(algo, train=TrainConfig(hidden=[8], batch_size=4), data_path=str(tmp_path / "prep"),
                        filesystem=None, obs_dim=18, action_space=task.action_space, num_rows=10, seed=0)
     spaces = (cfg.observation_space, cfg.action_space)
