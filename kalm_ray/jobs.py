@@ -188,9 +188,10 @@ def _alive_nodes(url: str, headers: dict[str, str]) -> tuple[int | None, float |
     return len(alive), head_cpus
 
 
-def _client(cluster: Cluster) -> Any:
+def _client(cluster: Cluster, *, debug: bool = False) -> Any:
     from ray.job_submission import JobSubmissionClient
 
+    _quiet_ray_logs(debug)
     with sdk_errors(cluster.address):
         # An explicit Authorization header stops the SDK adding its own (notes §6.1).
         return JobSubmissionClient(cluster.address, headers=dict(cluster.headers))
@@ -299,13 +300,14 @@ def submit(
     *,
     stage: str | None,
     config_path: str,
+    debug: bool = False,
 ) -> tuple[Any, str]:
     """Submit one stage (or the whole run); returns (client, job id)."""
     runtime_env = build_runtime_env(cfg, config_yaml=dump_config(cfg))
     job_id = (
         f"kalm-{cfg.name}-{stage or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
-    client = _client(cluster)
+    client = _client(cluster, debug=debug)
     with sdk_errors(cluster.address):
         client.submit_job(
             entrypoint=entrypoint(stage),
@@ -354,7 +356,6 @@ def follow(client: Any, job_id: str, *, address: str, poll_s: float = 1.0) -> st
 
 
 def cli_submit(args: argparse.Namespace) -> int:
-    _quiet_ray_logs(args.debug)
     cfg = load_config(args.config, run_dir=args.run_dir)
     cluster = connect(args.address)
     if cluster.ray_version != _ray_version():
@@ -365,7 +366,9 @@ def cli_submit(args: argparse.Namespace) -> int:
         )
     run_dir = resolve_run_dir(cfg.run_dir, cluster, shared_filesystem=cfg.ray.shared_filesystem)
     cfg = cfg.model_copy(update={"run_dir": run_dir})
-    client, job_id = submit(cfg, cluster, stage=args.stage, config_path=str(args.config))
+    client, job_id = submit(
+        cfg, cluster, stage=args.stage, config_path=str(args.config), debug=args.debug
+    )
     print(job_id, flush=True)
     hint = f"--address {cluster.address}"
     print(
@@ -392,9 +395,8 @@ def cli_submit(args: argparse.Namespace) -> int:
 
 
 def cli_status(args: argparse.Namespace) -> int:
-    _quiet_ray_logs(args.debug)
     cluster = connect(args.address)
-    client = _client(cluster)
+    client = _client(cluster, debug=args.debug)
     with sdk_errors(cluster.address, args.job_id):
         info = client.get_job_info(args.job_id)
     meta = info.metadata or {}
@@ -412,18 +414,16 @@ def cli_status(args: argparse.Namespace) -> int:
 
 
 def cli_logs(args: argparse.Namespace) -> int:
-    _quiet_ray_logs(args.debug)
     cluster = connect(args.address)
-    client = _client(cluster)
+    client = _client(cluster, debug=args.debug)
     with sdk_errors(cluster.address, args.job_id):
         sys.stdout.write(client.get_job_logs(args.job_id))
     return 0
 
 
 def cli_stop(args: argparse.Namespace) -> int:
-    _quiet_ray_logs(args.debug)
     cluster = connect(args.address)
-    client = _client(cluster)
+    client = _client(cluster, debug=args.debug)
     with sdk_errors(cluster.address, args.job_id):
         stopped = client.stop_job(args.job_id)
         status = client.get_job_status(args.job_id)
