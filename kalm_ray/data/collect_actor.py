@@ -237,7 +237,9 @@ class CollectorPool:
         self.actors = [self._start() for _ in range(num_workers)]
 
     def _start(self):
-        return CollectActor.options(num_cpus=self.num_cpus).remote(self.spec)
+        # SPREAD: one env-owning actor per node first, so a multi-node cluster shares the work.
+        opts = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
+        return CollectActor.options(**opts).remote(self.spec)
 
     def wait_ready(self) -> None:
         """Block until every actor has started (for timing start-up apart from work)."""
