@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -127,23 +126,12 @@ def stage_setup(config: str, run_dir: str, n: int) -> tuple[GenerationSpec, pa.T
     from kalm_ray.artifacts import RunDir
     from kalm_ray.config import load_config
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm.imagine import load_codec, max_new_tokens, start_sampler
-    from kalm_ray.llm.prompts import rollout_prompt
-    from kalm_ray.llm.requests import build_requests
+    from kalm_ray.llm.imagine import load_codec, max_new_tokens, stage_requests
 
     cfg = load_config(config, run_dir=run_dir)
-    run, icfg, suite = RunDir(cfg.run_dir), cfg.imagine, get_suite(cfg.env.name)
+    run, suite = RunDir(cfg.run_dir), get_suite(cfg.env.name)
     codec = load_codec(run)
-    max_steps = icfg.max_steps or cfg.env.max_episode_steps or suite.max_episode_steps
-    table = build_requests(
-        suite,
-        levels=list(icfg.levels),
-        rollouts_per_level=icfg.rollouts_per_level,
-        max_tasks_per_level=icfg.max_tasks_per_level,
-        seed=cfg.seed,
-        starts=start_sampler(run, suite, icfg.start_states),
-        prompt_fn=partial(rollout_prompt, codec),
-    )
+    table, max_steps = stage_requests(cfg, run, suite, codec)
     # Every n-th request, so all levels are represented.
     idx = np.linspace(0, table.num_rows - 1, num=min(n, table.num_rows)).astype(int)
     spec = GenerationSpec(

@@ -62,20 +62,10 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     init_ray(cfg.ray)
     backend = resolve_backend(icfg.backend)  # a one-line BackendUnavailable before any work
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm.prompts import rollout_prompt
 
     suite = get_suite(cfg.env.name)
     codec = load_codec(run)
-    max_steps = icfg.max_steps or cfg.env.max_episode_steps or suite.max_episode_steps
-    requests = build_requests(
-        suite,
-        levels=list(icfg.levels),
-        rollouts_per_level=icfg.rollouts_per_level,
-        max_tasks_per_level=icfg.max_tasks_per_level,
-        seed=cfg.seed,
-        starts=start_sampler(run, suite, icfg.start_states),
-        prompt_fn=partial(rollout_prompt, codec),
-    )
+    requests, max_steps = stage_requests(cfg, run, suite, codec)
     spec = GenerationSpec(
         model_dir=run.uri_of("model"),
         max_new_tokens=max_new_tokens(codec, max_steps),
@@ -177,6 +167,26 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     write_manifest(run, plan.out_dir, manifest)
     _log_summary(report)
     return manifest
+
+
+def stage_requests(
+    cfg: ExperimentConfig, run: RunDir, suite: Any, codec: Any
+) -> tuple[pa.Table, int]:
+    """The stage's request table and its longest rollout in env steps (bench/imagine.py too)."""
+    from kalm_ray.llm.prompts import rollout_prompt
+
+    icfg = cfg.imagine
+    max_steps = icfg.max_steps or cfg.env.max_episode_steps or suite.max_episode_steps
+    requests = build_requests(
+        suite,
+        levels=list(icfg.levels),
+        rollouts_per_level=icfg.rollouts_per_level,
+        max_tasks_per_level=icfg.max_tasks_per_level,
+        seed=cfg.seed,
+        starts=start_sampler(run, suite, icfg.start_states),
+        prompt_fn=partial(rollout_prompt, codec),
+    )
+    return requests, max_steps
 
 
 def load_codec(run: RunDir) -> Any:
