@@ -15,13 +15,21 @@ def ray_local():
     """A local Ray cluster with 8 logical CPUs (offline RLlib deadlocks with 2), dashboard off."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=8,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        )
+    # Ray's own 30 s start-up wait can run out on a loaded 2-core machine: retry a few times.
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                num_cpus=8,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            )
+        except Exception:  # noqa: BLE001 - any start-up failure gets the same retry
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     # Left running for the rest of the session; pytest exit shuts it down.
