@@ -2,8 +2,8 @@
 
 | algo | actions | RLlib class |
 |---|---|---|
-| ``bc`` | both | ``BCConfig`` |
-| ``marwil`` | discrete | ``MARWILConfig`` |
+| ``bc`` | both | ``BCConfig`` (learner: :class:`kalm_ray.rl.learners.KalmBCTorchLearner`) |
+| ``marwil`` | discrete | ``MARWILConfig`` (same learner) |
 | ``dcql`` | discrete | :class:`kalm_ray.rl.discrete_cql.DiscreteCQLConfig` |
 | ``cql`` | continuous | :class:`kalm_ray.rl.cql.KalmCQLConfig` (RLlib CQL, faster module/learner) |
 | ``iql`` | continuous | ``IQLConfig`` |
@@ -122,6 +122,10 @@ def build_config(
         cfg.training(gamma=train.gamma, train_batch_size_per_learner=train.batch_size, **lrs, **params)
     except TypeError as e:
         raise ConfigError(f"train.algo_params.{algo}: {e}") from None
+    if algo in ("bc", "marwil"):
+        from kalm_ray.rl.learners import KalmBCTorchLearner
+
+        cfg.training(learner_class=KalmBCTorchLearner)
     cfg.rl_module(model_config=model_config(algo, train.hidden))
     if algo != "marwil":
         # MARWIL's connector needs the module (advantages), so it keeps RLlib's PreLearner.
@@ -135,7 +139,8 @@ def build_config(
         dataset_num_iters_per_learner=train.updates_per_iteration,
         # One PreLearner actor is plenty at this size; 8 logical CPUs stay free for reads.
         map_batches_kwargs={"concurrency": max(1, train.num_learners), "num_cpus": 1},
-        iter_batches_kwargs={"prefetch_batches": 1, "local_shuffle_buffer_size": min(num_rows, _SHUFFLE_ROWS)},
+        iter_batches_kwargs={"prefetch_batches": 1, "drop_last": True,
+                             "local_shuffle_buffer_size": min(num_rows, _SHUFFLE_ROWS)},
     )
     cfg.learners(num_learners=train.num_learners, num_gpus_per_learner=train.num_gpus_per_learner)
     cfg.env_runners(num_env_runners=0)

@@ -14,6 +14,7 @@ What differs from stock ``CQLConfig`` and why:
   and every cross term is already cut (frozen critics in the actor term, detached actions and
   log-probs in the critic term), so the summed loss gives each optimizer the same gradients
   as stock RLlib's one ``backward(retain_graph=True)`` per optimizer.
+- **Fused Adam and one finiteness check per step** (:mod:`kalm_ray.rl.learners`).
 - **Target critics move after every optimizer step** (Polyak ``tau``). Stock RLlib moves them
   in ``after_gradient_based_update``, once per ``update()`` call, i.e. once per iteration of
   ``dataset_num_iters_per_learner`` steps when learning from a data iterator.
@@ -49,6 +50,7 @@ from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 from torch import nn
 
 from kalm_ray.rl.discrete_cql.module import mlp
+from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
 
 
 class ObsEncoder(nn.Module):
@@ -186,8 +188,14 @@ class KalmCQLTorchLearner(CQLTorchLearner):
         return {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
 
     @override(CQLTorchLearner)
+    def build(self) -> None:
+        super().build()
+        use_fused_adam(self)
+
+    @override(CQLTorchLearner)
     def apply_gradients(self, gradients_dict: ParamDict) -> None:
-        super().apply_gradients(gradients_dict)
+        if not apply_gradients_checked(self, gradients_dict):
+            return
         # NOTE: see the module docstring: stock CQL moves targets once per update() call.
         for mid in self.module.keys():
             module = self.module[mid].unwrapped()

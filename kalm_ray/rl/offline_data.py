@@ -41,7 +41,12 @@ class PreparedOfflineData(OfflineData):
             fs = self.filesystem_object or pafs.LocalFileSystem()
             table = pads.dataset(str(self.path), filesystem=fs, format="parquet").to_table(
                 columns=list(MAPPED_COLUMNS))
-            self.data = ray.data.from_arrow(table.rename_columns([names[c] for c in table.column_names]))
+            table = table.rename_columns([names[c] for c in table.column_names])
+            # NOTE: each epoch of a Ray Data iterator starts a new execution (~0.1-1 s here);
+            # repeat a small table so that one epoch spans at least one training iteration.
+            rows_per_iter = config.train_batch_size_per_learner * (config.dataset_num_iters_per_learner or 1)
+            copies = max(1, -(-rows_per_iter // max(1, table.num_rows)))
+            self.data = ray.data.from_arrow([table] * copies)
         else:
             self.data = self.data.select_columns(list(MAPPED_COLUMNS)).rename_columns(names)
         self.data_is_mapped = True

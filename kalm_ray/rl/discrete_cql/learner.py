@@ -1,5 +1,5 @@
-"""The discrete-CQL Learner: double-DQN TD loss + the conservative term, one Adam optimizer,
-and a Polyak-averaged target network moved after every optimizer step."""
+"""The discrete-CQL Learner: double-DQN TD loss + the conservative term, one (fused) Adam
+optimizer, and a Polyak-averaged target network moved after every optimizer step."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
 from kalm_ray.rl.discrete_cql.loss import discrete_cql_loss
+from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
 from kalm_ray.rl.discrete_cql.module import QF_NEXT_PREDS, QF_PREDS, QF_TARGET_NEXT_PREDS
 
 
@@ -23,6 +24,7 @@ class DiscreteCQLTorchLearner(TorchLearner):
     @override(Learner)
     def build(self) -> None:
         super().build()
+        use_fused_adam(self)
         self._updates_since_sync: dict[ModuleID, int] = {}
         self.module.foreach_module(
             lambda mid, mod: mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
@@ -58,7 +60,8 @@ class DiscreteCQLTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def apply_gradients(self, gradients_dict: ParamDict) -> None:
-        super().apply_gradients(gradients_dict)
+        if not apply_gradients_checked(self, gradients_dict):
+            return
         # NOTE: Learner.after_gradient_based_update runs once per `update()` call, i.e. once
         # per RLlib iteration when learning from a data iterator (many optimizer steps), so
         # the target net is moved here, after each optimizer step.
