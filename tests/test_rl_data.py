@@ -32,14 +32,24 @@ def test_make_obs_concatenates_state_then_embedding():
 def test_join_gives_rllib_columns_with_full_obs_width():
     task = ToyTask(discrete=True)
     table = task.table(task.episodes(20, seed=3))
-    out = JoinEmbeddings(dict(zip(task.instructions, task.embeddings)))(table)
+    out = JoinEmbeddings(dict(zip(task.instructions, task.embeddings, strict=True)))(table)
     n = table.num_rows
-    assert set(out) == {"obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "eps_id"}
+    assert set(out) == {
+        "obs",
+        "new_obs",
+        "actions",
+        "rewards",
+        "terminateds",
+        "truncateds",
+        "eps_id",
+    }
     assert out["obs"].shape == (n, 10 + 384) and out["new_obs"].shape == (n, 394)
     # Every row carries its own instruction's embedding, next to its own state.
     idx = [task.instructions.index(t) for t in table.column("instruction").to_pylist()]
     assert np.array_equal(out["obs"][:, 10:], task.embeddings[idx])
-    assert np.array_equal(out["obs"][:, :10], np.stack(table.column("state").to_numpy(zero_copy_only=False)))
+    assert np.array_equal(
+        out["obs"][:, :10], np.stack(table.column("state").to_numpy(zero_copy_only=False))
+    )
     assert out["actions"].dtype == np.int64
     # Terminated and truncated stay distinct.
     assert out["terminateds"].sum() == table.column("terminated").to_numpy().sum()
@@ -51,7 +61,7 @@ def test_join_raises_naming_an_instruction_without_embedding():
     task = ToyTask(discrete=True)
     table = task.table(task.episodes(10, seed=0))
     missing = table.column("instruction")[0].as_py()
-    emb = {t: e for t, e in zip(task.instructions, task.embeddings) if t != missing}
+    emb = {t: e for t, e in zip(task.instructions, task.embeddings, strict=True) if t != missing}
     with pytest.raises(InputError, match=repr(missing)):
         JoinEmbeddings(emb)(table)
 
@@ -76,8 +86,15 @@ def toy_run(tmp_path_factory):
 def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engine):
     run, task = toy_run
     emb = load_embeddings(run)
-    info = prepare_mix(run, "real+imagined", f"policy/_data/{engine}", embeddings=emb, ratio=None, seed=0,
-                       engine=engine)
+    info = prepare_mix(
+        run,
+        "real+imagined",
+        f"policy/_data/{engine}",
+        embeddings=emb,
+        ratio=None,
+        seed=0,
+        engine=engine,
+    )
     n_real = pq.read_metadata(run.path("data/real/part-0.parquet")).num_rows
     n_im = pq.read_metadata(run.path("data/imagined/part-0.parquet")).num_rows
     assert info.rows == {"real": n_real, "imagined": n_im} and info.obs_dim == 394
@@ -93,10 +110,20 @@ def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engin
 
 def test_prepare_mix_resamples_imagined_rows_to_the_ratio(ray_local, toy_run):
     run, _ = toy_run
-    info = prepare_mix(run, "real+imagined", "policy/_data/ratio", embeddings=load_embeddings(run),
-                       ratio=0.5, seed=0, engine="local")
+    info = prepare_mix(
+        run,
+        "real+imagined",
+        "policy/_data/ratio",
+        embeddings=load_embeddings(run),
+        ratio=0.5,
+        seed=0,
+        engine="local",
+    )
     assert info.rows["imagined"] == info.rows["real"] == info.source_rows["real"]
-    assert pq.read_metadata(run.path("policy/_data/ratio/part-00000.parquet")).num_rows == 2 * info.rows["real"]
+    assert (
+        pq.read_metadata(run.path("policy/_data/ratio/part-00000.parquet")).num_rows
+        == 2 * info.rows["real"]
+    )
 
 
 def test_prepare_mix_refuses_missing_embedding_before_running(tmp_path):
@@ -104,10 +131,14 @@ def test_prepare_mix_refuses_missing_embedding_before_running(tmp_path):
     task = ToyTask(discrete=True)
     write_toy_run(run, task, episodes=40, drop_embeddings=(task.instructions[3],))
     with pytest.raises(InputError, match=repr(task.instructions[3])):
-        prepare_mix(run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0)
+        prepare_mix(
+            run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0
+        )
 
 
-@pytest.mark.parametrize("algo,discrete", [("bc", True), ("dcql", True), ("cql", False), ("iql", False)])
+@pytest.mark.parametrize(
+    "algo,discrete", [("bc", True), ("dcql", True), ("cql", False), ("iql", False)]
+)
 def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, algo, discrete):
     """The shortcut past RLlib's PreLearner hands learners exactly what the PreLearner would."""
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
@@ -118,11 +149,21 @@ def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, alg
     from kalm_ray.rl.offline_data import PreparedOfflineData
 
     task = ToyTask(discrete=discrete, emb_dim=8)
-    batch = JoinEmbeddings(dict(zip(task.instructions, task.embeddings)))(task.table(task.episodes(8, seed=2)))
+    batch = JoinEmbeddings(dict(zip(task.instructions, task.embeddings, strict=True)))(
+        task.table(task.episodes(8, seed=2))
+    )
     (tmp_path / "prep").mkdir()
     pq.write_table(to_arrow(batch), str(tmp_path / "prep" / "part-0.parquet"))
-    cfg = build_config(algo, train=TrainConfig(hidden=[8], batch_size=4), data_path=str(tmp_path / "prep"),
-                       filesystem=None, obs_dim=18, action_space=task.action_space, num_rows=10, seed=0)
+    cfg = build_config(
+        algo,
+        train=TrainConfig(hidden=[8], batch_size=4),
+        data_path=str(tmp_path / "prep"),
+        filesystem=None,
+        obs_dim=18,
+        action_space=task.action_space,
+        num_rows=10,
+        seed=0,
+    )
     spaces = (cfg.observation_space, cfg.action_space)
     spec = MultiRLModuleSpec(rl_module_specs={"default_policy": cfg.get_rl_module_spec()})
     pre = OfflinePreLearner(config=cfg, spaces=spaces, module_spec=spec)(dict(batch))

@@ -19,18 +19,22 @@ from kalm_ray.rl.policy import CHECKPOINT_DIR, CURVE_FILE, MODULE_DIR, POLICY_IN
 from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 from kalm_ray.rl.unit import Unit, train_unit
 
-TINY = TrainConfig(iterations=2, updates_per_iteration=3, batch_size=32, hidden=[32, 32], quick_eval_every=0)
+TINY = TrainConfig(
+    iterations=2, updates_per_iteration=3, batch_size=32, hidden=[32, 32], quick_eval_every=0
+)
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, tmp_path_factory):
-    """A toy run per action kind with its ``real`` mix prepared once: {discrete: (run, task, mix)}."""
+    """A toy run per action kind, its ``real`` mix prepared once: {discrete: (run, task, mix)}."""
     out = {}
     for discrete in (True, False):
         run = RunDir(str(tmp_path_factory.mktemp("rl-train-d" if discrete else "rl-train-c")))
         task = ToyTask(discrete=discrete)
         write_toy_run(run, task, episodes=80, seed=4)
-        mix = prepare_mix(run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0)
+        mix = prepare_mix(
+            run, "real", "policy/_data/real", embeddings=load_embeddings(run), ratio=None, seed=0
+        )
         out[discrete] = (run, task, mix)
     return out
 
@@ -43,7 +47,12 @@ def _check_policy_folder(run: RunDir, task: ToyTask, name: str, algo: str) -> No
         assert os.path.exists(os.path.join(folder, f)), f
     policy = load_policy(folder)
     info = policy.info
-    assert (info["algo"], info["obs_dim"], info["state_dim"], info["emb_dim"]) == (algo, 394, 10, 384)
+    assert (info["algo"], info["obs_dim"], info["state_dim"], info["emb_dim"]) == (
+        algo,
+        394,
+        10,
+        384,
+    )
     rng = np.random.default_rng(0)
     obs = make_obs(rng.uniform(-1, 1, (7, 10)), task.embeddings[rng.integers(0, 8, 7)])
     a = policy.act(obs)
@@ -54,7 +63,10 @@ def _check_policy_folder(run: RunDir, task: ToyTask, name: str, algo: str) -> No
         assert a.shape == (7, 4) and a.dtype == np.float32 and (np.abs(a) <= 1).all()
     # The full RLlib checkpoint holds the learner's module, which loads and acts on its own.
     module = RLModule.from_checkpoint(
-        os.path.join(folder, CHECKPOINT_DIR, "learner_group", "learner", "rl_module", "default_policy"))
+        os.path.join(
+            folder, CHECKPOINT_DIR, "learner_group", "learner", "rl_module", "default_policy"
+        )
+    )
     import torch
     from ray.rllib.core.columns import Columns
 
@@ -80,24 +92,49 @@ def _check_policy_folder(run: RunDir, task: ToyTask, name: str, algo: str) -> No
 def test_two_iterations_write_a_policy_that_reloads_and_acts(prepared, algo, discrete):
     run, task, mix = prepared[discrete]
     unit = Unit(algo, "real", 0)
-    res = train_unit(unit, train=TINY, run=run, out_dir="policy", mix=mix, action_space=task.action_space,
-                     info={"env": "toy", "encoder": "toy"}, quick_eval=None)
+    res = train_unit(
+        unit,
+        train=TINY,
+        run=run,
+        out_dir="policy",
+        mix=mix,
+        action_space=task.action_space,
+        info={"env": "toy", "encoder": "toy"},
+        quick_eval=None,
+    )
     assert res["iterations"] == 2 and res["updates"] == 6
     _check_policy_folder(run, task, unit.name, algo)
 
 
 def test_discrete_cql_learns_a_small_offline_task_better_than_chance(prepared):
     run, task, mix = prepared[True]
-    train = TrainConfig(iterations=4, updates_per_iteration=100, batch_size=128, hidden=[64, 64],
-                        lr=1e-3, quick_eval_every=0, gamma=0.9)
+    train = TrainConfig(
+        iterations=4,
+        updates_per_iteration=100,
+        batch_size=128,
+        hidden=[64, 64],
+        lr=1e-3,
+        quick_eval_every=0,
+        gamma=0.9,
+    )
     unit = Unit("dcql", "real", 1)
-    train_unit(unit, train=train, run=run, out_dir="policy", mix=mix, action_space=task.action_space,
-               info={"env": "toy", "encoder": "toy"}, quick_eval=None)
+    train_unit(
+        unit,
+        train=train,
+        run=run,
+        out_dir="policy",
+        mix=mix,
+        action_space=task.action_space,
+        info={"env": "toy", "encoder": "toy"},
+        quick_eval=None,
+    )
     policy = load_policy(run.path("policy", unit.name))
     rng = np.random.default_rng(7)
     instr = rng.integers(0, len(task.instructions), 500)
     states = rng.uniform(-1, 1, (500, 10)).astype(np.float32)
-    accuracy = task.correct(instr, states, policy.act(make_obs(states, task.embeddings[instr]))).mean()
+    accuracy = task.correct(
+        instr, states, policy.act(make_obs(states, task.embeddings[instr]))
+    ).mean()
     chance = 1 / task.action_space.n
     assert accuracy > 10 * chance, f"greedy-Q accuracy {accuracy:.3f} vs chance {chance:.3f}"
 
@@ -109,12 +146,20 @@ def test_unknown_algo_param_is_a_config_error():
 
     train = TrainConfig(algo_params={"dcql": {"no_such_knob": 1}})
     with pytest.raises(ConfigError, match="train.algo_params.dcql"):
-        build_config("dcql", train=train, data_path="/x", filesystem=None, obs_dim=4,
-                     action_space=gym.spaces.Discrete(3), num_rows=10, seed=0)
+        build_config(
+            "dcql",
+            train=train,
+            data_path="/x",
+            filesystem=None,
+            obs_dim=4,
+            action_space=gym.spaces.Discrete(3),
+            num_rows=10,
+            seed=0,
+        )
 
 
 def _clevr_run(tmp_path) -> RunDir:
-    """Toy transitions shaped like CLEVR's (10-d state, Discrete(40)) + every CLEVR train wording."""
+    """Toy transitions shaped like CLEVR's (10-d state, Discrete(40)) + all CLEVR train wordings."""
     from kalm_ray.envs import get_suite
 
     suite = get_suite("clevr")
@@ -124,10 +169,18 @@ def _clevr_run(tmp_path) -> RunDir:
     texts = sorted({w for t in suite.tasks("train") for w in suite.instructions("train", t)})
     emb = np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32)
     old = pq.read_table(run.path("data/instructions.parquet"))
-    extra = pa.table({"text": texts, "env": ["clevr"] * len(texts), "level": ["train"] * len(texts),
-                      "task": [""] * len(texts),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 384)})
-    pq.write_table(pa.concat_tables([old, extra.cast(old.schema)]), run.path("data/instructions.parquet"))
+    extra = pa.table(
+        {
+            "text": texts,
+            "env": ["clevr"] * len(texts),
+            "level": ["train"] * len(texts),
+            "task": [""] * len(texts),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 384),
+        }
+    )
+    pq.write_table(
+        pa.concat_tables([old, extra.cast(old.schema)]), run.path("data/instructions.parquet")
+    )
     return run
 
 
@@ -135,12 +188,24 @@ def test_run_train_writes_policies_curves_and_manifest_then_skips(ray_local, tmp
     from kalm_ray.rl.train import run_train
 
     run = _clevr_run(tmp_path)
-    cfg = parse_config({
-        "name": "rl-smoke", "run_dir": run.root, "env": {"name": "clevr", "max_episode_steps": 3},
-        "train": {"algos": ["dcql"], "data": ["real"], "seeds": [0], "iterations": 2,
-                  "updates_per_iteration": 2, "batch_size": 32, "hidden": [16],
-                  "quick_eval_every": 1, "quick_eval_episodes": 2},
-    })
+    cfg = parse_config(
+        {
+            "name": "rl-smoke",
+            "run_dir": run.root,
+            "env": {"name": "clevr", "max_episode_steps": 3},
+            "train": {
+                "algos": ["dcql"],
+                "data": ["real"],
+                "seeds": [0],
+                "iterations": 2,
+                "updates_per_iteration": 2,
+                "batch_size": 32,
+                "hidden": [16],
+                "quick_eval_every": 1,
+                "quick_eval_episodes": 2,
+            },
+        }
+    )
     manifest = run_train(cfg, run)
     assert manifest.counts["policies"] == ["dcql-real-seed0"]
     folder = run.path("policy", "dcql-real-seed0")
@@ -151,3 +216,22 @@ def test_run_train_writes_policies_curves_and_manifest_then_skips(ray_local, tmp
     assert {"td_loss", "cql_loss", "q_mean"} <= set(rows[0])
     assert run.exists("policy", "manifest.json") and run.exists("policy", "_data", "real")
     assert run_train(cfg, run).output_id == manifest.output_id  # up to date: skipped
+
+
+@pytest.mark.slow
+def test_remote_learner_trains_and_exports(prepared):
+    """num_learners=1: the learner is a Ray actor fed through a Ray Data iterator."""
+    run, task, mix = prepared[True]
+    train = TINY.model_copy(update={"num_learners": 1})
+    unit = Unit("dcql", "real", 3)
+    train_unit(
+        unit,
+        train=train,
+        run=run,
+        out_dir="policy",
+        mix=mix,
+        action_space=task.action_space,
+        info={"env": "toy", "encoder": "toy"},
+        quick_eval=None,
+    )
+    _check_policy_folder(run, task, unit.name, "dcql")

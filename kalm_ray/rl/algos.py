@@ -28,8 +28,15 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "marwil": {"beta": 1.0, "vf_coeff": 1.0},
     "dcql": {"min_q_weight": 1.0, "tau": 0.005, "target_update_freq": 1, "double_q": True},
     # bc_iters=0: SAC's actor loss from the start, as in d3rlpy's CQL.
-    "cql": {"bc_iters": 0, "min_q_weight": 5.0, "num_actions": 10, "temperature": 1.0,
-            "tau": 0.005, "twin_q": True, "deterministic_backup": True},
+    "cql": {
+        "bc_iters": 0,
+        "min_q_weight": 5.0,
+        "num_actions": 10,
+        "temperature": 1.0,
+        "tau": 0.005,
+        "twin_q": True,
+        "deterministic_backup": True,
+    },
     "iql": {"beta": 0.1, "expectile": 0.8},
 }
 """Settings each algorithm starts from (RLlib names); ``train.algo_params`` overrides them."""
@@ -77,11 +84,20 @@ def model_config(algo: str, hidden: list[int]) -> Any:
 
     if algo in _SAC_FAMILY:
         # SAC catalog: obs encoder (fcnet) -> head (head_fcnet); Q fuses obs/action streams.
-        return DefaultModelConfig(fcnet_hiddens=list(hidden[:1]), fcnet_activation="relu",
-                                  head_fcnet_hiddens=list(hidden[1:]), head_fcnet_activation="relu",
-                                  fusionnet_hiddens=[], fusionnet_activation="relu")
-    return DefaultModelConfig(fcnet_hiddens=list(hidden), fcnet_activation="relu",
-                              head_fcnet_hiddens=[], vf_share_layers=False)
+        return DefaultModelConfig(
+            fcnet_hiddens=list(hidden[:1]),
+            fcnet_activation="relu",
+            head_fcnet_hiddens=list(hidden[1:]),
+            head_fcnet_activation="relu",
+            fusionnet_hiddens=[],
+            fusionnet_activation="relu",
+        )
+    return DefaultModelConfig(
+        fcnet_hiddens=list(hidden),
+        fcnet_activation="relu",
+        head_fcnet_hiddens=[],
+        vf_share_layers=False,
+    )
 
 
 def build_config(
@@ -119,28 +135,36 @@ def build_config(
     if algo in _SAC_FAMILY:
         lrs["lr"] = None  # NOTE: the SAC family on the new stack requires lr=None.
     try:
-        cfg.training(gamma=train.gamma, train_batch_size_per_learner=train.batch_size, **lrs, **params)
+        cfg.training(
+            gamma=train.gamma, train_batch_size_per_learner=train.batch_size, **lrs, **params
+        )
     except TypeError as e:
         raise ConfigError(f"train.algo_params.{algo}: {e}") from None
     if algo in ("bc", "marwil"):
         from kalm_ray.rl.learners import KalmBCTorchLearner
 
-        cfg.training(learner_class=KalmBCTorchLearner)
+        cfg.learners(learner_class=KalmBCTorchLearner)
     cfg.rl_module(model_config=model_config(algo, train.hidden))
     if algo != "marwil":
         # MARWIL's connector needs the module (advantages), so it keeps RLlib's PreLearner.
         from kalm_ray.rl.offline_data import PreparedOfflineData
 
-        cfg.offline_data(offline_data_class=PreparedOfflineData, materialize_data=False,
-                         materialize_mapped_data=True)
+        cfg.offline_data(
+            offline_data_class=PreparedOfflineData,
+            materialize_data=False,
+            materialize_mapped_data=True,
+        )
     cfg.offline_data(
         input_=data_path,
         input_filesystem=filesystem,
         dataset_num_iters_per_learner=train.updates_per_iteration,
         # One PreLearner actor is plenty at this size; 8 logical CPUs stay free for reads.
         map_batches_kwargs={"concurrency": max(1, train.num_learners), "num_cpus": 1},
-        iter_batches_kwargs={"prefetch_batches": 1, "drop_last": True,
-                             "local_shuffle_buffer_size": min(num_rows, _SHUFFLE_ROWS)},
+        iter_batches_kwargs={
+            "prefetch_batches": 1,
+            "drop_last": True,
+            "local_shuffle_buffer_size": min(num_rows, _SHUFFLE_ROWS),
+        },
     )
     cfg.learners(num_learners=train.num_learners, num_gpus_per_learner=train.num_gpus_per_learner)
     cfg.env_runners(num_env_runners=0)

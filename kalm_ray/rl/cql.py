@@ -10,6 +10,8 @@ What differs from stock ``CQLConfig`` and why:
   repeated observation) and one first-layer pass per state: the critic's first layer is split
   as ``W [s; a] = W_s s + W_a a``, so ``W_s s`` is computed once for all sampled actions.
   The numbers are the same as evaluating the concatenated input.
+- **Next-policy actions are scored at s**, ``Q(s, a' ~ pi(s'))``, as in the CQL authors' code
+  and d3rlpy; stock RLlib 2.60 scores them at ``s'``.
 - **One backward pass** for actor, critics and temperature: their parameter sets are disjoint
   and every cross term is already cut (frozen critics in the actor term, detached actions and
   log-probs in the critic term), so the summed loss gives each optimizer the same gradients
@@ -72,19 +74,25 @@ class StateActionEncoder(nn.Module):
         self.obs_in = nn.Linear(obs_dim, hidden[0])
         self.act_in = nn.Linear(act_dim, hidden[0], bias=False)
         rest: list[nn.Module] = [nn.ReLU()]
-        for a, b in zip(hidden[:-1], hidden[1:]):
+        for a, b in zip(hidden[:-1], hidden[1:], strict=True):
             rest += [nn.Linear(a, b), nn.ReLU()]
         self.rest = nn.Sequential(*rest)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {ENCODER_OUT: self.rest(self.obs_in(batch[Columns.OBS]) + self.act_in(batch[Columns.ACTIONS]))}
+        return {
+            ENCODER_OUT: self.rest(
+                self.obs_in(batch[Columns.OBS]) + self.act_in(batch[Columns.ACTIONS])
+            )
+        }
 
     def repeated(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Features of ``N`` actions per state: ``obs (B, D)``, ``actions (B, N, A)`` -> ``(B, N, H)``."""
+        """Features of N actions per state: obs (B, D), actions (B, N, A) -> (B, N, H)."""
         return self.rest(self.obs_in(obs).unsqueeze(1) + self.act_in(actions))
 
 
-def _q(encoder: nn.Module, head: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+def _q(
+    encoder: nn.Module, head: nn.Module, obs: torch.Tensor, actions: torch.Tensor
+) -> torch.Tensor:
     """``(B,)`` Q values of ``(B, D)`` observations and ``(B, A)`` actions."""
     return head(encoder({Columns.OBS: obs, Columns.ACTIONS: actions})[ENCODER_OUT])[..., 0]
 
@@ -129,7 +137,9 @@ class KalmCQLTorchRLModule(DefaultCQLTorchRLModule):
         obs, next_obs, actions = batch[Columns.OBS], batch[Columns.NEXT_OBS], batch[Columns.ACTIONS]
         B, n = obs.shape[0], self.model_config["num_actions"]
         out: dict[str, Any] = {}
-        logits_both = self.pi(self.pi_encoder({Columns.OBS: torch.cat([obs, next_obs])})[ENCODER_OUT])
+        logits_both = self.pi(
+            self.pi_encoder({Columns.OBS: torch.cat([obs, next_obs])})[ENCODER_OUT]
+        )
         logits, logits_next = logits_both[:B], logits_both[B:]
         out[Columns.ACTION_DIST_INPUTS], out[ACTION_DIST_INPUTS_NEXT] = logits, logits_next
         dist, dist_next = self._dist(logits), self._dist(logits_next)
@@ -151,20 +161,30 @@ class KalmCQLTorchRLModule(DefaultCQLTorchRLModule):
             if self.twin_q:
                 targets.append((self.target_qf_twin_encoder, self.target_qf_twin))
             out["q_target_next"] = torch.min(
-                torch.stack([_q(enc, head, next_obs, a_next) for enc, head in targets]), dim=0).values
-        # Per critic, one pass over s for [data action, N random, N current-policy] and one
-        # over s' for N next-policy actions; the obs half of the first layer runs once per state.
-        acts_s = torch.cat([actions.unsqueeze(1), a_rand, a_curr_n.transpose(0, 1)], dim=1)
-        acts_next = a_next_n.transpose(0, 1)
+                torch.stack([_q(enc, head, next_obs, a_next) for enc, head in targets]), dim=0
+            ).values
+        # Per critic, one pass over s for [data action, N random, N pi(s), N pi(s')] actions; the
+        # obs half of the first layer runs once per state. Q(s, a' ~ pi(s')) as in Kumar et al.'s
+        # reference code and d3rlpy (stock RLlib evaluates these at s' instead).
+        acts = torch.cat(
+            [actions.unsqueeze(1), a_rand, a_curr_n.transpose(0, 1), a_next_n.transpose(0, 1)],
+            dim=1,
+        )
         for (enc, head), (pred_key, rand_key, curr_key, next_key) in zip(
             self._critics(),
-            ((QF_PREDS, "q_rand_repeat", "q_curr_repeat", "q_next_repeat"),
-             (QF_TWIN_PREDS, "q_twin_rand_repeat", "q_twin_curr_repeat", "q_twin_next_repeat")),
+            (
+                (QF_PREDS, "q_rand_repeat", "q_curr_repeat", "q_next_repeat"),
+                (QF_TWIN_PREDS, "q_twin_rand_repeat", "q_twin_curr_repeat", "q_twin_next_repeat"),
+            ),
+            strict=False,  # one critic without twin_q: only the first key set
         ):
-            q_s = head(enc.repeated(obs, acts_s))  # (B, 1 + 2N, 1)
+            q_s = head(enc.repeated(obs, acts))  # (B, 1 + 3N, 1)
             out[pred_key] = q_s[:, 0, 0]
-            out[rand_key], out[curr_key] = q_s[:, 1:n + 1], q_s[:, n + 1:]
-            out[next_key] = head(enc.repeated(next_obs, acts_next))
+            out[rand_key], out[curr_key], out[next_key] = (
+                q_s[:, 1 : n + 1],
+                q_s[:, n + 1 : 2 * n + 1],
+                q_s[:, 2 * n + 1 :],
+            )
         out["actions_curr_repeat"] = a_curr_n
         # Actor term: Q of the reparameterised policy action, critics frozen (the gradient
         # reaches the policy only).
@@ -246,19 +266,31 @@ class KalmCQL(CQL):
                 return_iterator=True,
             )
             rows = self.config.train_batch_size_per_learner * max(1, self.config.num_learners)
-            self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME,
-                                   rows * (self.config.dataset_num_iters_per_learner or 1),
-                                   reduce="lifetime_sum")
+            self.metrics.log_value(
+                NUM_ENV_STEPS_SAMPLED_LIFETIME,
+                rows * (self.config.dataset_num_iters_per_learner or 1),
+                reduce="lifetime_sum",
+            )
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             results = self.learner_group.update(
                 training_data=TrainingData(data_iterators=iterators),
                 minibatch_size=self.config.train_batch_size_per_learner,
                 num_iters=self.config.dataset_num_iters_per_learner,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(NUM_ENV_STEPS_SAMPLED_LIFETIME)},
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        NUM_ENV_STEPS_SAMPLED_LIFETIME
+                    )
+                },
                 **self.offline_data.iter_batches_kwargs,
             )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)
 
 
-__all__ = ["KalmCQL", "KalmCQLConfig", "KalmCQLTorchLearner", "KalmCQLTorchRLModule", "ALL_MODULES",
-           "RLModule"]
+__all__ = [
+    "KalmCQL",
+    "KalmCQLConfig",
+    "KalmCQLTorchLearner",
+    "KalmCQLTorchRLModule",
+    "ALL_MODULES",
+    "RLModule",
+]

@@ -2,7 +2,8 @@
 
 Ray Data reads ``data/real/`` (and ``data/imagined/``), checks that every instruction has an
 embedding, joins each row with its embedding (:class:`JoinEmbeddings`), mixes the sources at
-the configured ratio, permutes rows within blocks, and writes the prepared columnar dataset once per data mix
+the configured ratio, permutes rows within blocks, and writes the prepared columnar dataset
+once per data mix
 (``policy/_data/<mix>/``). Every training unit of that mix then reads it with RLlib's own
 offline reader; nothing is re-joined per unit or per update.
 
@@ -33,8 +34,16 @@ SOURCE_DIRS: dict[str, str] = {"real": "data/real", "imagined": "data/imagined"}
 MIX_SOURCES: dict[str, tuple[str, ...]] = {"real": ("real",), "real+imagined": ("real", "imagined")}
 LOCAL_ROWS = 200_000
 """Above this many source rows (or on a remote run dir) ``engine=auto`` uses Ray Data."""
-_READ_COLUMNS = ["episode_id", "instruction", "state", "action", "reward", "next_state",
-                 "terminated", "truncated"]
+_READ_COLUMNS = [
+    "episode_id",
+    "instruction",
+    "state",
+    "action",
+    "reward",
+    "next_state",
+    "terminated",
+    "truncated",
+]
 
 
 def make_obs(state: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
@@ -53,7 +62,9 @@ def make_obs(state: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
     state = np.asarray(state, dtype=np.float32)
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if state.ndim != 2 or embeddings.ndim != 2 or len(state) != len(embeddings):
-        raise ValueError(f"make_obs: need (B, D) and (B, E), got {state.shape} and {embeddings.shape}")
+        raise ValueError(
+            f"make_obs: need (B, D) and (B, E), got {state.shape} and {embeddings.shape}"
+        )
     return np.concatenate([state, embeddings], axis=1)
 
 
@@ -66,8 +77,12 @@ def load_embeddings(run: RunDir) -> dict[str, np.ndarray]:
     if load_instruction_table is not None:
         return {k: np.asarray(v, dtype=np.float32) for k, v in load_instruction_table(run).items()}
     if not run.exists(INSTRUCTIONS_FILE):
-        raise InputError(f"{run.uri_of(INSTRUCTIONS_FILE)}: missing; run `kalm collect CONFIG` first")
-    table = pq.read_table(run.path(INSTRUCTIONS_FILE), columns=["text", "embedding"], filesystem=run.fs)
+        raise InputError(
+            f"{run.uri_of(INSTRUCTIONS_FILE)}: missing; run `kalm collect CONFIG` first"
+        )
+    table = pq.read_table(
+        run.path(INSTRUCTIONS_FILE), columns=["text", "embedding"], filesystem=run.fs
+    )
     return embeddings_from_table(table)
 
 
@@ -111,7 +126,9 @@ class JoinEmbeddings:
         try:
             idx = np.fromiter((self.texts[t] for t in instr), dtype=np.int64, count=len(instr))
         except KeyError as e:
-            raise InputError(f"instruction {e.args[0]!r} has no embedding in {INSTRUCTIONS_FILE}") from None
+            raise InputError(
+                f"instruction {e.args[0]!r} has no embedding in {INSTRUCTIONS_FILE}"
+            ) from None
         emb = self.matrix[idx]
         action = batch.column("action")
         if pa.types.is_fixed_size_list(action.type):
@@ -129,7 +146,9 @@ class JoinEmbeddings:
         }
 
 
-def join_batch(batch: pa.Table, *, table: dict[str, np.ndarray], seed: int | None) -> dict[str, np.ndarray]:
+def join_batch(
+    batch: pa.Table, *, table: dict[str, np.ndarray], seed: int | None
+) -> dict[str, np.ndarray]:
     """``map_batches`` function form of :class:`JoinEmbeddings`."""
     return JoinEmbeddings(table, seed)(batch)
 
@@ -187,7 +206,9 @@ def source_files(run: RunDir, source: str) -> list[str]:
     folder = SOURCE_DIRS[source]
     files = [run.path(folder, f) for f in run.list(folder) if f.endswith(".parquet")]
     if not files:
-        raise InputError(f"{run.uri_of(folder)}: no Parquet files; run the stage that writes them first")
+        raise InputError(
+            f"{run.uri_of(folder)}: no Parquet files; run the stage that writes them first"
+        )
     return files
 
 
@@ -195,7 +216,9 @@ def read_source(run: RunDir, source: str):
     """A Ray Dataset of one source's transitions (only the columns training needs)."""
     import ray.data
 
-    return ray.data.read_parquet(source_files(run, source), filesystem=run.fs, columns=_READ_COLUMNS)
+    return ray.data.read_parquet(
+        source_files(run, source), filesystem=run.fs, columns=_READ_COLUMNS
+    )
 
 
 def source_instructions(run: RunDir, source: str) -> tuple[list[str], int]:
@@ -216,12 +239,16 @@ def to_arrow(columns: dict[str, np.ndarray]) -> pa.Table:
     Ray Data (and so RLlib's reader) reads back as ``(rows, width)`` arrays."""
     from ray.data.extensions import ArrowTensorArray
 
-    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)
-                     for k, v in columns.items()})
+    return pa.table(
+        {
+            k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)
+            for k, v in columns.items()
+        }
+    )
 
 
 def pick_engine(engine: str, run: RunDir, rows: int) -> str:
-    """``auto`` -> ``local`` for a local run dir with at most :data:`LOCAL_ROWS` rows, else ``ray``."""
+    """``auto``: ``local`` for a local run dir of at most :data:`LOCAL_ROWS` rows, else ``ray``."""
     if engine != "auto":
         return engine
     return "local" if run.is_local and rows <= LOCAL_ROWS else "ray"
@@ -251,30 +278,50 @@ def prepare_mix(
     for source in MIX_SOURCES[mix]:
         texts, have[source] = source_instructions(run, source)
         check_embeddings(texts, embeddings, where=run.uri_of(SOURCE_DIRS[source]))
-    n_real, n_im = mix_counts(have["real"], have.get("imagined", 0),
-                              ratio if "imagined" in have else None)
+    n_real, n_im = mix_counts(
+        have["real"], have.get("imagined", 0), ratio if "imagined" in have else None
+    )
     want = {"real": n_real, "imagined": n_im}
     if not any(want.values()):
         raise InputError(f"data mix {mix!r}: no rows")
     if pick_engine(engine, run, sum(have.values())) == "local":
         _prepare_local(run, out_dir, have=have, want=want, embeddings=embeddings, seed=seed)
     else:
-        parts = [_resample(read_source(run, s), have[s], want[s], seed + i)
-                 for i, s in enumerate(have) if want[s] > 0]
+        parts = [
+            _resample(read_source(run, s), have[s], want[s], seed + i)
+            for i, s in enumerate(have)
+            if want[s] > 0
+        ]
         mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         # A task (not an actor pool) so that Ray Data fuses read -> join -> write into one task
         # per file on pooled workers; an actor would start a process of its own.
-        joined = mixed.map_batches(join_batch, fn_kwargs={"table": embeddings, "seed": seed},
-                                   batch_format="pyarrow", batch_size=8192)
+        joined = mixed.map_batches(
+            join_batch,
+            fn_kwargs={"table": embeddings, "seed": seed},
+            batch_format="pyarrow",
+            batch_size=8192,
+        )
         joined.write_parquet(run.path(out_dir), filesystem=run.fs)
     schema = pq.read_schema(source_files(run, "real")[0], filesystem=run.fs)
-    return MixInfo(mix=mix, path=run.path(out_dir), rows={s: want[s] for s in have},
-                   source_rows=have, state_dim=schema.field("state").type.list_size,
-                   emb_dim=len(next(iter(embeddings.values()))))
+    return MixInfo(
+        mix=mix,
+        path=run.path(out_dir),
+        rows={s: want[s] for s in have},
+        source_rows=have,
+        state_dim=schema.field("state").type.list_size,
+        emb_dim=len(next(iter(embeddings.values()))),
+    )
 
 
-def _prepare_local(run: RunDir, out_dir: str, *, have: dict[str, int], want: dict[str, int],
-                   embeddings: dict[str, np.ndarray], seed: int) -> None:
+def _prepare_local(
+    run: RunDir,
+    out_dir: str,
+    *,
+    have: dict[str, int],
+    want: dict[str, int],
+    embeddings: dict[str, np.ndarray],
+    seed: int,
+) -> None:
     """The ``local`` engine: every source in memory, exact resampling, one Parquet file."""
     rng = np.random.default_rng(seed)
     tables = []

@@ -12,6 +12,7 @@ took ~70 ms, of which ~13 ms was Adam's per-tensor Python loop and ~19 ms twelve
 from __future__ import annotations
 
 import logging
+
 import torch
 from ray.rllib.algorithms.marwil.torch.marwil_torch_learner import MARWILTorchLearner
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
@@ -41,7 +42,9 @@ def apply_gradients_checked(learner: TorchLearner, gradients: ParamDict) -> bool
     drive torch LR schedulers or AMP grad scalers (kalm_ray configures neither).
     """
     if learner._grad_scalers is not None or learner._lr_scheduler_classes is not None:
-        raise ValueError("apply_gradients_checked: grad scalers / torch LR schedulers are not supported")
+        raise ValueError(
+            "apply_gradients_checked: grad scalers / torch LR schedulers are not supported"
+        )
     for pid, grad in gradients.items():
         learner._params[pid].grad = grad
     grads = [g for g in gradients.values() if g is not None]
@@ -64,5 +67,3 @@ class KalmBCTorchLearner(MARWILTorchLearner):
     @override(TorchLearner)
     def apply_gradients(self, gradients_dict: ParamDict) -> None:
         apply_gradients_checked(self, gradients_dict)
-
-

@@ -19,7 +19,12 @@ from ray.rllib.offline.offline_data import OfflineData
 from ray.rllib.utils.annotations import override
 
 MAPPED_COLUMNS: tuple[str, ...] = (
-    Columns.OBS, Columns.ACTIONS, Columns.REWARDS, Columns.NEXT_OBS, Columns.TERMINATEDS, Columns.TRUNCATEDS,
+    Columns.OBS,
+    Columns.ACTIONS,
+    Columns.REWARDS,
+    Columns.NEXT_OBS,
+    Columns.TERMINATEDS,
+    Columns.TRUNCATEDS,
 )
 
 
@@ -40,11 +45,14 @@ class PreparedOfflineData(OfflineData):
 
             fs = self.filesystem_object or pafs.LocalFileSystem()
             table = pads.dataset(str(self.path), filesystem=fs, format="parquet").to_table(
-                columns=list(MAPPED_COLUMNS))
+                columns=list(MAPPED_COLUMNS)
+            )
             table = table.rename_columns([names[c] for c in table.column_names])
             # NOTE: each epoch of a Ray Data iterator starts a new execution (~0.1-1 s here);
             # repeat a small table so that one epoch spans at least one training iteration.
-            rows_per_iter = config.train_batch_size_per_learner * (config.dataset_num_iters_per_learner or 1)
+            rows_per_iter = config.train_batch_size_per_learner * (
+                config.dataset_num_iters_per_learner or 1
+            )
             copies = max(1, -(-rows_per_iter // max(1, table.num_rows)))
             self.data = ray.data.from_arrow([table] * copies)
         else:

@@ -25,7 +25,16 @@ POLICY_INFO = "policy_info.json"
 MODULE_DIR = "module"
 CHECKPOINT_DIR = "checkpoint"
 CURVE_FILE = "curve.csv"
-INFO_KEYS: tuple[str, ...] = ("algo", "data", "seed", "env", "obs_dim", "state_dim", "emb_dim", "encoder")
+INFO_KEYS: tuple[str, ...] = (
+    "algo",
+    "data",
+    "seed",
+    "env",
+    "obs_dim",
+    "state_dim",
+    "emb_dim",
+    "encoder",
+)
 
 
 class Policy:
@@ -52,7 +61,9 @@ class Policy:
         torch = self._torch
         obs = np.asarray(obs, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != self.info["obs_dim"]:
-            raise ValueError(f"Policy.act: expected (B, {self.info['obs_dim']}) observations, got {obs.shape}")
+            raise ValueError(
+                f"Policy.act: expected (B, {self.info['obs_dim']}) observations, got {obs.shape}"
+            )
         with torch.no_grad():
             out = self.module.forward_inference({Columns.OBS: torch.from_numpy(obs)})
             logits = out[Columns.ACTION_DIST_INPUTS]
@@ -77,8 +88,12 @@ def _local_copy(policy_dir: str) -> tuple[str, tempfile.TemporaryDirectory | Non
     tmp = tempfile.TemporaryDirectory(prefix="kalm-policy-")
     for name in (POLICY_INFO, MODULE_DIR):
         if src.fs.get_file_info(src.path(name)).type == pafs.FileType.Directory:
-            pafs.copy_files(src.path(name), os.path.join(tmp.name, name), source_filesystem=src.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                src.path(name),
+                os.path.join(tmp.name, name),
+                source_filesystem=src.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
         else:
             with open(os.path.join(tmp.name, name), "wb") as f:
                 f.write(src.read_bytes(name))
@@ -92,7 +107,9 @@ def load_policy(policy_dir: str) -> Policy:
     run = RunDir(policy_dir)
     for name in (POLICY_INFO, MODULE_DIR):
         if not run.exists(name):
-            raise InputError(f"{run.uri_of(name)}: missing; not a trained policy folder (run `kalm train`)")
+            raise InputError(
+                f"{run.uri_of(name)}: missing; not a trained policy folder (run `kalm train`)"
+            )
     local, tmp = _local_copy(policy_dir)
     try:
         with open(os.path.join(local, POLICY_INFO)) as f:

@@ -18,8 +18,15 @@ class QuickEval:
     """``episodes`` fixed (task, wording, start seed) triples of the ``train`` level, reused at
     every check so that successive numbers differ only by the policy."""
 
-    def __init__(self, suite: Suite, embeddings: dict[str, np.ndarray], *, episodes: int,
-                 max_steps: int, seed: int):
+    def __init__(
+        self,
+        suite: Suite,
+        embeddings: dict[str, np.ndarray],
+        *,
+        episodes: int,
+        max_steps: int,
+        seed: int,
+    ):
         rng = np.random.default_rng(seed)
         tasks = suite.tasks("train")
         picks = rng.choice(len(tasks), size=episodes, replace=episodes > len(tasks))
@@ -34,7 +41,9 @@ class QuickEval:
     def _env(self, i: int):
         """Episode ``i``'s own env (two episodes of one task must not share an env)."""
         if i not in self._envs:
-            self._envs[i] = self.suite.make_env("train", self.tasks[i], max_episode_steps=self.max_steps)
+            self._envs[i] = self.suite.make_env(
+                "train", self.tasks[i], max_episode_steps=self.max_steps
+            )
         return self._envs[i]
 
     def __call__(self, policy: Policy) -> float:

@@ -7,7 +7,6 @@ mix under ``policy/_data/<mix>/``, ``summary.json`` and ``config.yaml``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -50,8 +49,12 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         raise InputError(f"{run.uri_of('data/instructions.parquet')}: no instructions")
     units = plan_units(train)
     max_steps = cfg.env.max_episode_steps or suite.max_episode_steps
-    info = {"env": suite.name, "encoder": encoder_name(run, cfg.text.encoder),
-            "action_space": repr(suite.action_space), "gamma": train.gamma}
+    info = {
+        "env": suite.name,
+        "encoder": encoder_name(run, cfg.text.encoder),
+        "action_space": repr(suite.action_space),
+        "gamma": train.gamma,
+    }
     init_ray(cfg.ray)
 
     # ---- run ------------------------------------------------------------------------------
@@ -60,23 +63,52 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         mixes, t_data = {}, {}
         for mix in train.data:
             t = time.perf_counter()
-            mixes[mix] = prepare_mix(run, mix, f"{out}/{DATA_DIR}/{mix}", embeddings=embeddings,
-                                     ratio=train.imagined_ratio, seed=cfg.seed, engine=train.data_engine)
+            mixes[mix] = prepare_mix(
+                run,
+                mix,
+                f"{out}/{DATA_DIR}/{mix}",
+                embeddings=embeddings,
+                ratio=train.imagined_ratio,
+                seed=cfg.seed,
+                engine=train.data_engine,
+            )
             t_data[mix] = round(time.perf_counter() - t, 2)
-            print(f"[kalm] train: data {mix!r}: {mixes[mix].rows} rows ({t_data[mix]}s)", flush=True)
+            print(
+                f"[kalm] train: data {mix!r}: {mixes[mix].rows} rows ({t_data[mix]}s)", flush=True
+            )
         quick = None
         if train.quick_eval_every:
-            quick = QuickEval(suite, embeddings, episodes=train.quick_eval_episodes,
-                              max_steps=max_steps, seed=cfg.seed)
+            quick = QuickEval(
+                suite,
+                embeddings,
+                episodes=train.quick_eval_episodes,
+                max_steps=max_steps,
+                seed=cfg.seed,
+            )
         results = []
         try:
             for k, unit in enumerate(units, 1):
-                res = train_unit(unit, train=train, run=run, out_dir=out, mix=mixes[unit.data],
-                                 action_space=suite.action_space, info=info, quick_eval=quick,
-                                 master_seed=cfg.seed)
+                res = train_unit(
+                    unit,
+                    train=train,
+                    run=run,
+                    out_dir=out,
+                    mix=mixes[unit.data],
+                    action_space=suite.action_space,
+                    info=info,
+                    quick_eval=quick,
+                    master_seed=cfg.seed,
+                )
                 results.append(res)
-                shown = "" if res["quick_success"] is None else f", quick success {res['quick_success']:.2f}"
-                print(f"[kalm] train: {k}/{len(units)} {unit.name}: {res['wall_s']}s{shown}", flush=True)
+                shown = (
+                    ""
+                    if res["quick_success"] is None
+                    else f", quick success {res['quick_success']:.2f}"
+                )
+                print(
+                    f"[kalm] train: {k}/{len(units)} {unit.name}: {res['wall_s']}s{shown}",
+                    flush=True,
+                )
         finally:
             if quick is not None:
                 quick.close()
@@ -87,14 +119,23 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         plan.save_config(out)
         successes = [r["quick_success"] for r in results if r["quick_success"] is not None]
         manifest = plan.manifest(
-            counts={"units": len(results), "policies": [r["unit"] for r in results],
-                    "rows": {m: mi.rows for m, mi in mixes.items()},
-                    "quick_success": {r["unit"]: r["quick_success"] for r in results},
-                    "mean_quick_success": round(float(np.mean(successes)), 4) if successes else None},
-            timings={"wall_s": round(time.perf_counter() - t0, 2),
-                     "data_s": t_data, "units_s": {r["unit"]: r["wall_s"] for r in results}},
+            counts={
+                "units": len(results),
+                "policies": [r["unit"] for r in results],
+                "rows": {m: mi.rows for m, mi in mixes.items()},
+                "quick_success": {r["unit"]: r["quick_success"] for r in results},
+                "mean_quick_success": round(float(np.mean(successes)), 4) if successes else None,
+            },
+            timings={
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "data_s": t_data,
+                "units_s": {r["unit"]: r["wall_s"] for r in results},
+            },
         )
     write_manifest(run, plan.out_dir, manifest)
-    print(f"[kalm] train: {len(results)} policies in {manifest.timings['wall_s']}s -> "
-          f"{run.uri_of(plan.out_dir)}", flush=True)
+    print(
+        f"[kalm] train: {len(results)} policies in {manifest.timings['wall_s']}s -> "
+        f"{run.uri_of(plan.out_dir)}",
+        flush=True,
+    )
     return manifest

@@ -92,14 +92,17 @@ class ModuleExporter:
         self.module.save_to_path(dest)
 
 
-def _close_iterators(algo: Any) -> None:
+def close_iterators(algo: Any) -> None:
     """Close the Ray Data iterators RLlib keeps after ``algo.stop()``."""
     # NOTE: otherwise they are collected at interpreter exit, after Ray shut down, and each
     # prints a "Ray is not initialized" traceback (ray.data stats update in GeneratorExit).
     learner = getattr(algo.learner_group, "_learner", None)
     iterator = getattr(learner, "iterator", None)
     offline = getattr(algo, "offline_data", None)
-    for gen in (getattr(iterator, "_epoch_iterator", None), getattr(offline, "batch_iterators", None)):
+    for gen in (
+        getattr(iterator, "_epoch_iterator", None),
+        getattr(offline, "batch_iterators", None),
+    ):
         if hasattr(gen, "close"):
             gen.close()
 
@@ -128,15 +131,29 @@ def train_unit(
     tmp = None if run.is_local else tempfile.TemporaryDirectory(prefix=f"kalm-{unit.name}-")
     local = run.path(out_dir, unit.name) if tmp is None else tmp.name
     os.makedirs(local, exist_ok=True)
-    policy_info = {**info, "algo": unit.algo, "data": unit.data, "seed": unit.seed,
-                   "obs_dim": mix.obs_dim, "state_dim": mix.state_dim, "emb_dim": mix.emb_dim,
-                   "module": MODULE_DIR, "checkpoint": CHECKPOINT_DIR}
+    policy_info = {
+        **info,
+        "algo": unit.algo,
+        "data": unit.data,
+        "seed": unit.seed,
+        "obs_dim": mix.obs_dim,
+        "state_dim": mix.state_dim,
+        "emb_dim": mix.emb_dim,
+        "module": MODULE_DIR,
+        "checkpoint": CHECKPOINT_DIR,
+    }
     with open(os.path.join(local, POLICY_INFO), "w") as f:
         json.dump(policy_info, f, indent=2)
-    config = build_config(unit.algo, train=train, data_path=mix.path,
-                          filesystem=None if run.is_local else run.fs, obs_dim=mix.obs_dim,
-                          action_space=action_space, num_rows=sum(mix.rows.values()),
-                          seed=master_seed * 1000 + unit.seed)
+    config = build_config(
+        unit.algo,
+        train=train,
+        data_path=mix.path,
+        filesystem=None if run.is_local else run.fs,
+        obs_dim=mix.obs_dim,
+        action_space=action_space,
+        num_rows=sum(mix.rows.values()),
+        seed=master_seed * 1000 + unit.seed,
+    )
     algo = config.build_algo()
     t_build = time.perf_counter() - t0
     exporter, rows, t_eval, success = ModuleExporter(algo), [], 0.0, None
@@ -144,9 +161,12 @@ def train_unit(
         for it in range(1, train.iterations + 1):
             t_it = time.perf_counter()
             result = algo.train()
-            row: dict[str, Any] = {"iteration": it, "updates": it * train.updates_per_iteration,
-                                   "train_s": round(time.perf_counter() - t_it, 3),
-                                   **learner_metrics(result)}
+            row: dict[str, Any] = {
+                "iteration": it,
+                "updates": it * train.updates_per_iteration,
+                "train_s": round(time.perf_counter() - t_it, 3),
+                **learner_metrics(result),
+            }
             every = train.quick_eval_every
             if quick_eval is not None and every and (it % every == 0 or it == train.iterations):
                 t_q = time.perf_counter()
@@ -157,19 +177,34 @@ def train_unit(
             rows.append(row)
             with open(os.path.join(local, CURVE_FILE), "w") as f:
                 f.write(curve_csv(rows))
-            log.info("train %s: iteration %d/%d %s", unit.name, it, train.iterations,
-                     "" if success is None else f"quick success {success:.2f}")
+            log.info(
+                "train %s: iteration %d/%d %s",
+                unit.name,
+                it,
+                train.iterations,
+                "" if success is None else f"quick success {success:.2f}",
+            )
         exporter.save(os.path.join(local, MODULE_DIR))
         algo.save_to_path(os.path.join(local, CHECKPOINT_DIR))
     finally:
-        _close_iterators(algo)
+        close_iterators(algo)
         algo.stop()
     if tmp is not None:
-        pafs.copy_files(local, run.path(out_dir, unit.name), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=run.fs)
+        pafs.copy_files(
+            local,
+            run.path(out_dir, unit.name),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=run.fs,
+        )
         tmp.cleanup()
     wall = time.perf_counter() - t0
-    return {"unit": unit.name, "quick_success": success, "iterations": train.iterations,
-            "updates": train.iterations * train.updates_per_iteration,
-            "build_s": round(t_build, 2), "quick_eval_s": round(t_eval, 2), "wall_s": round(wall, 2),
-            "final": rows[-1] if rows else {}}
+    return {
+        "unit": unit.name,
+        "quick_success": success,
+        "iterations": train.iterations,
+        "updates": train.iterations * train.updates_per_iteration,
+        "build_s": round(t_build, 2),
+        "quick_eval_s": round(t_eval, 2),
+        "wall_s": round(wall, 2),
+        "final": rows[-1] if rows else {},
+    }

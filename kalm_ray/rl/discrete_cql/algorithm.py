@@ -67,8 +67,12 @@ class DiscreteCQLConfig(AlgorithmConfig):
         **kwargs: Any,
     ) -> DiscreteCQLConfig:
         super().training(**kwargs)
-        for name, value in (("min_q_weight", min_q_weight), ("tau", tau),
-                            ("target_update_freq", target_update_freq), ("double_q", double_q)):
+        for name, value in (
+            ("min_q_weight", min_q_weight),
+            ("tau", tau),
+            ("target_update_freq", target_update_freq),
+            ("double_q", double_q),
+        ):
             if value is not NotProvided:
                 setattr(self, name, value)
         return self
@@ -89,7 +93,9 @@ class DiscreteCQLConfig(AlgorithmConfig):
             device=device,
         )
         # The TD target needs the next observation of every row.
-        pipeline.insert_after(AddObservationsFromEpisodesToBatch, AddNextObservationsFromEpisodesToTrainBatch())
+        pipeline.insert_after(
+            AddObservationsFromEpisodesToBatch, AddNextObservationsFromEpisodesToTrainBatch()
+        )
         return pipeline
 
     @override(AlgorithmConfig)
@@ -98,9 +104,13 @@ class DiscreteCQLConfig(AlgorithmConfig):
         if self.action_space is not None and not isinstance(self.action_space, gym.spaces.Discrete):
             self._value_error(f"DiscreteCQL needs a Discrete action space, got {self.action_space}")
         if self.num_learners == 0 and not self.dataset_num_iters_per_learner:
-            self._value_error("DiscreteCQL with a local learner needs `dataset_num_iters_per_learner`.")
+            self._value_error(
+                "DiscreteCQL with a local learner needs `dataset_num_iters_per_learner`."
+            )
         if not 0.0 < self.tau <= 1.0 or self.target_update_freq < 1 or self.min_q_weight < 0:
-            self._value_error("DiscreteCQL: need 0 < tau <= 1, target_update_freq >= 1, min_q_weight >= 0")
+            self._value_error(
+                "DiscreteCQL: need 0 < tau <= 1, target_update_freq >= 1, min_q_weight >= 0"
+            )
 
 
 class DiscreteCQL(Algorithm):
@@ -122,15 +132,21 @@ class DiscreteCQL(Algorithm):
                 return_iterator=True,
             )
             rows = self.config.train_batch_size_per_learner * max(1, self.config.num_learners)
-            self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME,
-                                   rows * (self.config.dataset_num_iters_per_learner or 1),
-                                   reduce="lifetime_sum")
+            self.metrics.log_value(
+                NUM_ENV_STEPS_SAMPLED_LIFETIME,
+                rows * (self.config.dataset_num_iters_per_learner or 1),
+                reduce="lifetime_sum",
+            )
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             results = self.learner_group.update(
                 training_data=TrainingData(data_iterators=iterators),
                 minibatch_size=self.config.train_batch_size_per_learner,
                 num_iters=self.config.dataset_num_iters_per_learner,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(NUM_ENV_STEPS_SAMPLED_LIFETIME)},
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        NUM_ENV_STEPS_SAMPLED_LIFETIME
+                    )
+                },
                 **self.offline_data.iter_batches_kwargs,
             )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)

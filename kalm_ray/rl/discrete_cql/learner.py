@@ -14,8 +14,8 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
 from kalm_ray.rl.discrete_cql.loss import discrete_cql_loss
-from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
 from kalm_ray.rl.discrete_cql.module import QF_NEXT_PREDS, QF_PREDS, QF_TARGET_NEXT_PREDS
+from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
 
 
 class DiscreteCQLTorchLearner(TorchLearner):
@@ -27,7 +27,9 @@ class DiscreteCQLTorchLearner(TorchLearner):
         use_fused_adam(self)
         self._updates_since_sync: dict[ModuleID, int] = {}
         self.module.foreach_module(
-            lambda mid, mod: mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
+            lambda mid, mod: (
+                mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
+            )
         )
 
     @classmethod
@@ -46,7 +48,9 @@ class DiscreteCQLTorchLearner(TorchLearner):
     ) -> TensorType:
         out = discrete_cql_loss(
             q=fwd_out[QF_PREDS],
-            q_next_online=fwd_out[QF_NEXT_PREDS] if config.double_q else fwd_out[QF_TARGET_NEXT_PREDS],
+            q_next_online=fwd_out[QF_NEXT_PREDS]
+            if config.double_q
+            else fwd_out[QF_TARGET_NEXT_PREDS],
             q_next_target=fwd_out[QF_TARGET_NEXT_PREDS],
             actions=batch[Columns.ACTIONS],
             rewards=batch[Columns.REWARDS],
@@ -75,5 +79,7 @@ class DiscreteCQLTorchLearner(TorchLearner):
                 n = 0
                 with torch.no_grad():
                     for main, target in module.get_target_network_pairs():
-                        torch._foreach_lerp_(list(target.parameters()), list(main.parameters()), cfg.tau)
+                        torch._foreach_lerp_(
+                            list(target.parameters()), list(main.parameters()), cfg.tau
+                        )
             self._updates_since_sync[mid] = n

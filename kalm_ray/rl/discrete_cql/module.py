@@ -51,7 +51,9 @@ class DiscreteQTorchRLModule(TorchRLModule, QNetAPI, TargetNetworkAPI):
     @override(RLModule)
     def setup(self) -> None:
         if not isinstance(self.action_space, gym.spaces.Discrete):
-            raise ValueError(f"DiscreteQTorchRLModule needs a Discrete action space, got {self.action_space}")
+            raise ValueError(
+                f"DiscreteQTorchRLModule needs a Discrete action space, got {self.action_space}"
+            )
         hidden = list(_model_config_get(self.model_config, "fcnet_hiddens", [256, 256]))
         act = _model_config_get(self.model_config, "fcnet_activation", "relu")
         obs_dim = int(self.observation_space.shape[0])
@@ -67,7 +69,7 @@ class DiscreteQTorchRLModule(TorchRLModule, QNetAPI, TargetNetworkAPI):
         obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
         # One pass over [obs; next_obs]: the online net scores both (next only picks actions).
         q_both = self.qf(torch.cat([obs, next_obs], dim=0))
-        q, q_next = q_both[: len(obs)], q_both[len(obs):].detach()
+        q, q_next = q_both[: len(obs)], q_both[len(obs) :].detach()
         with torch.no_grad():
             q_target_next = self.target_qf(next_obs)
         return {

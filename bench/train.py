@@ -1,0 +1,234 @@
+"""Learner updates/s of continuous CQL: kalm_ray's RLlib CQL and stock RLlib CQL vs d3rlpy.
+
+Same data (``--transitions`` rows: obs 475 = 91 state + 384 embedding, 4-d actions in
+[-1, 1], episodes of 100), same network widths (2 x 256), batch 256, 10 sampled actions, twin
+critics, one process and ``--threads`` torch threads. The three are timed in interleaved
+rounds (the machine is shared, so a slow spell hits all of them); each round is
+``--updates`` learner updates, data sampling included (RLlib: one ``algo.train()`` with
+``dataset_num_iters_per_learner=--updates``; d3rlpy: ``sample_transition_batch`` +
+``update``). Prints medians over rounds and the ratios to d3rlpy.
+
+Not identical, by design of the libraries (see docs): d3rlpy tunes the conservative weight
+(Lagrangian, ``alpha_learning_rate>0``) by default, RLlib keeps it fixed; stock RLlib's critic
+is an obs stream + action stream + fusion layer (its SAC catalog), d3rlpy's and kalm_ray's a
+2 x 256 MLP over ``[obs, action]``.
+
+    pip install --no-deps d3rlpy==2.8.1 gym==0.26.2 h5py structlog colorama dataclasses-json \\
+        typing-inspect "marshmallow<4" mypy_extensions
+    # (--no-deps: d3rlpy pins gymnasium 1.0.0; ray 2.60 needs 1.2.2)
+    .venv/bin/python bench/train.py [--transitions 100000] [--updates 50] [--rounds 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+OBS_DIM, ACT_DIM, EPISODE = 91 + 384, 4, 100
+
+
+def make_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random transitions in episodes of ``EPISODE`` steps (the last step of each truncated)."""
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n + 1, OBS_DIM)).astype(np.float32)
+    last = (np.arange(n) % EPISODE) == EPISODE - 1
+    return {
+        "obs": obs[:-1],
+        "new_obs": obs[1:],
+        "actions": rng.uniform(-1, 1, (n, ACT_DIM)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminateds": np.zeros(n, bool),
+        "truncateds": last,
+    }
+
+
+def write_prepared(data: dict[str, np.ndarray], folder: str) -> None:
+    """The data as kalm_ray's prepared columns (what ``policy/_data/<mix>/`` holds)."""
+    import pyarrow.parquet as pq
+
+    from kalm_ray.rl.dataset import to_arrow
+
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(to_arrow(data), os.path.join(folder, "part-00000.parquet"))
+
+
+def build_ours(folder: str, n: int, updates: int):
+    import gymnasium as gym
+
+    from kalm_ray.config import TrainConfig
+    from kalm_ray.rl.algos import build_config
+
+    train = TrainConfig(hidden=[256, 256], batch_size=256, updates_per_iteration=updates)
+    cfg = build_config(
+        "cql",
+        train=train,
+        data_path=folder,
+        filesystem=None,
+        obs_dim=OBS_DIM,
+        action_space=gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32),
+        num_rows=n,
+        seed=0,
+    )
+    return cfg.build_algo()
+
+
+def build_stock(folder: str, updates: int):
+    """RLlib 2.60's CQLConfig as shipped: its module, learner, data path (OfflinePreLearner)."""
+    import gymnasium as gym
+    from ray.rllib.algorithms.cql import CQLConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    cfg = (
+        CQLConfig()
+        .environment(
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32),
+            action_space=gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32),
+        )
+        .training(
+            lr=None,
+            actor_lr=1e-4,
+            critic_lr=3e-4,
+            alpha_lr=1e-4,
+            train_batch_size_per_learner=256,
+            num_actions=10,
+            twin_q=True,
+            bc_iters=0,
+        )
+        .rl_module(
+            model_config=DefaultModelConfig(
+                fcnet_hiddens=[256, 256],
+                fcnet_activation="relu",
+                head_fcnet_hiddens=[],
+                fusionnet_hiddens=[],
+            )
+        )
+        .offline_data(
+            input_=folder,
+            dataset_num_iters_per_learner=updates,
+            map_batches_kwargs={"concurrency": 1, "num_cpus": 1},
+            iter_batches_kwargs={"prefetch_batches": 1},
+        )
+        .learners(num_learners=0)
+        .debugging(seed=0, log_level="WARN")
+    )
+    # NOTE: stock CQL inherits SAC's online flag and would build an env runner (it needs an
+    # env); the learner and data path timed here do not depend on it.
+    cfg._is_online = False
+    return cfg.build_algo()
+
+
+def build_d3rlpy(data: dict[str, np.ndarray]):
+    import d3rlpy
+
+    dataset = d3rlpy.dataset.MDPDataset(
+        observations=data["obs"],
+        actions=data["actions"],
+        rewards=data["rewards"],
+        terminals=data["terminateds"].astype(np.float32),
+        timeouts=data["truncateds"].astype(np.float32),
+    )
+    enc = d3rlpy.models.encoders.VectorEncoderFactory([256, 256])
+    algo = d3rlpy.algos.CQLConfig(
+        batch_size=256,
+        actor_encoder_factory=enc,
+        critic_encoder_factory=enc,
+        n_action_samples=10,
+        n_critics=2,
+    ).create(device="cpu:0")
+    algo.build_with_dataset(dataset)
+    return algo, dataset
+
+
+def rate_rllib(algo, updates: int) -> float:
+    t = time.perf_counter()
+    algo.train()
+    return updates / (time.perf_counter() - t)
+
+
+def rate_d3rlpy(algo, dataset, updates: int) -> float:
+    t = time.perf_counter()
+    for _ in range(updates):
+        algo.update(dataset.sample_transition_batch(256))
+    return updates / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--transitions", type=int, default=100_000)
+    p.add_argument("--updates", type=int, default=50, help="learner updates per timed round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-stock", action="store_true", help="skip stock RLlib CQL")
+    p.add_argument("--profile", action="store_true", help="cProfile one round of kalm_ray's CQL")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    import ray
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    data = make_data(args.transitions)
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-train-") as tmp:
+        folder = os.path.join(tmp, "prepared")
+        write_prepared(data, folder)
+        runners = {"d3rlpy": None, "kalm_ray": None, "rllib_stock": None}
+        algo_d3, dataset = build_d3rlpy(data)
+        runners["d3rlpy"] = lambda: rate_d3rlpy(algo_d3, dataset, args.updates)
+        ours = build_ours(folder, args.transitions, args.updates)
+        runners["kalm_ray"] = lambda: rate_rllib(ours, args.updates)
+        if args.no_stock:
+            del runners["rllib_stock"]
+        else:
+            stock = build_stock(folder, args.updates)
+            runners["rllib_stock"] = lambda: rate_rllib(stock, args.updates)
+        for fn in runners.values():  # warm-up: first batches, lazy state, PreLearner mapping
+            fn()
+        rates: dict[str, list[float]] = {k: [] for k in runners}
+        for r in range(args.rounds):
+            for name, fn in runners.items():
+                rates[name].append(fn())
+            print(
+                f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()),
+                flush=True,
+            )
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            rate_rllib(ours, args.updates)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        from kalm_ray.rl.unit import close_iterators
+
+        for algo in (ours, stock if not args.no_stock else None):
+            if algo is not None:
+                close_iterators(algo)
+                algo.stop()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med["d3rlpy"]
+    print(
+        f"\nCQL learner updates/s (median of {args.rounds} rounds of {args.updates}; "
+        f"{args.transitions} transitions, obs {OBS_DIM}, batch 256, 2x256, "
+        f"torch threads {args.threads})"
+    )
+    for k, v in med.items():
+        print(f"  {k:<12} {v:8.2f}   ratio to d3rlpy {v / base:5.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rates": rates, "median": med, "args": vars(args)}, f, indent=2)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
