@@ -125,7 +125,7 @@ def main() -> None:
     cfg = load_config(args.config)
     g = cfg.ground
     suite = get_suite(cfg.env.name)
-    codec = Codec.for_suite(suite, g.n_bins)
+    codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
     texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
     model, tok = build_tiny(codec, texts, init_from_encoder=g.tiny_init_from_encoder)
     rows = [

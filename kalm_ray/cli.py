@@ -1,10 +1,11 @@
 """The ``kalm`` command line.
 
-    kalm <stage> CONFIG [--run-dir DIR] [--debug]      # stage: collect ground imagine train evaluate
-    kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE]
+    kalm <stage> CONFIG [--run-dir DIR] [--verbose] [--debug]   # stage: collect ... evaluate
+    kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE] [--verbose]
     kalm report RUN_DIR        kalm envs        kalm submit CONFIG --address URL
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
+``--verbose`` (or ``ray.verbose: true``) also shows Ray's own logs (see kalm_ray.raysetup).
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ def _parser() -> argparse.ArgumentParser:
         "train": "train offline RL policies on real (+ imagined) data (RLlib)",
         "evaluate": "evaluate policies on every level (Ray actors)",
     }
+    runs = argparse.ArgumentParser(add_help=False)
+    runs.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's logs (Ray Data, RLlib, workers); same as ray.verbose: true",
+    )
     for stage in STAGES:
-        s = sub.add_parser(stage, parents=[common], help=help_of[stage])
+        s = sub.add_parser(stage, parents=[common, runs], help=help_of[stage])
         s.add_argument("config", metavar="CONFIG")
         s.add_argument("--run-dir", help="overrides the config's run_dir")
-    r = sub.add_parser("run", parents=[common], help="all stages in order, skipping finished ones")
+    r = sub.add_parser(
+        "run", parents=[common, runs], help="all stages in order, skipping finished ones"
+    )
     r.add_argument("config", metavar="CONFIG")
     r.add_argument("--run-dir", help="overrides the config's run_dir")
     g = r.add_mutually_exclusive_group()
@@ -79,9 +88,16 @@ def _cmd_envs(_: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    """The config, with ``--verbose``/``--debug`` folded into ``ray.verbose``; quiets Ray's
+    console output (unless verbose) before any stage imports Ray or Hugging Face."""
     from kalm_ray.config import load_config
+    from kalm_ray.raysetup import configure_console
 
-    return load_config(args.config, run_dir=getattr(args, "run_dir", None))
+    cfg = load_config(args.config, run_dir=getattr(args, "run_dir", None))
+    if getattr(args, "verbose", False) or args.debug:
+        cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"verbose": True})})
+    configure_console(cfg.ray.verbose)
+    return cfg
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

@@ -72,6 +72,10 @@ class RayConfig(_Section):
     """``kalm submit``: CPUs reserved for the job's driver; None = none (it runs on the head)."""
     entrypoint_num_gpus: Annotated[float, Field(ge=0)] | None = None
     """``kalm submit``: GPUs reserved for the driver (e.g. ``train.num_learners: 0`` on a GPU)."""
+    verbose: bool = False
+    """Show Ray's own logs on the console (Ray Data progress, RLlib/Train warnings, the
+    workers' output); off = only kalm_ray's lines, bars and tables. Ray's log files get
+    everything either way. ``kalm <stage>|run --verbose`` turns it on for one command."""
 
 
 class TextConfig(_Section):
@@ -128,9 +132,15 @@ class GroundConfig(_Section):
     """LoRA adapters via PEFT, or full fine-tuning."""
     lora: LoraSection = LoraSection()
     """LoRA settings (used when ``method: lora``)."""
-    n_bins: Annotated[int, Field(ge=2, le=512)] = 256
+    n_bins: Annotated[int, Field(ge=3, le=512)] = 256
     """Quantisation bins per state/action dimension (one token each)."""
-    task_mix: dict[Literal["rollout", "explain", "dynamics", "consequence"], Annotated[float, Field(ge=0)]] = {
+    state_coding: Literal["delta", "absolute"] = "delta"
+    """How a trajectory step writes its state: ``delta`` (the change since the last step,
+    bounded by the env's physical limit; small models learn it far faster) or ``absolute``
+    (the state itself). See :mod:`kalm_ray.llm.codec`."""
+    task_mix: dict[
+        Literal["rollout", "explain", "dynamics", "consequence"], Annotated[float, Field(ge=0)]
+    ] = {
         "rollout": 0.4,
         "explain": 0.2,
         "dynamics": 0.3,
@@ -223,6 +233,17 @@ class ImagineConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # num_learners is not here: each learner takes its own batch_size rows per update, so it
+    # changes the effective batch (and the result).
+    _placement_only = frozenset(
+        {
+            "num_gpus_per_learner",
+            "num_cpus_per_learner",
+            "prelearner_actors",
+            "num_cpus_per_prelearner",
+        }
+    )
+
     algos: list[AlgoName] = ["bc"]
     """Algorithms to train: discrete envs take bc/marwil/dcql, continuous take bc/cql/iql."""
     data: list[DataMix] = ["real", "real+imagined"]
@@ -252,11 +273,20 @@ class TrainConfig(_Section):
     num_learners: NonNegInt = 0
     """RLlib learners; 0 = learn in the driver process."""
     num_gpus_per_learner: Annotated[float, Field(ge=0)] = 0.0
-    """GPUs per learner."""
+    """GPUs per learner (with ``num_learners: 0``, the driver's learner uses one GPU if > 0)."""
+    num_cpus_per_learner: Annotated[float, Field(gt=0)] | None = None
+    """Logical CPUs each remote learner asks for; None = RLlib's ``auto`` (1 without GPUs, 0
+    with)."""
+    prelearner_actors: PosInt | None = None
+    """MARWIL only (the others read prepared batches): Ray Data actors running RLlib's
+    ``OfflinePreLearner``; None = one per learner (at least one)."""
+    num_cpus_per_prelearner: Annotated[float, Field(gt=0)] = 1.0
+    """Logical CPUs each PreLearner actor asks for."""
     data_engine: Literal["auto", "ray", "local"] = "auto"
     """How each mix's prepared data is built: ``ray`` (Ray Data tasks; large data, clusters),
     ``local`` (pyarrow in the driver; no task scheduling), ``auto`` (local up to 200k rows on a
     local run dir, else ray)."""
+
 
 class EvaluateConfig(_Section):
     _placement_only = frozenset(
@@ -264,7 +294,8 @@ class EvaluateConfig(_Section):
     )
 
     num_workers: PosInt | None = None
-    """Evaluation actors; None = available CPUs."""
+    """Evaluation actors (spread over the nodes); None = as many as the cluster's available
+    CPUs hold at ``num_cpus_per_worker`` each. Never more than there are work units."""
     envs_per_worker: PosInt = 4
     """Environments each actor steps together (one batched policy call per step)."""
     episodes_per_task: PosInt = 1
@@ -275,6 +306,9 @@ class EvaluateConfig(_Section):
     """Cap on tasks per level (a stable sample); None = every task."""
     num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     """Logical CPUs per evaluation actor."""
+    random_baseline: bool = True
+    """Also run a uniform-random policy on the same episodes: the floor every success rate in
+    the headline is read against."""
     episodes_per_unit: PosInt | None = None
     """Episodes per work unit (one policy, one actor call); None = 4 x envs_per_worker. Smaller
     units balance the actors better and lose less work when an actor dies."""
@@ -302,8 +336,7 @@ class ExperimentConfig(_Section):
         bad = [a for a in self.train.algos if a not in allowed]
         if bad:
             raise ValueError(
-                f"train.algos: {bad} do not fit env {self.env.name!r} "
-                f"(allowed: {sorted(allowed)})"
+                f"train.algos: {bad} do not fit env {self.env.name!r} (allowed: {sorted(allowed)})"
             )
         return self
 
@@ -329,7 +362,9 @@ def _format_error(path: str, err: ValidationError) -> str:
 def parse_config(data: dict[str, Any], *, source: str = "<config>") -> ExperimentConfig:
     """Validate a config mapping; raises ConfigError naming ``source`` and the bad key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:

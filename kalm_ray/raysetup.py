@@ -1,13 +1,152 @@
-"""Starting or joining Ray the same way from every stage."""
+"""Starting or joining Ray the same way from every stage, and what Ray may print.
+
+By default the console shows kalm_ray's own output only (``[kalm]``/``[kalm_ray]`` lines,
+our progress bars, the tables): Ray's Python loggers (Ray Data's progress logs and execution
+plans, RLlib/Train/Tune warnings, deprecation notices) print errors only, Ray Data's progress
+bars are off, the workers' output is not forwarded, and Python warnings raised inside Ray's
+modules are hidden. Everything still goes to Ray's log files (Ray Data:
+``/tmp/ray/session_latest/logs/ray-data/``; workers: ``.../logs/worker-*``).
+``ray.verbose: true`` in the config, or ``kalm ... --verbose``, shows it all on the console.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
+from typing import Any
 
 from kalm_ray.config import RayConfig
 
 log = logging.getLogger("kalm_ray")
+
+QUIET_LEVEL = logging.ERROR
+"""Console threshold of Ray's loggers when not verbose."""
+
+_mode: bool | None = None
+"""The last ``verbose`` given to :func:`configure_console` (None: never called)."""
+
+_RAYLET_NOISE = ("worker processes have been started on node",)
+"""Raylet notices pushed to the driver that say nothing actionable (the worker-pool size
+warning: our pools ask for fractional CPUs on purpose)."""
+
+def configure_console(verbose: bool) -> None:
+    """Quiet (or restore) Ray's console output in this process; idempotent and cheap.
+
+    Call it before Ray or Hugging Face libraries log anything (the CLI does, right after
+    reading the config); :func:`init_ray` calls it again, so stages run from Python get it
+    too. Handler thresholds, not logger levels, are changed: RLlib resets ``ray.rllib``'s
+    level whenever an algorithm is built, and the log files must keep everything.
+    """
+    global _mode
+    _mode = verbose
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        # Read when huggingface_hub/transformers are imported: their download and
+        # "Writing model shards" bars are not ours.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import ray  # noqa: F401  (sets up the "ray" logger and its console handler)
+
+    ray_logger = logging.getLogger("ray")
+    if not ray_logger.handlers:
+        # ray.init(configure_logging=False) removes them (tests do that); without one, Ray's
+        # warnings would go to Python's last-resort handler, which has no threshold to set.
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
+        )
+        ray_logger.addHandler(handler)
+    import ray.data  # noqa: F401  (configures the "ray.data" logger: console + file handlers)
+
+    _set_console_thresholds(logging.INFO if verbose else QUIET_LEVEL)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    action = "default" if verbose else "ignore"
+    warnings.filterwarnings(action, module=r"ray(\.|$)")
+    _filter_raylet_notices(quiet=not verbose)
+
+
+def reapply_console() -> None:
+    """:func:`configure_console` again with the last mode, for console handlers that Ray
+    libraries add when imported (RLlib adds one to ``ray.rllib``); no-op if never configured."""
+    if _mode is not None:
+        _set_console_thresholds(logging.INFO if _mode else QUIET_LEVEL)
+
+
+def _set_console_thresholds(level: int) -> None:
+    """``level`` on every console handler of the ``ray`` loggers (``ray``, ``ray.data``,
+    ``ray.rllib``, ...); file handlers (Ray Data's log files) are left alone."""
+    names = ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                handler.setLevel(level)
+
+
+def _filter_raylet_notices(*, quiet: bool) -> None:
+    """Drop the raylet's worker-pool size notices that the driver prints (quiet mode only).
+
+    NOTE: Ray's driver prints every message the raylet pushes (``listen_error_messages`` in
+    ``ray._private.worker``, a background thread started by ``ray.init``) whatever
+    ``log_to_driver`` says; it looks ``print_to_stdstream`` up at call time, so wrapping the
+    module attribute filters them. The raylet keeps them in its own log file.
+    """
+    import ray._private.worker as worker
+
+    original = getattr(worker.print_to_stdstream, "_kalm_original", worker.print_to_stdstream)
+    if not quiet:
+        worker.print_to_stdstream = original
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _RAYLET_NOISE)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
+
+    filtered._kalm_original = original  # type: ignore[attr-defined]
+    worker.print_to_stdstream = filtered
+
+
+class _RestartNoticeProbe:
+    """An actor that is never scheduled (see :func:`_absorb_restart_notice`)."""
+
+    def __init__(self, *refs: Any) -> None:
+        self.refs = refs
+
+
+def _absorb_restart_notice() -> None:
+    """Spend Ray's once-per-process "constructor arguments in the object store" error on a probe.
+
+    NOTE: the core worker (C++) writes "Actor ... has constructor arguments in the object
+    store and max_restarts > 0" (ray-project/ray#53727) straight to this process's stderr,
+    once per process, at the first such actor creation; every Ray Data actor pool is one
+    (its workers restart and get the map transformer by ObjectRef). Here that one time is a
+    probe asking for a resource no node has (so it never starts a process), submitted with
+    fd 2 pointed at /dev/null, and killed at once. The raylet logs still have the line.
+    """
+    import ray
+
+    probe_cls = ray.remote(num_cpus=0, max_restarts=1, resources={"kalm_never": 1})(
+        _RestartNoticeProbe
+    )
+    ref = ray.put(b"")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        probe = probe_cls.remote([ref])  # a nested ref: the notice's trigger
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(probe, no_restart=True)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -16,21 +155,32 @@ def init_ray(cfg: RayConfig) -> None:
     A local Ray gets max(8, cores) logical CPUs by default: offline RLlib with 2 logical
     CPUs deadlocks (the env runner and the PreLearner take both, the Parquet read never
     schedules; see shared notes §4.7). The dashboard binds to ``cfg.dashboard_host``.
+    Workers' stdout/stderr reach this console only with ``cfg.verbose`` (see the module doc).
     """
     import ray
 
+    configure_console(cfg.verbose)
     if ray.is_initialized():
         return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # NOTE: configure_logging=True keeps the "ray" logger's console handler (and the level
+    # configure_console gave it); False would remove every handler, and Ray's warnings would
+    # then reach the console anyway, through Python's last-resort handler.
     # Jobs submitted to a cluster set RAY_ADDRESS; join it rather than start a new Ray.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=cfg.verbose, configure_logging=True)
+        configure_console(cfg.verbose)
         return
     ray.init(
         num_cpus=cfg.num_cpus or max(8, os.cpu_count() or 1),
         include_dashboard=cfg.dashboard,
         dashboard_host=cfg.dashboard_host,
-        log_to_driver=False,
-        configure_logging=False,
+        log_to_driver=cfg.verbose,
+        configure_logging=True,
     )
+    configure_console(cfg.verbose)
+    if not cfg.verbose:
+        try:
+            _absorb_restart_notice()
+        except Exception as e:  # noqa: BLE001 - cosmetic; never stop a run for it
+            log.debug("restart-notice probe failed: %s", e)

@@ -27,6 +27,9 @@ OUTPUT_DIRS: dict[str, str] = {
     "evaluate": "eval",
 }
 
+# Upstream stages whose outputs are folders of episode Parquet files.
+EPISODE_INPUTS: frozenset[str] = frozenset({"collect", "imagine"})
+
 # Config sections whose values change a stage's output.
 CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("env", "collect", "text"),
@@ -94,5 +97,14 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
     config_hash = cfg.section_hash(*CONFIG_SECTIONS[stage])
     fp = fingerprint(stage, config_hash, inputs)
     out = OUTPUT_DIRS[stage]
+    current = run.is_current(out, fp)
+    if current is None:
+        # A truncated or foreign episode file fails here, one line naming it, before Ray
+        # starts (inside a Ray Data read it would surface as a task error much later).
+        from kalm_ray.data import check_parquet_files
+
+        for up in inputs:
+            if up in EPISODE_INPUTS:
+                check_parquet_files(run, OUTPUT_DIRS[up])
     return StagePlan(stage=stage, run=run, out_dir=out, config_hash=config_hash, inputs=inputs,
-                     fingerprint=fp, current=run.is_current(out, fp), cfg=cfg)
+                     fingerprint=fp, current=current, cfg=cfg)

@@ -345,3 +345,14 @@ def test_submit_collect_on_two_nodes(two_nodes, tmp_path):
     nodes = {a["node_id"] for a in actors}
     assert len(nodes) == 2, f"collection actors all on one node: {actors}"
     print(f"submit -> SUCCEEDED in {wall:.1f}s; actors on {len(nodes)} nodes")
+
+
+def test_ci_runs_the_two_node_acceptance_tests():
+    """CI (``.ci/run``) runs ``make test`` and then this file's slow two-node tests (issue 8)."""
+    script = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    lines = [ln.strip() for ln in script.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "make test" in lines
+    slow = [ln for ln in lines if "-m slow" in ln]
+    assert slow and Path(__file__).name in slow[0]
+    assert lines.index("make test") < lines.index(slow[0])
+    assert test_submit_collect_on_two_nodes.pytestmark[0].name == "slow"

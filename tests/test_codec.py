@@ -171,3 +171,78 @@ def test_vocab_choice():
     assert reserved_tokens(["[unused2]", "[unused10]", "x"]) == ["[unused2]", "[unused10]"]
     small = Codec.for_suite(suite, 16, vocab=["a", "b"])
     assert small.token_source == "added" and small.end_token == "<|kalm_19|>"
+
+
+# ---- delta state coding -------------------------------------------------------------------
+
+
+def test_quantize_delta_zero_is_exact():
+    from kalm_ray.llm.codec import dequantize_delta, quantize_delta
+
+    bound = np.array([0.45, 0.05, 0.0])
+    d = np.array([[0.0, 0.0, 0.0], [0.45, -0.05, 1.0], [1.0, -1.0, 0.0], [0.2, 0.011, 0.0]])
+    idx = quantize_delta(d, bound, 64)  # c = 31: bins 0..62, zero is bin 31
+    assert idx[0].tolist() == [31, 31, 31] and idx[1].tolist() == [62, 0, 31]
+    assert idx[2].tolist() == [62, 0, 31]  # clipped to the physical limit
+    back = dequantize_delta(idx, bound, 64)
+    assert np.all(back[0] == 0.0)
+    assert np.all(np.abs(back[3] - d[3]) <= bound / 31 / 2 + 1e-9)
+
+
+def _plausible(c: Codec, u0, steps) -> np.ndarray:
+    """A start state inside the bounds, then changes within the physical limit per step."""
+    s = [c.low + np.asarray(u0) * (c.high - c.low)]
+    for f in steps:
+        s.append(np.clip(s[-1] + (2 * np.asarray(f) - 1) * c.delta_bound, c.low, c.high))
+    return np.asarray(s, np.float32)
+
+
+@FAST
+@given(
+    u0=st.lists(st.floats(0.0, 1.0), min_size=10, max_size=10),
+    steps=st.integers(1, 8).flatmap(lambda t: _unit_states(10, t)),
+    frozen=st.lists(st.booleans(), min_size=10, max_size=10),
+)
+def test_clevr_delta_round_trip_closed_loop(u0, steps, frozen):
+    """Error stays within half a delta bin however long the episode (no accumulation), and
+    a dimension that never moves comes back exactly."""
+    c = Codec.for_suite(_suite("clevr"), 64, state_coding="delta")
+    states = _plausible(c, u0, steps)
+    states[:, np.asarray(frozen)] = states[0, np.asarray(frozen)]
+    actions = np.arange(len(states) - 1, dtype=np.int64) % 40
+    got_s, got_a = c.decode_rollout(
+        states[0], c.encode_trajectory(states, actions), max_steps=len(actions)
+    )
+    half = c.delta_bound / 31 / 2
+    assert np.array_equal(got_a, actions)
+    assert np.all(np.abs(got_s - states) <= half + 1e-5)
+    assert np.array_equal(got_s[:, np.asarray(frozen)], states[:, np.asarray(frozen)])
+    assert len(c.encode_steps(states, actions)) == 11 * len(actions)
+
+
+def test_metaworld_delta_round_trip_and_json(tmp_path):
+    c = Codec.for_suite(_suite("metaworld"), 256, state_coding="delta")
+    rng = np.random.default_rng(0)
+    states = _plausible(c, rng.uniform(size=c.state_dim), rng.uniform(size=(12, c.state_dim)))
+    _, a, b = c.entities[-1]
+    states[:, a:b] = 0.0  # an absent entity stays absent and decodes to zeros
+    actions = rng.uniform(-1, 1, (12, 4)).astype(np.float32)
+    c2 = Codec.load(c.save(tmp_path))
+    assert c2.state_coding == "delta" and np.array_equal(c2.delta_bound, c.delta_bound)
+    got_s, _ = c2.decode_rollout(states[0], c.encode_trajectory(states, actions), max_steps=12)
+    moving = c.delta_bound > 0
+    half = np.where(moving, c.delta_bound / 127 / 2, 0.0)
+    assert np.all(np.abs(got_s - states) <= half + 1e-5)
+    assert np.all(got_s[:, a:b] == 0.0)
+
+
+def test_delta_dynamics_target_decodes_after_prev():
+    c = Codec.for_suite(_suite("clevr"), 64, state_coding="delta")
+    prev = np.linspace(-0.3, 0.3, 10).astype(np.float32)
+    nxt = prev.copy()
+    nxt[2] += 0.25
+    got = c.decode_state(c.join(c.encode_next_state(prev, nxt)), prev=prev)
+    assert np.abs(got - nxt).max() <= 0.45 / 31 / 2 + 1e-6
+    assert np.array_equal(np.delete(got, 2), np.delete(nxt, 2))
+    # An absolute state (a prompt's start) still decodes without prev.
+    assert np.abs(c.decode_state(c.join(c.encode_state(prev))) - prev).max() <= 1.2 / 64

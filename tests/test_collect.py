@@ -281,7 +281,12 @@ def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys):
 
 
 @pytest.mark.faults
-def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, clevr):
+@pytest.mark.parametrize("how", ["ray.kill", "os.kill"])
+def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, clevr, how):
+    """``ray.kill`` of the actor, or SIGKILL of its worker process, while it holds units."""
+    import os
+    import signal
+
     import ray
 
     from kalm_ray.data.collect_actor import CollectorPool, EpisodeCollector
@@ -296,11 +301,16 @@ def test_killed_worker_is_replaced_and_nothing_is_lost_or_doubled(ray_local, cle
     )
     units = plan_units(resolve_tasks(clevr, TASKS[:2]), episodes_per_task=3, unit_episodes=1)
     pool = CollectorPool(spec, num_workers=2, num_cpus_per_worker=1.0)
+    # Asked before any unit is queued, so the answer does not wait for the actor's work.
+    pid = ray.get(pool.actors[0].__ray_call__.remote(lambda worker: os.getpid()))
     got = []
     try:
         for result in pool.imap_unordered(units):
             if not got:
-                ray.kill(pool.actors[0])
+                if how == "ray.kill":
+                    ray.kill(pool.actors[0])
+                else:
+                    os.kill(pid, signal.SIGKILL)
             got.append(result)
     finally:
         pool.shutdown()

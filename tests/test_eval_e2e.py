@@ -37,9 +37,11 @@ def test_evaluate_writes_results_headline_and_report(ray_local, toy_stage, capsy
     cfg, run = toy_stage
     manifest = run_evaluate(cfg, run)
     n_specs = 4 * 11
-    assert manifest.counts["episodes"] == 4 * n_specs and manifest.counts["actors_replaced"] == 0
+    # 4 policies + the random baseline (evaluate.random_baseline, on by default)
+    assert manifest.counts["episodes"] == 5 * n_specs and manifest.counts["actors_replaced"] == 0
     results = json.loads(run.read_bytes("eval", "results.json"))
-    assert set(results["policies"]) == set(POLICIES)
+    assert set(results["policies"]) == {*POLICIES, "random"}
+    assert results["policies"]["random"]["algo"] == "random"
     assert results["levels"] == ["train", "rephrase", "easy", "hard"]
     smart = results["policies"]["bc-real+imagined-seed0"]
     assert smart["all"]["success_rate"] == 1.0 and smart["levels"]["train"]["episodes"] == 16
@@ -55,6 +57,7 @@ def test_evaluate_writes_results_headline_and_report(ray_local, toy_stage, capsy
 
     headline = run.read_bytes("eval", "headline.md").decode()
     assert "| bc | train |" in headline and "Δ paired" in headline
+    assert "random policy |" in headline and "| random |" not in headline
     report = run.read_bytes("eval", "report.md").decode()
     assert "success_by_level.png" in report and "learning_curves.png" in report
     assert "No imagined data" in report  # no filter_report.json in this run: said, not crashed

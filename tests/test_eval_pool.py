@@ -40,17 +40,27 @@ def _reference(units, kwargs) -> dict:
 
 
 @pytest.mark.faults
-def test_killed_actor_is_replaced_and_counts_do_not_change(ray_local, tmp_path) -> None:
+@pytest.mark.parametrize("how", ["ray.kill", "os.kill"])
+def test_killed_actor_is_replaced_and_counts_do_not_change(ray_local, tmp_path, how) -> None:
+    """``ray.kill`` of the actor, or SIGKILL of its worker process, mid-evaluation."""
+    import os
+    import signal
+
     specs, units, kwargs = _setup(tmp_path)
     assert len(units) >= 6
     expected = _reference(units, kwargs)
     pool = EvalPool(kwargs, num_workers=2, num_cpus=1, max_in_flight=2)
+    # Asked before any unit is queued, so the answer does not wait for the actor's work.
+    pid = ray_local.get(pool.actors[0].__ray_call__.remote(lambda worker: os.getpid()))
     got: dict = {}
     yielded = 0
     try:
         for unit, results in pool.run(units):
-            if yielded == 0:
-                ray_local.kill(pool.actors[0])  # mid-evaluation: it still holds queued units
+            if yielded == 0:  # mid-evaluation: the actor still holds queued units
+                if how == "ray.kill":
+                    ray_local.kill(pool.actors[0])
+                else:
+                    os.kill(pid, signal.SIGKILL)
             yielded += 1
             for r in results:
                 assert (unit.policy, r.index) not in got, "an episode was counted twice"
@@ -84,3 +94,35 @@ def test_actor_that_cannot_start_is_one_error_not_a_retry_loop(ray_local, tmp_pa
     finally:
         pool.close()
     assert pool.replaced == 0
+
+
+def test_pool_size_defaults_to_available_cpus_capped_by_units() -> None:
+    from kalm_ray.eval.evaluate import pool_size
+
+    assert pool_size(None, available_cpus=8.0, num_cpus_per_worker=1.0, n_units=100) == 8
+    assert pool_size(None, available_cpus=8.0, num_cpus_per_worker=2.0, n_units=100) == 4
+    assert pool_size(None, available_cpus=8.0, num_cpus_per_worker=1.0, n_units=3) == 3
+    assert pool_size(None, available_cpus=0.5, num_cpus_per_worker=1.0, n_units=3) == 1
+    assert pool_size(6, available_cpus=2.0, num_cpus_per_worker=1.0, n_units=100) == 6
+    assert pool_size(6, available_cpus=2.0, num_cpus_per_worker=1.0, n_units=2) == 2
+
+
+def test_pool_actors_are_spread_over_nodes(monkeypatch) -> None:
+    """Eval actors ask for SPREAD placement (as collection's do), with the configured CPUs."""
+    import ray
+
+    seen: list[dict] = []
+
+    class FakeCls:
+        @staticmethod
+        def remote(**kwargs):
+            return object()
+
+    def fake_remote(**options):
+        seen.append(options)
+        return lambda cls: FakeCls
+
+    monkeypatch.setattr(ray, "remote", fake_remote)
+    pool = EvalPool({}, num_workers=3, num_cpus=0.5)
+    assert len(pool.actors) == 3
+    assert seen == [{"num_cpus": 0.5, "max_restarts": 0, "scheduling_strategy": "SPREAD"}]

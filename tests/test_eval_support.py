@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,7 @@ class ToyEnv:
 class ToySuite:
     name = "clevr"
     max_episode_steps = 12
+    action_space = SimpleNamespace(n=3)  # what RandomPolicy reads of a Discrete space
 
     def tasks(self, level: str) -> list[str]:
         return list(TASKS[level])
@@ -150,3 +152,18 @@ def write_toy_run(root: Path, policies: list[str]) -> RunDir:
     )
     write_instruction_table(run, table)
     return run
+
+
+def test_random_baseline_is_a_function_of_the_observation():
+    import gymnasium as gym
+
+    from kalm_ray.eval.evaluate import RandomPolicy, load_policy_or_random
+
+    p = load_policy_or_random("/x/policy/random", loader=None, action_space=gym.spaces.Discrete(40))
+    obs = np.random.default_rng(0).normal(size=(64, 394)).astype(np.float32)
+    a = p.act(obs)
+    assert a.shape == (64,) and a.min() >= 0 and a.max() < 40 and len(set(a.tolist())) > 10
+    assert np.array_equal(a, RandomPolicy(gym.spaces.Discrete(40)).act(obs[::-1])[::-1])
+    box = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    c = RandomPolicy(box).act(obs[:5])
+    assert c.shape == (5, 4) and np.all(np.abs(c) <= 1.0)

@@ -254,7 +254,7 @@ def battery(codec) -> list[tuple[str, str | None]]:
     good = codec.encode_trajectory(states, actions)
     toks = codec.encode_steps(states, actions)
     jump = states.copy()
-    jump[1:, 2] = [-0.45, 0.5, 0.5]  # blue jumps 0.95 in one push (max 0.5)
+    jump[1:, 2] = [-0.45, 0.5, 0.5]  # blue jumps 0.95 in one push (CLEVR max 0.45)
     long_s, long_a = clevr_rollout(10 * 5)
     return [
         ("", "empty"),

@@ -156,25 +156,31 @@ def test_lora_adapter_saved_and_merged(prepared, tmp_path):
     assert not hasattr(model, "peft_config")  # plain transformers model, merged
 
 
-def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local):
+def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local, capsys):
+    """Ray Train: checkpoint, resume, and the driver's progress bar fed by rank 0."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kalm_ray.llm.progress_actor import show_progress
     from kalm_ray.llm.train_fn import train_loop
 
     def fit(steps: int):
-        return TorchTrainer(
-            train_loop,
-            train_loop_config=loop_config(prepared, max_steps=steps),
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
-            run_config=RunConfig(name="g", storage_path=str(tmp_path / "ray")),
-        ).fit()
+        with show_progress("ground", total=steps) as board:
+            return TorchTrainer(
+                train_loop,
+                train_loop_config=loop_config(prepared, max_steps=steps, progress_actor=board),
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+                run_config=RunConfig(name="g", storage_path=str(tmp_path / "ray")),
+            ).fit()
 
     first = fit(2)
     with first.checkpoint.as_directory() as d:
         assert (Path(d) / "train_state.pt").exists() and (Path(d) / "final" / "codec.json").exists()
+    assert "ground: 100%" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
     second = fit(4)
     assert second.metrics["resumed_from"] == 2 and second.metrics["step"] == 4
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "ground: 100%" in bar[-1] and "4/4" in bar[-1] and "loss=" in bar[-1]
 
 
 def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:

@@ -125,3 +125,52 @@ def test_clevr_labels_equal_the_predicate():
     other = label_rollout(suite, "move:red:left", states, actions)
     assert other.n_steps == 3 and other.truncated and not other.successes.any()
     assert [suite.success("move:red:left", start, s) for s in states[1:]] == [False] * 3
+
+
+# ---- composite Meta-World tasks: stage order decides success ---------------------------------
+
+
+def _coffee_state(*, mug_ok: bool, pressed: bool) -> np.ndarray:
+    """A made-up 91-d make-coffee state: mug under the spout or not, button pressed or not."""
+    import importlib
+
+    from kalm_ray.envs.metaworld import slots
+
+    mw = importlib.import_module("kalm_ray.envs.metaworld.tasks")
+    machine = np.array([0.0, 0.95, 0.0])
+    goal = machine + mw.COFFEE_BUTTON_GOAL_OFFSET
+    parts = {
+        "goal": goal,
+        "object": machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0]),
+        "coffee_machine": machine,
+        "coffee_button": goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0]),
+        "gripper": [0, 0.6, 0.2],
+    }
+    s = np.zeros(91, np.float32)
+    for name, value in parts.items():
+        slots.position(s, name)[:] = value
+        if name not in ("gripper", "goal"):
+            slots.quaternion(s, name)[:] = (1.0, 0.0, 0.0, 0.0)
+    return s
+
+
+def test_composite_task_needs_its_stages_in_order():
+    from kalm_ray.envs import get_suite
+
+    suite = get_suite("metaworld")
+    none = _coffee_state(mug_ok=False, pressed=False)
+    mug = _coffee_state(mug_ok=True, pressed=False)
+    button = _coffee_state(mug_ok=False, pressed=True)
+    both = _coffee_state(mug_ok=True, pressed=True)
+    actions = np.zeros((3, 4), np.float32)
+
+    in_order = label_rollout(suite, "make-coffee", np.stack([none, mug, both, both]), actions)
+    assert in_order.terminated and in_order.n_steps == 2
+    assert in_order.successes.tolist() == [False, True]
+
+    # Button first, then the mug: the last state is the same, but the order is wrong. The
+    # one-state predicate alone would call it a success (the button stays pressed).
+    assert suite.success("make-coffee", none, both)
+    wrong = label_rollout(suite, "make-coffee", np.stack([none, button, both, both]), actions)
+    assert not wrong.terminated and wrong.truncated and wrong.n_steps == 3
+    assert not wrong.successes.any()

@@ -180,3 +180,25 @@ def test_prepared_batches_equal_rllib_prelearner_output(ray_local, tmp_path, alg
         got = np.asarray(ours[key])[order]
         assert got.dtype == ref.dtype and got.shape == ref.shape, key
         assert np.array_equal(got, ref), key
+
+
+def test_prepare_mix_with_no_imagined_rollouts_trains_on_real_rows(tmp_path, caplog):
+    """The imagine stage writes an empty part when its filter keeps nothing: real+imagined
+    then equals real (with a warning), instead of failing on a missing source."""
+    run = RunDir(str(tmp_path))
+    task = ToyTask(discrete=True)
+    write_toy_run(run, task, episodes=20, imagined=2, seed=3)
+    empty = pq.read_table(run.path("data/imagined/part-0.parquet")).schema.empty_table()
+    pq.write_table(empty, run.path("data/imagined/part-0.parquet"))
+    with caplog.at_level("WARNING", logger="kalm_ray"):
+        info = prepare_mix(
+            run,
+            "real+imagined",
+            "policy/_data/x",
+            embeddings=load_embeddings(run),
+            ratio=None,
+            seed=0,
+            engine="local",
+        )
+    assert info.rows["imagined"] == 0 and info.rows["real"] > 0
+    assert "holds no rollouts" in caplog.text

@@ -139,6 +139,55 @@ def test_discrete_cql_learns_a_small_offline_task_better_than_chance(prepared):
     assert accuracy > 10 * chance, f"greedy-Q accuracy {accuracy:.3f} vs chance {chance:.3f}"
 
 
+def test_resources_come_from_the_config_and_do_not_change_the_fingerprint():
+    import gymnasium as gym
+    from ray.data import ActorPoolStrategy
+
+    from kalm_ray.rl.algos import build_config
+
+    train = TrainConfig(
+        num_learners=2,
+        num_gpus_per_learner=0.5,
+        num_cpus_per_learner=3,
+        prelearner_actors=4,
+        num_cpus_per_prelearner=0.25,
+    )
+    cfg = build_config(
+        "marwil",
+        train=train,
+        data_path="/x",
+        filesystem=None,
+        obs_dim=4,
+        action_space=gym.spaces.Discrete(3),
+        num_rows=10,
+        seed=0,
+    )
+    assert (cfg.num_learners, cfg.num_gpus_per_learner, cfg.num_cpus_per_learner) == (2, 0.5, 3)
+    kw = cfg.map_batches_kwargs
+    assert kw["concurrency"] is None and kw["num_cpus"] == 0.25  # no deprecated concurrency
+    assert isinstance(kw["compute"], ActorPoolStrategy) and kw["compute"].max_size == 4
+    default = build_config(
+        "bc",
+        train=TrainConfig(),
+        data_path="/x",
+        filesystem=None,
+        obs_dim=4,
+        action_space=gym.spaces.Discrete(3),
+        num_rows=10,
+        seed=0,
+    )
+    assert default.num_cpus_per_learner == "auto"
+    assert default.map_batches_kwargs["compute"].max_size == 1
+    # Hardware-only fields leave the train stage's fingerprint alone; num_learners does not
+    # (each learner takes its own batch, so the effective batch changes).
+    base = parse_config({"name": "x"})
+    hw = {"num_gpus_per_learner": 1.0, "num_cpus_per_learner": 2.0, "prelearner_actors": 3}
+    moved = base.model_copy(update={"train": base.train.model_copy(update=hw)})
+    assert moved.section_hash("env", "train") == base.section_hash("env", "train")
+    more = base.model_copy(update={"train": base.train.model_copy(update={"num_learners": 2})})
+    assert more.section_hash("env", "train") != base.section_hash("env", "train")
+
+
 def test_unknown_algo_param_is_a_config_error():
     import gymnasium as gym
 

@@ -22,6 +22,11 @@ from kalm_ray.data.schema import Episode, column_matrix, episodes_to_table, tran
 from kalm_ray.errors import InputError
 
 REAL_DIR = "data/real"
+TRANSITION_COLUMNS: tuple[str, ...] = (
+    "episode_id", "t", "task", "instruction", "state", "action", "reward", "next_state",
+    "terminated", "truncated",
+)
+"""Columns every episode file must have (see :func:`~kalm_ray.data.schema.transition_schema`)."""
 
 
 def episode_files(run: RunDir | str, folder: str = REAL_DIR) -> list[str]:
@@ -31,6 +36,31 @@ def episode_files(run: RunDir | str, folder: str = REAL_DIR) -> list[str]:
     if not names:
         raise InputError(f"{run.uri_of(folder)}: no episode files; run `kalm collect CONFIG` first")
     return [run.path(folder, n) for n in names]
+
+
+def check_parquet_files(run: RunDir | str, folder: str = REAL_DIR) -> int:
+    """Open the footer of every Parquet file of an episode folder; returns how many there are.
+
+    A stage checks its inputs with this before any work: a truncated or foreign file is then
+    one InputError naming the file, not an exception from inside a Ray Data task minutes
+    later. Only footers and column names are read (cheap); damage inside a data page still
+    shows when the rows are read. A folder with no Parquet file passes (0): the stage that
+    reads it says so in its own words.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    names = [n for n in run.list(folder) if n.endswith(".parquet")]
+    for name in names:
+        path, uri = run.path(folder, name), run.uri_of(folder, name)
+        try:
+            with run.fs.open_input_file(path) as f:
+                columns = set(pq.ParquetFile(f).schema_arrow.names)
+        except (pa.ArrowException, OSError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{uri}: not a readable Parquet file ({why[:200]})") from None
+        missing = [c for c in TRANSITION_COLUMNS if c not in columns]
+        if missing:
+            raise InputError(f"{uri}: not an episode file (no column {missing[0]!r})")
+    return len(names)
 
 
 def read_episodes(
@@ -46,7 +76,9 @@ def read_episodes(
 
 __all__ = [
     "REAL_DIR",
+    "TRANSITION_COLUMNS",
     "Episode",
+    "check_parquet_files",
     "column_matrix",
     "episode_files",
     "episodes_to_table",

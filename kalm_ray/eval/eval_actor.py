@@ -138,8 +138,11 @@ class EvalPool:
 
         # NOTE: max_restarts stays 0: a Ray-restarted actor would silently re-run tasks
         # (max_task_retries) whose results we may already hold; replacing it here keeps the
-        # bookkeeping (which units are done) in one place.
-        self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(EvalWorker)
+        # bookkeeping (which units are done) in one place. SPREAD (as collection does): on a
+        # multi-node cluster the env-stepping actors go one per node first, not all on one.
+        self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0, scheduling_strategy="SPREAD")(
+            EvalWorker
+        )
         self._kwargs = worker_kwargs
         self._max_in_flight = max_in_flight
         self._max_attempts = max_attempts

@@ -12,6 +12,7 @@ policy it has cached; results are keyed by (policy, spec index).
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -31,7 +32,13 @@ from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError, KalmError
 from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec, build_episode_specs, specs_digest
 from kalm_ray.eval.eval_actor import EvalPool, WorkUnit
-from kalm_ray.eval.results import PolicyId, build_results, headline_markdown
+from kalm_ray.eval.results import (
+    RANDOM_ALGO,
+    RANDOM_DATA,
+    PolicyId,
+    build_results,
+    headline_markdown,
+)
 from kalm_ray.stage import plan_stage
 
 log = logging.getLogger("kalm_ray")
@@ -54,6 +61,8 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
     if not specs:
         raise KalmError(f"evaluate.levels {ev.levels}: no tasks to evaluate")
     policies = find_policies(run, env=cfg.env.name)
+    if ev.random_baseline:
+        policies.append(RANDOM_POLICY)
     embeddings = wording_embeddings(run, specs)
     size = ev.episodes_per_unit or 4 * ev.envs_per_worker
     units = make_units(policies, specs, run=run, size=size)
@@ -63,14 +72,18 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
     init_ray(cfg.ray)
     import ray
 
-    num_workers = ev.num_workers or max(
-        1, int(ray.available_resources().get("CPU", 1) / ev.num_cpus_per_worker)
+    num_workers = pool_size(
+        ev.num_workers,
+        available_cpus=ray.available_resources().get("CPU", 0.0),
+        num_cpus_per_worker=ev.num_cpus_per_worker,
+        n_units=len(units),
     )
-    num_workers = min(num_workers, len(units))
     max_steps = cfg.env.max_episode_steps or suite.max_episode_steps
     worker_kwargs = {
         "make_env": functools.partial(make_suite_env, cfg.env.name, max_steps),
-        "load_policy": _policy_loader(),
+        "load_policy": functools.partial(
+            load_policy_or_random, loader=_policy_loader(), action_space=suite.action_space
+        ),
         "make_obs": _obs_builder(),
         "embeddings": ray.put(embeddings),
         "n_envs": ev.envs_per_worker,
@@ -187,6 +200,18 @@ def wording_embeddings(run: RunDir, specs: Sequence[EpisodeSpec]) -> dict[str, n
     return {w: np.asarray(table[w], dtype=np.float32) for w in wanted}
 
 
+def pool_size(
+    configured: int | None, *, available_cpus: float, num_cpus_per_worker: float, n_units: int
+) -> int:
+    """Evaluation actors to start: ``evaluate.num_workers``, or (None) as many as the cluster's
+    available CPUs hold at ``num_cpus_per_worker`` each; never more than the work units (an
+    actor without a unit only costs start-up) and at least one.
+    """
+    if configured is None:
+        configured = int(available_cpus / num_cpus_per_worker + 1e-9)
+    return max(1, min(configured, n_units))
+
+
 def make_units(
     policies: Sequence[PolicyId], specs: Sequence[EpisodeSpec], *, run: RunDir, size: int
 ) -> list[WorkUnit]:
@@ -269,6 +294,43 @@ def episodes_parquet(
     buf = io.BytesIO()
     pq.write_table(pa.table(cols), buf)
     return buf.getvalue()
+
+
+RANDOM_POLICY = PolicyId(name="random", algo=RANDOM_ALGO, data=RANDOM_DATA, seed=0)
+"""The uniform-random baseline (``evaluate.random_baseline``); it has no folder."""
+
+
+class RandomPolicy:
+    """Uniform random actions, each drawn from a hash of its observation.
+
+    A function of the observation (not of a generator's state), so its episodes are the same
+    whichever worker runs them and in whatever order: the baseline is paired and reproducible
+    like every other policy. (Pushing into a wall leaves the state, hence the action, unchanged:
+    such an episode repeats that push to the step limit; with 40 actions that is rare.)
+    """
+
+    info = {"algo": "random", "data": "none", "seed": 0}
+
+    def __init__(self, action_space: Any):
+        self._space = action_space
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        out = []
+        for row in np.ascontiguousarray(obs, dtype=np.float32):
+            digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
+            rng = np.random.default_rng(int.from_bytes(digest, "little"))
+            if hasattr(self._space, "n"):
+                out.append(rng.integers(int(self._space.n)))
+            else:
+                out.append(rng.uniform(self._space.low, self._space.high).astype(np.float32))
+        return np.asarray(out)
+
+
+def load_policy_or_random(policy_dir: str, *, loader: Any, action_space: Any) -> Any:
+    """``loader(policy_dir)``, or the random baseline for its (folder-less) name."""
+    if policy_dir.rstrip("/").rsplit("/", 1)[-1] == RANDOM_POLICY.name:
+        return RandomPolicy(action_space)
+    return loader(policy_dir)
 
 
 def make_suite_env(env_name: str, max_steps: int, level: str, task: str) -> Any:

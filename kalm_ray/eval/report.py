@@ -282,7 +282,8 @@ def _png(fig) -> bytes:
 
 
 def _success_figure(results: Mapping[str, Any]):
-    groups = results["groups"]
+    # The random baseline is a column of the headline table, not a panel of its own.
+    groups = {k: g for k, g in results["groups"].items() if g["algo"] != "random"}
     algos = sorted({g["algo"] for g in groups.values()})
     mixes = sorted(
         {g["data"] for g in groups.values()}, key=lambda m: (m != BASELINE, m != TREATMENT, m)

@@ -150,20 +150,27 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+RANDOM_ALGO, RANDOM_DATA = "random", "none"
+"""How the uniform-random baseline policy is labelled (``kalm_ray.eval.evaluate``)."""
+
+
 def headline_markdown(results: Mapping[str, Any]) -> str:
     """Real vs real+imagined per algorithm and level, with the paired difference and its CI."""
-    groups = results["groups"]
+    random = results["groups"].get(f"{RANDOM_ALGO}/{RANDOM_DATA}")
+    groups = {k: g for k, g in results["groups"].items() if g["algo"] != RANDOM_ALGO}
     algos = sorted({g["algo"] for g in groups.values()})
     mixes = [m for m in (BASELINE, TREATMENT) if any(g["data"] == m for g in groups.values())]
     mixes += sorted({g["data"] for g in groups.values()} - set(mixes))
+    extra = " random policy |" if random else ""
     lines = [
         f"### Success rate on `{results.get('env', '?')}` "
         f"({results.get('n_specs', '?')} episodes per policy, same episodes for every policy)",
         "",
         "| algo | level | "
         + " | ".join(f"{m} (mean ± std, seeds)" for m in mixes)
-        + " | Δ paired (pp) | 95% CI (pp) |",
-        "|---|---|" + "---|" * len(mixes) + "---|---|",
+        + " | Δ paired (pp) | 95% CI (pp) |"
+        + extra,
+        "|---|---|" + "---|" * len(mixes) + "---|---|" + ("---|" if random else ""),
     ]
     for algo in algos:
         for lv in results["levels"]:
@@ -181,6 +188,9 @@ def headline_markdown(results: Mapping[str, Any]) -> str:
             else:
                 diff = f"{100 * p['diff']:+.1f}"
                 ci = f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
-            lines.append(f"| {algo} | {lv} | " + " | ".join(cells) + f" | {diff} | {ci} |")
+            row = f"| {algo} | {lv} | " + " | ".join(cells) + f" | {diff} | {ci} |"
+            if random:
+                row += f" {_pct(random['levels'][lv]['mean'])} |"
+            lines.append(row)
     lines += ["", f"_{results.get('ci_method', CI_METHOD)}_", ""]
     return "\n".join(lines)

@@ -217,8 +217,15 @@ def check_arrays(
         return reject("wrong_step_shape", f"actions of shape {actions.shape}, want {want}")
     if not (np.isfinite(states).all() and np.isfinite(actions).all()):
         return reject("non_finite", "NaN or inf in the decoded rollout")
+    # states[0] becomes the request's start state, so it must be finite too (a NaN start
+    # would otherwise pass every comparison below: NaN > x is False).
+    start = np.asarray(start_state, np.float64).reshape(-1)
+    if start.shape != (d,):
+        return reject("wrong_step_shape", f"start state of shape {start.shape}, want ({d},)")
+    if not np.isfinite(start).all():
+        return reject("non_finite", "NaN or inf in the start state")
     states = states.copy()
-    states[0] = np.asarray(start_state, np.float64).reshape(d)
+    states[0] = start
 
     repairs = 0
     if discrete:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -52,7 +53,7 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     work = f"{plan.out_dir}.work/{plan.fingerprint[:12]}"
 
     # ---- build: codec, tokenizer, base; examples with Ray Data ----------------------------------
-    prep = _prepare(cfg, suite, run, work)
+    prep = _prepare_shared(cfg, suite, run, work)
     timings["prepare_s"] = time.perf_counter() - t0
     init_ray(cfg.ray)
     t1 = time.perf_counter()
@@ -122,14 +123,41 @@ def _print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
 
 
 def _local(run: RunDir, *parts: str) -> Path:
-    """A local folder for work files: inside the run dir when local, else a temp dir.
-
-    With a remote run dir the prepared base/tokenizer stay on the driver's node, so workers
-    must share it (single node); examples and checkpoints do go to the remote work folder.
-    """
+    """A local folder for work files: inside the run dir when local, else a temp dir (which
+    :func:`_prepare_shared` uploads to the run dir: workers never read the driver's disk)."""
     if run.is_local:
         return Path(run.path(*parts))
     return Path(tempfile.mkdtemp(prefix="kalm-ground-"))
+
+
+def _prepare_shared(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[str, Any]:
+    """:func:`_prepare`, with every path in the result readable from any node.
+
+    A local run dir is one every node mounts (``kalm submit`` refuses it otherwise), so its
+    paths serve as they are. With a remote run dir (``s3://``...) the prepared folder is
+    built in a driver temp dir, uploaded to ``work/prep`` and its paths become URIs; the
+    workers download what they need (:func:`kalm_ray.localcopy.local_copy`).
+    """
+    if run.is_local:
+        return _prepare(cfg, suite, run, work)
+    if run.exists(work, "prep", PREP_DONE):
+        return run.read_json(work, "prep", PREP_DONE)
+    prep = _prepare(cfg, suite, run, work)
+    local = Path(prep["codec_path"]).parent
+    run.delete(work, "prep")
+    pafs.copy_files(
+        str(local),
+        run.path(work, "prep"),
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=run.fs,
+    )
+    for key in ("base", "tokenizer_dir", "codec_path"):
+        p = Path(str(prep[key]))
+        if p.is_absolute() and p.is_relative_to(local):
+            prep[key] = run.uri_of(work, "prep", *p.relative_to(local).parts)
+    run.write_json(prep, work, "prep", PREP_DONE)  # last: its presence means prep is complete
+    shutil.rmtree(local, ignore_errors=True)
+    return prep
 
 
 def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[str, Any]:
@@ -139,6 +167,11 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
     ``init_codec_rows``, ``info``, ``params``).
     """
     g = cfg.ground
+    name = g.model.name
+    # A local path that is not there would reach the Hub as a malformed repo id (a confusing
+    # message); say what it is, before any work folder is made.
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise InputError(f"ground.model.name: no such model folder {name!r}")
     prep = _local(run, work, "prep")
     done = prep / PREP_DONE
     if done.exists():
@@ -148,7 +181,7 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
     if tiny:
         from kalm_ray.llm.model import build_tiny, count_params
 
-        codec = Codec.for_suite(suite, g.n_bins)
+        codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
         texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
         model, tok = build_tiny(
             codec, texts, init_from_encoder=g.tiny_init_from_encoder, seed=cfg.seed
@@ -175,9 +208,11 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
             mcfg = AutoConfig.from_pretrained(
                 g.model.name, trust_remote_code=g.model.trust_remote_code
             )
-        except OSError as e:
-            raise InputError(f"ground.model.name: cannot load {g.model.name!r} ({e})") from None
-        codec = Codec.for_suite(suite, g.n_bins, vocab=tok.get_vocab())
+        except (OSError, ValueError) as e:
+            # transformers raises ValueError (multi-line) for a folder with no tokenizer files.
+            why = " ".join(str(e).split())[:300]
+            raise InputError(f"ground.model.name: cannot load {g.model.name!r} ({why})") from None
+        codec = Codec.for_suite(suite, g.n_bins, vocab=tok.get_vocab(), state_coding=g.state_coding)
         make_codec_tokens_atomic(tok, codec)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -232,7 +267,8 @@ def _build_examples(
         examples = real.groupby("episode_id", num_partitions=parts).map_groups(
             ExampleBuilder,
             batch_format="pyarrow",
-            concurrency=2,
+            # Up to 2 builder actors, scaled to the groups there are (one partition: one actor).
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
             fn_constructor_kwargs={
                 "codec_path": prep["codec_path"],
                 "tokenizer_dir": prep["tokenizer_dir"],
@@ -314,21 +350,25 @@ def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) ->
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kalm_ray.llm.progress_actor import show_progress
     from kalm_ray.llm.train_fn import train_loop
 
     g = cfg.ground
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=train_config(cfg, run, work, prep),
-        scaling_config=ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu),
-        run_config=RunConfig(
-            name="train",
-            storage_path=run.uri_of(work, "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=1),
-        ),
-    )
-    result = trainer.fit()
+    # The workers' output does not reach this console: rank 0 posts its progress to a board
+    # that this process shows as a bar while fit() blocks.
+    with show_progress("ground", total=g.max_steps, unit="step") as board:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={**train_config(cfg, run, work, prep), "progress_actor": board},
+            scaling_config=ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu),
+            run_config=RunConfig(
+                name="train",
+                storage_path=run.uri_of(work, "ray"),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=1),
+            ),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise InputError(f"{run.uri_of(work, 'ray')}: training reported no checkpoint")
     return result

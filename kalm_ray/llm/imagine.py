@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ log = logging.getLogger("kalm_ray")
 
 ROWS_PER_PART = 200_000
 """Transitions per Parquet part file written by the driver."""
+GENERATION_ATTEMPTS = 3
+"""Passes over the requests still missing after generation actors were lost for good."""
 
 
 def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
@@ -59,12 +62,12 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     t_start = time.perf_counter()
 
     # ---- build: backend, codec, requests ------------------------------------------------
+    codec = load_codec(run, env=cfg.env.name)  # a bad model folder fails before Ray starts
     init_ray(cfg.ray)
     backend = resolve_backend(icfg.backend)  # a one-line BackendUnavailable before any work
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)
-    codec = load_codec(run)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
     spec = GenerationSpec(
         model_dir=run.uri_of("model"),
@@ -102,9 +105,10 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         "top_p": icfg.top_p,
     }
     tally = FilterTally()
-    with _quiet_ray_progress(), stage_output(run, plan.out_dir) as tmp:
-        ds = requests_dataset(requests, rows_per_block=icfg.batch_size)
-        judged = generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
+
+    def judged(todo: pa.Table) -> ray.data.Dataset:
+        ds = requests_dataset(todo, rows_per_block=icfg.batch_size)
+        return generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
             judge_batch,
             fn_kwargs={
                 "decoder": codec,
@@ -118,8 +122,10 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             # A few worker processes keep up with generation; more only cost memory/startup.
             compute=ray.data.TaskPoolStrategy(size=max(2, icfg.max_actors)),
         )
+
+    with _quiet_ray_progress(), stage_output(run, plan.out_dir) as tmp:
         stats = write_rollouts(
-            judged,
+            judged_once(judged, requests),
             run=run,
             folder=tmp,
             tally=tally,
@@ -189,8 +195,8 @@ def stage_requests(
     return requests, max_steps
 
 
-def load_codec(run: RunDir) -> Any:
-    """The grounded model's codec (``model/codec.json``)."""
+def load_codec(run: RunDir, *, env: str | None = None) -> Any:
+    """The grounded model's codec (``model/codec.json``); InputError if it is not for ``env``."""
     from kalm_ray.llm.codec import CODEC_FILE, Codec
 
     if not run.exists("model", CODEC_FILE):
@@ -198,9 +204,15 @@ def load_codec(run: RunDir) -> Any:
             f"{run.uri_of('model', CODEC_FILE)}: missing; run `kalm ground CONFIG` first"
         )
     try:
-        return Codec.from_dict(run.read_json("model", CODEC_FILE))
+        codec = Codec.from_dict(run.read_json("model", CODEC_FILE))
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{run.uri_of('model', CODEC_FILE)}: not a usable codec ({e})") from None
+    if env is not None and codec.env != env:
+        raise InputError(
+            f"{run.uri_of('model', CODEC_FILE)}: a model grounded on env {codec.env!r}, "
+            f"not {env!r}"
+        )
+    return codec
 
 
 def max_new_tokens(codec: Any, max_steps: int) -> int:
@@ -218,8 +230,58 @@ def start_sampler(run: RunDir, suite: Any, mode: str) -> StartSampler:
     )
 
 
+def judged_once(
+    make: Callable[[pa.Table], ray.data.Dataset],
+    requests: pa.Table,
+    *,
+    attempts: int = GENERATION_ATTEMPTS,
+) -> Iterator[pa.Table]:
+    """Batches of judged rows (``make(requests)``) holding every request exactly once.
+
+    NOTE: Ray Data restarts a generation actor that crashes and retries its batch (actor
+    pools default to max_restarts=-1, max_task_retries=-1), but an actor that is gone for
+    good (``ray.kill``, restarts used up) fails the whole dataset with ActorDiedError, rows
+    in flight included. The requests not received yet then go through a fresh dataset, up to
+    ``attempts`` passes in all. Rows are keyed by ``request_id``, so a batch that Ray runs
+    twice can never count twice.
+    """
+    import pyarrow.compute as pc
+    from ray.exceptions import RayActorError
+
+    seen: set[str] = set()
+    for attempt in range(1, attempts + 1):
+        todo = requests
+        if seen:
+            done = pc.is_in(requests["request_id"], value_set=pa.array(sorted(seen), pa.string()))
+            todo = requests.filter(pc.invert(done))
+        if todo.num_rows == 0:
+            return
+        try:
+            for batch in make(todo).iter_batches(batch_format="pyarrow", batch_size=None):
+                fresh = []
+                for rid in batch.column("request_id").to_pylist():
+                    fresh.append(rid not in seen)
+                    seen.add(rid)
+                if not all(fresh):
+                    batch = batch.filter(pa.array(fresh, pa.bool_()))
+                if batch.num_rows:
+                    yield batch
+            return
+        except RayActorError as e:
+            if attempt == attempts or getattr(e, "actor_init_failed", False):
+                raise
+            log.warning(
+                "imagine: a generation actor died for good (%s); generating the %d requests "
+                "not received yet again (pass %d of %d)",
+                type(e).__name__,
+                requests.num_rows - len(seen),
+                attempt + 1,
+                attempts,
+            )
+
+
 def write_rollouts(
-    judged: ray.data.Dataset,
+    judged: Iterable[pa.Table],
     *,
     run: RunDir,
     folder: str,
@@ -230,7 +292,7 @@ def write_rollouts(
     generator: dict[str, Any],
     keep_failures: bool,
 ) -> dict[str, float]:
-    """Consume the judged rollouts (progress bar), write Parquet parts, fill ``tally``.
+    """Consume the judged batches (progress bar), write Parquet parts, fill ``tally``.
 
     Returns throughput numbers: wall seconds, generated tokens, tokens/s, rollouts/s, and how
     many episodes and transitions were written.
@@ -257,7 +319,7 @@ def write_rollouts(
             n_parts, n_rows, pending, pending_rows = n_parts + 1, n_rows + table.num_rows, [], 0
 
     with tqdm(total=total, desc="imagine", unit="rollout") as bar:
-        for batch in judged.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in judged:
             for r in batch.to_pylist():
                 kept = r["accepted"] and (r["success"] or keep_failures)
                 tally.add(
@@ -285,6 +347,13 @@ def write_rollouts(
             bar.update(batch.num_rows)
             bar.set_postfix(accepted=f"{accepted / max(done, 1):.2f}")
     flush()
+    if n_parts == 0:
+        # No rollout kept: an empty part with the schema, so the folder is a valid (empty)
+        # episode source and `train` on real+imagined trains on the real rows alone.
+        pq.write_table(
+            schema.empty_table(), run.path(folder, "part-00000.parquet"), filesystem=run.fs
+        )
+        n_parts = 1
     wall = time.perf_counter() - t0
     return {
         "wall_s": wall,

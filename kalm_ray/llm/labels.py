@@ -23,8 +23,9 @@ class Labels:
             which the goal holds (or all of it when it never does).
         actions: ``(T,)`` int64 or ``(T, A)`` float32, cut the same way.
         rewards: ``(T,)`` float32, ``suite.reward(task, start, s_t, s_{t+1})``.
-        successes: ``(T,)`` bool, ``suite.success(task, start, s_{t+1})``; only the last
-            may be true.
+        successes: ``(T,)`` bool, ``suite.success(task, start, s_{t+1})``, or
+            ``suite.trajectory_success(task, states)[t + 1]`` when the suite has it (stage
+            order of composite tasks); only the last may be true.
         terminated: the goal holds at the last state (the episode ends there, no bootstrap).
         truncated: the rollout ended without the goal holding (the step limit, or the model
             stopped early); not terminal, so a learner bootstraps from the last state.
@@ -46,7 +47,9 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     """Reward, success, terminated and truncated of one rollout for ``task``.
 
     Args:
-        suite: the env suite (``success(task, start, state)``, ``reward(task, start, s, s2)``).
+        suite: the env suite (``success(task, start, state)``, ``reward(task, start, s, s2)``,
+            optionally ``trajectory_success(task, states) -> (T + 1,) bool``, which then
+            decides success: it enforces the stage order of composite tasks).
         task: the task id the rollout was imagined for.
         states: ``(T + 1, D)`` env units; ``states[0]`` is the start state, T >= 1.
         actions: ``(T,)`` or ``(T, A)``.
@@ -64,9 +67,17 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     n = len(actions)
     rewards = np.zeros(n, np.float32)
     successes = np.zeros(n, bool)
+    # Composite tasks (Meta-World make-coffee, locked-door-open) need their stages in order,
+    # which one state cannot show: use the suite's trajectory-level verdict where it has one
+    # (the env's info["success"] is that same function run online).
+    whole = getattr(suite, "trajectory_success", None)
+    ordered = np.asarray(whole(task, states), bool) if whole is not None else None
     for t in range(n):
         rewards[t] = suite.reward(task, start, states[t], states[t + 1])
-        successes[t] = bool(suite.success(task, start, states[t + 1]))
+        if ordered is not None:
+            successes[t] = bool(ordered[t + 1])
+        else:
+            successes[t] = bool(suite.success(task, start, states[t + 1]))
         if successes[t]:
             n = t + 1
             break

@@ -32,8 +32,11 @@ def read_episodes(path: str) -> list[EpisodeArrays]:
     """Episodes of a folder (or file) of transition Parquet; empty when there is none."""
     import pyarrow.dataset as pads
 
+    from kalm_ray.localcopy import filesystem_of
+
     try:
-        table = pads.dataset(path, format="parquet").to_table()
+        fs, where = filesystem_of(path) if "://" in path else (None, path)
+        table = pads.dataset(where, format="parquet", filesystem=fs).to_table()
     except (FileNotFoundError, OSError):
         return []
     return episodes_from_table(table) if table.num_rows else []
@@ -103,7 +106,7 @@ def dynamics_metrics(
         copy_err = float(np.mean(np.abs(np.asarray(s) - np.asarray(n))))
         copy.append(copy_err)
         try:
-            pred = codec.decode_state(text)
+            pred = codec.decode_state(text, prev=s)
             ok += 1
             errs.append(float(np.mean(np.abs(pred - np.asarray(n)))))
         except CodecError:

@@ -283,7 +283,11 @@ def model_files(model_dir: str | Path) -> dict[str, Any]:
     - when a LoRA adapter is servable on its base as it is (``ground.train_codec_embeddings``
       off, codec tokens already in the base vocabulary and untouched): ``model == base`` (a
       hub name or ``model_dir/base``), ``adapter`` the adapter folder, ``merged`` None.
+
+    ``model_dir`` may be a run-dir URI (``s3://...``); the paths returned are then URIs too.
     """
+    if "://" in str(model_dir):
+        return _model_files_remote(str(model_dir).rstrip("/"))
     d = Path(model_dir)
     info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).exists() else {}
     out: dict[str, Any] = {
@@ -301,6 +305,37 @@ def model_files(model_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def _model_files_remote(uri: str) -> dict[str, Any]:
+    """:func:`model_files` of a model folder given as a URI (read through ``pyarrow.fs``)."""
+    import pyarrow.fs as pafs
+
+    from kalm_ray.localcopy import filesystem_of
+
+    fs, root = filesystem_of(uri)
+    root = root.rstrip("/")
+
+    def kind(name: str) -> Any:
+        return fs.get_file_info(f"{root}/{name}").type
+
+    info: dict[str, Any] = {}
+    if kind(INFO_FILE) == pafs.FileType.File:
+        with fs.open_input_stream(f"{root}/{INFO_FILE}") as f:
+            info = json.loads(f.read())
+    out: dict[str, Any] = {
+        "model": uri,
+        "merged": uri,
+        "base": None,
+        "adapter": None,
+        "tokenizer": uri,
+        "codec": f"{uri}/codec.json",
+    }
+    if info.get("adapter_servable") and kind("adapter") == pafs.FileType.Directory:
+        base = info["base"]
+        base = f"{uri}/{base}" if kind(base) == pafs.FileType.Directory else base
+        out.update({"model": base, "merged": None, "base": base, "adapter": f"{uri}/adapter"})
+    return out
+
+
 def load_grounded(
     model_dir: str | Path, *, device: str = "cpu", dtype: Any = None
 ) -> tuple[Any, Any, Codec]:
@@ -314,7 +349,10 @@ def load_grounded(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = Path(model_dir)
+    from kalm_ray.localcopy import local_copy
+
+    # A run-dir URI (any node, e.g. an imagine actor) is downloaded to this node first.
+    d = Path(local_copy(str(model_dir)))
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     codec = Codec.load(d)

@@ -4,7 +4,7 @@ Prompts (our own wording; codec tokens are written back to back, see :mod:`codec
 
     rollout      instruction: <text>\\nstart: <state>\\nplan:            -> <steps><end>
     explain      start: <state>\\nsteps: <steps><end>\\ninstruction:      -> " <text>"
-    dynamics     state: <state>\\naction: <action>\\nnext state:         -> <state>
+    dynamics     state: <state>\\naction: <action>\\nnext state:         -> <step state>
     consequence  instruction: <text>\\nstart: <state>\\nfinal state:     -> <state>
 
 An example is ``input_ids = tokenizer(prompt) + tokenizer(target, no specials) + [eos]`` and
@@ -14,6 +14,9 @@ at generation time, so training and generation see the same ids.
 
 Episodes longer than ``max_seq_len`` are shortened from the front: the start moves to a
 later state of the same episode (the instruction still holds, the end is kept).
+
+``<state>`` is an absolute state; ``<step state>`` is a step's STATE as the codec writes it
+inside a trajectory (under ``state_coding: delta``, the change from the state before).
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def episode_examples(
         ids, plen = tokenize_example(
             tokenizer,
             dynamics_prompt(codec, ep.states[t], ep.actions[t]),
-            codec.join(codec.encode_state(ep.states[t + 1])),
+            codec.join(codec.encode_next_state(ep.states[t], ep.states[t + 1])),
         )
         if len(ids) <= max_seq_len:
             rows.append(
@@ -219,8 +222,11 @@ class ExampleBuilder:
     ):
         from transformers import AutoTokenizer
 
-        self.codec = Codec.load(codec_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        from kalm_ray.localcopy import local_copy
+
+        # Paths may be run-dir URIs: read from there (this actor may be on any node).
+        self.codec = Codec.load(local_copy(codec_path))
+        self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.max_seq_len = max_seq_len
         self.fraction = heldout_fraction
         self.seed = seed

@@ -11,15 +11,19 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
 
 ``config`` keys (all JSON-able):
 
-- ``base``: model to start from (local dir or hub name); ``tokenizer_dir``; ``codec_path``;
-- ``examples``: folder of example Parquet files (columns ``episode_id, task, input_ids,
-  prompt_len, split``; rows with ``split == "train"`` are used);
+- ``base``: model to start from (local dir, run-dir URI or hub name); ``tokenizer_dir``;
+  ``codec_path`` (local paths or URIs: a URI is downloaded to this node first, see
+  :mod:`kalm_ray.localcopy`, so workers never need the driver's disk);
+- ``examples``: folder of example Parquet files, local or a URI (columns ``episode_id, task,
+  input_ids, prompt_len, split``; rows with ``split == "train"`` are used);
 - ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
   ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
 - ``max_steps``, ``batch_size``, ``lr``, ``task_mix``, ``seed``, ``checkpoint_every``,
   ``use_gpu``, ``cpu_threads`` (None = cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
+- ``progress_actor``: None, or the name of a :class:`kalm_ray.llm.progress_actor.ProgressBoard`
+  that rank 0 posts ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
 - ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.metrics.grounding_metrics`
   plus ``env`` and ``heldout_real`` (Parquet of held-out transitions); computed on rank 0
   after training and written as ``grounding_metrics.json`` beside the model.
@@ -44,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from kalm_ray.llm.progress_actor import ProgressPoster
 from kalm_ray.llm.prompts import IGNORE
 
 log = logging.getLogger("kalm_ray")
@@ -112,7 +117,10 @@ def read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], lis
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    table = pads.dataset(path, format="parquet").to_table(
+    from kalm_ray.localcopy import filesystem_of
+
+    fs, where = filesystem_of(path) if "://" in path else (None, path)
+    table = pads.dataset(where, format="parquet", filesystem=fs).to_table(
         columns=["episode_id", "task", "input_ids", "prompt_len", "split"],
         filter=(pc.field("split") == "train") & (pc.field("task") != "dropped"),
     )
@@ -237,7 +245,7 @@ def _save_state(folder: Path, *, model: Any, opt: Any, step: int) -> None:
 def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
     import torch
 
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     missing = set(_trainable_state(model)) - set(state["params"])
     if missing:
         raise RuntimeError(
@@ -295,7 +303,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.localcopy import is_uri, local_copy
 
+    # Inputs in the run dir (a URI on a cluster) are read from there, never from the driver.
+    config = {
+        **config,
+        **{k: local_copy(config[k]) for k in ("base", "tokenizer_dir", "codec_path")
+           if is_uri(str(config.get(k, "")))},
+    }
     ctx = ray_train_context()
     rank, world = (ctx.get_world_rank(), ctx.get_world_size()) if ctx else (0, 1)
     use_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
@@ -361,6 +376,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     log_every = max(1, total // 10)
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
     tokens, t0, losses = 0, time.perf_counter(), []
+    post = ProgressPoster(config.get("progress_actor") if ctx is not None and rank == 0 else None)
+    smooth: float | None = None
     model.train()
     for step in range(start, total):
         _, rows = pool.batch(step, int(config["batch_size"]))
@@ -376,6 +393,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         tokens += int(b["attention_mask"].sum())
         losses.append(float(loss.detach()))
         done = step + 1
+        smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
+        post(
+            {
+                "step": done,
+                "total": total,
+                "loss": smooth,
+                "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+            },
+            force=done == total,
+        )
         if done % log_every == 0 or done == total:
             dt = time.perf_counter() - t0
             metrics = {

@@ -100,6 +100,35 @@ def model_config(algo: str, hidden: list[int]) -> Any:
     )
 
 
+def learner_resources(train: TrainConfig) -> dict[str, Any]:
+    """``AlgorithmConfig.learners(...)`` resource settings from ``train`` (nothing hard-coded)."""
+    out: dict[str, Any] = {
+        "num_learners": train.num_learners,
+        "num_gpus_per_learner": train.num_gpus_per_learner,
+    }
+    if train.num_cpus_per_learner is not None:
+        out["num_cpus_per_learner"] = train.num_cpus_per_learner
+    return out
+
+
+def prelearner_map_kwargs(train: TrainConfig) -> dict[str, Any]:
+    """``map_batches`` keyword arguments of RLlib's PreLearner stage (MARWIL only).
+
+    A fixed pool of ``train.prelearner_actors`` actors (default one per learner, at least one:
+    plenty at our sizes, and it leaves logical CPUs free for the Parquet reads).
+    """
+    from ray.data import ActorPoolStrategy
+
+    size = train.prelearner_actors or max(1, train.num_learners)
+    # NOTE: RLlib's defaults carry ``concurrency`` (deprecated since Ray 2.51, it logs a
+    # warning); None drops it, and ``compute`` says the same thing the current way.
+    return {
+        "compute": ActorPoolStrategy(size=size),
+        "concurrency": None,
+        "num_cpus": train.num_cpus_per_prelearner,
+    }
+
+
 def build_config(
     algo: str,
     *,
@@ -122,6 +151,11 @@ def build_config(
     params = algo_params(algo, train)
     lr = params.pop("lr", train.lr)
     cfg = config_class(algo)()
+    from kalm_ray.raysetup import reapply_console
+
+    # NOTE: importing RLlib adds its own console handler (to "ray.rllib"); give it the
+    # console threshold the others have (quiet unless ray.verbose).
+    reapply_console()
     obs_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
     cfg.environment(observation_space=obs_space, action_space=action_space)
     cfg.framework("torch")
@@ -158,15 +192,14 @@ def build_config(
         input_=data_path,
         input_filesystem=filesystem,
         dataset_num_iters_per_learner=train.updates_per_iteration,
-        # One PreLearner actor is plenty at this size; 8 logical CPUs stay free for reads.
-        map_batches_kwargs={"concurrency": max(1, train.num_learners), "num_cpus": 1},
+        map_batches_kwargs=prelearner_map_kwargs(train),
         iter_batches_kwargs={
             "prefetch_batches": 1,
             "drop_last": True,
             "local_shuffle_buffer_size": min(num_rows, _SHUFFLE_ROWS),
         },
     )
-    cfg.learners(num_learners=train.num_learners, num_gpus_per_learner=train.num_gpus_per_learner)
+    cfg.learners(**learner_resources(train))
     cfg.env_runners(num_env_runners=0)
     cfg.evaluation(evaluation_interval=None)
     cfg.debugging(seed=seed, log_level="WARN")

@@ -278,6 +278,12 @@ def prepare_mix(
     for source in MIX_SOURCES[mix]:
         texts, have[source] = source_instructions(run, source)
         check_embeddings(texts, embeddings, where=run.uri_of(SOURCE_DIRS[source]))
+    if "imagined" in have and have["imagined"] == 0:
+        log.warning(
+            "%s holds no rollouts (the filter kept none): mix %r trains on real data only",
+            run.uri_of(SOURCE_DIRS["imagined"]),
+            mix,
+        )
     n_real, n_im = mix_counts(
         have["real"], have.get("imagined", 0), ratio if "imagined" in have else None
     )

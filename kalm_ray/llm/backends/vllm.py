@@ -104,6 +104,15 @@ def generate_vllm(
     from ray.data.llm import build_processor
 
     source, adapter = model_paths(spec.model_dir)
+    if adapter is not None and "://" in adapter:
+        from kalm_ray.errors import BackendUnavailable
+
+        # NOTE: ray.data.llm refuses a remote per-request LoRA path (it wants a local path or
+        # dynamic_lora_loading_path); a merged model as model_source may be a URI.
+        raise BackendUnavailable(
+            f"{adapter}: the vllm backend cannot serve a LoRA adapter from a remote run_dir; "
+            "keep ground.train_codec_embeddings on (a merged model) or use a shared filesystem"
+        )
     config = processor_config(icfg, spec=spec, model_source=source, adapter=adapter)
     processor = build_processor(
         config, preprocess=partial(_pre, spec=spec, adapter=adapter), postprocess=_post
