@@ -80,6 +80,10 @@ def main() -> None:
     tasks = resolve_tasks(suite, None)[: args.tasks]
     units = plan_units(tasks, episodes_per_task=args.episodes_per_task, unit_episodes=UNIT_EPISODES)
     EpisodeCollector(spec).run_unit(WorkUnit(tasks[0][1], tasks[0][0], 0, 1))  # imports, first env
+    # NOTE: Ray starts worker processes at nice 15 (raylet ``worker_niceness``) and the driver
+    # at 0: on a machine shared with other jobs the actors would lose the CPU to them and the
+    # ratio would measure priorities, not parallelism. Same nice for both (as bench/evaluate.py).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray(RayConfig(num_cpus=max(8, os.cpu_count() or 1)))
 
     local, remote, startup = [], [], []

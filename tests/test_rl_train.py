@@ -23,6 +23,20 @@ TINY = TrainConfig(
     iterations=2, updates_per_iteration=3, batch_size=32, hidden=[32, 32], quick_eval_every=0
 )
 
+def _train(run, task, mix, unit, train) -> dict:
+    """One unit on the toy run, no quick evaluation (the tests check the export instead)."""
+    return train_unit(
+        unit,
+        train=train,
+        run=run,
+        out_dir="policy",
+        mix=mix,
+        action_space=task.action_space,
+        info={"env": "toy", "encoder": "toy"},
+        quick_eval=None,
+    )
+
+
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, tmp_path_factory):
@@ -118,16 +132,7 @@ def test_discrete_cql_learns_a_small_offline_task_better_than_chance(prepared):
         gamma=0.9,
     )
     unit = Unit("dcql", "real", 1)
-    train_unit(
-        unit,
-        train=train,
-        run=run,
-        out_dir="policy",
-        mix=mix,
-        action_space=task.action_space,
-        info={"env": "toy", "encoder": "toy"},
-        quick_eval=None,
-    )
+    _train(run, task, mix, unit, train)
     policy = load_policy(run.path("policy", unit.name))
     rng = np.random.default_rng(7)
     instr = rng.integers(0, len(task.instructions), 500)
@@ -273,14 +278,5 @@ def test_remote_learner_trains_and_exports(prepared):
     run, task, mix = prepared[True]
     train = TINY.model_copy(update={"num_learners": 1})
     unit = Unit("dcql", "real", 3)
-    train_unit(
-        unit,
-        train=train,
-        run=run,
-        out_dir="policy",
-        mix=mix,
-        action_space=task.action_space,
-        info={"env": "toy", "encoder": "toy"},
-        quick_eval=None,
-    )
+    _train(run, task, mix, unit, train)
     _check_policy_folder(run, task, unit.name, "dcql")
