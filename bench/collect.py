@@ -1,6 +1,6 @@
 """Collection throughput: one worker in-process vs N Ray workers, on the same work units.
 
-    .venv/bin/python bench/collect.py [--env clevr] [--workers 2] [--tasks 20]
+    .venv/bin/python bench/collect.py [--env clevr] [--workers 2] [--tasks 40]
                                       [--episodes-per-task 4] [--repeat 3]
 
 Prints env steps/s of each and the ratio (goal: >= 1.7x with 2 workers on 2 cores for
@@ -63,7 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="clevr", choices=["clevr", "metaworld"])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--tasks", type=int, default=20, help="first N train tasks")
+    p.add_argument("--tasks", type=int, default=40, help="first N train tasks")
     p.add_argument("--episodes-per-task", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3, help="runs of each mode; medians are reported")
     args = p.parse_args()

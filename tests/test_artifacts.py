@@ -37,7 +37,9 @@ def test_plan_skips_only_when_fingerprint_matches(tmp_path) -> None:
     with stage_output(plan.run, plan.out_dir) as tmp:
         write_manifest(plan.run, tmp, plan.manifest(counts={"episodes": 1}))
     assert plan_stage("collect", cfg, None).current is not None
-    changed = parse_config({"name": "exp", "run_dir": str(tmp_path / "run"), "collect": {"epsilon": 0.5}})
+    changed = parse_config(
+        {"name": "exp", "run_dir": str(tmp_path / "run"), "collect": {"epsilon": 0.5}}
+    )
     assert plan_stage("collect", changed, None).current is None
     # A downstream stage names its input by output_id: a rebuilt collect reruns ground.
     g1 = plan_stage("ground", cfg, None).fingerprint

@@ -36,21 +36,16 @@ from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import DefaultCQ
 from ray.rllib.algorithms.sac.sac_learner import ACTION_DIST_INPUTS_NEXT, QF_PREDS, QF_TWIN_PREDS
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchSquashedGaussian
-from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.models.base import ENCODER_OUT
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
     ALL_MODULES,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    OFFLINE_SAMPLING_TIMER,
-    TIMERS,
 )
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 from torch import nn
 
+from kalm_ray.rl.discrete_cql.algorithm import offline_training_step
 from kalm_ray.rl.discrete_cql.module import mlp
 from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
 
@@ -259,31 +254,7 @@ class KalmCQL(CQL):
 
     @override(CQL)
     def training_step(self) -> None:
-        with self.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
-            iterators = self.offline_data.sample(
-                num_samples=self.config.train_batch_size_per_learner,
-                num_shards=self.config.num_learners,
-                return_iterator=True,
-            )
-            rows = self.config.train_batch_size_per_learner * max(1, self.config.num_learners)
-            self.metrics.log_value(
-                NUM_ENV_STEPS_SAMPLED_LIFETIME,
-                rows * (self.config.dataset_num_iters_per_learner or 1),
-                reduce="lifetime_sum",
-            )
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            results = self.learner_group.update(
-                training_data=TrainingData(data_iterators=iterators),
-                minibatch_size=self.config.train_batch_size_per_learner,
-                num_iters=self.config.dataset_num_iters_per_learner,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                        NUM_ENV_STEPS_SAMPLED_LIFETIME
-                    )
-                },
-                **self.offline_data.iter_batches_kwargs,
-            )
-            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        offline_training_step(self)
 
 
 __all__ = [

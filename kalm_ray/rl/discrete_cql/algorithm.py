@@ -123,30 +123,36 @@ class DiscreteCQL(Algorithm):
 
     @override(Algorithm)
     def training_step(self) -> None:
-        # Same offline step as RLlib's MARWIL/BC (always through a data iterator, which also
-        # sidesteps CQL's single-batch path bug with dataset_num_iters_per_learner=1).
-        with self.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
-            iterators = self.offline_data.sample(
-                num_samples=self.config.train_batch_size_per_learner,
-                num_shards=self.config.num_learners,
-                return_iterator=True,
-            )
-            rows = self.config.train_batch_size_per_learner * max(1, self.config.num_learners)
-            self.metrics.log_value(
-                NUM_ENV_STEPS_SAMPLED_LIFETIME,
-                rows * (self.config.dataset_num_iters_per_learner or 1),
-                reduce="lifetime_sum",
-            )
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            results = self.learner_group.update(
-                training_data=TrainingData(data_iterators=iterators),
-                minibatch_size=self.config.train_batch_size_per_learner,
-                num_iters=self.config.dataset_num_iters_per_learner,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                        NUM_ENV_STEPS_SAMPLED_LIFETIME
-                    )
-                },
-                **self.offline_data.iter_batches_kwargs,
-            )
-            self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        offline_training_step(self)
+
+
+def offline_training_step(algo: Algorithm) -> None:
+    """One offline iteration: ``dataset_num_iters_per_learner`` updates from data iterators.
+
+    Shared by :class:`DiscreteCQL` and ``kalm_ray.rl.cql.KalmCQL``.
+    """
+    # Same offline step as RLlib's MARWIL/BC (always through a data iterator, which also
+    # sidesteps CQL's single-batch path bug with dataset_num_iters_per_learner=1).
+    with algo.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
+        iterators = algo.offline_data.sample(
+            num_samples=algo.config.train_batch_size_per_learner,
+            num_shards=algo.config.num_learners,
+            return_iterator=True,
+        )
+        rows = algo.config.train_batch_size_per_learner * max(1, algo.config.num_learners)
+        algo.metrics.log_value(
+            NUM_ENV_STEPS_SAMPLED_LIFETIME,
+            rows * (algo.config.dataset_num_iters_per_learner or 1),
+            reduce="lifetime_sum",
+        )
+    with algo.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        results = algo.learner_group.update(
+            training_data=TrainingData(data_iterators=iterators),
+            minibatch_size=algo.config.train_batch_size_per_learner,
+            num_iters=algo.config.dataset_num_iters_per_learner,
+            timesteps={
+                NUM_ENV_STEPS_SAMPLED_LIFETIME: algo.metrics.peek(NUM_ENV_STEPS_SAMPLED_LIFETIME)
+            },
+            **algo.offline_data.iter_batches_kwargs,
+        )
+        algo.metrics.aggregate(results, key=LEARNER_RESULTS)
