@@ -43,7 +43,17 @@ def fingerprint(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
 def package_versions() -> dict[str, str]:
     """Versions of the packages whose behaviour changes results."""
     out = {"python": platform.python_version()}
-    for pkg in ("kalm_ray", "ray", "torch", "transformers", "peft", "mujoco", "metaworld", "gymnasium", "pyarrow"):
+    for pkg in (
+        "kalm_ray",
+        "ray",
+        "torch",
+        "transformers",
+        "peft",
+        "mujoco",
+        "metaworld",
+        "gymnasium",
+        "pyarrow",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -69,8 +79,13 @@ class Manifest:
 
     @classmethod
     def new(cls, stage: str, config_hash: str, inputs: dict[str, str], **kw: Any) -> Manifest:
-        return cls(stage=stage, config_hash=config_hash, inputs=inputs,
-                   fingerprint=fingerprint(stage, config_hash, inputs), **kw)
+        return cls(
+            stage=stage,
+            config_hash=config_hash,
+            inputs=inputs,
+            fingerprint=fingerprint(stage, config_hash, inputs),
+            **kw,
+        )
 
 
 class RunDir:
@@ -129,7 +144,9 @@ class RunDir:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:
-            raise RunDirError(f"{self.uri_of(*parts)}: corrupt JSON ({e.msg}, line {e.lineno})") from None
+            raise RunDirError(
+                f"{self.uri_of(*parts)}: corrupt JSON ({e.msg}, line {e.lineno})"
+            ) from None
 
     def write_json(self, obj: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), *parts)
@@ -165,7 +182,8 @@ class RunDir:
                 owner = self.read_json(RUN_INFO).get("experiment")
                 if owner != experiment:
                     raise RunDirError(
-                        f"run dir {self.uri} was written by experiment {owner!r}, not {experiment!r}; "
+                        f"run dir {self.uri} was written by experiment {owner!r}, "
+                        f"not {experiment!r}; "
                         "use another --run-dir"
                     )
                 return
@@ -185,7 +203,9 @@ class RunDir:
         try:
             return Manifest(**data)
         except TypeError:
-            raise RunDirError(f"{self.uri_of(stage_dir, MANIFEST)}: not a kalm_ray manifest") from None
+            raise RunDirError(
+                f"{self.uri_of(stage_dir, MANIFEST)}: not a kalm_ray manifest"
+            ) from None
 
     def is_current(self, stage_dir: str, fp: str) -> Manifest | None:
         """The stage's manifest if its fingerprint equals ``fp`` (the stage may be skipped)."""
@@ -211,7 +231,9 @@ def stage_output(run: RunDir, stage_dir: str) -> Iterator[str]:
         run.delete(tmp)
         raise
     if run.exists(stage_dir):
-        run.fs.move(run.path(stage_dir), run.path(f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+        run.fs.move(
+            run.path(stage_dir), run.path(f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
     run.fs.move(run.path(tmp), run.path(stage_dir))
 
 

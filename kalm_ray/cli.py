@@ -22,7 +22,9 @@ from kalm_ray.stage import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kalm", description="KALM on Ray: ground, imagine, learn, evaluate.")
+    p = argparse.ArgumentParser(
+        prog="kalm", description="KALM on Ray: ground, imagine, learn, evaluate."
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -53,10 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
     rep = sub.add_parser("report", parents=[common], help="regenerate eval/report.md and plots")
     rep.add_argument("run_dir", metavar="RUN_DIR")
-    sub.add_parser("envs", parents=[common], help="list environments, levels, tasks, sample instructions")
-    sm = sub.add_parser("submit", parents=[common], help="submit a config as a Ray job to a cluster")
+    sub.add_parser(
+        "envs", parents=[common], help="list environments, levels, tasks, sample instructions"
+    )
+    sm = sub.add_parser(
+        "submit", parents=[common], help="submit a config as a Ray job to a cluster"
+    )
     sm.add_argument("config", metavar="CONFIG")
-    sm.add_argument("--address", required=True, help="Ray dashboard/job server URL, e.g. http://127.0.0.1:8265")
+    sm.add_argument(
+        "--address", required=True, help="Ray dashboard/job server URL, e.g. http://127.0.0.1:8265"
+    )
     sm.add_argument("--stage", choices=STAGES, help="submit one stage instead of the whole run")
     sm.add_argument("--run-dir", help="overrides the config's run_dir")
     sm.add_argument("--no-follow", action="store_true", help="print the job id and return")
@@ -83,7 +91,7 @@ def _cmd_envs(_: argparse.Namespace) -> int:
             rows.append((env, level, str(len(tasks)), " | ".join(samples)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
     return 0
 
 
@@ -177,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"kalm: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"kalm: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 

@@ -56,7 +56,8 @@ class RayConfig(_Section):
     address: str | None = None
     """Cluster to join (``auto``, ``ray://...``); None starts a local Ray for this process."""
     num_cpus: PosInt | None = None
-    """Logical CPUs of a local Ray; None = max(8, cores). Offline RLlib deadlocks with 2 (see notes)."""
+    """Logical CPUs of a local Ray; None = max(8, cores). Offline RLlib deadlocks with 2
+    (see notes)."""
     dashboard: bool = False
     """Start the dashboard with a local Ray."""
     dashboard_host: str = "127.0.0.1"
@@ -265,7 +266,8 @@ class TrainConfig(_Section):
     lr: Annotated[float, Field(gt=0)] = 3e-4
     """Learning rate (actor/critic/alpha for CQL and IQL)."""
     algo_params: dict[AlgoName, dict[str, Any]] = {}
-    """Per-algorithm extra settings passed to its RLlib config, e.g. ``{cql: {min_q_weight: 5.0}}``."""
+    """Per-algorithm extra settings passed to its RLlib config,
+    e.g. ``{cql: {min_q_weight: 5.0}}``."""
     quick_eval_every: NonNegInt = 5
     """Iterations between quick train-level success checks in the learning curve; 0 = never."""
     quick_eval_episodes: PosInt = 20

@@ -65,7 +65,10 @@ def run_pipeline(
         t0 = time.perf_counter()
         plan = plan_stage(stage, cfg, run)
         if plan.current is not None:
-            print(f"[kalm] {stage}: up to date ({run.uri_of(OUTPUT_DIRS[stage])}), skipped", flush=True)
+            print(
+                f"[kalm] {stage}: up to date ({run.uri_of(OUTPUT_DIRS[stage])}), skipped",
+                flush=True,
+            )
             done[stage] = plan.current
             continue
         print(f"[kalm] {stage}: running", flush=True)

@@ -8,7 +8,8 @@ reward, next_state, terminated, truncated, success, source, generator``.
 - ``terminated``: the task's predicate holds on ``next_state`` (the episode ends there);
   ``truncated``: the step limit was reached without success. Never both.
 - ``success``: the predicate on ``next_state`` (equal to ``terminated`` for well-formed data).
-- ``source``: ``real`` or ``imagined``; ``generator``: JSON (model id, backend, seed), null for real.
+- ``source``: ``real`` or ``imagined``; ``generator``: JSON (model id, backend, seed), null
+  for real.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def episodes_to_table(episodes: list[Episode], schema: pa.Schema) -> pa.Table:
         v = cols[f.name]
         if f.name in ("state", "next_state") or (f.name == "action" and not discrete):
             flat = np.concatenate(v).reshape(-1) if v else np.zeros(0, np.float32)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), f.type.list_size))
+            arrays.append(
+                pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), f.type.list_size)
+            )
         elif f.name in ("action", "reward", "success", "terminated", "truncated"):
             arrays.append(pa.array(np.concatenate(v) if v else [], f.type))
         else:
@@ -128,4 +131,6 @@ def column_matrix(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-size-list column as a ``(rows, width)`` numpy array (no Python loop)."""
     col = table.column(name).combine_chunks()
     width = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+        -1, width
+    )

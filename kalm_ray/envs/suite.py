@@ -85,7 +85,9 @@ class Suite(Protocol):
         Pure function of states, so imagined rollouts can be labelled offline.
         """
 
-    def reward(self, task: str, start: np.ndarray, state: np.ndarray, next_state: np.ndarray) -> float:
+    def reward(
+        self, task: str, start: np.ndarray, state: np.ndarray, next_state: np.ndarray
+    ) -> float:
         """Dense reward of the step ``state -> next_state`` for ``task``."""
 
     def instructions(self, level: str, task: str) -> list[str]:
