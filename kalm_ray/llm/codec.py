@@ -322,10 +322,14 @@ class Codec:
     def encode_state(self, state: np.ndarray) -> list[str]:
         """Tokens of one absolute ``(D,)`` state: free dims, then each present entity."""
         s = np.asarray(state, np.float32).reshape(-1)
-        idx = quantize(s, self.low, self.high, self.n_bins)
+        return self._state_tokens(quantize(s, self.low, self.high, self.n_bins), s)
+
+    def _state_tokens(self, idx: np.ndarray, state: np.ndarray) -> list[str]:
+        """A STATE's tokens from per-dimension bin indices: free dims, then each entity
+        present in ``state`` (not all zeros), led by its name token."""
         out = [self.bin_tokens[i] for i in idx[self._free]]
         for k, (_, a, b) in enumerate(self.entities):
-            if np.any(s[a:b] != 0):
+            if np.any(state[a:b] != 0):
                 out.append(self.entity_tokens[k])
                 out += [self.bin_tokens[i] for i in idx[a:b]]
         return out
@@ -341,20 +345,15 @@ class Codec:
 
         ``prev`` is the *reconstructed* previous state (float32), so delta coding is closed
         loop; entity presence follows the true ``state`` (an all-zero entity is absent).
+        Absolute coding never reads ``prev``, so it returns ``state`` itself without decoding.
         """
         s = np.asarray(state, np.float32).reshape(-1)
         if self.state_coding == "absolute":
-            toks = self.encode_state(s)
-            return toks, self._decode_state(toks, 0, prev)[0]
+            return self.encode_state(s), s
         assert self.delta_bound is not None
         d = s.astype(np.float64) - prev.astype(np.float64)
-        idx = quantize_delta(d, self.delta_bound, self.n_bins)
-        out = [self.bin_tokens[i] for i in idx[self._free]]
-        for k, (_, a, b) in enumerate(self.entities):
-            if np.any(s[a:b] != 0):
-                out.append(self.entity_tokens[k])
-                out += [self.bin_tokens[i] for i in idx[a:b]]
-        return out, self._decode_state(out, 0, prev)[0]
+        toks = self._state_tokens(quantize_delta(d, self.delta_bound, self.n_bins), s)
+        return toks, self._decode_state(toks, 0, prev)[0]
 
     def encode_action(self, action: Any) -> list[str]:
         """Tokens of one action: an int (discrete) or a ``(k,)`` vector (continuous)."""
