@@ -14,13 +14,12 @@ import ast
 import json
 import logging
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from test_cluster_submit import FakeJobServer, _node
 
 from kalm_ray.config import ExperimentConfig, ModelSection, RayConfig, parse_config
 from kalm_ray.errors import InputError
@@ -196,8 +195,6 @@ def _unsafe(name: str, node: ast.Call) -> str | None:
     return None
 
 
-
-
 def test_no_unsafe_deserialisation_or_eval():
     found = [
         (str(p.relative_to(ROOT)), line, why)
@@ -235,39 +232,6 @@ AWS_SECRET = "aws-" + "Zq7" * 10
 ENV_SECRET = "env-" + "x1y2" * 6
 
 
-class _Server:
-    """A job server that wants a token (``/api/version`` and ``/api/v0/nodes`` only)."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                    code, body = (
-                        (401, "Unauthorized")
-                        if not self.headers.get("Authorization")
-                        else (403, "Forbidden")
-                    )
-                elif self.path == "/api/version":
-                    code, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0"})
-                else:
-                    node = {"state": "ALIVE", "is_head_node": True, "resources_total": {"CPU": 2}}
-                    code, body = 200, json.dumps({"data": {"result": {"result": [node]}}})
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 class _Status(str):
     def is_terminal(self) -> bool:
         return True
@@ -292,8 +256,9 @@ class _Client:
 
 
 @pytest.fixture
-def server() -> Iterator[_Server]:
-    s = _Server()
+def server() -> Iterator[FakeJobServer]:
+    """A one-node job server that wants TOKEN (the fake of tests/test_cluster_submit.py)."""
+    s = FakeJobServer(nodes=[_node(True, 2)], token=TOKEN)
     yield s
     s.close()
 
