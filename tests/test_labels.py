@@ -134,24 +134,18 @@ def _coffee_state(*, mug_ok: bool, pressed: bool) -> np.ndarray:
     """A made-up 91-d make-coffee state: mug under the spout or not, button pressed or not."""
     import importlib
 
-    from kalm_ray.envs.metaworld import slots
+    from test_metaworld_env import _state
 
     mw = importlib.import_module("kalm_ray.envs.metaworld.tasks")
     machine = np.array([0.0, 0.95, 0.0])
     goal = machine + mw.COFFEE_BUTTON_GOAL_OFFSET
-    parts = {
-        "goal": goal,
-        "object": machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0]),
-        "coffee_machine": machine,
-        "coffee_button": goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0]),
-        "gripper": [0, 0.6, 0.2],
-    }
-    s = np.zeros(91, np.float32)
-    for name, value in parts.items():
-        slots.position(s, name)[:] = value
-        if name not in ("gripper", "goal"):
-            slots.quaternion(s, name)[:] = (1.0, 0.0, 0.0, 0.0)
-    return s
+    return _state(
+        goal=goal,
+        object=machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0]),
+        coffee_machine=machine,
+        coffee_button=goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0]),
+        gripper=[0, 0.6, 0.2],
+    )
 
 
 def test_composite_task_needs_its_stages_in_order():
