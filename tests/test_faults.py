@@ -5,6 +5,7 @@ output equal to an undisturbed run's (issue 9; docs/reliability.md lists the out
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -489,7 +490,11 @@ def _pipeline_config(folder: Path, encoder: str) -> Path:
 
 def _kalm_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # MKL_CBWR: MKL's GEMM may round differently with the memory alignment of its operands
+    # (seen on some x86 CPUs); its strict reproducible mode makes the grounded weights of two
+    # processes comparable bit for bit. Ray's workers inherit this environment.
     env.update({"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("MKL_CBWR", "AUTO,STRICT")
     return env
 
 
@@ -588,8 +593,25 @@ def _without(d: dict, *keys: str) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
 
-def _files(folder: Path, pattern: str) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob(pattern))}
+def _digest(path: Path) -> str:
+    # Digests, not bytes: pytest's diff of two unequal megabyte byte strings runs for hours.
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(folder: Path, pattern: str) -> dict[str, str]:
+    return {str(p.relative_to(folder)): _digest(p) for p in sorted(folder.glob(pattern))}
+
+
+def _weight_diffs(a: Path, b: Path) -> dict[str, float]:
+    """Max absolute difference per tensor of two safetensors files (for a failure message)."""
+    from safetensors.numpy import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return {
+        k: float(abs(ta[k].astype("float64") - tb[k].astype("float64")).max())
+        for k in sorted(ta)
+        if k in tb and ta[k].shape == tb[k].shape and (ta[k] != tb[k]).any()
+    }
 
 
 def _policy_weights(policy_dir: Path) -> dict:
@@ -606,13 +628,14 @@ def _assert_same_artefacts(ref: Path, got: Path) -> list[str]:
     checked = []
     # collect: byte-identical Parquet (episodes and the instruction table).
     assert _files(got, "data/real/*.parquet") == _files(ref, "data/real/*.parquet")
-    assert (got / "data/instructions.parquet").read_bytes() == (
-        ref / "data/instructions.parquet"
-    ).read_bytes()
+    assert _digest(got / "data/instructions.parquet") == _digest(ref / "data/instructions.parquet")
     checked.append("data/real/*.parquet + data/instructions.parquet: bytes equal")
     # ground: the same weights, tokenizer and codec; the metrics less their wall time.
-    for name in ("model.safetensors", "codec.json", "tokenizer.json", "config.json"):
-        assert (got / "model" / name).read_bytes() == (ref / "model" / name).read_bytes(), name
+    for name in ("codec.json", "tokenizer.json", "config.json"):
+        assert _digest(got / "model" / name) == _digest(ref / "model" / name), name
+    weights = [d / "model" / "model.safetensors" for d in (ref, got)]
+    if _digest(weights[0]) != _digest(weights[1]):
+        raise AssertionError(f"model.safetensors differs: {_weight_diffs(*weights)}")
     metrics = [json.loads((d / "model/grounding_metrics.json").read_text()) for d in (ref, got)]
     assert _without(metrics[1], "seconds") == _without(metrics[0], "seconds")
     checked.append(
@@ -627,19 +650,17 @@ def _assert_same_artefacts(ref: Path, got: Path) -> list[str]:
         f"data/imagined: parts bytes equal, filter_report equal but for throughput "
         f"({reports[1]['requested']} requests, {reports[1]['accepted']} accepted)"
     )
-    # train: the same prepared data, policy folders and architectures. NOT the same weights:
-    # the train stage is not bitwise reproducible across processes even uninterrupted (both
-    # runs train from byte-identical inputs here; RLlib's local shuffle buffer is unseeded,
-    # see kalm_ray/rl/algos.py), so weights are compared by name and shape only.
+    # train: the same prepared data, policy folders and architectures. Weights are compared
+    # by name and shape, and their difference reported, not asserted: the shuffle is seeded
+    # (kalm_ray/rl/algos.py) and they came out equal here, but RLlib does not promise
+    # bitwise-reproducible training across processes, and the kill is not what this tests.
     assert _files(got, "policy/_data/*/*.parquet") == _files(ref, "policy/_data/*/*.parquet")
     names = sorted(p.name for p in (got / "policy").iterdir() if (p / "module").is_dir())
     assert names == sorted(p.name for p in (ref / "policy").iterdir() if (p / "module").is_dir())
     max_diff = 0.0
     for name in names:
-        for f in ("policy_info.json",):
-            assert (got / "policy" / name / f).read_bytes() == (
-                ref / "policy" / name / f
-            ).read_bytes()
+        info = "policy_info.json"
+        assert _digest(got / "policy" / name / info) == _digest(ref / "policy" / name / info)
         a, b = _policy_weights(ref / "policy" / name), _policy_weights(got / "policy" / name)
         assert {k: np.shape(v) for k, v in a.items()} == {k: np.shape(v) for k, v in b.items()}
         for k in a:
@@ -649,7 +670,7 @@ def _assert_same_artefacts(ref: Path, got: Path) -> list[str]:
         assert curves[1][0] == curves[0][0] and len(curves[1]) == len(curves[0])
     checked.append(
         f"policy/{names}: _data Parquet bytes equal, policy_info.json equal, same module "
-        f"layout; weights differ by up to {max_diff:.2g} (unseeded shuffle, not the kill)"
+        f"layout; weights differ by up to {max_diff:.2g}"
     )
     # evaluate: the same paired episode list and the same random baseline; the trained
     # policies' outcomes follow their (not bitwise equal) weights, so they are reported only.

@@ -121,10 +121,10 @@ def test_split_is_by_episode(codec, suite):
             )
         )
     table = episodes_to_table(eps, transition_schema(10, suite.action_space))
-    back = {
-        e.episode_id: e
-        for e in episodes_from_table(table.take(np.random.default_rng(0).permutation(len(table))))
-    }
+    shuffled = episodes_from_table(table.take(np.random.default_rng(0).permutation(len(table))))
+    # Episodes come sorted by id, whatever the row order (callers sample them by position).
+    assert [e.episode_id for e in shuffled] == sorted(e.episode_id for e in eps)
+    back = {e.episode_id: e for e in shuffled}
     assert np.allclose(back["e7"].states, eps[7].states) and np.array_equal(
         back["e7"].actions, eps[7].actions
     )

@@ -172,7 +172,8 @@ def is_heldout(episode_id: str, fraction: float, seed: int) -> bool:
 
 
 def episodes_from_table(table: Any) -> list[EpisodeArrays]:
-    """Episodes of a transition table (``kalm_ray.data.schema``), rows in any order."""
+    """Episodes of a transition table (``kalm_ray.data.schema``), rows in any order; the
+    episodes come sorted by id."""
     from kalm_ray.data.schema import column_matrix
 
     ids = table.column("episode_id").to_pylist()
@@ -190,7 +191,9 @@ def episodes_from_table(table: Any) -> list[EpisodeArrays]:
     for i, e in enumerate(ids):
         groups.setdefault(e, []).append(i)
     out = []
-    for e, rows in groups.items():
+    # Episodes sorted by id: Ray Data writes rows in task-completion order, and callers pick
+    # episodes by position (seeded samples), which must not depend on that order.
+    for e, rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: t[r])
         states = np.concatenate([state[rows], nxt[rows[-1:]]], axis=0)
         out.append(

@@ -94,11 +94,35 @@ def pad_batch(rows: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, np.n
 
 
 def read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], list[int]]:
-    """``(episode_id, task, input_ids, prompt_len)`` lists of the training split of a folder.
+    """``(episode_id, task, input_ids, prompt_len)`` lists of the training split of a folder,
+    in a canonical order (see :func:`_canonical`).
 
     The folder holds Parquet files (the ground stage) or JSONL files (one example object per
     line; no pyarrow needed), with columns ``episode_id, task, input_ids, prompt_len, split``.
     """
+    return _canonical(*_read_examples(path))
+
+
+def _canonical(
+    eps: list[str], tasks: list[str], ids: list[list[int]], plen: list[int]
+) -> tuple[list[str], list[str], list[list[int]], list[int]]:
+    """The examples sorted by (episode, task, prompt length, tokens).
+
+    The ground stage writes examples with Ray Data, whose row and file order follow task
+    completion; batches are drawn by position, so without a canonical order the same config
+    and seed would train on different batches from run to run (and a resumed run would not
+    match an uninterrupted one). Equal keys are equal examples, so ties cannot matter.
+    """
+    order = sorted(range(len(eps)), key=lambda i: (eps[i], tasks[i], plen[i], ids[i]))
+    return (
+        [eps[i] for i in order],
+        [tasks[i] for i in order],
+        [ids[i] for i in order],
+        [plen[i] for i in order],
+    )
+
+
+def _read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], list[int]]:
     local = Path(path) if "://" not in path else None
     if local is not None and local.is_dir() and any(local.glob("*.jsonl")):
         rows = [
