@@ -253,6 +253,11 @@ class TrainConfig(_Section):
     """One policy per (algo, data, seed)."""
     imagined_ratio: Fraction | None = None
     """Share of imagined transitions in each batch; None = proportional to dataset sizes."""
+    wording_copies: NonNegInt = 0
+    """Extra copies of every transition (real and imagined alike), each under another wording
+    of its goal at its level, drawn at random; 0 = each transition keeps its own wording only.
+    Small datasets show each goal in few wordings; copies teach the policy that the others
+    mean the same (the quick preset uses 3)."""
     iterations: PosInt = 20
     """``algo.train()`` calls."""
     updates_per_iteration: PosInt = 50

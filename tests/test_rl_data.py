@@ -15,6 +15,7 @@ from kalm_ray.rl.dataset import (
     mix_counts,
     prepare_mix,
     to_arrow,
+    wording_groups,
 )
 from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 
@@ -66,6 +67,35 @@ def test_join_raises_naming_an_instruction_without_embedding():
         JoinEmbeddings(emb)(table)
 
 
+def test_wording_copies_reword_each_row_within_its_goal():
+    """Each copy keeps the row's state, action and reward and carries a wording of the same
+    goal; the draw is seeded; copies get episode ids of their own."""
+    task = ToyTask(discrete=True)
+    table = task.table(task.episodes(20, seed=3))
+    emb = dict(zip(task.instructions, task.embeddings, strict=True))
+    groups = [task.instructions[i : i + 2] for i in range(0, len(task.instructions), 2)]
+    group_of = {t: g for g in groups for t in g}
+    out = JoinEmbeddings(emb, None, wordings=groups, copies=3)(table)
+    n = table.num_rows
+    assert out["obs"].shape == (4 * n, 394) and len(out["eps_id"]) == 4 * n
+    plain = JoinEmbeddings(emb)(table)
+    for k in range(4):
+        part = slice(k * n, (k + 1) * n)
+        assert np.array_equal(out["obs"][part, :10], plain["obs"][:, :10])
+        assert np.array_equal(out["actions"][part], plain["actions"])
+        assert np.array_equal(out["rewards"][part], plain["rewards"])
+        assert np.array_equal(out["obs"][part, 10:], out["new_obs"][part, 10:])
+    assert np.array_equal(out["obs"][:n], plain["obs"])  # the first copy is the row itself
+    by_vec = {e.tobytes(): t for t, e in emb.items()}
+    instr = table.column("instruction").to_pylist() * 4
+    worded = [by_vec[r[10:].tobytes()] for r in out["obs"]]
+    assert all(w in group_of[t] for w, t in zip(worded, instr, strict=True))
+    assert sum(w != t for w, t in zip(worded, instr, strict=True)) > n  # about half of 3n
+    assert len(set(out["eps_id"])) == 4 * len(set(plain["eps_id"]))
+    twice = [JoinEmbeddings(emb, 7, wordings=groups, copies=3)(table)["obs"] for _ in range(2)]
+    assert np.array_equal(*twice)
+
+
 def test_mix_counts():
     assert mix_counts(100, 40, None) == (100, 40)
     assert mix_counts(100, 40, 0.5) == (100, 100)
@@ -106,6 +136,26 @@ def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engin
     known = {e.tobytes() for e in task.embeddings}
     assert all(r[10:].tobytes() in known for r in rows["obs"])
     assert np.array_equal(rows["obs"][:, 10:], rows["new_obs"][:, 10:])
+
+
+def test_prepare_mix_with_wording_copies(toy_run):
+    run, task = toy_run
+    groups = wording_groups(run)
+    assert sorted(t for g in groups for t in g) == sorted(task.instructions)
+    info = prepare_mix(
+        run,
+        "real",
+        "policy/_data/copies",
+        embeddings=load_embeddings(run),
+        ratio=None,
+        seed=0,
+        engine="local",
+        wordings=groups,
+        wording_copies=2,
+    )
+    n_real = pq.read_metadata(run.path("data/real/part-0.parquet")).num_rows
+    assert info.rows == {"real": 3 * n_real}
+    assert pq.read_metadata(info.path + "/part-00000.parquet").num_rows == 3 * n_real
 
 
 def test_prepare_mix_resamples_imagined_rows_to_the_ratio(ray_local, toy_run):

@@ -17,7 +17,7 @@ from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
 from kalm_ray.raysetup import init_ray
-from kalm_ray.rl.dataset import load_embeddings, prepare_mix
+from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.quick_eval import QuickEval
 from kalm_ray.rl.unit import plan_units, train_unit
 from kalm_ray.stage import OUTPUT_DIRS, plan_stage
@@ -47,6 +47,7 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
     embeddings = load_embeddings(run)
     if not embeddings:
         raise InputError(f"{run.uri_of('data/instructions.parquet')}: no instructions")
+    wordings = wording_groups(run) if train.wording_copies else None
     units = plan_units(train)
     max_steps = cfg.env.max_episode_steps or suite.max_episode_steps
     info = {
@@ -71,6 +72,8 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
                 ratio=train.imagined_ratio,
                 seed=cfg.seed,
                 engine=train.data_engine,
+                wordings=wordings,
+                wording_copies=train.wording_copies,
             )
             t_data[mix] = round(time.perf_counter() - t, 2)
             print(
