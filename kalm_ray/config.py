@@ -87,6 +87,10 @@ class TextConfig(_Section):
     local path to a sentence-transformers model."""
     batch_size: PosInt = 64
     """Wordings encoded per forward pass."""
+    features: Literal["sentence", "word_halves"] = "sentence"
+    """``sentence``: the encoder's sentence embedding. ``word_halves``: the mean of its word
+    embeddings over each half of the instruction, side by side (twice as wide), which keeps the
+    word order that tells "A left of B" from "B left of A" (see ``kalm_ray.data.text``)."""
 
 
 class CollectConfig(_Section):

@@ -13,6 +13,7 @@ from kalm_ray.data.text import (
     TextEncoder,
     build_instruction_table,
     encoder_info,
+    halves_pool,
     l2_normalize,
     load_instruction_table,
     make_encoder,
@@ -44,6 +45,40 @@ def test_l2_normalize_unit_rows_and_zero_rows():
     y = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(y, [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
     assert y.dtype == np.float32
+
+
+def test_halves_pool_keeps_word_order():
+    red, blue, pad = [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]
+    x = np.array([[red, blue, pad], [blue, red, pad], [red, pad, pad]], dtype=np.float32)
+    words = np.array([[1, 1, 0], [1, 1, 0], [1, 0, 0]])
+    out = halves_pool(x, words)
+    r = 1 / np.sqrt(2)
+    np.testing.assert_allclose(out[0], [r, 0, 0, r], atol=1e-6)  # red first, then blue
+    np.testing.assert_allclose(out[1], [0, r, r, 0], atol=1e-6)  # the other order differs
+    np.testing.assert_allclose(out[2], [r, 0, r, 0], atol=1e-6)  # one word fills both halves
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    assert out.dtype == np.float32 and halves_pool(x, np.zeros((3, 3))).sum() == 0
+
+
+def test_word_halves_features_tell_swapped_roles_apart(encoder):
+    """The sentence embedding puts "A left of B" nearer "B left of A" than a rewording of the
+    same goal; word halves put it the right way round."""
+    halves = make_encoder(TextConfig(features="word_halves"))
+    assert halves.dim == 2 * encoder.dim and halves.name.endswith("+word_halves")
+    texts = [
+        "Push the red ball to the left of the blue ball.",
+        "Push the blue ball to the left of the red ball.",
+        "Move the red ball to the left of the blue ball.",
+    ]
+    for enc, swap_nearer in ((encoder, True), (halves, False)):
+        a, swapped, reworded = enc.encode(texts)
+        assert (
+            a @ swapped / np.linalg.norm(swapped) > a @ reworded / np.linalg.norm(reworded)
+        ) == (swap_nearer)
+    with pytest.raises(ConfigError, match="text.features"):
+        from kalm_ray.data.text import SentenceEncoder, default_model_path
+
+        SentenceEncoder(default_model_path(), features="words")
 
 
 # ---- the default encoder --------------------------------------------------------------------

@@ -38,6 +38,9 @@ META_ENCODER = b"kalm.encoder"
 META_DIM = b"kalm.dim"
 META_ENV = b"kalm.env"
 POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max", "mean_sqrt_len")
+FEATURES: tuple[str, ...] = ("sentence", "word_halves")
+"""What an encoder returns: ``sentence`` = the model's own sentence embedding (its pooling and
+normalisation); ``word_halves`` = :func:`halves_pool` of its input word embeddings (2x wide)."""
 
 
 @runtime_checkable
@@ -83,6 +86,36 @@ def pool_tokens(
     if mode == "mean_sqrt_len":
         return (total / np.sqrt(count)).astype(np.float32)
     raise ValueError(f"unknown pooling mode {mode!r}; valid choices: {', '.join(POOLING_MODES)}")
+
+
+def halves_pool(token_embeddings: np.ndarray, word_mask: np.ndarray) -> np.ndarray:
+    """Order-aware bag of words: the mean of the first half of each text's word vectors and the
+    mean of the second half, each L2-normalised, concatenated and scaled by 1/sqrt(2).
+
+    Why: a sentence embedding barely tells "the red ball left of the blue ball" from "the blue
+    ball left of the red ball" (cosine 0.86 with all-MiniLM-L6-v2, as close as two wordings of
+    one goal); which words come first is what tells the roles apart. Measured on the quick
+    CLEVR data (plain BC, 2 seeds): train-level success 51% -> 68%, rephrase unchanged (47%).
+
+    Args:
+        token_embeddings: ``(n, L, d)`` word vectors (the output of the encoder's embedding
+            layer).
+        word_mask: ``(n, L)`` 0/1, 1 for a real word token (not padding, not ``[CLS]``/``[SEP]``).
+
+    Returns:
+        ``(n, 2 * d)`` float32, unit norm (zero for a text without words).
+    """
+    x = np.asarray(token_embeddings, dtype=np.float32)
+    m = np.asarray(word_mask) > 0
+    out = np.zeros((len(x), 2 * x.shape[2]), np.float32)
+    for i in range(len(x)):
+        words = x[i][m[i]]
+        if not len(words):
+            continue
+        cut = int(round(len(words) / 2))
+        halves = (words[: max(cut, 1)], words[max(cut, 1) :] if len(words) > 1 else words)
+        out[i] = np.concatenate([l2_normalize(h.mean(0, keepdims=True))[0] for h in halves])
+    return (out / np.sqrt(2.0)).astype(np.float32)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -132,12 +165,16 @@ class SentenceEncoder:
         name: str | None = None,
         batch_size: int = 64,
         device: str = "cpu",
+        features: str = "sentence",
     ):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        if features not in FEATURES:
+            raise ConfigError(f"text.features: {features!r} is not one of {', '.join(FEATURES)}")
+        self.features = features
         self.path = Path(path)
-        self.name = name or str(path)
+        self.name = (name or str(path)) + ("" if features == "sentence" else f"+{features}")
         self.batch_size = batch_size
         self.device = device
         self.pooling, self.normalize = self._read_modules(self.path)
@@ -162,7 +199,7 @@ class SentenceEncoder:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.model.config.hidden_size) * (2 if features == "word_halves" else 1)
         self._torch = torch
 
     @staticmethod
@@ -219,11 +256,20 @@ class SentenceEncoder:
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
+                return_special_tokens_mask=True,
             )
+            special = tok.pop("special_tokens_mask").numpy()
             tok = {k: v.to(self.device) for k, v in tok.items()}
+            mask = tok["attention_mask"].cpu().numpy()
+            if self.features == "word_halves":
+                with self._torch.inference_mode():
+                    # The embedding layer's output (word + position vectors, normalised): what
+                    # was measured; the final layer's halves did worse (train level 50%).
+                    words = self.model(**tok, output_hidden_states=True).hidden_states[0]
+                out[idx] = halves_pool(words.float().cpu().numpy(), mask * (1 - special))
+                continue
             with self._torch.inference_mode():
                 hidden = self.model(**tok).last_hidden_state
-            mask = tok["attention_mask"].cpu().numpy()
             vec = pool_tokens(hidden.float().cpu().numpy(), mask, self.pooling)
             out[idx] = l2_normalize(vec) if self.normalize else vec
         return out
@@ -246,17 +292,17 @@ def resolve_encoder(cfg: TextConfig) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_encoder(spec: str, batch_size: int) -> SentenceEncoder:
+def _cached_encoder(spec: str, batch_size: int, features: str) -> SentenceEncoder:
     from kalm_ray.config import TextConfig
 
     path = resolve_encoder(TextConfig(encoder=spec, batch_size=batch_size))
     name = DEFAULT_ENCODER_NAME if spec == DEFAULT_ENCODER else str(path)
-    return SentenceEncoder(path, name=name, batch_size=batch_size)
+    return SentenceEncoder(path, name=name, batch_size=batch_size, features=features)
 
 
 def make_encoder(cfg: TextConfig) -> TextEncoder:
     """The encoder a config asks for (loaded once per process); ConfigError if unusable."""
-    return _cached_encoder(cfg.encoder, cfg.batch_size)
+    return _cached_encoder(cfg.encoder, cfg.batch_size, cfg.features)
 
 
 # ---- the instructions table --------------------------------------------------------------
