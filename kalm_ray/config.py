@@ -21,6 +21,7 @@ from kalm_ray.errors import ConfigError
 
 Level = Literal["train", "rephrase", "easy", "hard"]
 NovelLevel = Literal["rephrase", "easy", "hard"]
+TextFeatures = Literal["sentence", "word_halves"]
 EnvName = Literal["clevr", "metaworld"]
 AlgoName = Literal["bc", "marwil", "dcql", "cql", "iql"]
 DataMix = Literal["real", "real+imagined"]
@@ -87,7 +88,7 @@ class TextConfig(_Section):
     local path to a sentence-transformers model."""
     batch_size: PosInt = 64
     """Wordings encoded per forward pass."""
-    features: Literal["sentence", "word_halves"] = "sentence"
+    features: TextFeatures = "sentence"
     """``sentence``: the encoder's sentence embedding. ``word_halves``: the mean of its word
     embeddings over each half of the instruction, side by side (twice as wide), which keeps the
     word order that tells "A left of B" from "B left of A" (see ``kalm_ray.data.text``)."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kalm_ray.config import TextFeatures
 from kalm_ray.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ META_ENCODER = b"kalm.encoder"
 META_DIM = b"kalm.dim"
 META_ENV = b"kalm.env"
 POOLING_MODES: tuple[str, ...] = ("mean", "cls", "max", "mean_sqrt_len")
-FEATURES: tuple[str, ...] = ("sentence", "word_halves")
+FEATURES: tuple[str, ...] = get_args(TextFeatures)
 """What an encoder returns: ``sentence`` = the model's own sentence embedding (its pooling and
 normalisation); ``word_halves`` = :func:`halves_pool` of its input word embeddings (2x wide)."""
 
@@ -112,8 +113,8 @@ def halves_pool(token_embeddings: np.ndarray, word_mask: np.ndarray) -> np.ndarr
         words = x[i][m[i]]
         if not len(words):
             continue
-        cut = int(round(len(words) / 2))
-        halves = (words[: max(cut, 1)], words[max(cut, 1) :] if len(words) > 1 else words)
+        cut = round(len(words) / 2)
+        halves = (words, words) if len(words) == 1 else (words[:cut], words[cut:])
         out[i] = np.concatenate([l2_normalize(h.mean(0, keepdims=True))[0] for h in halves])
     return (out / np.sqrt(2.0)).astype(np.float32)
 

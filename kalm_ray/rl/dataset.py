@@ -176,39 +176,31 @@ class JoinEmbeddings:
             actions = column_matrix(batch, "action")
         else:
             actions = action.to_numpy().astype(np.int64)
-        state, next_state = column_matrix(batch, "state"), column_matrix(batch, "next_state")
-        eps = batch.column("episode_id").to_pylist()
-        reps = 1 + self.copies
+        # Output row j is copy ``copy[j]`` of input row ``row[j]`` under wording ``emb_idx[j]``.
+        n, reps = len(idx), 1 + self.copies
+        row, copy = np.tile(np.arange(n), reps), np.repeat(np.arange(reps), n)
         emb_idx = np.concatenate([idx] + [self._reworded(idx) for _ in range(self.copies)])
-        cols = {
-            "state": np.tile(state, (reps, 1)),
-            "actions": np.tile(actions, (reps,) + (1,) * (actions.ndim - 1)),
-            "rewards": np.tile(batch.column("reward").to_numpy().astype(np.float32), reps),
-            "new_state": np.tile(next_state, (reps, 1)),
-            "terminateds": np.tile(
-                batch.column("terminated").to_numpy(zero_copy_only=False).astype(bool), reps
-            ),
-            "truncateds": np.tile(
-                batch.column("truncated").to_numpy(zero_copy_only=False).astype(bool), reps
-            ),
+        if self.rng is not None:
+            order = self.rng.permutation(len(row))
+            row, copy, emb_idx = row[order], copy[order], emb_idx[order]
+        emb = self.matrix[emb_idx]
+        eps = batch.column("episode_id").to_pylist()
+        return {
+            "obs": make_obs(column_matrix(batch, "state")[row], emb),
+            "actions": actions[row],
+            "rewards": batch.column("reward").to_numpy().astype(np.float32)[row],
+            "new_obs": make_obs(column_matrix(batch, "next_state")[row], emb),
+            "terminateds": batch.column("terminated")
+            .to_numpy(zero_copy_only=False)
+            .astype(bool)[row],
+            "truncateds": batch.column("truncated")
+            .to_numpy(zero_copy_only=False)
+            .astype(bool)[row],
             # A copy is a transition of its own episode id, so none is mistaken for the original.
             "eps_id": np.asarray(
-                eps + [f"{e}#w{k}" for k in range(1, reps) for e in eps], dtype=object
+                [eps[r] if c == 0 else f"{eps[r]}#w{c}" for r, c in zip(row, copy, strict=True)],
+                dtype=object,
             ),
-            "emb": emb_idx,
-        }
-        if self.rng is not None:
-            order = self.rng.permutation(len(emb_idx))
-            cols = {k: v[order] for k, v in cols.items()}
-        emb = self.matrix[cols.pop("emb")]
-        return {
-            "obs": make_obs(cols.pop("state"), emb),
-            "actions": cols["actions"],
-            "rewards": cols["rewards"],
-            "new_obs": make_obs(cols.pop("new_state"), emb),
-            "terminateds": cols["terminateds"],
-            "truncateds": cols["truncateds"],
-            "eps_id": cols["eps_id"],
         }
 
 
@@ -232,7 +224,8 @@ class MixInfo:
     path: str
     """Folder of the prepared Parquet files (a path on the run dir's filesystem)."""
     rows: dict[str, int]
-    """Source -> rows in the prepared dataset (after resampling to the ratio)."""
+    """Source -> rows in the prepared dataset (after resampling to the ratio and adding the
+    wording copies)."""
     source_rows: dict[str, int]
     """Source -> rows available on disk."""
     state_dim: int
