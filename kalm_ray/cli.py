@@ -2,9 +2,11 @@
 
     kalm <stage> CONFIG [--run-dir DIR] [--verbose] [--debug]   # stage: collect ... evaluate
     kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE] [--verbose]
-    kalm report RUN_DIR        kalm envs        kalm submit CONFIG --address URL
+    kalm report RUN_DIR        kalm verify RUN_DIR        kalm envs
+    kalm plan CONFIG           kalm submit CONFIG --address URL   (submit runs plan's checks)
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
+SIGTERM is handled like Ctrl-C: one ``kalm: terminated`` line, Ray shut down, exit 143.
 ``--verbose`` (or ``ray.verbose: true``) also shows Ray's own logs (see kalm_ray.raysetup).
 """
 
@@ -17,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from kalm_ray.errors import KalmError, NotImplementedStage
+from kalm_ray.errors import KalmError, NotImplementedStage, Terminated
 from kalm_ray.stage import STAGES
 
 
@@ -55,9 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
     rep = sub.add_parser("report", parents=[common], help="regenerate eval/report.md and plots")
     rep.add_argument("run_dir", metavar="RUN_DIR")
+    ver = sub.add_parser(
+        "verify", parents=[common], help="check every finished stage's files against its manifest"
+    )
+    ver.add_argument("run_dir", metavar="RUN_DIR")
+    ver.add_argument(
+        "--quick", action="store_true", help="sampled hashes for big files (as stages do)"
+    )
     sub.add_parser(
         "envs", parents=[common], help="list environments, levels, tasks, sample instructions"
     )
+    pl = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="what a config runs where, its memory and context budget; refuses what cannot run",
+    )
+    pl.add_argument("config", metavar="CONFIG")
+    pl.add_argument("--run-dir", help="overrides the config's run_dir")
     sm = sub.add_parser(
         "submit", parents=[common], help="submit a config as a Ray job to a cluster"
     )
@@ -78,20 +94,21 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_envs(_: argparse.Namespace) -> int:
     from kalm_ray.envs import ENVS, LEVELS, get_suite
 
-    rows = [("env", "level", "tasks", "sample instructions")]
+    rows = [("env", "level", "tasks", "steps", "sample instructions")]
     for env in ENVS:
         try:
             suite = get_suite(env)
         except ModuleNotFoundError as e:
-            rows.append((env, "-", "-", f"(unavailable: {e})"))
+            rows.append((env, "-", "-", "-", f"(unavailable: {e})"))
             continue
         for level in LEVELS:
             tasks = suite.tasks(level)
             samples = [suite.instructions(level, t)[0] for t in tasks[:2]]
-            rows.append((env, level, str(len(tasks)), " | ".join(samples)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+            steps = str(suite.level_max_steps(level))  # CLEVR easy: one push
+            rows.append((env, level, str(len(tasks)), steps, " | ".join(samples)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     return 0
 
 
@@ -139,6 +156,41 @@ def _print_summary(run_dir: str) -> None:
         print("\n" + run.read_bytes("eval", "headline.md").decode())
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from kalm_ray.artifacts import RunDir, verify_run
+    from kalm_ray.errors import InputError
+    from kalm_ray.stage import OUTPUT_DIRS
+
+    run = RunDir(args.run_dir)
+    if not run.exists():
+        raise InputError(f"{run.uri}: no such run directory")
+    print(f"[kalm] verify: {run.uri}")
+    problems = verify_run(run, OUTPUT_DIRS, full=not args.quick)
+    for line in problems:
+        print(f"kalm: damaged: {line}", file=sys.stderr)
+    if problems:
+        raise InputError(f"{len(problems)} problem(s) in {run.uri}; rerun the stages named above")
+    return 0
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray this process started (its raylet then ends the workers/actors)."""
+    import signal
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the shutdown
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway; the exit line matters more
+        pass
+
+
 def _lazy(module: str, fn: str):
     def call(args: argparse.Namespace) -> int:
         try:
@@ -156,7 +208,9 @@ _COMMANDS = {
     **{stage: _cmd_stage for stage in STAGES},
     "run": _cmd_run,
     "envs": _cmd_envs,
+    "verify": _cmd_verify,
     "report": _lazy("kalm_ray.eval.report", "cli_report"),
+    "plan": _lazy("kalm_ray.plan", "cli_plan"),
     "submit": _lazy("kalm_ray.jobs", "cli_submit"),
     "status": _lazy("kalm_ray.jobs", "cli_status"),
     "logs": _lazy("kalm_ray.jobs", "cli_logs"),
@@ -171,14 +225,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="[%(name)s] %(message)s",
         stream=sys.stderr,
     )
+    from kalm_ray.raysetup import install_sigterm_handler
+
+    install_sigterm_handler(_on_sigterm)
     try:
         return _COMMANDS[args.cmd](args)
+    except Terminated:
+        _shutdown_ray()
+        print("kalm: terminated", file=sys.stderr)
+        return 143
     except KalmError as e:
         if args.debug:
             traceback.print_exc()
         print(f"kalm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        _shutdown_ray()
         print("kalm: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback

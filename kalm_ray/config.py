@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kalm_ray.errors import ConfigError
 
@@ -25,8 +34,14 @@ TextFeatures = Literal["sentence", "word_halves"]
 EnvName = Literal["clevr", "metaworld"]
 AlgoName = Literal["bc", "marwil", "dcql", "cql", "iql"]
 DataMix = Literal["real", "real+imagined"]
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Strict: YAML's `true` is not the count 1.
+PosInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+MAX_COUNT = 10_000_000
+"""Upper bound of the counts that size a stage's work (episodes, rollouts, steps,
+iterations): far above any real experiment, far below a typo's 10**22 that would sit
+with no output."""
+Count = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 DISCRETE_ALGOS: frozenset[str] = frozenset({"bc", "marwil", "dcql"})
@@ -45,11 +60,28 @@ class _Section(BaseModel):
     def hashed_dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self._placement_only))
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1 / 1.0; only a field that takes a bool may.
+        if isinstance(value, bool) and info.field_name is not None:
+            if not _accepts_bool(cls.model_fields[info.field_name].annotation):
+                raise ValueError("a boolean is not accepted here")
+        return value
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    from typing import get_args
+
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
 
 class EnvConfig(_Section):
     name: EnvName = "clevr"
     """Environment suite: ``clevr`` (CLEVR-Robot, discrete pushes) or ``metaworld``."""
-    max_episode_steps: PosInt | None = None
+    max_episode_steps: Count | None = None
     """Episode limit; None = the suite's default (CLEVR 50, Meta-World 150)."""
 
 
@@ -67,6 +99,11 @@ class RayConfig(_Section):
     """``kalm submit``: the runtime_env YAML shipped with the job (relative to the project root,
     or absolute). ``jobs/runtime_env_gpu.yaml`` adds vLLM; ``jobs/runtime_env_preinstalled.yaml``
     ships only the code, for clusters whose nodes already have the dependencies."""
+    gpus_on_demand: bool = False
+    """The cluster brings GPU nodes up when work asks for them (an autoscaling GPU group that
+    may be at zero now): GPU work is then scheduled and waited for, never judged impossible
+    because no GPU node is up yet. Node types the autoscaler reports are taken into account
+    without it; set it where the autoscaler reports none (see ``gpu_visible``)."""
     shared_filesystem: bool = False
     """``kalm submit``: the local ``run_dir`` is on a filesystem every node mounts (NFS, a single
     machine). Without it a local ``run_dir`` is refused for a multi-node cluster."""
@@ -97,7 +134,7 @@ class TextConfig(_Section):
 class CollectConfig(_Section):
     _placement_only = frozenset({"num_workers", "num_cpus_per_worker"})
 
-    episodes_per_task: PosInt = 10
+    episodes_per_task: Count = 10
     """Episodes collected for each ``train``-level task."""
     tasks: list[str] | None = None
     """Subset of train task ids to collect; None = all of them."""
@@ -132,13 +169,16 @@ class ModelSection(_Section):
 
 
 class GroundConfig(_Section):
+    # Memory and CPU sizing only; checkpointing recomputes the same activations.
+    _placement_only = frozenset({"gradient_checkpointing", "gpu_memory_gib", "num_cpus_per_worker"})
+
     model: ModelSection = ModelSection()
     """The base language model."""
     method: Literal["lora", "full"] = "lora"
     """LoRA adapters via PEFT, or full fine-tuning."""
     lora: LoraSection = LoraSection()
     """LoRA settings (used when ``method: lora``)."""
-    n_bins: Annotated[int, Field(ge=3, le=512)] = 256
+    n_bins: Annotated[StrictInt, Field(ge=3, le=512)] = 256
     """Quantisation bins per state/action dimension (one token each)."""
     state_coding: Literal["delta", "absolute"] = "delta"
     """How a trajectory step writes its state: ``delta`` (the change since the last step,
@@ -153,9 +193,16 @@ class GroundConfig(_Section):
         "consequence": 0.1,
     }
     """Relative weights of the four grounding tasks in the training mix."""
+    rollout_starts: Literal["first", "every"] = "first"
+    """Rollout examples per episode: one from its first state (``first``), or one from every
+    state of it to the episode's end (``every``: each real transition then also teaches the
+    action to take from that state, which is what the LLM-as-policy and imagination use)."""
+    action_loss_weight: Annotated[float, Field(gt=0)] = 1.0
+    """Weight of action tokens in the grounding loss relative to other target tokens (1 =
+    plain cross-entropy). Raising it makes the grounded model more of a policy."""
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """Fraction of episodes (not rows) held out for grounding metrics."""
-    max_steps: PosInt = 1000
+    max_steps: Count = 1000
     """Optimizer steps (per worker)."""
     batch_size: PosInt = 16
     """Examples per step per worker."""
@@ -168,6 +215,15 @@ class GroundConfig(_Section):
     """Ray Train workers."""
     use_gpu: bool = False
     """One GPU per worker; bf16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool | None = None
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more
+    compute); None = on when training on GPU."""
+    gpu_memory_gib: Annotated[float, Field(gt=0)] = 40.0
+    """Memory of one GPU a ground worker gets (A100 40 GB, L40S 48 GB in ``cluster/``):
+    ``kalm plan`` and ``kalm submit`` refuse a grounding whose estimate exceeds it."""
+    num_cpus_per_worker: Annotated[float, Field(gt=0)] | None = None
+    """Logical CPUs each Ray Train worker asks for (and sets its torch threads from); None =
+    Ray Train's default (1)."""
     checkpoint_every: PosInt = 200
     """Steps between checkpoints (resume point after a crash)."""
     tiny_init_from_encoder: bool = True
@@ -191,7 +247,7 @@ class ImagineConfig(_Section):
     """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
     levels: list[NovelLevel] = ["rephrase", "easy", "hard"]
     """Levels to imagine rollouts for."""
-    rollouts_per_level: PosInt = 300
+    rollouts_per_level: Count = 300
     """Rollouts requested per level, spread round-robin over its tasks (each request has its
     own wording, start state and seed)."""
     max_tasks_per_level: PosInt | None = None
@@ -202,8 +258,17 @@ class ImagineConfig(_Section):
     """0 = greedy decoding."""
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     """Nucleus sampling mass (when temperature > 0)."""
-    max_steps: PosInt | None = None
-    """Longest imagined rollout in env steps; None = the env's episode limit."""
+    max_steps: Count | None = None
+    """Longest imagined rollout in env steps; None = the env's episode limit. A level with
+    shorter episodes keeps its own limit (CLEVR ``easy``: one push)."""
+    grammar: bool = True
+    """Grammar-constrained decoding: at each position only the tokens the codec's grammar
+    allows (action or end at a step boundary, bins inside a step), so every rollout is
+    well-formed (:mod:`kalm_ray.llm.grammar`). The filter still judges plausibility."""
+    replay_check: bool = True
+    """Replay every accepted rollout's actions from its start state in the simulator and report
+    imagined vs replayed success and the state error (``filter_report.json["replay"]``). A
+    diagnostic only: it never creates, labels or selects imagined data."""
     batch_size: PosInt = 32
     """Requests per generate call."""
     min_actors: PosInt = 1
@@ -263,9 +328,9 @@ class TrainConfig(_Section):
     of its goal at its level, drawn at random; 0 = each transition keeps its own wording only.
     Small datasets show each goal in few wordings; copies teach the policy that the others
     mean the same (the quick preset uses 3)."""
-    iterations: PosInt = 20
+    iterations: Count = 20
     """``algo.train()`` calls."""
-    updates_per_iteration: PosInt = 50
+    updates_per_iteration: Count = 50
     """Learner updates per iteration (RLlib ``dataset_num_iters_per_learner``)."""
     batch_size: PosInt = 256
     """Transitions per learner update."""
@@ -310,7 +375,7 @@ class EvaluateConfig(_Section):
     CPUs hold at ``num_cpus_per_worker`` each. Never more than there are work units."""
     envs_per_worker: PosInt = 4
     """Environments each actor steps together (one batched policy call per step)."""
-    episodes_per_task: PosInt = 1
+    episodes_per_task: Count = 1
     """Episodes per task (each with its own wording and start seed)."""
     levels: list[Level] = ["train", "rephrase", "easy", "hard"]
     """Levels to evaluate."""
@@ -321,6 +386,10 @@ class EvaluateConfig(_Section):
     random_baseline: bool = True
     """Also run a uniform-random policy on the same episodes: the floor every success rate in
     the headline is read against."""
+    llm_policy: bool = False
+    """Also run the grounded LLM itself as a closed-loop policy on the same episodes (the KALM
+    paper's LLM-as-policy baseline): at each step it reads the instruction and the current
+    real state and decodes one legal action (row ``llm``; :mod:`kalm_ray.llm.policy`)."""
     episodes_per_unit: PosInt | None = None
     """Episodes per work unit (one policy, one actor call); None = 4 x envs_per_worker. Smaller
     units balance the actors better and lose less work when an actor dies."""
@@ -392,7 +461,7 @@ def load_config(path: str | Path, *, run_dir: str | None = None) -> ExperimentCo
     if not p.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_SafeUniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -402,6 +471,22 @@ def load_config(path: str | Path, *, run_dir: str | None = None) -> ExperimentCo
     if run_dir is not None and isinstance(data, dict):
         data = {**data, "run_dir": run_dir}
     return parse_config(data, source=str(path))
+
+
+class _SafeUniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last silently, so a repeated section would quietly drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -3,7 +3,8 @@
     kalm submit CONFIG --address URL [--stage S] [--run-dir DIR] [--no-follow]
     kalm status|logs|stop JOB --address URL
 
-Submitting reads top to bottom in :func:`cli_submit`: load the config, reach the job server
+Submitting reads top to bottom in :func:`cli_submit`: load the config, refuse what cannot fit
+or run (:func:`kalm_ray.plan.check`, the checks of ``kalm plan``), reach the job server
 (:func:`connect`: unreachable, missing token and rejected token are one-line errors), decide
 whether the run directory is usable from every node (:func:`resolve_run_dir`), submit
 ``python jobs/<stage>.py`` with the runtime_env YAML named by ``ray.runtime_env``
@@ -356,7 +357,10 @@ def follow(client: Any, job_id: str, *, address: str, poll_s: float = 1.0) -> st
 
 
 def cli_submit(args: argparse.Namespace) -> int:
+    from kalm_ray.plan import check
+
     cfg = load_config(args.config, run_dir=args.run_dir)
+    check(cfg)  # `kalm plan`'s refusals, before anything reaches the cluster
     cluster = connect(args.address)
     if cluster.ray_version != _ray_version():
         print(

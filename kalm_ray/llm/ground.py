@@ -116,6 +116,12 @@ def _print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
             f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}",
             flush=True,
         )
+    if m.get("policy_n"):
+        print(
+            f"[kalm] ground: LLM as policy on {m['policy_n']} held-out train-level starts: "
+            f"success {m['policy_llm_success']:.2f} vs random {m['policy_random_success']:.2f}",
+            flush=True,
+        )
     print(
         f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
         flush=True,
@@ -273,6 +279,7 @@ def _build_examples(
                 "codec_path": prep["codec_path"],
                 "tokenizer_dir": prep["tokenizer_dir"],
                 "max_seq_len": g.max_seq_len,
+                "rollout_starts": g.rollout_starts,
                 "heldout_fraction": g.heldout_fraction,
                 "seed": cfg.seed,
             },
@@ -313,8 +320,6 @@ def train_config(
     cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``train_loop_config`` of the grounding run (see :mod:`kalm_ray.llm.train_fn`)."""
-    import os
-
     g = cfg.ground
     return {
         "base": prep["base"],
@@ -330,10 +335,13 @@ def train_config(
         "batch_size": g.batch_size,
         "lr": g.lr,
         "task_mix": dict(g.task_mix),
+        "action_loss_weight": g.action_loss_weight,
         "seed": cfg.seed,
         "checkpoint_every": g.checkpoint_every,
         "use_gpu": g.use_gpu,
-        "cpu_threads": max(1, (os.cpu_count() or 1) // g.num_workers),
+        # Each worker sets its threads from the CPUs Ray gives it, not from this machine's.
+        "cpu_threads": None,
+        "gradient_checkpointing": g.gradient_checkpointing,
         "info": prep["info"],
         "metrics": {
             "env": cfg.env.name,
@@ -360,7 +368,15 @@ def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) ->
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={**train_config(cfg, run, work, prep), "progress_actor": board},
-            scaling_config=ScalingConfig(num_workers=g.num_workers, use_gpu=g.use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=g.num_workers,
+                use_gpu=g.use_gpu,
+                resources_per_worker=(
+                    None
+                    if g.num_cpus_per_worker is None
+                    else {"CPU": g.num_cpus_per_worker, **({"GPU": 1} if g.use_gpu else {})}
+                ),
+            ),
             run_config=RunConfig(
                 name="train",
                 storage_path=run.uri_of(work, "ray"),

@@ -19,7 +19,8 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
 - ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
   ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
 - ``max_steps``, ``batch_size``, ``lr``, ``task_mix``, ``seed``, ``checkpoint_every``,
-  ``use_gpu``, ``cpu_threads`` (None = cores / workers);
+  ``use_gpu``, ``gradient_checkpointing`` (None = on GPU), ``cpu_threads`` (None = the CPUs
+  Ray gave this worker, or outside Ray cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
 - ``progress_actor``: None, or the name of a :class:`kalm_ray.llm.progress_actor.ProgressBoard`
@@ -193,16 +194,25 @@ class ExamplePool:
         return task, [self.rows[int(i)] for i in pick]
 
 
-def _target_loss_module(lm: Any) -> Any:
+def _target_loss_module(
+    lm: Any, *, weighted_ids: list[int] | None = None, weight: float = 1.0
+) -> Any:
     import torch
     import torch.nn.functional as F
 
     class TargetLoss(torch.nn.Module):
-        """Cross-entropy on target tokens only; the output layer runs on those positions alone."""
+        """Cross-entropy on target tokens only; the output layer runs on those positions alone.
+
+        Target tokens in ``weighted_ids`` (the codec's action tokens) weigh ``weight`` times
+        the others. Why: a rollout step is one action and ten state tokens, so unweighted the
+        actions, which make the model a policy, are ~2% of the loss.
+        """
 
         def __init__(self, lm: Any):
             super().__init__()
             self.lm = lm
+            ids = torch.tensor(sorted(set(weighted_ids or [])), dtype=torch.long)
+            self.register_buffer("weighted", ids, persistent=False)
 
         def forward(self, input_ids, attention_mask, labels):  # noqa: ANN001 - torch tensors
             h = self.lm.get_decoder()(
@@ -211,7 +221,11 @@ def _target_loss_module(lm: Any) -> Any:
             tgt = labels[:, 1:]
             sel = tgt != IGNORE
             logits = self.lm.get_output_embeddings()(h[:, :-1][sel])
-            return F.cross_entropy(logits.float(), tgt[sel])
+            if weight == 1.0 or not len(self.weighted):
+                return F.cross_entropy(logits.float(), tgt[sel])
+            ce = F.cross_entropy(logits.float(), tgt[sel], reduction="none")
+            w = torch.where(torch.isin(tgt[sel], self.weighted), weight, 1.0)
+            return (w * ce).sum() / w.sum()
 
     return TargetLoss(lm)
 
@@ -237,7 +251,9 @@ def build_model(config: dict[str, Any], tokenizer: Any, codec: Any, *, dtype: An
         lc = config["lora"]
         extra = {}
         if config.get("train_codec_embeddings", True):
-            extra["trainable_token_indices"] = {"embed_tokens": codec_token_ids(tokenizer, codec)}
+            extra["trainable_token_indices"] = codec_row_targets(
+                model, codec_token_ids(tokenizer, codec)
+            )
         model = get_peft_model(
             model,
             LoraConfig(
@@ -250,6 +266,40 @@ def build_model(config: dict[str, Any], tokenizer: Any, codec: Any, *, dtype: An
             ),
         )
     return model
+
+
+def codec_row_targets(model: Any, ids: list[int]) -> dict[str, list[int]]:
+    """PEFT ``trainable_token_indices`` for the codec's rows: the input embedding, and the
+    output layer too when it is a matrix of its own.
+
+    NOTE: PEFT extends ``embed_tokens``' trainable tokens to ``lm_head`` only for tied weights
+    (``tie_word_embeddings``); on an untied model (Llama-2) the added codec tokens' output rows
+    would keep their initial values, so the model could read them but never learn to write them.
+    """
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    targets = {names[id(emb)]: list(ids)}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and (
+        out is None or out.weight is emb.weight
+    )
+    if out is not None and not tied:
+        targets[names[id(out)]] = list(ids)
+    return targets
+
+
+def worker_threads(config: dict[str, Any], *, in_ray: bool, world: int) -> int:
+    """Torch CPU threads for this worker: ``cpu_threads`` if set; in Ray, the CPUs Ray gave this
+    worker (``ground.num_cpus_per_worker``), which the driver's core count says nothing about
+    on another node; else this machine's cores shared by ``world`` workers."""
+    if config.get("cpu_threads"):
+        return int(config["cpu_threads"])
+    if in_ray:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            return max(1, int(cpus))
+    return max(1, (os.cpu_count() or 1) // world)
 
 
 def _trainable_state(model: Any) -> dict[str, Any]:
@@ -346,9 +396,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         device = torch.device("cuda" if use_gpu else "cpu")
     if device.type == "cpu":
         # NOTE: Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker; give torch the cores this worker owns.
-        torch.set_num_threads(
-            int(config.get("cpu_threads") or max(1, (os.cpu_count() or 1) // world))
-        )
+        torch.set_num_threads(worker_threads(config, in_ray=ctx is not None, world=world))
     # bf16 on GPU (LoRA: frozen base in bf16; full FT: fp32 master weights), fp32 on CPU.
     load_dtype = (
         torch.bfloat16 if (device.type == "cuda" and config["method"] == "lora") else torch.float32
@@ -362,6 +410,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     )
     model = build_model(config, tokenizer, codec, dtype=load_dtype)
     model.to(device)
+    checkpointing = config.get("gradient_checkpointing")
+    if checkpointing or (checkpointing is None and device.type == "cuda"):
+        # Activations of one layer at a time instead of all (see kalm_ray.plan's estimate).
+        # NOTE: non-reentrant: reentrant checkpointing with PEFT under DDP fails (#43296).
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     if config["method"] == "lora":
         for p in model.parameters():  # adapters and trainable token rows train in fp32
             if p.requires_grad:
@@ -382,7 +439,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     if start:
         log.info("ground: resuming at step %d", start)
 
-    wrapped = _target_loss_module(model)
+    wrapped = _target_loss_module(
+        model,
+        weighted_ids=[int(i) for i in tokenizer.convert_tokens_to_ids(codec.action_tokens)],
+        weight=float(config.get("action_loss_weight", 1.0)),
+    ).to(device)
     if ctx is not None and world > 1:
         import ray.train.torch
 

@@ -16,6 +16,7 @@ asked for where it cannot run.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,12 @@ class GenerationSpec:
             request at its first generated token that is none of these (nor whitespace): the
             text is already unparseable, so the filter's verdict is the same, and a batch of
             bad requests does not run to the token budget.
+        grammar: constrain every generated position to the codec's grammar
+            (:mod:`kalm_ray.llm.grammar`); the requests then need ``start_state`` (and
+            ``level`` for per-level step limits).
+        max_steps: steps a rollout may have (the grammar forces the end token there).
+        level_max_steps: ``(level, steps)`` pairs for levels with a shorter limit (CLEVR
+            ``easy``: one push).
     """
 
     model_dir: str
@@ -60,15 +67,43 @@ class GenerationSpec:
     loader: str = "kalm_ray.llm.model:load_grounded"
     lora_rank: int = 16
     codec_tokens: tuple[str, ...] = ()
+    grammar: bool = True
+    max_steps: int = 50
+    level_max_steps: tuple[tuple[str, int], ...] = ()
+
+    def steps_for(self, level: str | None) -> int:
+        """The step limit of a request of ``level``."""
+        return min(self.max_steps, dict(self.level_max_steps).get(level, self.max_steps))
 
 
-def gpu_visible() -> bool:
-    """Whether a GPU is there to use: in the Ray cluster when Ray is up, else on this host."""
+def autoscaler_gpus() -> int:
+    """GPUs the Ray cluster's autoscaler may bring up (its declared node types); 0 if none.
+
+    NOTE: ``ray.cluster_resources()`` counts only nodes that are up, so a cluster whose GPU
+    group is at zero shows none. The autoscaler reports its node types to the GCS; this reads
+    them the way Ray Train (worker_group.py) and Ray Data (cluster_autoscaler) do, through
+    ``ray._private.state`` (private, hence guarded: any failure means "unknown" = 0).
+    """
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: unknown is 0, gpus_on_demand covers it
+        return 0
+    return int(most.get("GPU", 0) or 0)
+
+
+def gpu_visible(*, on_demand: bool = False) -> bool:
+    """Whether GPUs are there to use: ``on_demand`` (``ray.gpus_on_demand``: the cluster brings
+    GPU nodes when asked), GPUs in the Ray cluster now or in a node type its autoscaler may
+    start (when Ray is up), else a GPU on this host."""
+    if on_demand:
+        return True
     try:
         import ray
 
         if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0
+            return ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpus() > 0
     except ImportError:
         pass
     try:
@@ -79,24 +114,30 @@ def gpu_visible() -> bool:
         return False
 
 
-def vllm_missing() -> str | None:
+def vllm_missing(*, gpus_on_demand: bool = False) -> str | None:
     """Why vLLM cannot run here (one phrase), or None when it can."""
     if importlib.util.find_spec("vllm") is None:
         return "the vllm package is not installed (pip install 'kalm_ray[gpu]')"
-    if not gpu_visible():
-        return "no GPU is visible (neither in the Ray cluster nor on this host)"
+    if not gpu_visible(on_demand=gpus_on_demand):
+        return (
+            "no GPU is visible (none in the Ray cluster, none in its autoscaler's node types, "
+            "none on this host; set ray.gpus_on_demand: true if GPU nodes come on demand)"
+        )
     return None
 
 
-def resolve_backend(choice: str) -> str:
+def resolve_backend(choice: str, *, gpus_on_demand: bool = False) -> str:
     """``auto``/``hf``/``vllm`` -> ``hf`` or ``vllm``; ``auto`` picks vLLM when it can run.
+
+    ``auto`` falling back to ``hf`` where GPUs are to be had (vLLM not installed) says so
+    in a warning: the hf pool then runs wherever ``imagine.num_gpus_per_actor`` puts it.
 
     Raises:
         BackendUnavailable: ``vllm`` was chosen and cannot run here.
     """
     if choice == "hf":
         return "hf"
-    why = vllm_missing()
+    why = vllm_missing(gpus_on_demand=gpus_on_demand)
     if choice == "vllm":
         if why:
             raise BackendUnavailable(
@@ -104,6 +145,10 @@ def resolve_backend(choice: str) -> str:
             )
         return "vllm"
     if choice == "auto":
+        if why and gpu_visible(on_demand=gpus_on_demand):
+            logging.getLogger("kalm_ray").warning(
+                "imagine.backend auto: GPUs are available but %s; using the hf backend", why
+            )
         return "hf" if why else "vllm"
     raise BackendUnavailable(
         f"imagine.backend: unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}"

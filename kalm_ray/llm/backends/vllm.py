@@ -8,7 +8,9 @@ is served per request (``model`` column = the adapter folder, vLLM ``enable_lora
 the model folder holds a merged model, which then is the ``model_source``.
 
 Output columns are the hf backend's: ``generated_text`` (up to and including the end token),
-``num_generated_tokens``, ``num_input_tokens``, with the request columns kept.
+``num_generated_tokens``, ``num_input_tokens``, with the request columns kept. Our
+``request_id`` crosses the engine stage as :data:`ID_COLUMN` (the stage overwrites
+``request_id`` with its own counter) and is restored by the postprocess.
 """
 
 from __future__ import annotations
@@ -25,12 +27,36 @@ if TYPE_CHECKING:
 
     from kalm_ray.config import ImagineConfig
 
+ID_COLUMN = "kalm_request_id"
+"""Our string ``request_id``, carried through ``ray.data.llm`` under a name Ray does not write.
+
+NOTE: Ray 2.60's ``vLLMEngineStageUDF`` puts each engine replica's integer counter into every
+output row as ``request_id`` and the stage base ``update()``s the input row with it, so over
+two replicas our ids came back as 0, 1, 0, 1 (rows then dropped as duplicates downstream)."""
+
+
+VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for ``max_lora_rank`` (its ``LoRAConfig`` refuses any other)."""
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves an adapter of rank ``r``.
+
+    Raises:
+        ValueError: ``r`` is above vLLM's largest (512).
+    """
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
 
 def engine_kwargs(icfg: ImagineConfig, *, adapter: str | None, lora_rank: int) -> dict[str, Any]:
     """``vllm.AsyncEngineArgs`` for our runs; ``icfg.vllm_engine_kwargs`` wins on every key."""
     kw: dict[str, Any] = {"enable_prefix_caching": True, "dtype": "auto"}
     if adapter is not None:
-        kw.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+        # NOTE: vLLM accepts only VLLM_LORA_RANKS as max_lora_rank; r=12 is served at 16.
+        kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
     kw.update(icfg.vllm_engine_kwargs)
     return kw
 
@@ -71,6 +97,7 @@ def processor_config(
 
 def _pre(row: dict[str, Any], *, spec: GenerationSpec, adapter: str | None) -> dict[str, Any]:
     out = dict(row)
+    out[ID_COLUMN] = row["request_id"]
     out["sampling_params"] = sampling_params(spec, row["seed"])
     if adapter is not None:
         out["model"] = adapter  # differs from model_source: a LoRA request
@@ -79,6 +106,7 @@ def _pre(row: dict[str, Any], *, spec: GenerationSpec, adapter: str | None) -> d
 
 def _post(row: dict[str, Any]) -> dict[str, Any]:
     out = {c: row[c] for c in REQUEST_COLUMNS if c in row}
+    out["request_id"] = row[ID_COLUMN]  # the engine's own counter replaced it (ID_COLUMN)
     out["generated_text"] = row.get("generated_text") or ""
     out["num_generated_tokens"] = int(row.get("num_generated_tokens") or 0)
     out["num_input_tokens"] = int(row.get("num_input_tokens") or 0)

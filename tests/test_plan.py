@@ -1,0 +1,151 @@
+"""``kalm plan``: the paper-scale configs fit, and what cannot fit or run is refused in one line
+naming the key (issue 16 points 2, 4, 6, 7 and the plan itself); ``kalm submit`` refuses the
+same before reaching a cluster. No Ray is started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kalm_ray.cli import main
+from kalm_ray.config import load_config
+from kalm_ray.plan import GIB, KNOWN_MODELS, grounding_memory, make_plan, model_facts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, base: str, **changes) -> str:
+    """``configs/<base>.yaml`` with dotted-key ``changes`` (``imagine.max_steps=150``)."""
+    data = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _refused(capsys, path: str) -> str:
+    assert main(["plan", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("kalm: error: ")
+    return err
+
+
+@pytest.mark.parametrize("name", ["clevr", "metaworld", "quick"])
+def test_shipped_configs_plan_ok(name, capsys):
+    assert main(["plan", str(ROOT / "configs" / f"{name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    for head in ("runtime_env", "model", "collect", "ground", "imagine", "train", "evaluate"):
+        assert f"\n{head} " in f"\n{out}"
+    assert "verdict     ok" in out
+
+
+def test_gpu_configs_ship_the_gpu_runtime_env_and_fit_llama2():
+    for name in ("clevr", "metaworld"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.ray.runtime_env == "jobs/runtime_env_gpu.yaml" and cfg.ray.gpus_on_demand
+        text = "\n".join(make_plan(cfg).lines)
+        assert "(CUDA)" in text and "vllm==" in text and "HF_HUB_OFFLINE=unset" in text
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env_gpu.yaml").read_text())
+    assert "HF_HUB_OFFLINE" not in (env.get("env_vars") or {})
+
+
+def test_max_model_len_above_the_context_is_refused(tmp_path, capsys):
+    cfg = _config(tmp_path, "metaworld", **{"imagine.vllm_engine_kwargs": {"max_model_len": 8192}})
+    err = _refused(capsys, cfg)
+    assert "imagine.vllm_engine_kwargs.max_model_len" in err and "4096" in err
+
+
+def test_metaworld_rollouts_over_the_context_are_refused(tmp_path, capsys):
+    """Point 6: 110 tokens a step x 151 steps do not fit Llama-2's 4,096 positions."""
+    err = _refused(capsys, _config(tmp_path, "metaworld", **{"imagine.max_steps": 150}))
+    assert "imagine.max_steps" in err and "at most 34 steps fit" in err
+
+
+def test_use_gpu_with_the_cpu_runtime_env_is_refused(tmp_path, capsys):
+    """Point 2."""
+    err = _refused(
+        capsys, _config(tmp_path, "clevr", **{"ray.runtime_env": "jobs/runtime_env.yaml"})
+    )
+    assert "ray.runtime_env" in err and "CPU-only torch" in err
+
+
+def test_vllm_backend_without_vllm_in_the_runtime_env_is_refused(tmp_path, capsys):
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env_gpu.yaml").read_text())
+    env["pip"]["packages"] = [p for p in env["pip"]["packages"] if not p.startswith("vllm")]
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump(env))
+    err = _refused(
+        capsys, _config(tmp_path, "clevr", **{"ray.runtime_env": str(tmp_path / "env.yaml")})
+    )
+    assert "imagine.backend" in err and "no vllm" in err
+
+
+def test_lora_ranks_vllm_cannot_serve_are_refused(tmp_path, capsys):
+    """Point 7: vLLM's max_lora_rank is one of 1, 8, ..., 512; r is served at the next one."""
+    from kalm_ray.config import ImagineConfig
+    from kalm_ray.llm.backends.vllm import engine_kwargs, vllm_lora_rank
+
+    assert [vllm_lora_rank(r) for r in (1, 4, 12, 16, 300, 512)] == [1, 8, 16, 16, 320, 512]
+    assert engine_kwargs(ImagineConfig(), adapter="/a", lora_rank=12)["max_lora_rank"] == 16
+    err = _refused(capsys, _config(tmp_path, "clevr", **{"ground.lora.r": 600}))
+    assert "ground.lora.r" in err and "512" in err
+    bad = {"max_model_len": 4096, "max_lora_rank": 12}
+    err = _refused(capsys, _config(tmp_path, "clevr", **{"imagine.vllm_engine_kwargs": bad}))
+    assert "imagine.vllm_engine_kwargs.max_lora_rank" in err
+
+
+def test_full_fine_tuning_that_does_not_fit_is_refused(tmp_path, capsys):
+    """Point 4: DDP full fine-tuning keeps 16 bytes a parameter on every GPU (~100 GiB for 7B)."""
+    err = _refused(capsys, _config(tmp_path, "clevr", **{"ground.method": "full"}))
+    assert "ground.method" in err and "method: lora" in err
+    cfg = load_config(_config(tmp_path, "clevr", **{"ground.method": "full"}))
+    mem = grounding_memory(cfg, model_facts(cfg.ground.model.name), codec_tokens=297)
+    assert 16 * 6.7e9 < mem["parts"]["weights"] + mem["parts"]["grads"] + mem["parts"]["adamw"]
+    assert mem["total"] > 100 * GIB
+
+
+def test_lora_memory_counts_activations_not_weights_alone(tmp_path):
+    cfg = load_config(ROOT / "configs" / "metaworld.yaml")
+    model = model_facts(cfg.ground.model.name)
+    on = grounding_memory(cfg, model, codec_tokens=272)
+    assert on["checkpointing"] and 20 * GIB < on["total"] < cfg.ground.gpu_memory_gib * GIB
+    off = load_config(_config(tmp_path, "metaworld", **{"ground.gradient_checkpointing": False}))
+    assert grounding_memory(off, model, codec_tokens=272)["total"] > on["total"] + 50 * GIB
+
+
+def test_max_seq_len_above_the_context_is_refused(tmp_path, capsys):
+    err = _refused(capsys, _config(tmp_path, "clevr", **{"ground.max_seq_len": 8192}))
+    assert "ground.max_seq_len" in err
+
+
+def test_model_facts_local_known_unknown(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=777,
+    ).save_pretrained(tmp_path / "m")
+    local = model_facts(str(tmp_path / "m"))
+    assert local.context == 777 and str(tmp_path / "m") in local.source
+    assert model_facts("meta-llama/Llama-2-7b-chat-hf").context == 4096
+    assert abs(model_facts("meta-llama/Llama-2-7b-chat-hf").params() - 6.74e9) < 0.01e9
+    assert abs(model_facts("HuggingFaceTB/SmolLM2-135M-Instruct").params() - 134.5e6) < 0.5e6
+    assert not model_facts("someone/unknown-model").known
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in KNOWN_MODELS
+
+
+def test_submit_runs_the_plan_checks_before_reaching_the_cluster(tmp_path, capsys):
+    cfg = _config(tmp_path, "metaworld", **{"imagine.max_steps": 150})
+    # Nothing listens on port 9: a refusal here can only come from the plan's checks.
+    assert main(["submit", cfg, "--address", "http://127.0.0.1:9", "--no-follow"]) == 2
+    err = capsys.readouterr().err
+    assert "imagine.max_steps" in err and "cannot reach" not in err
