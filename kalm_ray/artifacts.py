@@ -10,25 +10,43 @@ artefact that looks whole, and a folder with a manifest is complete.
 A stage is skipped when its manifest's ``fingerprint`` equals the one the
 current config and inputs give (see :func:`fingerprint`); inputs are named by
 their manifests' ``output_id``, so rebuilding a stage reruns those after it.
+
+Three guards make a run directory safe to share and to trust (issue 19):
+
+- **leases** (:meth:`RunDir.lease`): one writer per stage folder; a second is refused
+  with one line naming the holder, a dead or expired holder's lease is taken over;
+- **checksums** (:func:`write_manifest`, :func:`verify_manifest`): every file a manifest
+  covers has its size and SHA-256 recorded, checked when the stage is skipped and when a
+  later stage reads it; ``kalm verify RUN_DIR`` checks a whole run;
+- **staging** (:class:`Staging`): a resumable stage writes into a staging folder named by
+  its fingerprint and marks each finished work unit, so a rerun after a crash skips them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import logging
 import os
 import platform
+import socket
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from kalm_ray.errors import RunDirError
+from kalm_ray.errors import InputError, RunDirError
+
+log = logging.getLogger("kalm_ray")
 
 MANIFEST = "manifest.json"
 RUN_INFO = "run.json"
@@ -76,6 +94,44 @@ class Manifest:
     """Identity of this very output; downstream fingerprints include it, so a re-created
     upstream (deleted, or produced again) makes the stages after it run again."""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    checksums: dict[str, dict[str, Any]] | None = None
+    """Per file (path relative to the run dir): ``size``, ``sha256`` and, for files over
+    :data:`QUICK_LIMIT`, ``sample`` (see :func:`file_digest`). None in manifests written
+    before issue 19: their files are loaded unverified."""
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Manifest:
+        """A manifest from its parsed JSON; RunDirError naming ``where`` for any other shape
+        (not an object, an unknown/missing field, a field of the wrong type or null)."""
+        if not isinstance(data, dict):
+            raise RunDirError(f"{where}: not a kalm_ray manifest (a JSON {_json_type(data)})")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RunDirError(f"{where}: not a kalm_ray manifest (unknown field {unknown[0]!r})")
+        for name in ("stage", "config_hash", "inputs", "fingerprint"):
+            if name not in data:
+                raise RunDirError(f"{where}: not a kalm_ray manifest (no field {name!r})")
+        for name, value in data.items():
+            want = _MANIFEST_TYPES[name]
+            if not isinstance(value, want) or isinstance(value, bool):
+                if value is None and name == "checksums":
+                    continue
+                raise RunDirError(
+                    f"{where}: field {name!r} is a JSON {_json_type(value)}, expected "
+                    f"{'an object' if want is dict else 'a string'}; rerun the stage that wrote it"
+                )
+        bad = [k for k, v in data["inputs"].items() if not isinstance(v, str)]
+        if bad:
+            raise RunDirError(f"{where}: field 'inputs' names {bad[0]!r} with no output id")
+        for path, digest in (data.get("checksums") or {}).items():
+            if not (
+                isinstance(digest, dict)
+                and isinstance(digest.get("size"), int)
+                and isinstance(digest.get("sha256"), str)
+            ):
+                raise RunDirError(f"{where}: checksum of {path!r} is not {{size, sha256}}")
+        return cls(**data)
 
     @classmethod
     def new(cls, stage: str, config_hash: str, inputs: dict[str, str], **kw: Any) -> Manifest:
@@ -86,6 +142,77 @@ class Manifest:
             fingerprint=fingerprint(stage, config_hash, inputs),
             **kw,
         )
+
+
+_MANIFEST_TYPES: dict[str, type] = {
+    "stage": str,
+    "config_hash": str,
+    "inputs": dict,
+    "fingerprint": str,
+    "counts": dict,
+    "timings": dict,
+    "versions": dict,
+    "output_id": str,
+    "created": str,
+    "checksums": dict,
+}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+# Shapes of the JSON artefacts that readers index into, checked by RunDir.read_json by file
+# name: key -> (types allowed, required). A file of another shape is one line naming it,
+# not a KeyError/AttributeError far from it. Optional keys may be null.
+_JSON_SHAPES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "policy_info.json": {
+        "algo": ((str,), False),
+        "data": ((str,), False),
+        "seed": ((int,), False),
+        "env": ((str,), False),
+    },
+    "results.json": {
+        "policies": ((dict,), True),
+        "levels": ((list,), True),
+        "groups": ((dict,), True),
+        "paired": ((dict,), False),
+        "env": ((str,), False),
+    },
+    "run.json": {"experiment": ((str,), True)},
+}
+
+
+def check_json_shape(obj: Any, name: str, where: str) -> None:
+    """Raise InputError naming ``where`` if ``obj`` does not have the shape known for the
+    artefact ``name`` (a base name in ``_JSON_SHAPES``); unknown names pass."""
+    shape = _JSON_SHAPES.get(name)
+    if shape is None:
+        return
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got a JSON {_json_type(obj)}")
+    for key, (types, required) in shape.items():
+        if key not in obj or obj[key] is None:
+            if required:
+                raise InputError(f"{where}: no {key!r} field")
+            continue
+        value = obj[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise InputError(
+                f"{where}: field {key!r} is a JSON {_json_type(value)}, not "
+                + " or ".join(_json_type(t()) for t in types)
+            )
+    if name == "results.json":
+        for pname, p in obj["policies"].items():
+            if not isinstance(p, dict) or not isinstance(p.get("levels"), dict):
+                raise InputError(f"{where}: policy {pname!r} has no 'levels' object")
+        for gname, g in obj["groups"].items():
+            if not isinstance(g, dict) or not isinstance(g.get("algo"), str):
+                raise InputError(f"{where}: group {gname!r} has no 'algo'")
+        if not all(isinstance(lv, str) for lv in obj["levels"]):
+            raise InputError(f"{where}: 'levels' is not a list of level names")
 
 
 class RunDir:
@@ -100,8 +227,12 @@ class RunDir:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
             else:
                 self.fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
-        except (pafs.ArrowInvalid, ValueError, OSError) as e:  # type: ignore[attr-defined]
-            raise RunDirError(f"run_dir {uri!r}: not a usable path or URI ({e})") from None
+        except (pa.ArrowException, ValueError, NotImplementedError, OSError) as e:
+            # pa.ArrowInvalid (unknown scheme) and ArrowNotImplementedError (a scheme this
+            # pyarrow build lacks) are ValueError/NotImplementedError subclasses; hdfs:// without
+            # libhdfs is an OSError. Messages can span lines: keep the first.
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RunDirError(f"run_dir {uri!r}: not a usable path or URI ({why})") from None
         self.root = root.rstrip("/")
 
     @property
@@ -140,13 +271,16 @@ class RunDir:
         self.fs.move(tmp, target)
 
     def read_json(self, *parts: str) -> Any:
+        """Parse a JSON file; artefacts known by name (``policy_info.json``, ``results.json``,
+        ``run.json``) must also have their shape (see ``_JSON_SHAPES``)."""
         raw = self.read_bytes(*parts)
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise RunDirError(
-                f"{self.uri_of(*parts)}: corrupt JSON ({e.msg}, line {e.lineno})"
-            ) from None
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not text"
+            raise RunDirError(f"{self.uri_of(*parts)}: corrupt JSON ({why})") from None
+        check_json_shape(obj, parts[-1].rsplit("/", 1)[-1], self.uri_of(*parts))
+        return obj
 
     def write_json(self, obj: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), *parts)
@@ -162,11 +296,22 @@ class RunDir:
         return sorted(i.base_name for i in infos)
 
     def delete(self, *parts: str) -> None:
+        """Remove a file or a folder (recursively); nothing if absent."""
         info = self.fs.get_file_info(self.path(*parts))
         if info.type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(*parts))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(*parts))
+
+    # ---- leases (see Lease) ---------------------------------------------------------------
+
+    def lease(self, stage_dir: str, *, stage: str | None = None):
+        """Context manager: hold the exclusive lease on ``stage_dir`` (reentrant in this
+        process); RunDirError naming the holder if another live writer has it."""
+        return _lease(self, stage_dir, stage=stage)
+
+    def lease_key(self, stage_dir: str) -> tuple[str, str]:
+        return _lease_key(self, stage_dir)
 
     # ---- run identity -------------------------------------------------------------------
 
@@ -199,13 +344,9 @@ class RunDir:
         """The manifest of a finished stage folder, or None when absent."""
         if not self.exists(stage_dir, MANIFEST):
             return None
-        data = self.read_json(stage_dir, MANIFEST)
-        try:
-            return Manifest(**data)
-        except TypeError:
-            raise RunDirError(
-                f"{self.uri_of(stage_dir, MANIFEST)}: not a kalm_ray manifest"
-            ) from None
+        return Manifest.from_json(
+            self.read_json(stage_dir, MANIFEST), self.uri_of(stage_dir, MANIFEST)
+        )
 
     def is_current(self, stage_dir: str, fp: str) -> Manifest | None:
         """The stage's manifest if its fingerprint equals ``fp`` (the stage may be skipped)."""
@@ -214,29 +355,519 @@ class RunDir:
 
 
 @contextmanager
-def stage_output(run: RunDir, stage_dir: str) -> Iterator[str]:
-    """Write a stage's folder atomically.
+def stage_output(run: RunDir, stage_dir: str, *, resume_key: str | None = None) -> Iterator[str]:
+    """Write a stage's folder atomically, under the stage's lease.
 
     Yields a temporary folder (relative to the run dir) to write into. On success
     the previous output, if any, is moved aside to ``<stage_dir>.replaced-<time>``
     (never deleted: nothing already written is lost) and the temporary folder is
     renamed to ``stage_dir``. On failure the temporary folder is removed and the
     previous output stays as it was.
+
+    With ``resume_key`` (the stage's fingerprint) the folder is a :class:`Staging` area
+    named by it, ``<stage_dir>.partial-<key>``, and is kept on failure (Ctrl-C, SIGTERM, a
+    crash) so that a rerun of the same config finds its finished units there.
+    The lease (:meth:`RunDir.lease`, reentrant) keeps a second writer out; a lease lost
+    while running (suspended past its expiry and taken over) refuses the final rename.
     """
-    tmp = f"{stage_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    run.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        run.delete(tmp)
-        raise
-    if run.exists(stage_dir):
-        run.fs.move(
-            run.path(stage_dir), run.path(f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
-    run.fs.move(run.path(tmp), run.path(stage_dir))
+    with run.lease(stage_dir):
+        if resume_key is None:
+            tmp = f"{stage_dir}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            tmp = f"{stage_dir}.partial-{resume_key[:16]}"
+        run.makedirs(tmp)
+        try:
+            yield tmp
+        except BaseException:
+            if resume_key is None:
+                run.delete(tmp)
+            raise
+        lease = _HELD.get(run.lease_key(stage_dir))
+        if lease is not None and lease.lost:
+            raise RunDirError(
+                f"{run.uri_of(stage_dir)}: this process lost its lease while running "
+                f"(another kalm took it over); its output is left in {run.uri_of(tmp)}"
+            )
+        if resume_key is not None:
+            run.delete(tmp, Staging.UNITS)
+        if run.exists(stage_dir):
+            run.fs.move(
+                run.path(stage_dir),
+                run.path(f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"),
+            )
+        run.fs.move(run.path(tmp), run.path(stage_dir))
 
 
-def write_manifest(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
-    """Write ``manifest.json`` last, so its presence means the folder is complete."""
+def write_manifest(
+    run: RunDir, stage_dir: str, manifest: Manifest, *, also: tuple[str, ...] = ()
+) -> None:
+    """Write ``manifest.json`` last, so its presence means the folder is complete.
+
+    The manifest gets the checksum of every file under ``stage_dir`` (and of the files
+    ``also`` names, paths relative to the run dir, for a stage that writes beside its
+    folder), except the regenerable ones in :data:`UNCHECKED`.
+    """
+    files = [p for p in _walk(run, stage_dir) if not _unchecked(p)] + list(also)
+    manifest.checksums = {p: file_digest(run, p) for p in sorted(files)}
     run.write_json(asdict(manifest), stage_dir, MANIFEST)
+
+
+# ---- checksums ----------------------------------------------------------------------------
+
+QUICK_LIMIT = 64 << 20
+"""Files up to this size are hashed whole on every check; bigger ones (model weights) get a
+sampled digest for the checks at skip/read time and their full hash for ``kalm verify``.
+SHA-256 reads ~1.7 GB/s on this project's dev machine (blake2b ~0.86 GB/s, so not that), so a
+13 GB model costs ~8 s whole but ~0.05 s sampled."""
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK = 64 << 10
+UNCHECKED = ("eval/report.md", "eval/*.png")
+"""Files ``kalm report`` rewrites after the stage; derived, so not checksummed."""
+
+
+def _unchecked(path: str) -> bool:
+    return any(fnmatch.fnmatch(path, pat) for pat in UNCHECKED)
+
+
+def _walk(run: RunDir, folder: str) -> list[str]:
+    """Every file under ``folder`` (run-relative paths), manifest and leases excluded."""
+    base = run.path(folder)
+    if run.fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    out = []
+    for info in run.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = f"{folder}/{info.path[len(base) :].lstrip('/')}"
+        if rel == f"{folder}/{MANIFEST}" or rel.endswith(LEASE_SUFFIX):
+            continue
+        out.append(rel)
+    return out
+
+
+def file_digest(run: RunDir, path: str, *, full: bool = True) -> dict[str, Any]:
+    """``size`` and ``sha256`` of a run-relative file; plus ``sample`` for big files (the
+    SHA-256 of :data:`SAMPLE_BLOCKS` blocks spread evenly, first and last included).
+    ``full=False`` skips the whole-file hash of a big file (a quick check)."""
+    p = run.path(path)
+    with run.fs.open_input_file(p) as f:
+        size = f.size()
+        out: dict[str, Any] = {"size": size}
+        if size > QUICK_LIMIT:
+            h = hashlib.sha256()
+            step = (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1)
+            for i in range(SAMPLE_BLOCKS):
+                h.update(f.read_at(SAMPLE_BLOCK, i * step))
+            out["sample"] = h.hexdigest()
+            if not full:
+                return out
+            f.seek(0)
+        h = hashlib.sha256()
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+        out["sha256"] = h.hexdigest()
+    return out
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One file of a manifest that is not as written."""
+
+    path: str
+    why: str
+    stage: str
+
+
+def verify_manifest(
+    run: RunDir, stage_dir: str, manifest: Manifest, *, full: bool = False
+) -> list[Damage] | None:
+    """Files of ``manifest`` that are missing or differ; None when it has no checksums.
+
+    ``full=False`` (the check at skip/read time): size of every file, content hash of files
+    up to :data:`QUICK_LIMIT`, sampled hash of bigger ones. ``full=True`` hashes everything.
+    """
+    if manifest.checksums is None:
+        return None
+    damaged = []
+    for path, want in manifest.checksums.items():
+        try:
+            info = run.fs.get_file_info(run.path(path))
+            if info.type != pafs.FileType.File:
+                damaged.append(Damage(path, "missing", manifest.stage))
+                continue
+            if info.size != want["size"]:
+                damaged.append(
+                    Damage(path, f"size {info.size} bytes, {want['size']} written", manifest.stage)
+                )
+                continue
+            got = file_digest(run, path, full=full or want["size"] <= QUICK_LIMIT)
+        except OSError as e:
+            damaged.append(Damage(path, f"unreadable ({e})", manifest.stage))
+            continue
+        key = "sha256" if "sha256" in got else "sample"
+        if key in want and got[key] != want[key]:
+            damaged.append(Damage(path, "content differs from what was written", manifest.stage))
+    return damaged
+
+
+def check_stage_files(run: RunDir, stage_dir: str, manifest: Manifest) -> bool:
+    """Quick-verify a finished stage's files; False when damaged (each file logged on one
+    line), True when intact or unverifiable (an older manifest: said once, on one line)."""
+    damaged = verify_manifest(run, stage_dir, manifest)
+    if damaged is None:
+        _say_unverified(run, stage_dir)
+        return True
+    for d in damaged:
+        print(f"[kalm] {run.uri_of(d.path)}: {d.why}", file=sys.stderr, flush=True)
+    return not damaged
+
+
+def require_intact(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
+    """Quick-verify the output of an earlier stage before reading it; InputError naming the
+    first damaged file and the stage to rerun."""
+    damaged = verify_manifest(run, stage_dir, manifest)
+    if damaged is None:
+        _say_unverified(run, stage_dir)
+        return
+    if damaged:
+        d = damaged[0]
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise InputError(
+            f"{run.uri_of(d.path)}: {d.why}{more}; rerun `kalm {d.stage} CONFIG` "
+            f"(or `kalm verify {run.uri}`)"
+        )
+
+
+_said_unverified: set[str] = set()
+
+
+def _say_unverified(run: RunDir, stage_dir: str) -> None:
+    where = run.uri_of(stage_dir)
+    if where not in _said_unverified:
+        _said_unverified.add(where)
+        print(
+            f"[kalm] {where}: manifest has no checksums (written by an older kalm_ray); "
+            "its files are used unverified",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) -> list[str]:
+    """``kalm verify``: check every finished stage of a run; returns one line per problem
+    and prints one line per stage."""
+    problems: list[str] = []
+    ids: dict[str, str] = {}
+    for stage, folder in stage_dirs.items():
+        m = run.manifest(folder)
+        if m is None:
+            print(f"  {stage:<9} {run.uri_of(folder)}: not run")
+            continue
+        ids[stage] = m.output_id
+        damaged = verify_manifest(run, folder, m, full=full)
+        if damaged is None:
+            print(f"  {stage:<9} {run.uri_of(folder)}: unverified (manifest has no checksums)")
+        elif damaged:
+            for d in damaged:
+                problems.append(f"{run.uri_of(d.path)}: {d.why}; rerun `kalm {stage} CONFIG`")
+            print(f"  {stage:<9} {run.uri_of(folder)}: {len(damaged)} damaged file(s)")
+        else:
+            print(f"  {stage:<9} {run.uri_of(folder)}: {len(m.checksums or {})} files intact")
+        for up, oid in m.inputs.items():
+            if up in ids and ids[up] != oid:
+                problems.append(
+                    f"{run.uri_of(folder)}: made from an earlier {up!r} output than the one "
+                    f"there now; rerun `kalm {stage} CONFIG`"
+                )
+    return problems
+
+
+# ---- staging: resumable stages ------------------------------------------------------------
+
+
+class Staging:
+    """A resumable stage's staging folder and the finished work units in it.
+
+    A unit is one file the stage writes into the folder (collect: one episode file per
+    task). After the file is complete the stage calls :meth:`mark_finished`, which records
+    its size and hash (and any facts the stage needs back, e.g. counts) in
+    ``_units/<name>.json``, written atomically. :meth:`finished` returns the units whose file
+    is still exactly as marked; anything else is redone. Only the lease holder writes here.
+    """
+
+    UNITS = "_units"
+
+    def __init__(self, run: RunDir, folder: str):
+        self.run, self.folder = run, folder
+
+    def mark_finished(self, name: str, info: dict[str, Any] | None = None) -> None:
+        digest = file_digest(self.run, f"{self.folder}/{name}")
+        self.run.write_json(
+            {"name": name, "digest": digest, "info": info or {}}, self.folder, self.UNITS,
+            f"{name}.json",
+        )
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """``name -> info`` of every unit whose file matches its mark."""
+        out = {}
+        for marker in self.run.list(self.folder, self.UNITS):
+            if not marker.endswith(".json") or ".tmp-" in marker:
+                continue
+            try:
+                mark = json.loads(self.run.read_bytes(self.folder, self.UNITS, marker))
+                name = mark["name"]
+                if file_digest(self.run, f"{self.folder}/{name}") == mark["digest"]:
+                    out[name] = mark["info"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a damaged mark or file: redo that unit
+        return out
+
+
+# ---- leases: one writer per stage folder ----------------------------------------------------
+
+LEASE_SUFFIX = ".lease"
+LEASE_TTL_S = 120.0
+"""A lease not renewed for this long is stale (its holder is gone, hung, or on a host whose
+pids we cannot check)."""
+LEASE_RENEW_S = 20.0
+
+_HELD: dict[tuple[str, str], Lease] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """An exclusive, expiring claim on one stage folder: ``<stage_dir>.lease`` holding the
+    owner token, host, pid, stage, start and expiry (JSON).
+
+    Local filesystem: the file appears atomically with its content (``os.link`` of a written
+    temp file fails if the lease exists: an O_EXCL create that is never seen half written);
+    takeover of a stale lease and renewals run under ``flock`` of the parent folder, so two
+    processes never both take over. Object stores (``pyarrow.fs`` has no conditional put):
+    best effort, create-if-absent then read back, and a lease whose holder is alive is
+    renewed by a background thread; two writers racing within one round trip can both win.
+    """
+
+    def __init__(self, run: RunDir, stage_dir: str, *, stage: str, ttl: float = LEASE_TTL_S):
+        self.run, self.stage_dir, self.stage, self.ttl = run, stage_dir, stage, ttl
+        self.path = run.path(f"{stage_dir}{LEASE_SUFFIX}")
+        self.token = uuid.uuid4().hex
+        self.depth = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the record
+    def _record(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "owner": self.token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "stage": self.stage,
+            "started": getattr(self, "_started", now),
+            "expires": now + self.ttl,
+        }
+
+    def _read(self) -> dict[str, Any] | None:
+        """The current holder's record; None if absent; ``{}`` if unreadable."""
+        try:
+            with self.run.fs.open_input_stream(self.path) as f:
+                rec = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            if self.run.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
+                return None
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    @staticmethod
+    def stale_reason(rec: dict[str, Any]) -> str | None:
+        """Why a holder's record no longer counts (None: it does)."""
+        try:
+            expires, host, pid = float(rec["expires"]), str(rec["host"]), int(rec["pid"])
+        except (KeyError, TypeError, ValueError):
+            return "its lease file is unreadable"
+        if host == socket.gethostname():
+            if pid == os.getpid():
+                if not any(le.token == rec.get("owner") for le in _HELD.values()):
+                    return "left by this process"
+            elif not _pid_alive(pid):
+                return f"pid {pid} is not running"
+        if expires < time.time():
+            return f"expired {time.time() - expires:.0f}s ago"
+        return None
+
+    def describe(self, rec: dict[str, Any]) -> str:
+        started = rec.get("started")
+        since = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            if isinstance(started, int | float)
+            else "?"
+        )
+        return (
+            f"kalm {rec.get('stage', '?')} (pid {rec.get('pid', '?')} on {rec.get('host', '?')}, "
+            f"since {since})"
+        )
+
+    # -- acquire / renew / release
+    def acquire(self) -> None:
+        self._started = time.time()
+        local = self.run.is_local
+        if local:
+            # A stage refused before writing anything leaves no folder behind (see release).
+            self._made_parent = not os.path.isdir(os.path.dirname(self.path))
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        else:
+            self.run.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        if self._create():
+            return self._start_renewer()
+        with self._guard():
+            rec = self._read()
+            if rec is None and self._create():
+                return self._start_renewer()
+            rec = rec if rec is not None else (self._read() or {})
+            why = self.stale_reason(rec)
+            if why is None:
+                raise RunDirError(
+                    f"{self.run.uri_of(self.stage_dir)} is being written by "
+                    f"{self.describe(rec)}; wait for it to finish or use another --run-dir "
+                    f"(lease {self.run.uri_of(self.stage_dir + LEASE_SUFFIX)})"
+                )
+            self._delete()
+            if not self._create():
+                rec = self._read() or {}
+                raise RunDirError(
+                    f"{self.run.uri_of(self.stage_dir)} is being written by "
+                    f"{self.describe(rec)}; wait for it to finish or use another --run-dir"
+                )
+        print(
+            f"[kalm] {self.stage}: took over the stale lease of {self.describe(rec)} on "
+            f"{self.run.uri_of(self.stage_dir)} ({why})",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._start_renewer()
+
+    def _create(self) -> bool:
+        data = json.dumps(self._record()).encode()
+        if self.run.is_local:
+            tmp = f"{self.path}.tmp-{self.token[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, self.path)  # atomic, and fails if a lease exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.run.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+            return False
+        with self.run.fs.open_output_stream(self.path) as f:
+            f.write(data)
+        return (self._read() or {}).get("owner") == self.token
+
+    def _delete(self) -> None:
+        try:
+            self.run.fs.delete_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        if not self.run.is_local:
+            yield
+            return
+        import fcntl
+
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def renew(self) -> bool:
+        """Push the expiry forward; False (and ``lost``) if someone else holds it now."""
+        with self._guard():
+            rec = self._read()
+            if rec is None or rec.get("owner") != self.token:
+                self.lost = True
+                return False
+            data = json.dumps(self._record()).encode()
+            if self.run.is_local:
+                tmp = f"{self.path}.tmp-{self.token[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path)
+            else:
+                with self.run.fs.open_output_stream(self.path) as f:
+                    f.write(data)
+        return True
+
+    def _start_renewer(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(min(LEASE_RENEW_S, self.ttl / 3)):
+                try:
+                    if not self.renew():
+                        log.warning("%s: lease lost to another writer", self.stage_dir)
+                        return
+                except OSError as e:  # a transient store error: try again next round
+                    log.debug("lease renewal failed: %s", e)
+
+        self._thread = threading.Thread(target=loop, name="kalm-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            with self._guard():
+                rec = self._read()
+                if rec is not None and rec.get("owner") == self.token:
+                    self._delete()
+            if getattr(self, "_made_parent", False):
+                os.rmdir(os.path.dirname(self.path))  # only if still empty
+        except OSError as e:  # never mask the stage's own outcome for a lease file
+            log.debug("lease release: %s", e)
+
+
+def _lease_key(run: RunDir, stage_dir: str) -> tuple[str, str]:
+    return (type(run.fs).__name__, run.path(stage_dir))
+
+
+@contextmanager
+def _lease(run: RunDir, stage_dir: str, *, stage: str | None = None) -> Iterator[Lease]:
+    key = _lease_key(run, stage_dir)
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+    if held is not None:  # reentrant: the pipeline holds it, the stage's writer nests
+        held.depth += 1
+        try:
+            yield held
+        finally:
+            held.depth -= 1
+        return
+    lease = Lease(run, stage_dir, stage=stage or stage_dir)
+    lease.acquire()
+    with _HELD_LOCK:
+        _HELD[key] = lease
+    try:
+        yield lease
+    finally:
+        with _HELD_LOCK:
+            _HELD.pop(key, None)
+        lease.release()
+

@@ -27,3 +27,9 @@ class NotImplementedStage(KalmError):
 
 class BackendUnavailable(KalmError):
     """A generation backend that cannot run here (e.g. vLLM on a machine with no GPU)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, Kubernetes, schedulers), raised in the main
+    thread by the CLI's handler. A KeyboardInterrupt, so every cleanup that Ctrl-C runs
+    (pools shut down, temporary folders removed, staging kept) runs for it too."""

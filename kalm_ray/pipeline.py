@@ -43,8 +43,11 @@ def stage_fn(stage: str) -> StageFn:
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
-    """Run one stage (skipped inside when up to date)."""
-    return stage_fn(stage)(cfg, as_run_dir(cfg, run_dir))
+    """Run one stage (skipped inside when up to date), holding its output folder's lease."""
+    run = as_run_dir(cfg, run_dir)
+    fn = stage_fn(stage)
+    with run.lease(OUTPUT_DIRS[stage], stage=stage):
+        return fn(cfg, run)
 
 
 def run_pipeline(
@@ -63,15 +66,17 @@ def run_pipeline(
     done: dict[str, Manifest] = {}
     for stage in todo:
         t0 = time.perf_counter()
-        plan = plan_stage(stage, cfg, run)
-        if plan.current is not None:
-            print(
-                f"[kalm] {stage}: up to date ({run.uri_of(OUTPUT_DIRS[stage])}), skipped",
-                flush=True,
-            )
-            done[stage] = plan.current
-            continue
-        print(f"[kalm] {stage}: running", flush=True)
-        done[stage] = run_stage(stage, cfg, run)
+        # The lease comes first: a second writer is refused before any check or Ray start.
+        with run.lease(OUTPUT_DIRS[stage], stage=stage):
+            plan = plan_stage(stage, cfg, run)
+            if plan.current is not None:
+                print(
+                    f"[kalm] {stage}: up to date ({run.uri_of(OUTPUT_DIRS[stage])}), skipped",
+                    flush=True,
+                )
+                done[stage] = plan.current
+                continue
+            print(f"[kalm] {stage}: running", flush=True)
+            done[stage] = run_stage(stage, cfg, run)
         print(f"[kalm] {stage}: done in {time.perf_counter() - t0:.1f}s", flush=True)
     return done

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kalm_ray.config import RayConfig
@@ -26,6 +30,13 @@ QUIET_LEVEL = logging.ERROR
 
 _mode: bool | None = None
 """The last ``verbose`` given to :func:`configure_console` (None: never called)."""
+
+_sigterm: Callable[[int, Any], None] | None = None
+"""The CLI's SIGTERM handler; ``ray.init`` replaces any handler with its own (a bare
+``sys.exit(15)``, which ends in a C++ abort and a stack dump), so :func:`init_ray` puts this
+one back."""
+
+LOOPBACK = "127.0.0.1"
 
 _RAYLET_NOISE = ("worker processes have been started on node",)
 """Raylet notices pushed to the driver that say nothing actionable (the worker-pool size
@@ -149,12 +160,49 @@ def _absorb_restart_notice() -> None:
     ray.kill(probe, no_restart=True)
 
 
+def install_sigterm_handler(handler: Callable[[int, Any], None]) -> None:
+    """Handle SIGTERM with ``handler`` in this process, now and after every ``init_ray``."""
+    global _sigterm
+    _sigterm = handler
+    _reinstall_sigterm()
+
+
+def _reinstall_sigterm() -> None:
+    if _sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+@contextmanager
+def _bind_loopback() -> Iterator[None]:
+    """Make the local Ray this process starts use 127.0.0.1 as its node IP.
+
+    NOTE: Ray 2.60 binds its gRPC servers (GCS, raylet, object manager, every worker's core
+    worker), the dashboard agent and the runtime-env agent to the node IP, but
+    ``ray.init(_node_ip_address="127.0.0.1")`` is rewritten to the host's routable IP
+    (``services.resolve_ip_for_localhost``); only ``ENABLE_RAY_CLUSTER`` off (what
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` gives) makes the node IP loopback. It is read at
+    call time and only while the node starts (children get the node IP as an argument), so
+    it is switched off around ``ray.init`` only: left off, a later ``ray start --address`` of
+    this process would refuse to run. A node on loopback cannot be joined from another host:
+    right for a local run.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join ``cfg.address`` or start a local Ray; a no-op when Ray is already up.
 
     A local Ray gets max(8, cores) logical CPUs by default: offline RLlib with 2 logical
     CPUs deadlocks (the env runner and the PreLearner take both, the Parquet read never
-    schedules; see shared notes §4.7). The dashboard binds to ``cfg.dashboard_host``.
+    schedules; see shared notes §4.7). The dashboard binds to ``cfg.dashboard_host``, every
+    other listener to loopback (:func:`_bind_loopback`).
     Workers' stdout/stderr reach this console only with ``cfg.verbose`` (see the module doc).
     """
     import ray
@@ -169,15 +217,19 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=cfg.verbose, configure_logging=True)
+        _reinstall_sigterm()
         configure_console(cfg.verbose)
         return
-    ray.init(
-        num_cpus=cfg.num_cpus or max(8, os.cpu_count() or 1),
-        include_dashboard=cfg.dashboard,
-        dashboard_host=cfg.dashboard_host,
-        log_to_driver=cfg.verbose,
-        configure_logging=True,
-    )
+    with _bind_loopback():
+        ray.init(
+            num_cpus=cfg.num_cpus or max(8, os.cpu_count() or 1),
+            include_dashboard=cfg.dashboard,
+            dashboard_host=cfg.dashboard_host,
+            _node_ip_address=LOOPBACK,
+            log_to_driver=cfg.verbose,
+            configure_logging=True,
+        )
+    _reinstall_sigterm()
     configure_console(cfg.verbose)
     if not cfg.verbose:
         try:

@@ -8,10 +8,19 @@ already up to date (then the stage returns the existing manifest and does nothin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
-from kalm_ray.artifacts import Manifest, RunDir, fingerprint
+from kalm_ray.artifacts import (
+    Manifest,
+    RunDir,
+    check_stage_files,
+    fingerprint,
+    require_intact,
+)
 from kalm_ray.config import ExperimentConfig, dump_config
 from kalm_ray.errors import InputError
 
@@ -86,6 +95,7 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
     run = as_run_dir(cfg, run_dir)
     run.claim(cfg.name)
     inputs: dict[str, str] = {}
+    upstream: dict[str, Manifest] = {}
     for up in stage_inputs(stage, cfg):
         m = run.manifest(OUTPUT_DIRS[up])
         if m is None:
@@ -94,17 +104,45 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
                 f"run `kalm {up} CONFIG` (or `kalm run CONFIG`) first"
             )
         inputs[up] = m.output_id
+        upstream[up] = m
     config_hash = cfg.section_hash(*CONFIG_SECTIONS[stage])
     fp = fingerprint(stage, config_hash, inputs)
     out = OUTPUT_DIRS[stage]
     current = run.is_current(out, fp)
+    if current is not None and not check_stage_files(run, out, current):
+        # Damaged output of this very stage: make it again (the damaged folder is moved
+        # aside, not deleted) rather than skip it as up to date.
+        print(f"[kalm] {stage}: its output is damaged; running it again", file=sys.stderr)
+        current = None
     if current is None:
-        # A truncated or foreign episode file fails here, one line naming it, before Ray
-        # starts (inside a Ray Data read it would surface as a task error much later).
+        # Inputs are checked before any work, before Ray starts (inside a Ray Data read a
+        # damaged file would surface as a task error much later): episode files' footers
+        # first (the most specific message), then every file against its manifest checksum
+        # (one line naming the file and the stage to rerun).
         from kalm_ray.data import check_parquet_files
 
         for up in inputs:
             if up in EPISODE_INPUTS:
                 check_parquet_files(run, OUTPUT_DIRS[up])
+        for up, m in upstream.items():
+            require_intact(run, OUTPUT_DIRS[up], m)
+        if "ground" in inputs:
+            check_model_config(run, OUTPUT_DIRS["ground"])
+        if stage == "ground" and os.path.isdir(cfg.ground.model.name):
+            check_model_config(RunDir(cfg.ground.model.name), "", where="ground.model.name: ")
     return StagePlan(stage=stage, run=run, out_dir=out, config_hash=config_hash, inputs=inputs,
                      fingerprint=fp, current=current, cfg=cfg)
+
+
+def check_model_config(run: RunDir, folder: str, *, where: str = "") -> None:
+    """A model folder's ``config.json`` (and a LoRA ``adapter_config.json``), when there, must
+    be a JSON object; checked before Ray starts (transformers would fail later, at length)."""
+    # Absent files are left to the stage's own, more specific, messages.
+    for name in [n for n in ("config.json", "adapter_config.json") if run.exists(folder, n)]:
+        try:
+            obj = json.loads(run.read_bytes(folder, name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not text"
+            raise InputError(f"{where}{run.uri_of(folder, name)}: corrupt JSON ({why})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}{run.uri_of(folder, name)}: not a JSON object")

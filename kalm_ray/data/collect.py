@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_manifest
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.data.card import TaskStats, card_table, dataset_card, total
 from kalm_ray.data.collect_actor import CollectorPool, CollectSpec, UnitResult, WorkUnit
@@ -85,13 +85,23 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
     # ---- run ---------------------------------------------------------------------------------
     t_start = time.perf_counter()
+    # The staging folder is named by the fingerprint and kept if the stage is stopped, so a
+    # rerun of the same config keeps the episode files already finished there (issue 19).
     with (
-        stage_output(run, plan.out_dir) as tmp,
+        stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp,
         ThreadPoolExecutor(1, thread_name_prefix="kalm-embed") as bg,
     ):
         # Embedding the wordings needs no simulator: overlap it with collection.
         embedded = bg.submit(embed_instructions, suite, cfg)
         files = EpisodeFiles(run, tmp, units)
+        resumed = files.resume()
+        if resumed:
+            print(
+                f"[kalm] collect: resuming; {len(resumed)} of {len(files.expected)} episode "
+                f"files already finished in {run.uri_of(tmp)}",
+                flush=True,
+            )
+        todo = [u for u in units if u.task_index not in resumed]
         pool = CollectorPool(
             spec,
             num_workers=cfg.collect.num_workers,
@@ -99,7 +109,8 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         )
         try:
             with progress_bar(n_episodes) as bar:
-                for result in pool.imap_unordered(units):
+                bar.update(n_episodes - sum(u.episodes for u in todo))
+                for result in pool.imap_unordered(todo):
                     files.add(result)
                     elapsed = time.perf_counter() - t_start
                     bar.update(result.unit.episodes)
@@ -147,6 +158,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
                 "embedding_dim": embedding_dim,
                 "num_workers": cfg.collect.num_workers,
                 "worker_restarts": restarts,
+                "resumed_files": len(resumed),
             },
             timings={
                 "wall_s": round(wall, 3),
@@ -155,7 +167,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
                 "instructions_s": round(t_embed, 3),
             },
         )
-    write_manifest(run, plan.out_dir, manifest)
+    write_manifest(run, plan.out_dir, manifest, also=("/".join(INSTRUCTIONS_FILE),))
     print(
         f"[kalm] collect: {all_.episodes} episodes, {all_.env_steps} env steps, "
         f"success {all_.success_rate:.1%}, "
@@ -287,6 +299,28 @@ class EpisodeFiles:
             env_steps=int(sum(lengths)),
             successes=sum(s for r in results for s in r.successes),
         )
+        # Marked only once complete: a file cut short by a kill has no mark and is redone.
+        info = {"task": self.names[task_index], **self._stats[task_index].as_dict()}
+        Staging(self.run, self.folder).mark_finished(name, info)
+
+    def resume(self) -> set[int]:
+        """Take the task files a stopped run finished in this staging folder (marked, and
+        unchanged since); returns their task indices, whose units need not run again."""
+        done = Staging(self.run, self.folder).finished()
+        out = set()
+        for ti, task in self.names.items():
+            info = done.get(EPISODE_FILE.format(ti))
+            if info is None or info.get("task") != task:
+                continue
+            self._stats[ti] = TaskStats(
+                task=task,
+                episodes=int(info["episodes"]),
+                env_steps=int(info["env_steps"]),
+                successes=int(info["successes"]),
+            )
+            self.written.append(EPISODE_FILE.format(ti))
+            out.add(ti)
+        return out
 
     def check_complete(self) -> None:
         missing = sorted(set(self.expected) - set(self._stats))
