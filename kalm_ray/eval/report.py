@@ -66,7 +66,7 @@ def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
     md += [
         "![success by level](success_by_level.png)",
         "",
-        "Bars: success over every seed's episodes with a Wilson 95% interval; dots: single seeds.",
+        _bars_caption(results),
         "",
         _policy_table(results),
         "",
@@ -89,6 +89,24 @@ def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
     else:
         files["filter_rejections.png"] = _png(_rejections_figure(filt))
         md += ["![filter rejections](filter_rejections.png)", "", _filter_table(filt), ""]
+
+    md += ["## Imagined rollouts checked against the simulator", ""]
+    replay = _replay_section(run)
+    if isinstance(replay, str):
+        md += [replay, ""]
+    else:
+        table, pairs = replay
+        md += [table, ""]
+        if pairs and results.get("env") == "clevr":
+            files["imagined_vs_replay.png"] = _png(_topdown_figure(pairs))
+            md += [
+                "![imagined vs replayed](imagined_vs_replay.png)",
+                "",
+                "Each row: one accepted imagined rollout (left) and the same actions replayed "
+                "from the same start in the simulator (right). A diagnostic only: replays never "
+                "create, label or select imagined data.",
+                "",
+            ]
 
     md += ["## Imagined vs real rollouts (top-down)", ""]
     if results.get("env") != "clevr":
@@ -133,6 +151,19 @@ def _policy_table(results: Mapping[str, Any]) -> str:
             )
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {p['all']['mean_length']:.1f} |")
     return "\n".join(rows)
+
+
+def _bars_caption(results: Mapping[str, Any]) -> str:
+    """Which interval the success bars carry (``ci95_seeds`` is absent in older runs)."""
+    seeded = all(
+        "ci95_seeds" in s for g in results["groups"].values() for s in g["levels"].values()
+    )
+    ci = (
+        "a 95% interval with training seeds and tasks as random effects (as in the headline)"
+        if seeded
+        else "a Wilson 95% interval"
+    )
+    return f"Bars: success over every seed's episodes with {ci}; dots: single seeds."
 
 
 def _filter_table(levels: Mapping[str, Mapping[str, Any]]) -> str:
@@ -198,6 +229,44 @@ def _filter_levels(run: RunDir) -> dict[str, dict[str, Any]] | None:
         }
         for lv in order
     }
+
+
+def _replay_section(run: RunDir) -> str | tuple[str, list[dict[str, Any]]]:
+    """The replay check of ``filter_report.json`` as a table and top-down pairs, or why not."""
+    if not run.exists("data", "imagined", "filter_report.json"):
+        return "No imagined data: `data/imagined/filter_report.json` is absent."
+    rep = run.read_json("data", "imagined", "filter_report.json").get("replay")
+    if not isinstance(rep, dict) or not rep.get("available"):
+        why = rep.get("why") if isinstance(rep, dict) else "made before the check existed"
+        return f"No replay check: {why}."
+    lines = [
+        "| level | accepted rollouts | imagined success | replayed success | agreement "
+        "| mean state error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lv, c in rep.get("per_level", {}).items():
+        agree = "—" if c.get("agreement") is None else f"{100 * c['agreement']:.1f}%"
+        lines.append(
+            f"| {lv} | {c['rollouts']} | {100 * c['imagined_success_rate']:.1f}% | "
+            f"{100 * c['replayed_success_rate']:.1f}% | {agree} | {c['mean_state_error']:.4f} |"
+        )
+    lines += [
+        "",
+        "_Agreement: of the imagined rollouts that reach their goal in their own (imagined) "
+        "states, the fraction whose actions also reach it when replayed in the simulator. "
+        "State error: mean absolute difference per coordinate (m) over the steps._",
+    ]
+    pairs = []
+    for smp in rep.get("samples", []):
+        im, re_ = np.asarray(smp["imagined"]), np.asarray(smp["replayed"])
+        ep = {"instruction": smp.get("instruction", "")}
+        pairs.append(
+            {
+                "task": f"{smp.get('level', '')}: {smp.get('task', '')}",
+                "panels": [("imagined", {**ep, "states": im}), ("replayed", {**ep, "states": re_})],
+            }
+        )
+    return "\n".join(lines), pairs
 
 
 def _parquet_files(run: RunDir, folder: str) -> list[str]:
@@ -300,8 +369,13 @@ def _success_figure(results: Mapping[str, Any]):
                 continue
             pooled = [g["levels"][lv]["pooled"] for lv in levels]
             rate = np.array([p["success_rate"] for p in pooled])
+            # Seed x task interval where results.json has it; Wilson in older runs.
+            ci = [
+                g["levels"][lv].get("ci95_seeds", p["ci95"])
+                for lv, p in zip(levels, pooled, strict=True)
+            ]
             err = np.array(
-                [[r - p["ci95"][0], p["ci95"][1] - r] for r, p in zip(rate, pooled, strict=True)]
+                [[max(0.0, r - c[0]), max(0.0, c[1] - r)] for r, c in zip(rate, ci, strict=True)]
             ).T
             pos = x + (j - (len(mixes) - 1) / 2) * width
             ax.bar(pos, rate, width, yerr=err, capsize=3, label=mix, color=_MIX_COLORS.get(mix))
@@ -382,11 +456,16 @@ def _rejections_figure(levels: Mapping[str, Mapping[str, Any]]):
 
 def _topdown_figure(pairs: list[dict[str, Any]]):
     """One row per task: its real episodes, then its imagined rollouts, one panel each."""
-    cols = max(len(p["real"]) + len(p["imagined"]) for p in pairs)
+    def panels_of(pair: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if "panels" in pair:  # labelled panels (imagined vs replayed)
+            return list(pair["panels"])
+        return [("real", e) for e in pair["real"]] + [("imagined", e) for e in pair["imagined"]]
+
+    cols = max(len(panels_of(p)) for p in pairs)
     fig = _figure(2.7 * cols, 2.6 * len(pairs))
     axes = fig.subplots(len(pairs), cols, squeeze=False)
     for row, pair in zip(axes, pairs, strict=True):
-        panels = [("real", e) for e in pair["real"]] + [("imagined", e) for e in pair["imagined"]]
+        panels = panels_of(pair)
         for ax in row[len(panels) :]:
             ax.set_axis_off()
         for ax, (side, ep) in zip(row, panels, strict=False):

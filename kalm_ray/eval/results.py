@@ -6,9 +6,13 @@ Layout of ``results.json`` (rates are fractions in [0, 1]; ``ci95`` = Wilson 95%
   each level with ``tasks[task]`` stats. Stats = ``episodes, successes, success_rate,
   ci95, mean_length``.
 - ``groups["<algo>/<data>"]``: across seeds, per level: ``mean``/``std`` of the per-seed
-  rates, ``seeds``, and ``pooled`` stats over every seed's episodes.
-- ``paired[algo][level]``: ``real+imagined`` minus ``real`` on the same episode specs,
-  seed k paired with seed k (:func:`kalm_ray.eval.stats.paired_difference`).
+  rates, ``seeds``, ``pooled`` stats over every seed's episodes, and ``ci95_seeds`` (with
+  ``ci95_seeds_method``): the 95% interval with seeds and tasks as random effects
+  (:func:`kalm_ray.eval.stats.seed_task_interval`; absent in runs before it).
+- ``paired[algo][level]``: ``real+imagined`` minus ``real`` on the same episode specs
+  (:func:`kalm_ray.eval.stats.paired_difference`, tasks from ``spec.task``); ``ci95`` with
+  its ``ci_method``, ``dof``, ``n_seeds`` and ``n_tasks`` (the last four absent in older
+  runs, whose ``ci95`` treated specs as independent).
 """
 
 from __future__ import annotations
@@ -21,15 +25,23 @@ import numpy as np
 
 from kalm_ray.envs.suite import LEVELS
 from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec
-from kalm_ray.eval.stats import paired_difference, seed_mean_std, wilson_interval
+from kalm_ray.eval.stats import (
+    paired_difference,
+    seed_mean_std,
+    seed_task_interval,
+    wilson_interval,
+)
 
 BASELINE = "real"
 TREATMENT = "real+imagined"
 CI_METHOD = (
     "Per policy: Wilson score 95% interval over episodes. Across seeds: mean ± sample std of "
-    "per-seed rates. Paired difference (real+imagined − real, same algorithm, seed k paired "
-    "with seed k): each episode spec's success difference is averaged over seeds, then the mean "
-    "over specs with an Agresti-Min adjusted Wald 95% interval (specs are the independent units)."
+    "per-seed rates. Paired difference (real+imagined − real, same algorithm, same episode "
+    "specs): 95% t interval with training seeds and tasks as random effects (variance = "
+    "s²_task/J + s²_e/(S·J) from the per-task differences, plus each mix's s²_seed/S from its "
+    "own seed × task ANOVA; Satterthwaite dof), so seed-to-seed noise and the correlation of "
+    "one task's episodes widen it; adjusted Wald over specs only if no variance can be "
+    "estimated. The per-level bars of report.md use the same interval for one mix's rate."
 )
 
 
@@ -113,11 +125,14 @@ def build_results(
             rates = [float(succ[p.name][m].mean()) for p in members]
             mean, std = seed_mean_std(rates)
             pooled = np.concatenate([succ[p.name][m] for p in members])
+            ci = seed_task_interval(np.stack([succ[p.name][m] for p in members]), task_of[m])
             g["levels"][lv] = {
                 "mean": mean,
                 "std": std,
                 "n_seeds": len(members),
                 "pooled": outcome_stats(pooled),
+                "ci95_seeds": [ci.low, ci.high],
+                "ci95_seeds_method": ci.method,
             }
         out["groups"][f"{algo}/{data}"] = g
 
@@ -133,7 +148,7 @@ def build_results(
             m = level_of == lv
             a = np.stack([succ[base[k].name][m] for k in seeds]).astype(np.float64)
             b = np.stack([succ[treat[k].name][m] for k in seeds]).astype(np.float64)
-            d = paired_difference(a, b)
+            d = paired_difference(a, b, task_of[m])
             out["paired"][algo][lv] = {
                 "baseline": BASELINE,
                 "treatment": TREATMENT,
@@ -142,6 +157,10 @@ def build_results(
                 "ci95": [d.low, d.high],
                 "n_specs": d.n_specs,
                 "n_pairs": d.n_pairs,
+                "ci_method": d.method,
+                "dof": d.dof if np.isfinite(d.dof) else None,
+                "n_seeds": d.n_seeds,
+                "n_tasks": d.n_tasks,
             }
     return out
 
@@ -152,13 +171,23 @@ def _pct(x: float) -> str:
 
 RANDOM_ALGO, RANDOM_DATA = "random", "none"
 """How the uniform-random baseline policy is labelled (``kalm_ray.eval.evaluate``)."""
+LLM_ALGO = "llm"
+"""The LLM-as-policy row (:mod:`kalm_ray.llm.policy`); its data is ``real``."""
 
 
 def headline_markdown(results: Mapping[str, Any]) -> str:
-    """Real vs real+imagined per algorithm and level, with the paired difference and its CI."""
+    """Real vs real+imagined per algorithm and level, with the paired difference and its CI.
+
+    The ``llm`` row (the grounded LLM as a policy) and the ``random`` row (shown in the
+    ``real`` column, and beside every row) are the baselines every number is read against.
+    """
     random = results["groups"].get(f"{RANDOM_ALGO}/{RANDOM_DATA}")
     groups = {k: g for k, g in results["groups"].items() if g["algo"] != RANDOM_ALGO}
-    algos = sorted({g["algo"] for g in groups.values()})
+    # The baselines last: the LLM-as-policy (grounded on real data), then the random policy.
+    algos = sorted({g["algo"] for g in groups.values()}, key=lambda a: (a == LLM_ALGO, a))
+    if random:
+        algos.append(RANDOM_ALGO)
+        groups = {**groups, f"{RANDOM_ALGO}/{BASELINE}": random}
     mixes = [m for m in (BASELINE, TREATMENT) if any(g["data"] == m for g in groups.values())]
     mixes += sorted({g["data"] for g in groups.values()} - set(mixes))
     extra = " random policy |" if random else ""
@@ -188,6 +217,8 @@ def headline_markdown(results: Mapping[str, Any]) -> str:
             else:
                 diff = f"{100 * p['diff']:+.1f}"
                 ci = f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+                if p.get("ci_method", "seed-task") != "seed-task":
+                    ci += f" ({p['ci_method']})"  # e.g. one seed: seed variance not measured
             row = f"| {algo} | {lv} | " + " | ".join(cells) + f" | {diff} | {ci} |"
             if random:
                 row += f" {_pct(random['levels'][lv]['mean'])} |"
