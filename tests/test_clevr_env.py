@@ -204,3 +204,26 @@ def test_ms_per_action(env: CLEVRRobotEnv) -> None:
         if terminated or truncated:
             env.reset()
     print(f"CLEVR-Robot: {1000 * (time.perf_counter() - t0) / n:.2f} ms per action")
+
+
+def test_easy_episodes_are_one_push_and_random_pushes_rarely_solve_them() -> None:
+    """Issue 10: an easy episode ends after its first push, whatever the episode limit, and a
+    uniform-random push succeeds about 1/5 x 3/8 = 7.5% of the time (not 72.5% as with 50)."""
+    from kalm_ray.envs.clevr import level_max_steps
+    from kalm_ray.envs.clevr.tasks import tasks
+
+    assert level_max_steps("easy") == 1 and level_max_steps("train") == 50
+    env = CLEVRRobotEnv(level="easy", max_episode_steps=50)
+    rng = np.random.default_rng(0)
+    easy = tasks("easy")
+    wins, n = 0, 240
+    for k in range(n):
+        env.reset(seed=k, options={"task": easy[k % len(easy)]})
+        _, _, terminated, truncated, info = env.step(int(rng.integers(40)))
+        assert terminated or truncated, "an easy episode must end after one push"
+        wins += bool(info["success"])
+    assert wins / n <= 0.15, f"random push success on easy {wins}/{n}"
+    # Other levels keep the suite's limit.
+    env = CLEVRRobotEnv(level="train", max_episode_steps=50)
+    env.reset(seed=0)
+    assert not any(env.step(0)[2:4]) or env.max_episode_steps == 50

@@ -303,3 +303,50 @@ def test_codec_texts_never_raise(clevr, data):
     text = "".join(data.draw(st.lists(pieces, max_size=60)))
     v = check_text(codec, clevr_rollout(1)[0][0], text, limits=limits, max_steps=5)
     assert v.accepted or v.reason in REASONS
+
+
+def _clevr_delta():
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.codec import Codec
+
+    suite = get_suite("clevr")
+    codec = Codec.for_suite(suite, n_bins=64, state_coding="delta")
+    return suite, codec, FilterLimits.for_suite(suite, n_bins=64)
+
+
+def test_physics_fires_under_delta_coding_the_pipeline_uses():
+    """Issue 11: under delta coding no written change exceeds the codec's bound (0.45), so the
+    per-coordinate check alone could never fire; the summed movement and the walls' reach do."""
+    from kalm_ray.envs.clevr.env import CLEVRRobotEnv
+
+    suite, codec, limits = _clevr_delta()
+    env = CLEVRRobotEnv(level="train")
+    rng = np.random.default_rng(3)
+    accepted = 0
+    for ep in range(30):  # real pushes, encoded and decoded as the pipeline does: accepted
+        s, _ = env.reset(seed=ep)
+        states, actions = [s], []
+        for _ in range(4):
+            a = int(rng.integers(40))
+            s, *_ = env.step(a)
+            states.append(s)
+            actions.append(a)
+        text = codec.encode_trajectory(np.stack(states), np.asarray(actions))
+        v = check_text(codec, states[0], text, limits=limits, max_steps=10)
+        accepted += v.accepted or v.reason == "no_progress"
+    assert accepted == 30
+    start = np.array([-0.45, 0.0, -0.3, 0.2, -0.15, 0.4, 0.0, -0.1, -0.2, 0.1], np.float32)
+    every_ball = np.stack([start, start + np.tile([0.45, 0.0], 5).astype(np.float32)])
+    text = codec.encode_trajectory(every_ball, np.array([0]))
+    v = check_text(codec, start, text, limits=limits, max_steps=10)
+    assert v.reason == "impossible_step" and "in all" in v.detail
+    # One ball pushed through the front wall's reach is impossible too.
+    through = start.copy()
+    through[8] = 0.2  # cyan x -0.2 -> 0.2 is a normal push, so first check the test's premise
+    text = codec.encode_trajectory(np.stack([start, through]), np.array([32]))
+    assert check_text(codec, start, text, limits=limits, max_steps=10).accepted
+    through[6], through[8] = 0.0, -0.2
+    through[7] = -0.25  # purple y -0.1 -> -0.25: within the walls, below their reach (-0.17)
+    text = codec.encode_trajectory(np.stack([start, through]), np.array([27]))
+    v = check_text(codec, start, text, limits=limits, max_steps=10)
+    assert v.reason == "impossible_step" and "reach" in v.detail

@@ -96,16 +96,48 @@ def test_requests_round_robin_wordings_and_determinism():
     rows = t.to_pylist()
     easy = [r for r in rows if r["level"] == "easy"]
     assert [r["task"] for r in easy] == ["a", "b", "c", "a", "b", "c", "a"]
-    assert [r["instruction"] for r in easy[:4]] == [
-        "do a please",
-        "do b please",
-        "do c please",
-        "a now",
-    ]
+    # The k-th request of a task takes wording (offset + k) mod n, with a seeded offset per
+    # task (issue 11: cycling from wording 0 for every task used only the first few).
+    wordings = ToySuite().instructions
+    for task in "abc":
+        mine = [r["instruction"] for r in easy if r["task"] == task]
+        assert all(w in wordings("easy", task) for w in mine)
+        assert all(x != y for x, y in zip(mine, mine[1:], strict=False))  # consecutive differ
     assert len({r["request_id"] for r in rows}) == 14 and len({r["seed"] for r in rows}) == 14
     assert all(r["prompt"] == f"{r['instruction']} | {r['start_state'][0]:.0f}" for r in rows)
     assert make_requests().equals(t)
     assert not make_requests(seed=1).equals(t)
+
+
+def test_requests_use_every_wording_of_a_level_and_only_valid_starts():
+    """Issue 11: with fewer requests per task than wordings, the level still uses them all;
+    a start where the task's goal already holds (or has no room) is never requested."""
+    from functools import partial
+
+    from kalm_ray.envs import get_suite
+    from kalm_ray.envs.clevr.tasks import valid_start
+    from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.prompts import rollout_prompt
+    from kalm_ray.llm.requests import ResetStarts
+
+    suite = get_suite("clevr")
+    codec = Codec.for_suite(suite, n_bins=16)
+    rng = np.random.default_rng(0)
+    pool = np.stack([rng.uniform(-0.45, 0.45, 10).astype(np.float32) for _ in range(200)])
+    starts = DataStarts({"left:red:blue": pool}, fallback=ResetStarts(suite), valid=valid_start)
+    t = build_requests(
+        suite,
+        levels=["easy"],
+        rollouts_per_level=80,  # 4 per easy task, 11 wordings each
+        max_tasks_per_level=None,
+        seed=0,
+        starts=starts,
+        prompt_fn=partial(rollout_prompt, codec),
+    ).to_pylist()
+    assert len({r["instruction"] for r in t}) == 80  # no wording requested twice
+    templates = {suite.instructions("easy", r["task"]).index(r["instruction"]) for r in t}
+    assert len(templates) == 11, templates  # each of the level's 11 templates is used
+    assert all(valid_start(r["task"], np.asarray(r["start_state"], np.float32)) for r in t)
 
 
 def test_max_tasks_is_a_stable_sample():
@@ -285,7 +317,8 @@ def test_hf_backend_one_actor_equals_two_actors(ray_local, tiny_model):
 
 
 def scripted_generate(ds, *, backend, spec, icfg):
-    """Stand-in backend: red pushed right 0.25 per step for 3 steps; texts 1, 5, 9, ... are junk."""
+    """Stand-in backend: red pushed right 0.25 per step for 3 steps (one on the one-push easy
+    level); texts 1, 5, 9, ... are junk."""
     import json as _json
 
     from kalm_ray.llm.codec import Codec
@@ -299,9 +332,10 @@ def scripted_generate(ds, *, backend, spec, icfg):
             if int(batch.column("request_id")[i].as_py()[-6:]) % 4 == 1:
                 texts.append("oops")
                 continue
-            states = np.repeat(s[None], 4, axis=0)
-            states[:, 0] = np.minimum(s[0] + 0.25 * np.arange(4), 0.47)
-            texts.append(codec.encode_trajectory(states, np.zeros(3, np.int64)))
+            n = 1 if batch.column("level")[i].as_py() == "easy" else 3
+            states = np.repeat(s[None], n + 1, axis=0)
+            states[:, 0] = np.minimum(s[0] + 0.25 * np.arange(n + 1), 0.47)
+            texts.append(codec.encode_trajectory(states, np.zeros(n, np.int64)))
         return (
             batch.append_column("generated_text", pa.array(texts))
             .append_column(

@@ -50,6 +50,15 @@ class StateLayout:
             in one env step (same units), used to reject impossible imagined steps.
         entities: for entity-slot states, entity name -> slice of dimensions;
             an entity whose dimensions are all zero is absent. Empty for CLEVR.
+        reach_low, reach_high: where a value can be *after it moved* (CLEVR: the walls keep
+            ball centres inside [-0.47, 0.47] x [-0.17, 0.57], while a start may lie closer
+            to a wall); None = ``low``/``high``. The validity filter rejects a value that
+            moved in a step and ends outside these.
+        max_step_total: largest sum over objects of each object's displacement (L2 norm
+            over ``object_dims`` consecutive dimensions) in one step; None = no such limit.
+            Why: ``max_step_delta`` bounds one coordinate, so a step that moves *every*
+            object by that much stays within it although no push can do that.
+        object_dims: dimensions per object for ``max_step_total`` (CLEVR: x, y).
     """
 
     names: tuple[str, ...]
@@ -57,6 +66,10 @@ class StateLayout:
     high: np.ndarray
     max_step_delta: np.ndarray
     entities: dict[str, slice] = field(default_factory=dict)
+    reach_low: np.ndarray | None = None
+    reach_high: np.ndarray | None = None
+    max_step_total: float | None = None
+    object_dims: int = 1
 
     @property
     def dim(self) -> int:
@@ -75,6 +88,10 @@ class Suite(Protocol):
     action_space: gym.Space
     """``Discrete(40)`` for CLEVR, ``Box(-1, 1, (4,))`` for Meta-World."""
     max_episode_steps: int
+
+    def level_max_steps(self, level: str) -> int:
+        """Steps per episode at ``level`` (CLEVR ``easy``: one push); envs of that level
+        truncate there, and imagined rollouts of it are that long at most."""
 
     def tasks(self, level: str) -> list[str]:
         """All task ids of a level, in a stable order. Raises UnknownChoiceError."""

@@ -132,13 +132,18 @@ def run_episodes(
     make_obs: ObsBuilder,
     n_envs: int,
     max_steps: int,
+    start_states: Mapping[int, np.ndarray] | None = None,
 ) -> list[EpisodeResult]:
     """Run ``specs`` on ``n_envs`` environments stepped together; one ``policy.act`` per step.
 
     A slot whose episode ends takes the next spec at once, so the batch stays full until
-    the queue runs dry. An episode ends when the env says terminated/truncated or after
-    ``max_steps`` steps; it succeeds if any step reports ``info["success"]`` (or, for an
-    env without that key, ends terminated). Results come back in ``specs`` order.
+    the queue runs dry. A policy with ``wants_instructions`` (the LLM-as-policy) gets
+    ``act_instructed(states, wordings)`` instead of observations. An episode ends when the
+    env says terminated/truncated or after ``max_steps`` steps; it succeeds if any step
+    reports ``info["success"]`` (or, for an env without that key, ends terminated).
+    Results come back in ``specs`` order. ``start_states`` (spec index -> state) places an
+    episode's start exactly (``reset(options={"state": ...})``, CLEVR) instead of sampling
+    it from the seed: the grounding stage replays held-out real starts this way.
     """
     queue = deque(specs)
     slots: list[_Running | None] = [None] * max(1, n_envs)
@@ -149,9 +154,10 @@ def run_episodes(
             return None
         spec = queue.popleft()
         env = get_env(slot, spec)
-        state, _ = env.reset(
-            seed=spec.seed, options={"task": spec.task, "instruction": spec.wording}
-        )
+        options = {"task": spec.task, "instruction": spec.wording}
+        if start_states is not None and spec.index in start_states:
+            options["state"] = np.asarray(start_states[spec.index], np.float64)
+        state, _ = env.reset(seed=spec.seed, options=options)
         return _Running(spec, env, np.asarray(state, dtype=np.float32))
 
     for i in range(len(slots)):
@@ -159,8 +165,12 @@ def run_episodes(
     while any(s is not None for s in slots):
         live = [i for i, s in enumerate(slots) if s is not None]
         states = np.stack([slots[i].state for i in live])  # type: ignore[union-attr]
-        embs = np.stack([embeddings[slots[i].spec.wording] for i in live])  # type: ignore[union-attr]
-        actions = np.asarray(policy.act(make_obs(states, embs)))
+        wordings = [slots[i].spec.wording for i in live]  # type: ignore[union-attr]
+        if getattr(policy, "wants_instructions", False):  # the LLM reads the text itself
+            actions = np.asarray(policy.act_instructed(states, wordings))  # type: ignore[attr-defined]
+        else:
+            embs = np.stack([embeddings[w] for w in wordings])
+            actions = np.asarray(policy.act(make_obs(states, embs)))
         for j, i in enumerate(live):
             run = slots[i]
             assert run is not None

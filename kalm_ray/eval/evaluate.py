@@ -33,6 +33,7 @@ from kalm_ray.errors import InputError, KalmError
 from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec, build_episode_specs, specs_digest
 from kalm_ray.eval.eval_actor import EvalPool, WorkUnit
 from kalm_ray.eval.results import (
+    LLM_ALGO,
     RANDOM_ALGO,
     RANDOM_DATA,
     PolicyId,
@@ -61,6 +62,8 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
     if not specs:
         raise KalmError(f"evaluate.levels {ev.levels}: no tasks to evaluate")
     policies = find_policies(run, env=cfg.env.name)
+    if ev.llm_policy:
+        policies.append(llm_policy_id(run, cfg))
     if ev.random_baseline:
         policies.append(RANDOM_POLICY)
     embeddings = wording_embeddings(run, specs)
@@ -220,11 +223,30 @@ def make_units(
     bounds = np.linspace(0, len(specs), n_chunks + 1).round().astype(int)
     units = []
     for p in policies:
+        where = (
+            LLM_POLICY_PREFIX + run.uri_of("model")
+            if p.algo == LLM_ALGO
+            else run.uri_of("policy", p.name)
+        )
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            units.append(
-                WorkUnit(len(units), p.name, run.uri_of("policy", p.name), tuple(specs[lo:hi]))
-            )
+            units.append(WorkUnit(len(units), p.name, where, tuple(specs[lo:hi])))
     return units
+
+
+LLM_POLICY_PREFIX = "llm+"
+"""A work unit's ``policy_dir`` for the LLM-as-policy: this prefix, then the model folder."""
+
+
+def llm_policy_id(run: RunDir, cfg: ExperimentConfig) -> PolicyId:
+    """The LLM-as-policy row (``evaluate.llm_policy``); the grounded model must exist."""
+    from kalm_ray.llm.codec import CODEC_FILE
+
+    if not run.exists("model", CODEC_FILE):
+        raise InputError(
+            f"evaluate.llm_policy: {run.uri_of('model', CODEC_FILE)} missing; "
+            "run `kalm ground CONFIG` first (or set evaluate.llm_policy: false)"
+        )
+    return PolicyId(name=LLM_ALGO, algo=LLM_ALGO, data="real", seed=cfg.seed)
 
 
 def evaluate_units(
@@ -327,7 +349,12 @@ class RandomPolicy:
 
 
 def load_policy_or_random(policy_dir: str, *, loader: Any, action_space: Any) -> Any:
-    """``loader(policy_dir)``, or the random baseline for its (folder-less) name."""
+    """``loader(policy_dir)``, the random baseline for its (folder-less) name, or the
+    LLM-as-policy for a ``llm+<model dir>`` unit."""
+    if policy_dir.startswith(LLM_POLICY_PREFIX):
+        from kalm_ray.llm.policy import LLMPolicy
+
+        return LLMPolicy(policy_dir[len(LLM_POLICY_PREFIX) :], device="cpu")
     if policy_dir.rstrip("/").rsplit("/", 1)[-1] == RANDOM_POLICY.name:
         return RandomPolicy(action_space)
     return loader(policy_dir)

@@ -30,8 +30,10 @@ REASONS: dict[str, str] = {
     "continuous value beyond bounds_tolerance)",
     "out_of_bounds": "a state value outside the env's bounds by more than "
     "imagine.bounds_tolerance of the range",
-    "impossible_step": "a change in one step larger than the env's physical maximum "
-    "(layout.max_step_delta, plus step_tolerance and one quantisation bin)",
+    "impossible_step": "a step no push can make: a value moved beyond where the walls keep "
+    "it (layout.reach_low/high), a change larger than the env's physical maximum "
+    "(layout.max_step_delta), or objects moving more in total than one step can move them "
+    "(layout.max_step_total); each plus step_tolerance and one quantisation bin",
     "no_progress": "no state value ever moves more than one quantisation bin from the start",
 }
 """Rejection reasons, in the order they are checked; the keys are the report's keys."""
@@ -66,6 +68,10 @@ class FilterLimits:
         step_tolerance: relative slack on ``max_step_delta``.
         n_actions: discrete action count, or None for continuous actions.
         action_low, action_high: ``(A,)`` bounds of continuous actions (None if discrete).
+        reach_low, reach_high: ``(D,)`` where a value that moved can end (None = no check
+            beyond ``low``/``high``).
+        max_step_total: largest summed object displacement per step (None = no check).
+        object_dims: dimensions per object for ``max_step_total``.
     """
 
     low: np.ndarray
@@ -77,6 +83,10 @@ class FilterLimits:
     n_actions: int | None = None
     action_low: np.ndarray | None = None
     action_high: np.ndarray | None = None
+    reach_low: np.ndarray | None = None
+    reach_high: np.ndarray | None = None
+    max_step_total: float | None = None
+    object_dims: int = 1
 
     @classmethod
     def for_suite(
@@ -103,6 +113,10 @@ class FilterLimits:
             n_actions=int(space.n) if discrete else None,
             action_low=None if discrete else np.asarray(space.low, np.float64).reshape(-1),
             action_high=None if discrete else np.asarray(space.high, np.float64).reshape(-1),
+            reach_low=_optional(getattr(lay, "reach_low", None)),
+            reach_high=_optional(getattr(lay, "reach_high", None)),
+            max_step_total=getattr(lay, "max_step_total", None),
+            object_dims=int(getattr(lay, "object_dims", 1)),
         )
 
     @property
@@ -133,6 +147,10 @@ class Verdict:
     @property
     def n_steps(self) -> int:
         return 0 if self.actions is None else len(self.actions)
+
+
+def _optional(x: Any) -> np.ndarray | None:
+    return None if x is None else np.asarray(x, np.float64)
 
 
 def reject(reason: str, detail: str = "") -> Verdict:
@@ -262,13 +280,39 @@ def check_arrays(
     states[1:] = clipped
 
     allowed = limits.max_step_delta * (1.0 + limits.step_tolerance) + limits.quantum
-    jumps = np.abs(np.diff(states, axis=0))
+    steps = np.diff(states, axis=0)
+    jumps = np.abs(steps)
     if (jumps > allowed).any():
         t, j = np.argwhere(jumps > allowed)[0]
         return reject(
             "impossible_step",
             f"step {t + 1} dim {j}: moved {jumps[t, j]:.4g} > max {allowed[j]:.4g}",
         )
+    if limits.reach_low is not None and limits.reach_high is not None:
+        # Only values that moved: a start may sit closer to a wall than a pushed ball can.
+        moved = jumps > limits.quantum
+        pad = limits.quantum
+        outside = moved & ((body < limits.reach_low - pad) | (body > limits.reach_high + pad))
+        if outside.any():
+            t, j = np.argwhere(outside)[0]
+            return reject(
+                "impossible_step",
+                f"step {t + 1} dim {j}: moved to {body[t, j]:.4g}, where nothing can be pushed "
+                f"(reach [{limits.reach_low[j]:.4g}, {limits.reach_high[j]:.4g}])",
+            )
+    if limits.max_step_total is not None:
+        k = max(1, limits.object_dims)
+        per_object = np.linalg.norm(steps.reshape(n, -1, k), axis=-1)
+        # Each moved object may carry up to one bin of quantisation per dimension.
+        total = np.where(per_object > 0, per_object - math.sqrt(k) * limits.quantum.max(), 0.0)
+        total = np.clip(total, 0.0, None).sum(axis=1)
+        cap = limits.max_step_total * (1.0 + limits.step_tolerance)
+        if (total > cap).any():
+            t = int(np.argmax(total > cap))
+            return reject(
+                "impossible_step",
+                f"step {t + 1}: objects moved {total[t]:.3g} in all > max {cap:.3g}",
+            )
     if (np.abs(states[1:] - states[0]) <= limits.quantum).all():
         return reject("no_progress", "no value moved more than one bin from the start")
     return Verdict(

@@ -29,6 +29,7 @@ from kalm_ray.errors import InputError
 from kalm_ray.llm.backends import GenerationSpec, generate, resolve_backend
 from kalm_ray.llm.filter import FilterLimits, FilterTally
 from kalm_ray.llm.labels import judge_batch
+from kalm_ray.llm.replay import Replayer, ReplayTally
 from kalm_ray.llm.requests import (
     DataStarts,
     ResetStarts,
@@ -64,19 +65,24 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     # ---- build: backend, codec, requests ------------------------------------------------
     codec = load_codec(run, env=cfg.env.name)  # a bad model folder fails before Ray starts
     init_ray(cfg.ray)
-    backend = resolve_backend(icfg.backend)  # a one-line BackendUnavailable before any work
+    # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
+    backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand)
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
+    level_steps = level_step_limits(suite, list(icfg.levels), max_steps)
     spec = GenerationSpec(
         model_dir=run.uri_of("model"),
-        max_new_tokens=max_new_tokens(codec, max_steps),
+        max_new_tokens=max_new_tokens(codec, max(level_steps.values(), default=max_steps)),
         end_token=codec.end_token,
         temperature=icfg.temperature,
         top_p=icfg.top_p,
         lora_rank=cfg.ground.lora.r,
         codec_tokens=tuple(codec.all_tokens),
+        grammar=icfg.grammar,
+        max_steps=max_steps,
+        level_max_steps=tuple(sorted(level_steps.items())),
     )
     limits = FilterLimits.for_suite(
         suite,
@@ -105,6 +111,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         "top_p": icfg.top_p,
     }
     tally = FilterTally()
+    replay = ReplayTally()
+    replayer = Replayer(suite) if icfg.replay_check else None
 
     def judged(todo: pa.Table) -> ray.data.Dataset:
         ds = requests_dataset(todo, rows_per_block=icfg.batch_size)
@@ -115,6 +123,7 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
                 "env": suite.name,
                 "limits": limits,
                 "max_steps": max_steps,
+                "level_max_steps": level_steps,
             },
             batch_format="pyarrow",
             batch_size=None,
@@ -134,13 +143,21 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             env=suite.name,
             generator=writer_meta,
             keep_failures=icfg.keep_failures,
+            replayer=replayer,
+            replay=replay,
         )
+        if replayer is not None:
+            replayer.close()
         report = {
             "backend": backend,
             "max_steps": max_steps,
             "max_new_tokens": spec.max_new_tokens,
             **tally.report(),
+            "tokens_per_step": codec.max_step_tokens(),
+            "tokens_per_rollout_max": {lv: codec.max_step_tokens() * n + 1
+                                       for lv, n in level_steps.items()},
             "throughput": stats,
+            "replay": replay_report(replayer, replay),
         }
         run.write_json(report, tmp, "filter_report.json")
         plan.save_config(tmp)
@@ -195,6 +212,13 @@ def stage_requests(
     return requests, max_steps
 
 
+def level_step_limits(suite: Any, levels: list[str], max_steps: int) -> dict[str, int]:
+    """Steps an imagined rollout of each level may have: ``max_steps``, or less where the
+    level's episodes are shorter (CLEVR ``easy``: one push, like its real episodes)."""
+    limit = getattr(suite, "level_max_steps", None)
+    return {lv: min(max_steps, int(limit(lv))) if limit else max_steps for lv in levels}
+
+
 def load_codec(run: RunDir, *, env: str | None = None) -> Any:
     """The grounded model's codec (``model/codec.json``); InputError if it is not for ``env``."""
     from kalm_ray.llm.codec import CODEC_FILE, Codec
@@ -226,7 +250,10 @@ def start_sampler(run: RunDir, suite: Any, mode: str) -> StartSampler:
     if mode == "reset":
         return reset
     return DataStarts(
-        real_first_states(run), fallback=reset, task_dependent=bool(suite.layout.entities)
+        real_first_states(run),
+        fallback=reset,
+        task_dependent=bool(suite.layout.entities),
+        valid=getattr(suite, "valid_start", None),
     )
 
 
@@ -291,8 +318,13 @@ def write_rollouts(
     env: str,
     generator: dict[str, Any],
     keep_failures: bool,
+    replayer: Replayer | None = None,
+    replay: ReplayTally | None = None,
 ) -> dict[str, float]:
     """Consume the judged batches (progress bar), write Parquet parts, fill ``tally``.
+
+    With a ``replayer``, each accepted rollout's actions are then replayed in the simulator
+    into ``replay`` (a diagnostic: what is kept was decided before, from the rollout alone).
 
     Returns throughput numbers: wall seconds, generated tokens, tokens/s, rollouts/s, and how
     many episodes and transitions were written.
@@ -341,6 +373,8 @@ def write_rollouts(
                         _episode(r, env=env, dim=dim, action_dim=action_dim, generator=generator)
                     )
                     n_eps, pending_rows = n_eps + 1, pending_rows + int(r["n_steps"])
+                if r["accepted"] and replayer is not None and replayer.available:
+                    _replay_one(r, replayer, replay, dim=dim, action_dim=action_dim)
                 if pending_rows >= ROWS_PER_PART:
                     flush()
             done += batch.num_rows
@@ -364,6 +398,36 @@ def write_rollouts(
         "transitions_written": n_rows,
         "parts": n_parts,
     }
+
+
+def _replay_one(
+    r: dict[str, Any], replayer: Replayer, replay: Any, *, dim: int, action_dim: int | None
+) -> None:
+    n = int(r["n_steps"])
+    states = np.asarray(r["states"], np.float32).reshape(n + 1, dim)
+    actions = np.asarray(r["actions"], np.float32)
+    actions = actions.astype(np.int64) if action_dim is None else actions.reshape(n, action_dim)
+    replayed, ok = replayer.replay(
+        level=r["level"], task=r["task"], start=states[0], actions=actions
+    )
+    replay.add(
+        level=r["level"],
+        task=r["task"],
+        instruction=r["instruction"],
+        imagined=states,
+        replayed=replayed,
+        imagined_success=bool(r["success"]),
+        replayed_success=ok,
+    )
+
+
+def replay_report(replayer: Replayer | None, replay: ReplayTally) -> dict[str, Any]:
+    """``filter_report.json["replay"]``: the per-level check, or why there is none."""
+    if replayer is None:
+        return {"available": False, "why": "imagine.replay_check is off"}
+    if not replayer.available:
+        return {"available": False, "why": "this env cannot be placed at a given start state"}
+    return replay.report()
 
 
 def _episode(

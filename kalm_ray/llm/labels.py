@@ -109,7 +109,15 @@ JUDGED_COLUMNS: tuple[str, ...] = (
 """Columns :func:`judge_batch` adds to each generated request (lists are flattened)."""
 
 
-def judge_batch(batch: Any, *, decoder: Any, env: str, limits: Any, max_steps: int) -> Any:
+def judge_batch(
+    batch: Any,
+    *,
+    decoder: Any,
+    env: str,
+    limits: Any,
+    max_steps: int,
+    level_max_steps: dict[str, int] | None = None,
+) -> Any:
     """Ray Data ``map_batches`` function: decode, filter and label every generated text.
 
     Args:
@@ -118,6 +126,7 @@ def judge_batch(batch: Any, *, decoder: Any, env: str, limits: Any, max_steps: i
         env: suite name (the suite is looked up in the worker).
         limits: :class:`~kalm_ray.llm.filter.FilterLimits`.
         max_steps: episode limit.
+        level_max_steps: a shorter limit per level (CLEVR ``easy``: one push).
 
     Returns:
         The batch without ``prompt``, plus :data:`JUDGED_COLUMNS`; ``generated_text`` is kept
@@ -132,11 +141,17 @@ def judge_batch(batch: Any, *, decoder: Any, env: str, limits: Any, max_steps: i
     suite = get_suite(env)
     texts = batch.column("generated_text").to_pylist()
     tasks = batch.column("task").to_pylist()
+    levels = (
+        batch.column("level").to_pylist()
+        if "level" in batch.column_names
+        else [None] * batch.num_rows
+    )
     starts = state_matrix(batch.column("start_state"), suite.layout.dim)
     cols: dict[str, list] = {c: [] for c in JUDGED_COLUMNS}
     kept_text = []
-    for text, task, start in zip(texts, tasks, starts, strict=True):
-        v = check_text(decoder, start, text, limits=limits, max_steps=max_steps)
+    for text, task, level, start in zip(texts, tasks, levels, starts, strict=True):
+        limit = (level_max_steps or {}).get(level, max_steps)
+        v = check_text(decoder, start, text, limits=limits, max_steps=limit)
         lab = label_rollout(suite, task, v.states, v.actions) if v.accepted else None
         cols["accepted"].append(v.accepted)
         cols["reason"].append(v.reason or "")

@@ -4,10 +4,15 @@
   dimensions, against the copy-the-state baseline ``|s - s'|`` on the same transitions;
 - explanation: exact match of the generated instruction (token ids) and teacher-forced
   token accuracy on the instruction tokens;
-- generation: rollouts generated from (instruction, start state): the fraction that decode
+- generation: rollouts generated from (instruction, start state) under the codec's grammar
+  (as the imagine stage generates them): the fraction that decode
   (``Codec.decode_rollout``), the decode-failure reasons, and the fraction whose final
   state satisfies the task's predicate (``suite.success``); the real episodes' own success
-  rate is given for reference.
+  rate is given for reference;
+- policy (the measure of whether grounding made a policy): the grounded LLM run closed loop
+  in the simulator (:class:`kalm_ray.llm.policy.LLMPolicy`) from held-out episodes' real
+  starts with their instructions, next to the uniform-random policy on the same starts.
+  Where the env cannot be placed at a given state (no ``set_state``) it is skipped.
 """
 
 from __future__ import annotations
@@ -51,20 +56,35 @@ def generate_ids(
     batch_size: int,
     device: str,
     stop_ids: list[int],
+    grammar: tuple[Codec, list[Any]] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, cut after the first stop id), batched with KV cache."""
+    """Greedy continuations (token ids, cut after the first stop id), batched with KV cache.
+
+    ``grammar``: the codec and one :class:`~kalm_ray.llm.grammar.RowGrammar` per prompt, to
+    decode under the codec's grammar as the imagine stage does.
+    """
+    from transformers import LogitsProcessorList
+
+    from kalm_ray.llm.backends.hf import GrammarMask
 
     out: list[list[int]] = []
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+        procs = LogitsProcessorList()
+        if grammar is not None:
+            rows = grammar[1][i : i + batch_size]
+            procs.append(
+                GrammarMask(tokenizer, grammar[0], rows, prompt_len=enc["input_ids"].shape[1])
+            )
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_ids,
             pad_token_id=pad,
+            logits_processor=procs,
         )
         for row in gen[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
@@ -196,15 +216,19 @@ def generation_metrics(
     per_step = max(
         len(codec.encode_steps(e.states, e.actions)) / max(1, len(e.actions)) for e in episodes
     )
+    from kalm_ray.llm.grammar import RowGrammar
+
     prompts = [rollout_prompt(codec, e.instruction, e.states[0]) for e in episodes]
+    rows = [RowGrammar.for_request(codec, e.states[0], max_steps) for e in episodes]
     gens = generate_ids(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=int(max_steps * (per_step + 1)) + 2,
+        max_new_tokens=max(max(r.max_tokens() for r in rows), int(per_step)),
         batch_size=batch_size,
         device=device,
         stop_ids=[end_id, eos],
+        grammar=(codec, rows),
     )
     reasons: Counter[str] = Counter()
     decoded, success, lengths = 0, 0, []
@@ -230,6 +254,62 @@ def generation_metrics(
     }
 
 
+def policy_metrics(
+    model: Any,
+    tokenizer: Any,
+    codec: Codec,
+    suite: Any,
+    episodes: list[EpisodeArrays],
+    *,
+    n_envs: int = 16,
+) -> dict[str, Any]:
+    """LLM-as-policy vs the random policy, closed loop from ``episodes``' real starts.
+
+    Each held-out episode gives one spec: its task and instruction at the ``train`` level,
+    started exactly at its first real state; both policies meet the same specs.
+    """
+    if not episodes:
+        return {"policy_n": 0}
+    env = suite.make_env("train")
+    settable = hasattr(env.unwrapped, "set_state")
+    env.close()
+    if not settable:
+        return {"policy_n": 0, "policy_skipped": "the env cannot be placed at a given state"}
+    from kalm_ray.eval.episodes import EpisodeSpec, run_episodes
+    from kalm_ray.eval.evaluate import RandomPolicy
+    from kalm_ray.llm.policy import LLMPolicy
+
+    specs = [EpisodeSpec(i, "train", e.task, e.instruction, i) for i, e in enumerate(episodes)]
+    starts = {i: e.states[0] for i, e in enumerate(episodes)}
+    envs: dict[int, Any] = {}
+
+    def get_env(slot: int, spec: EpisodeSpec) -> Any:
+        if slot not in envs:
+            envs[slot] = suite.make_env("train")
+        return envs[slot]
+
+    out: dict[str, Any] = {"policy_n": len(specs)}
+    for name, policy in (
+        ("llm", LLMPolicy.from_loaded(model, tokenizer, codec)),
+        ("random", RandomPolicy(suite.action_space)),
+    ):
+        res = run_episodes(
+            policy,
+            specs,
+            get_env=get_env,
+            embeddings={e.instruction: np.zeros(0, np.float32) for e in episodes},
+            make_obs=lambda s, e: s,
+            n_envs=n_envs,
+            max_steps=suite.max_episode_steps,
+            start_states=starts,
+        )
+        out[f"policy_{name}_success"] = float(np.mean([r.success for r in res]))
+        out[f"policy_{name}_mean_length"] = float(np.mean([r.length for r in res]))
+    for e in envs.values():
+        e.close()
+    return out
+
+
 def grounding_metrics(
     model: Any,
     tokenizer: Any,
@@ -240,6 +320,7 @@ def grounding_metrics(
     device: str = "cpu",
     max_examples: int = 128,
     max_rollouts: int = 32,
+    max_policy_episodes: int = 64,
     batch_size: int = 32,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -248,6 +329,7 @@ def grounding_metrics(
     Args:
         max_examples: transitions for dynamics and episodes for explanation.
         max_rollouts: episodes whose (instruction, start) prompt a rollout.
+        max_policy_episodes: episodes whose starts the LLM-as-policy and random play from.
     """
     rng = np.random.default_rng(seed)
     trans = [
@@ -282,4 +364,5 @@ def grounding_metrics(
             device=device,
         )
     )
+    out.update(policy_metrics(model, tokenizer, codec, suite, ep_pick[:max_policy_episodes]))
     return out

@@ -116,16 +116,42 @@ def labels_for(input_ids: list[int] | np.ndarray, prompt_len: int) -> np.ndarray
 
 
 def episode_examples(
-    codec: Codec, tokenizer: Any, ep: EpisodeArrays, *, max_seq_len: int
+    codec: Codec,
+    tokenizer: Any,
+    ep: EpisodeArrays,
+    *,
+    max_seq_len: int,
+    rollout_starts: str = "first",
 ) -> tuple[list[dict[str, Any]], int]:
     """Token-id examples of every task from one episode, and how many were dropped as too long.
 
     One rollout/explain/consequence example per episode (shortened from the front until it
-    fits) and one dynamics example per transition.
+    fits) and one dynamics example per transition. With ``rollout_starts="every"`` the
+    episode also gives a rollout example from each later state (the same instruction, the
+    rest of the episode as the plan), so every real transition teaches its action.
     """
     rows: list[dict[str, Any]] = []
     dropped = 0
     n = len(ep.actions)
+    if rollout_starts == "every":
+        for start in range(1, n):
+            s, a = ep.states[start:], ep.actions[start:]
+            ids, plen = tokenize_example(
+                tokenizer,
+                rollout_prompt(codec, ep.instruction, s[0]),
+                codec.encode_trajectory(s, a),
+            )
+            if len(ids) <= max_seq_len:
+                rows.append(
+                    {
+                        "episode_id": ep.episode_id,
+                        "task": "rollout",
+                        "input_ids": ids,
+                        "prompt_len": plen,
+                    }
+                )
+    elif rollout_starts != "first":
+        raise ValueError(f"rollout_starts {rollout_starts!r}: expected 'first' or 'every'")
     for task in ("rollout", "explain", "consequence"):
         for start in range(n):
             pairs = {k: (p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task}
@@ -222,6 +248,7 @@ class ExampleBuilder:
         max_seq_len: int,
         heldout_fraction: float,
         seed: int,
+        rollout_starts: str = "first",
     ):
         from transformers import AutoTokenizer
 
@@ -231,6 +258,7 @@ class ExampleBuilder:
         self.codec = Codec.load(local_copy(codec_path))
         self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.max_seq_len = max_seq_len
+        self.rollout_starts = rollout_starts
         self.fraction = heldout_fraction
         self.seed = seed
 
@@ -241,7 +269,11 @@ class ExampleBuilder:
         for ep in episodes_from_table(batch):
             split = "heldout" if is_heldout(ep.episode_id, self.fraction, self.seed) else "train"
             exs, dropped = episode_examples(
-                self.codec, self.tokenizer, ep, max_seq_len=self.max_seq_len
+                self.codec,
+                self.tokenizer,
+                ep,
+                max_seq_len=self.max_seq_len,
+                rollout_starts=self.rollout_starts,
             )
             rows += [{**r, "split": split, "dropped": 0} for r in exs]
             if dropped:

@@ -2,9 +2,12 @@
 
 For each target level, ``rollouts_per_level`` requests are spread round-robin over the
 level's tasks (optionally a stable sample of ``max_tasks_per_level`` of them); the k-th
-request of a task takes its k-th wording (cycling). Start states come from real episodes'
-first states or from the env's reset distribution. Everything is a deterministic function
-of the master seed.
+request of a task takes wording ``(offset + k) mod n`` of that task, with a seeded offset per
+task, so a level's requests use all of its wordings even when each task gets fewer requests
+than it has wordings. Start states come from real episodes' first states or from the env's
+reset distribution, and only states where the task is meaningful (the suite's
+``valid_start``: the goal does not hold yet, a ball to move has room). Everything is a
+deterministic function of the master seed.
 """
 
 from __future__ import annotations
@@ -116,6 +119,12 @@ class DataStarts:
             np.concatenate(list(self.by_task.values())) if self.by_task else np.zeros((0, 0))
         )
 
+    valid: Callable[[str, np.ndarray], bool] | None = None
+    """``valid_start(task, state)`` of the suite; None = every state is a valid start."""
+
+    MAX_DRAWS = 64
+    """Draws from the pool per request before the env's reset is used instead."""
+
     def __call__(self, level: str, task: str, seeds: np.ndarray) -> np.ndarray:
         pool = self.by_task.get(task)
         if pool is None or not len(pool):
@@ -124,8 +133,19 @@ class DataStarts:
                     raise InputError(f"no real start state for task {task!r} and no env to reset")
                 return self.fallback(level, task, seeds)
             pool = self.pooled
-        idx = [np.random.default_rng(int(s)).integers(len(pool)) for s in seeds]
-        return pool[idx].astype(np.float32)
+        out = []
+        for s in seeds:
+            rng = np.random.default_rng(int(s))
+            for _ in range(self.MAX_DRAWS):
+                state = pool[rng.integers(len(pool))].astype(np.float32)
+                if self.valid is None or self.valid(task, state):
+                    break
+            else:  # no valid state in this many draws: the env's reset makes a valid one
+                if self.fallback is None:
+                    raise InputError(f"no valid real start state for task {task!r}")
+                state = self.fallback(level, task, np.asarray([s]))[0]
+            out.append(state)
+        return np.stack(out) if out else np.zeros((0, pool.shape[1]), np.float32)
 
 
 def real_first_states(run: RunDir, folder: str = "data/real") -> dict[str, np.ndarray]:
@@ -178,6 +198,7 @@ def build_requests(
             continue
         seeds = level_rng(seed, level, "seeds").integers(0, 2**31 - 1, size=rollouts_per_level)
         task_of = [tasks[i % len(tasks)] for i in range(rollouts_per_level)]
+        offsets = level_rng(seed, level, "wordings").integers(0, 2**31 - 1, size=len(tasks))
         state_of = np.zeros((rollouts_per_level, dim), np.float32)
         for task in tasks:
             idx = np.array([i for i, t in enumerate(task_of) if t == task], dtype=int)
@@ -185,7 +206,8 @@ def build_requests(
                 state_of[idx] = starts(level, task, seeds[idx])
         for i in range(rollouts_per_level):
             wordings = suite.instructions(level, task_of[i])
-            instruction = wordings[(i // len(tasks)) % len(wordings)]
+            k, j = divmod(i, len(tasks))  # the k-th request of task j
+            instruction = wordings[(int(offsets[j]) + k) % len(wordings)]
             rows["request_id"].append(f"{level}-{i:06d}")
             rows["level"].append(level)
             rows["task"].append(task_of[i])

@@ -9,7 +9,7 @@ import numpy as np
 
 from kalm_ray.envs.clevr.model import COLORS, WALL_X, WALL_Y_HIGH, WALL_Y_LOW
 from kalm_ray.envs.clevr.sim import N_ACTIONS, PushSim
-from kalm_ray.envs.clevr.tasks import reward, success, tasks, valid_start
+from kalm_ray.envs.clevr.tasks import level_max_steps, reward, success, tasks, valid_start
 from kalm_ray.envs.clevr.wordings import instructions
 from kalm_ray.envs.suite import UnknownChoiceError
 
@@ -50,14 +50,15 @@ class CLEVRRobotEnv(gym.Env[np.ndarray, np.int64]):
     Observation: ball (x, y) in colour order, ``Box(10,)`` float32 bounded by the walls.
     Action ``a``: push ball ``a // 8`` along direction ``a % 8`` (see ``sim.DIRECTION_VECTORS``).
     An episode is terminated when its goal holds and truncated after
-    ``max_episode_steps`` pushes otherwise (never both). Success and reward are computed
-    by :mod:`kalm_ray.envs.clevr.tasks` on the float32 observations, so labels recomputed
-    from stored data match the env exactly.
+    ``max_episode_steps`` pushes otherwise (never both); ``easy`` episodes are one push
+    (:data:`~kalm_ray.envs.clevr.tasks.LEVEL_MAX_STEPS`), whatever ``max_episode_steps``
+    says. Success and reward are computed by :mod:`kalm_ray.envs.clevr.tasks` on the
+    float32 observations, so labels recomputed from stored data match the env exactly.
 
     Args:
         level: task level (``train``, ``rephrase``, ``easy``, ``hard``).
         task: a fixed task id of that level; None samples one per reset.
-        max_episode_steps: pushes per episode before truncation.
+        max_episode_steps: pushes per episode before truncation (capped per level).
         render_mode: None or ``rgb_array`` (needs an OpenGL context for MuJoCo).
 
     ``reset(options=...)`` accepts ``state`` (10 ball coordinates placed exactly, at rest),
@@ -81,7 +82,7 @@ class CLEVRRobotEnv(gym.Env[np.ndarray, np.int64]):
             raise UnknownChoiceError("render_mode", render_mode, self.metadata["render_modes"])
         self.level = level
         self.fixed_task = task
-        self.max_episode_steps = int(max_episode_steps)
+        self.max_episode_steps = level_max_steps(level, max_episode_steps)
         self.render_mode = render_mode
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
         low = np.tile(np.array([-WALL_X, WALL_Y_LOW], dtype=np.float32), len(COLORS))

@@ -54,6 +54,18 @@ RELATION_TARGET_DIST = 0.32
 """Centre distance the relation distance term aims for, mid-way in [0.26, 0.39)."""
 MOVE_MIN = 0.15
 """A ``move`` goal needs this much progress along its direction (one push gives ~0.25)."""
+LEVEL_MAX_STEPS: dict[str, int] = {"easy": 1}
+"""Levels whose episodes are shorter than the suite's limit. An easy goal is *one push* (as
+in ImagineBench): with 50 pushes a random policy moved the named ball 0.15 on 72.5% of
+episodes, so the level measured nothing; with one push it succeeds ~1/5 x 3/8 = 7.5%."""
+
+
+def level_max_steps(level: str, default: int) -> int:
+    """Pushes per episode at ``level``: ``default`` (the suite's limit) unless the level is
+    shorter (:data:`LEVEL_MAX_STEPS`)."""
+    return min(int(default), LEVEL_MAX_STEPS.get(level, int(default)))
+
+
 LINE_MAX_ANGLE = math.radians(30.0)
 GATHER_RADIUS = 0.325
 GATHER_TARGET = 0.30

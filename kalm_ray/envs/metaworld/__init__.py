@@ -43,6 +43,11 @@ layout = LAYOUT
 action_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
 
 
+def level_max_steps(level: str) -> int:
+    """Steps per episode at ``level`` (the same at every Meta-World level)."""
+    return max_episode_steps
+
+
 def make_env(level: str, task: str | None = None, **kwargs: Any) -> gym.Env:
     """A fresh :class:`~kalm_ray.envs.metaworld.env.MetaWorldEnv` (not wrapped).
 
@@ -80,6 +85,7 @@ __all__ = [
     "gym_id",
     "instructions",
     "layout",
+    "level_max_steps",
     "make_env",
     "max_episode_steps",
     "name",

@@ -7,6 +7,11 @@ the spec lists the codec's tokens, a request also stops at its first token outsi
 (:class:`StopOnForeignToken`): its text is unparseable from there on anyway, and a batch no
 longer runs to the token budget for the sake of rows that are already lost.
 
+With ``spec.grammar`` (the default) every position is constrained to the tokens the codec's
+grammar allows there (:class:`GrammarMask`, :mod:`kalm_ray.llm.grammar`): an action or the end
+at a step boundary, a bin inside a step, the end token once the request's level allows no
+more steps. Every rollout is then well-formed; the filter still judges its physics.
+
 Sampling (temperature > 0) is done with the Gumbel-max trick in a logits processor, with one
 random stream per request seeded by the request's seed: a request's output then depends on
 its seed only, not on which batch or actor it landed in (plain ``do_sample`` draws from one
@@ -97,6 +102,58 @@ class SeededSampling:
         return gumbel_scores(scores.float(), noise, temperature=self.temperature, top_p=self.top_p)
 
 
+class GrammarMask:
+    """Logits processor: only the tokens the codec's grammar allows at each row's position.
+
+    Rows are left padded, so generated position ``p`` is the same for every row:
+    ``input_ids.shape[1] - prompt_len``. Each row has its own step template (entities of its
+    start state) and step limit (its level); see :mod:`kalm_ray.llm.grammar`.
+    """
+
+    _tables: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+    """(tokenizer, codec) -> the (kinds, vocab) mask table: built once per process."""
+
+    def __init__(self, tok: Any, codec: Any, rows: list[Any], *, prompt_len: int):
+        self.table = self.table_for(tok, codec)
+        self.rows, self.prompt_len = rows, prompt_len
+
+    @classmethod
+    def table_for(cls, tok: Any, codec: Any) -> torch.Tensor:
+        """``(n_kinds, vocab)`` bool: which token ids each slot kind allows."""
+        import torch
+
+        from kalm_ray.llm.grammar import kind_tokens
+
+        key = (id(tok), id(codec))
+        held = cls._tables.get(key)
+        if held is None or held[0] is not tok or held[1] is not codec:  # ids can be reused
+            kinds = kind_tokens(codec)
+            vocab = max(len(tok), int(max(tok.get_vocab().values())) + 1)
+            table = torch.zeros(len(kinds), vocab, dtype=torch.bool)
+            for k, toks in enumerate(kinds):
+                ids = tok.convert_tokens_to_ids(toks)
+                if any(i is None or i == tok.unk_token_id for i in ids):
+                    raise ValueError(
+                        f"codec tokens {toks[:3]}... are not in the tokenizer's vocabulary"
+                    )
+                table[k, ids] = True
+            cls._tables = {key: (tok, codec, table)}  # one model per process: keep one
+        return cls._tables[key][2]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        pos = input_ids.shape[1] - self.prompt_len
+        kinds = torch.tensor([r.kind_at(pos) for r in self.rows], dtype=torch.long)
+        allowed = self.table[kinds].to(scores.device)
+        if allowed.shape[1] < scores.shape[1]:  # model rows beyond the tokenizer (padding)
+            pad = torch.zeros(
+                allowed.shape[0], scores.shape[1] - allowed.shape[1], dtype=torch.bool
+            )
+            allowed = torch.cat([allowed, pad.to(scores.device)], dim=1)
+        return scores.masked_fill(~allowed[:, : scores.shape[1]], float("-inf"))
+
+
 class StopOnForeignToken:
     """Stopping criterion: a request is done once it generates a token outside ``allowed``.
 
@@ -154,9 +211,12 @@ class HFGenerator:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
-        model, tok, *_ = _resolve_loader(spec.loader)(
+        model, tok, *rest = _resolve_loader(spec.loader)(
             spec.model_dir, device=device, dtype=_dtype(dtype, device)
         )
+        # The grammar needs the codec (load_grounded returns it third); a plain HF folder
+        # (tests, benchmarks) generates unconstrained.
+        self.codec = rest[0] if rest and spec.grammar else None
         tok.padding_side = "left"  # so every row's last prompt token is the last column
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -186,6 +246,15 @@ class HFGenerator:
             pad_token_id=self.tok.pad_token_id,
         )
         processors = LogitsProcessorList()
+        if self.codec is not None:  # first: sampling then only ever sees legal tokens
+            processors.append(
+                GrammarMask(
+                    self.tok,
+                    self.codec,
+                    self.row_grammars(batch),
+                    prompt_len=enc["input_ids"].shape[1],
+                )
+            )
         if self.spec.temperature > 0:
             processors.append(
                 SeededSampling(
@@ -220,6 +289,22 @@ class HFGenerator:
             .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
             .append_column("num_input_tokens", pa.array(n_in))
         )
+
+    def row_grammars(self, batch: pa.Table) -> list[Any]:
+        """Each request's grammar: its start state's entities and its level's step limit."""
+        from kalm_ray.llm.grammar import RowGrammar
+        from kalm_ray.llm.requests import state_matrix
+
+        starts = state_matrix(batch.column("start_state"), self.codec.state_dim)
+        levels = (
+            batch.column("level").to_pylist()
+            if "level" in batch.column_names
+            else [None] * batch.num_rows
+        )
+        return [
+            RowGrammar.for_request(self.codec, s, self.spec.steps_for(lv))
+            for s, lv in zip(starts, levels, strict=True)
+        ]
 
 
 def generate_hf(

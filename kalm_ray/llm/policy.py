@@ -1,0 +1,103 @@
+"""The grounded LLM as a closed-loop policy (the KALM paper's LLM-as-policy baseline).
+
+At every step the model is prompted with the instruction and the *current real state*, in
+the rollout prompt it was grounded on (:func:`kalm_ray.llm.prompts.rollout_prompt`), and
+the first action of its plan is decoded greedily under the codec's grammar restricted to
+one action (:mod:`kalm_ray.llm.grammar`): every output is a legal action by construction.
+Batched: one ``generate`` call per env step for all the environments a worker steps
+together. The same object serves evaluation (``kalm evaluate``'s ``llm`` row) and the
+grounding stage's check that grounding worked (held-out train-level goals, next to the
+random policy on the same starts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kalm_ray.eval.results import LLM_ALGO  # one name for the results row
+from kalm_ray.llm.grammar import RowGrammar, action_length
+
+__all__ = ["LLM_ALGO", "LLMPolicy"]
+
+
+class LLMPolicy:
+    """Instruction + current state -> one action, from a grounded model folder.
+
+    Args:
+        model_dir: ``run_dir/model`` (local path or URI).
+        device: ``cpu``/``cuda``/``auto``.
+        loader: ``(model_dir, device=..., dtype=...) -> (model, tokenizer, codec)``.
+    """
+
+    wants_instructions = True
+    """:func:`kalm_ray.eval.episodes.run_episodes` passes states and wordings, not the
+    policy observation (states + embeddings)."""
+
+    def __init__(self, model_dir: str, *, device: str = "auto", loader: Any = None, seed: int = 0):
+        import torch
+
+        if loader is None:
+            from kalm_ray.llm.model import load_grounded as loader
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok, codec = loader(model_dir, device=device)
+        self._setup(model, tok, codec, device=device)
+        self.info = {"algo": LLM_ALGO, "data": "real", "seed": seed, "model_dir": model_dir}
+
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, codec: Any) -> LLMPolicy:
+        """A policy around a model already in memory (the grounding stage's metrics)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, codec, device=str(next(model.parameters()).device))
+        self.info = {"algo": LLM_ALGO, "data": "real", "seed": 0}
+        return self
+
+    def _setup(self, model: Any, tok: Any, codec: Any, *, device: str) -> None:
+        self.model, self.tok, self.codec, self.device = model.eval(), tok, codec, device
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def act_instructed(self, states: np.ndarray, instructions: list[str]) -> np.ndarray:
+        """Greedy legal actions ``(B,)`` int64 (discrete) or ``(B, k)`` float32 (continuous)."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        from kalm_ray.llm.backends.hf import GrammarMask
+        from kalm_ray.llm.prompts import rollout_prompt
+
+        states = np.asarray(states, np.float32).reshape(len(instructions), -1)
+        prompts = [
+            rollout_prompt(self.codec, w, s) for w, s in zip(instructions, states, strict=True)
+        ]
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        rows = [RowGrammar.for_request(self.codec, s, 1) for s in states]
+        n_new = action_length(self.codec)
+        mask = GrammarMask(self.tok, self.codec, rows, prompt_len=enc["input_ids"].shape[1])
+        cfg = GenerationConfig(
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=None,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                generation_config=cfg,
+                logits_processor=LogitsProcessorList([mask]),
+            )
+        new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
+        toks = [self.tok.convert_ids_to_tokens(row.tolist()) for row in new]
+        if self.codec.discrete:
+            index = {t: i for i, t in enumerate(self.codec.action_tokens)}
+            return np.asarray([index[t[0]] for t in toks], np.int64)
+        return np.stack([self.codec._decode_action(t, 0)[0] for t in toks]).astype(np.float32)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:  # pragma: no cover - guard, never called
+        raise TypeError("LLMPolicy needs the instruction text: call act_instructed")

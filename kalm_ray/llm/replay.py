@@ -1,0 +1,134 @@
+"""Imagined rollouts checked against the simulator: a hallucination diagnostic, nothing more.
+
+For an accepted imagined rollout, its actions are replayed from its start state in the real
+environment, and the two state sequences are compared: did the imagined rollout succeed,
+did the replay, does the replay confirm an imagined success, and how far apart are the
+states step by step. The KALM paper reports how often imagined trajectories break physics;
+this is our measure of it.
+
+The simulator never creates, labels or selects imagined data: the imagine stage decides
+what it keeps before a rollout is replayed, and writes only the imagined states. Replays
+need an env that can be placed at a given state (``set_state``: CLEVR-Robot); for other
+suites the report says the check was not available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def state_error(imagined: np.ndarray, replayed: np.ndarray) -> float:
+    """Mean absolute difference (env units) over the steps after the start and every dimension.
+
+    Args:
+        imagined, replayed: ``(T + 1, D)`` states; row 0 (the shared start) is ignored.
+    """
+    a = np.asarray(imagined, np.float64)
+    b = np.asarray(replayed, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"state_error needs equal (T+1, D) shapes, got {a.shape}, {b.shape}")
+    if len(a) < 2:
+        return 0.0
+    return float(np.abs(a[1:] - b[1:]).mean())
+
+
+class Replayer:
+    """Replays action sequences in the suite's real env, placed at a given start state."""
+
+    def __init__(self, suite: Any):
+        self.suite = suite
+        self._envs: dict[str, Any] = {}
+        probe = suite.make_env("train")
+        self.available = hasattr(probe.unwrapped, "set_state")
+        probe.close()
+
+    def replay(
+        self, *, level: str, task: str, start: np.ndarray, actions: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
+        """``(states (T+1, D), success)`` of ``actions`` from ``start`` in the simulator.
+
+        Every action is applied even after the goal holds (the imagined rollout decides its
+        length); ``success`` is the suite's predicate at any step, like an episode's.
+        """
+        env = self._envs.get(level)
+        if env is None:
+            env = self._envs[level] = self.suite.make_env(level, max_episode_steps=10_000)
+        s, _ = env.reset(options={"task": task, "state": np.asarray(start, np.float64)})
+        states, ok = [np.asarray(s, np.float32)], False
+        for a in actions:
+            act = int(a) if np.ndim(a) == 0 else np.asarray(a, np.float32)
+            s, _, _, _, info = env.step(act)
+            states.append(np.asarray(s, np.float32))
+            ok |= bool(info.get("success", False))
+        return np.stack(states), ok
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+
+
+@dataclass
+class ReplayTally:
+    """Per-level counts of the replay check, for ``filter_report.json["replay"]``."""
+
+    max_samples: int = 6
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self,
+        *,
+        level: str,
+        task: str,
+        instruction: str,
+        imagined: np.ndarray,
+        replayed: np.ndarray,
+        imagined_success: bool,
+        replayed_success: bool,
+    ) -> None:
+        c = self.levels.setdefault(
+            level,
+            {"rollouts": 0, "imagined_success": 0, "replayed_success": 0, "confirmed": 0,
+             "error_sum": 0.0},
+        )
+        c["rollouts"] += 1
+        c["imagined_success"] += int(imagined_success)
+        c["replayed_success"] += int(replayed_success)
+        c["confirmed"] += int(imagined_success and replayed_success)
+        c["error_sum"] += state_error(imagined, replayed)
+        # A few of each level for the report's side-by-side plot (the first ones seen).
+        if sum(s["level"] == level for s in self.samples) < max(1, self.max_samples // 3):
+            self.samples.append(
+                {
+                    "level": level,
+                    "task": task,
+                    "instruction": instruction,
+                    "imagined": np.asarray(imagined, np.float32).tolist(),
+                    "replayed": np.asarray(replayed, np.float32).tolist(),
+                }
+            )
+
+    def report(self) -> dict[str, Any]:
+        per_level = {}
+        for lv, c in self.levels.items():
+            n = c["rollouts"]
+            per_level[lv] = {
+                "rollouts": int(n),
+                "imagined_success_rate": c["imagined_success"] / n if n else 0.0,
+                "replayed_success_rate": c["replayed_success"] / n if n else 0.0,
+                # Of the imagined successes, the fraction the simulator confirms.
+                "agreement": c["confirmed"] / c["imagined_success"]
+                if c["imagined_success"]
+                else None,
+                "mean_state_error": c["error_sum"] / n if n else 0.0,
+            }
+        return {
+            "available": True,
+            "per_level": per_level,
+            "samples": self.samples,
+            "note": "diagnostic only: replays never create, label or select imagined data",
+        }
