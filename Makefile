@@ -26,9 +26,12 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(VENV)/bin/pytest -q -m gpu
 
+# d3rlpy 2.8.1 pins gymnasium==1.0.0 (ray 2.60 needs 1.2.2): its runtime deps come from
+# bench/requirements.txt and d3rlpy itself goes in with --no-deps. Summary: runs/bench/summary.json
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) -m pip install --quiet --no-deps d3rlpy==2.8.1
+	$(PY) bench/run_all.py --out runs/bench/summary.json
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

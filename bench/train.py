@@ -1,4 +1,6 @@
-"""Learner updates/s of continuous CQL: kalm_ray's RLlib CQL and stock RLlib CQL vs d3rlpy.
+"""Learner updates/s of CQL: kalm_ray's RLlib CQL and stock RLlib CQL vs d3rlpy.
+
+``--algo cql`` (default), continuous CQL:
 
 Same data (``--transitions`` rows: obs 475 = 91 state + 384 embedding, 4-d actions in
 [-1, 1], episodes of 100), same network widths (2 x 256), batch 256, 10 sampled actions, twin
@@ -17,6 +19,17 @@ is an obs stream + action stream + fusion layer (its SAC catalog), d3rlpy's and 
         typing-inspect "marshmallow<4" mypy_extensions
     # (--no-deps: d3rlpy pins gymnasium 1.0.0; ray 2.60 needs 1.2.2)
     .venv/bin/python bench/train.py [--transitions 100000] [--updates 50] [--rounds 3] [--profile]
+
+``--algo dcql``, discrete CQL (the CLEVR algorithm): kalm_ray's ``dcql`` (double-DQN TD loss
++ the logsumexp conservative term, :mod:`kalm_ray.rl.discrete_cql`) vs d3rlpy's
+``DiscreteCQL`` (also double DQN + logsumexp), on data shaped like CLEVR's: obs 778 (10 state +
+768 ``word_halves`` embedding), 40 actions, episodes of 50; the same Q network (778 -> 256 ->
+256 -> 40, ReLU), batch 256, one critic, Adam. No stock RLlib row: RLlib 2.60's CQL is
+continuous only. Not identical: d3rlpy's TD loss is Huber and its target network is copied
+every ``target_update_interval`` steps; ours is squared error with a Polyak step after every
+update (both are a few elementwise ops next to the matmuls).
+
+(``make bench`` installs d3rlpy this way: ``bench/requirements.txt``.)
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import time
 import numpy as np
 
 OBS_DIM, ACT_DIM, EPISODE = 91 + 384, 4, 100
+D_OBS_DIM, D_ACTIONS, D_EPISODE = 10 + 768, 40, 50
 
 
 def make_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,6 +58,21 @@ def make_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
         "new_obs": obs[1:],
         "actions": rng.uniform(-1, 1, (n, ACT_DIM)).astype(np.float32),
         "rewards": rng.normal(size=n).astype(np.float32),
+        "terminateds": np.zeros(n, bool),
+        "truncateds": last,
+    }
+
+
+def make_discrete_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """CLEVR-shaped random transitions: obs 778, actions in [0, 40), episodes of 50."""
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n + 1, D_OBS_DIM)).astype(np.float32)
+    last = (np.arange(n) % D_EPISODE) == D_EPISODE - 1
+    return {
+        "obs": obs[:-1],
+        "new_obs": obs[1:],
+        "actions": rng.integers(0, D_ACTIONS, n).astype(np.int64),
+        "rewards": (rng.random(n) < 0.05).astype(np.float32),
         "terminateds": np.zeros(n, bool),
         "truncateds": last,
     }
@@ -77,6 +106,48 @@ def build_ours(folder: str, n: int, updates: int):
         seed=0,
     )
     return cfg.build_algo()
+
+
+def build_ours_dcql(folder: str, n: int, updates: int):
+    import gymnasium as gym
+
+    from kalm_ray.config import TrainConfig
+    from kalm_ray.rl.algos import build_config
+
+    train = TrainConfig(hidden=[256, 256], batch_size=256, updates_per_iteration=updates)
+    cfg = build_config(
+        "dcql",
+        train=train,
+        data_path=folder,
+        filesystem=None,
+        obs_dim=D_OBS_DIM,
+        action_space=gym.spaces.Discrete(D_ACTIONS),
+        num_rows=n,
+        seed=0,
+    )
+    return cfg.build_algo()
+
+
+def build_d3rlpy_dcql(data: dict[str, np.ndarray]):
+    import d3rlpy
+
+    dataset = d3rlpy.dataset.MDPDataset(
+        observations=data["obs"],
+        actions=data["actions"],
+        rewards=data["rewards"],
+        terminals=data["terminateds"].astype(np.float32),
+        timeouts=data["truncateds"].astype(np.float32),
+        action_space=d3rlpy.constants.ActionSpace.DISCRETE,
+        action_size=D_ACTIONS,
+    )
+    algo = d3rlpy.algos.DiscreteCQLConfig(
+        batch_size=256,
+        learning_rate=3e-4,
+        encoder_factory=d3rlpy.models.encoders.VectorEncoderFactory([256, 256]),
+        n_critics=1,
+    ).create(device="cpu:0")
+    algo.build_with_dataset(dataset)
+    return algo, dataset
 
 
 def build_stock(folder: str, updates: int):
@@ -161,6 +232,7 @@ def rate_d3rlpy(algo, dataset, updates: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--algo", choices=["cql", "dcql"], default="cql")
     p.add_argument("--transitions", type=int, default=100_000)
     p.add_argument("--updates", type=int, default=50, help="learner updates per timed round")
     p.add_argument("--rounds", type=int, default=3)
@@ -175,14 +247,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    data = make_data(args.transitions)
+    discrete = args.algo == "dcql"
+    if discrete:
+        args.no_stock = True  # RLlib 2.60 has no discrete CQL
+    data = (make_discrete_data if discrete else make_data)(args.transitions)
     with tempfile.TemporaryDirectory(prefix="kalm-bench-train-") as tmp:
         folder = os.path.join(tmp, "prepared")
         write_prepared(data, folder)
         runners = {"d3rlpy": None, "kalm_ray": None, "rllib_stock": None}
-        algo_d3, dataset = build_d3rlpy(data)
+        algo_d3, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
         runners["d3rlpy"] = lambda: rate_d3rlpy(algo_d3, dataset, args.updates)
-        ours = build_ours(folder, args.transitions, args.updates)
+        ours = (build_ours_dcql if discrete else build_ours)(folder, args.transitions, args.updates)
         runners["kalm_ray"] = lambda: rate_rllib(ours, args.updates)
         if args.no_stock:
             del runners["rllib_stock"]
@@ -216,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 algo.stop()
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["d3rlpy"]
+    shape = f"obs {D_OBS_DIM}, {D_ACTIONS} actions" if discrete else f"obs {OBS_DIM}"
     print(
-        f"\nCQL learner updates/s (median of {args.rounds} rounds of {args.updates}; "
-        f"{args.transitions} transitions, obs {OBS_DIM}, batch 256, 2x256, "
+        f"\n{'discrete ' if discrete else ''}CQL learner updates/s (median of {args.rounds} "
+        f"rounds of {args.updates}; {args.transitions} transitions, {shape}, batch 256, 2x256, "
         f"torch threads {args.threads})"
     )
     for k, v in med.items():

@@ -23,6 +23,7 @@ TINY = TrainConfig(
     iterations=2, updates_per_iteration=3, batch_size=32, hidden=[32, 32], quick_eval_every=0
 )
 
+
 def _train(run, task, mix, unit, train) -> dict:
     """One unit on the toy run, no quick evaluation (the tests check the export instead)."""
     return train_unit(
@@ -35,7 +36,6 @@ def _train(run, task, mix, unit, train) -> dict:
         info={"env": "toy", "encoder": "toy"},
         quick_eval=None,
     )
-
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,85 @@ def test_remote_learner_trains_and_exports(prepared):
     unit = Unit("dcql", "real", 3)
     _train(run, task, mix, unit, train)
     _check_policy_folder(run, task, unit.name, "dcql")
+
+
+def _grid_cfg(run: RunDir, **train) -> object:
+    return parse_config(
+        {
+            "name": "rl-units",
+            "run_dir": run.root,
+            "env": {"name": "clevr", "max_episode_steps": 3},
+            "train": {
+                "algos": ["bc", "dcql"],
+                "data": ["real"],
+                "seeds": [0],
+                "iterations": 2,
+                "updates_per_iteration": 3,
+                "batch_size": 32,
+                "hidden": [16],
+                "quick_eval_every": 0,
+                **train,
+            },
+        }
+    )
+
+
+def _digests(run: RunDir) -> dict[str, str]:
+    return {
+        u["unit"]: u["weights_sha256"] for u in run.read_json("policy", "summary.json")["units"]
+    }
+
+
+def test_units_in_parallel_give_the_sequential_weights(ray_local, tmp_path):
+    """Units as Ray tasks (the default) train the same weights as one after another in the
+    driver (``max_concurrent_units: 1``)."""
+    from kalm_ray.rl.train import run_train
+
+    seq, par = _clevr_run(tmp_path / "seq"), _clevr_run(tmp_path / "par")
+    run_train(_grid_cfg(seq, max_concurrent_units=1), seq)
+    manifest = run_train(_grid_cfg(par), par)
+    assert manifest.counts["policies"] == ["bc-real-seed0", "dcql-real-seed0"]
+    assert _digests(par) == _digests(seq) and len(set(_digests(par).values())) == 2
+    assert not list((tmp_path / "par").glob("policy/*/_units"))  # resume marks gone when done
+
+
+def test_a_failing_unit_fails_alone_and_a_rerun_resumes_the_others(ray_local, tmp_path, capsys):
+    """One unit raising (here: dcql's unknown parameter, inside its Ray task) does not lose the
+    finished policies: the stage fails with one line naming that unit, the staging folder
+    keeps the others, and a rerun of the same config does not train them again."""
+    from kalm_ray.rl.train import UnitFailed, run_train
+
+    run = _clevr_run(tmp_path)
+    cfg = _grid_cfg(run, seeds=[0, 1], algo_params={"dcql": {"no_such_knob": 1}})
+    with pytest.raises(UnitFailed) as err:
+        run_train(cfg, run)
+    msg = str(err.value)
+    assert "\n" not in msg and "unit dcql-real-seed" in msg and "no_such_knob" in msg
+    assert "2 of 4 units failed" in msg
+    staged = sorted(tmp_path.glob("policy.partial-*"))
+    assert len(staged) == 1 and not run.exists("policy", "manifest.json")
+    modules = {
+        name: (staged[0] / name / MODULE_DIR).stat().st_mtime_ns
+        for name in ("bc-real-seed0", "bc-real-seed1")
+    }
+    capsys.readouterr()
+    with pytest.raises(UnitFailed, match="unit dcql-real-seed"):
+        run_train(cfg, run)
+    assert "resuming; 2 of 4 units already finished" in capsys.readouterr().out
+    for name, mtime in modules.items():  # not retrained
+        assert (staged[0] / name / MODULE_DIR).stat().st_mtime_ns == mtime
+
+
+def test_units_that_start_ray_work_of_their_own_are_held_back_to_fit_the_cluster():
+    from kalm_ray.rl.unit_pool import nested_cpus
+
+    train = TrainConfig(num_cpus_per_prelearner=0.5, prelearner_actors=2)
+    assert nested_cpus("bc", train) == 0 and nested_cpus("dcql", train) == 0
+    assert nested_cpus("marwil", train) == 1.0
+    assert nested_cpus("bc", TrainConfig(num_learners=2)) == 2
+    assert nested_cpus("bc", TrainConfig(num_learners=2, num_gpus_per_learner=1)) == 0
+    # placement only: neither changes the stage fingerprint
+    base = parse_config({"name": "x"})
+    hw = {"num_cpus_per_unit": 2.0, "max_concurrent_units": 1}
+    moved = base.model_copy(update={"train": base.train.model_copy(update=hw)})
+    assert moved.section_hash("env", "train") == base.section_hash("env", "train")

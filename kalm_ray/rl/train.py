@@ -9,23 +9,99 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
-from kalm_ray.config import ExperimentConfig
+from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_manifest
+from kalm_ray.config import ExperimentConfig, TrainConfig
 from kalm_ray.envs import get_suite
-from kalm_ray.errors import InputError
+from kalm_ray.errors import InputError, KalmError
 from kalm_ray.raysetup import init_ray
-from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
+from kalm_ray.rl.dataset import MixInfo, load_embeddings, prepare_mix, wording_groups
+from kalm_ray.rl.policy import CHECKPOINT_DIR, MODULE_DIR, POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEval
-from kalm_ray.rl.unit import plan_units, train_unit
+from kalm_ray.rl.unit import Unit, plan_units, train_unit
+from kalm_ray.rl.unit_pool import QuickEvalSpec, UnitPool
 from kalm_ray.stage import OUTPUT_DIRS, plan_stage
 
 log = logging.getLogger("kalm_ray")
 
 DATA_DIR = "_data"
 SUMMARY = "summary.json"
+
+
+class UnitFailed(KalmError):
+    """One or more training units raised; the finished ones stay staged for the rerun."""
+
+    exit_code = 1
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of a unit's exception."""
+    msg = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def finished_units(run: RunDir, out: str, units: list[Unit]) -> dict[str, dict[str, Any]]:
+    """``name -> summary`` of the units a stopped run finished in the staging folder ``out``
+    (marked, ``policy_info.json`` unchanged since, module and checkpoint present)."""
+    done = {}
+    for u in units:
+        res = Staging(run, f"{out}/{u.name}").finished().get(POLICY_INFO)
+        if res is not None and all(
+            run.exists(out, u.name, d) for d in (MODULE_DIR, CHECKPOINT_DIR)
+        ):
+            done[u.name] = res
+    return done
+
+
+def train_in_driver(
+    units: list[Unit],
+    *,
+    train: TrainConfig,
+    run: RunDir,
+    out_dir: str,
+    mixes: dict[str, MixInfo],
+    action_space: Any,
+    info: dict[str, Any],
+    embeddings: dict[str, Any],
+    quick: QuickEvalSpec | None,
+    master_seed: int,
+) -> Iterator[tuple[Unit, dict[str, Any] | BaseException]]:
+    """``max_concurrent_units: 1``: the units one after another in this process, each
+    yielded with its summary or its exception (as :meth:`UnitPool.imap_unordered` does)."""
+    quick_eval = None
+    if quick is not None:
+        quick_eval = QuickEval(
+            get_suite(quick.env),
+            embeddings,
+            episodes=quick.episodes,
+            max_steps=quick.max_steps,
+            seed=quick.seed,
+        )
+    try:
+        for unit in units:
+            try:
+                res: dict[str, Any] | BaseException = train_unit(
+                    unit,
+                    train=train,
+                    run=run,
+                    out_dir=out_dir,
+                    mix=mixes[unit.data],
+                    action_space=action_space,
+                    info=info,
+                    quick_eval=quick_eval,
+                    master_seed=master_seed,
+                )
+            except Exception as e:  # noqa: BLE001 - a unit's failure is reported, not raised
+                log.debug("train %s failed", unit.name, exc_info=True)
+                res = e
+            yield unit, res
+    finally:
+        if quick_eval is not None:
+            quick_eval.close()
 
 
 def encoder_name(run: RunDir, fallback: str) -> str:
@@ -35,7 +111,8 @@ def encoder_name(run: RunDir, fallback: str) -> str:
 
 
 def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
-    """Prepare each data mix once, then train every unit of the grid in turn."""
+    """Prepare each data mix once, then train every unit of the grid (as concurrent Ray tasks,
+    or one after another in this process with ``train.max_concurrent_units: 1``)."""
     plan = plan_stage("train", cfg, run_dir)
     run = plan.run
     if plan.current is not None:
@@ -60,10 +137,13 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
 
     # ---- run ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    with stage_output(run, plan.out_dir) as out:
+    # The staging folder is named by the fingerprint and kept if the stage stops or a unit
+    # fails, so a rerun of the same config trains only the units not finished there.
+    with stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as out:
         mixes, t_data = {}, {}
         for mix in train.data:
             t = time.perf_counter()
+            run.delete(out, DATA_DIR, mix)  # the ray engine adds files to a folder, never replaces
             mixes[mix] = prepare_mix(
                 run,
                 mix,
@@ -79,42 +159,67 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
             print(
                 f"[kalm] train: data {mix!r}: {mixes[mix].rows} rows ({t_data[mix]}s)", flush=True
             )
-        quick = None
-        if train.quick_eval_every:
-            quick = QuickEval(
-                suite,
-                embeddings,
+        done = finished_units(run, out, units)
+        if done:
+            print(
+                f"[kalm] train: resuming; {len(done)} of {len(units)} units already finished in "
+                f"{run.uri_of(out)}",
+                flush=True,
+            )
+        todo = [u for u in units if u.name not in done]
+        quick = (
+            QuickEvalSpec(
+                env=suite.name,
                 episodes=train.quick_eval_episodes,
                 max_steps=max_steps,
                 seed=cfg.seed,
             )
-        results = []
-        try:
-            for k, unit in enumerate(units, 1):
-                res = train_unit(
-                    unit,
-                    train=train,
-                    run=run,
-                    out_dir=out,
-                    mix=mixes[unit.data],
-                    action_space=suite.action_space,
-                    info=info,
-                    quick_eval=quick,
-                    master_seed=cfg.seed,
-                )
-                results.append(res)
-                shown = (
-                    ""
-                    if res["quick_success"] is None
-                    else f", quick success {res['quick_success']:.2f}"
-                )
-                print(
-                    f"[kalm] train: {k}/{len(units)} {unit.name}: {res['wall_s']}s{shown}",
-                    flush=True,
-                )
-        finally:
-            if quick is not None:
-                quick.close()
+            if train.quick_eval_every
+            else None
+        )
+        common = {
+            "train": train,
+            "run": run,
+            "out_dir": out,
+            "mixes": mixes,
+            "action_space": suite.action_space,
+            "info": info,
+            "embeddings": embeddings,
+            "quick": quick,
+            "master_seed": cfg.seed,
+        }
+        if train.max_concurrent_units == 1:
+            outcomes = train_in_driver(todo, **common)
+        else:
+            outcomes = UnitPool(**common).imap_unordered(todo)
+        by_name, failed = dict(done), {}
+        for unit, res in outcomes:
+            if isinstance(res, BaseException):
+                failed[unit.name] = res
+                print(f"[kalm] train: {unit.name} failed: {one_line(res)}", flush=True)
+                continue
+            # Marked only once complete: a unit cut short has no mark and is trained again.
+            Staging(run, f"{out}/{unit.name}").mark_finished(POLICY_INFO, res)
+            by_name[unit.name] = res
+            shown = (
+                ""
+                if res["quick_success"] is None
+                else f", quick success {res['quick_success']:.2f}"
+            )
+            print(
+                f"[kalm] train: {len(by_name)}/{len(units)} {unit.name}: {res['wall_s']}s{shown}",
+                flush=True,
+            )
+        if failed:
+            name, err = next(iter(failed.items()))
+            raise UnitFailed(
+                f"train: unit {name} failed ({one_line(err)}); {len(failed)} of {len(units)} "
+                f"units failed, the {len(by_name)} finished are kept in {run.uri_of(out)} and a "
+                f"rerun trains only the others"
+            )
+        results = [by_name[u.name] for u in units]
+        for u in units:
+            run.delete(out, u.name, Staging.UNITS)
 
         # ---- save ---------------------------------------------------------------------------
         summary = {"units": results, "data": {m: mi.to_json() for m, mi in mixes.items()}}
@@ -133,6 +238,7 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
                 "wall_s": round(time.perf_counter() - t0, 2),
                 "data_s": t_data,
                 "units_s": {r["unit"]: r["wall_s"] for r in results},
+                "train_s": round(time.perf_counter() - t0 - sum(t_data.values()), 2),
             },
         )
     write_manifest(run, plan.out_dir, manifest)

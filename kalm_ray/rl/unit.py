@@ -1,8 +1,9 @@
 """One training unit: one (algorithm, data mix, seed) -> one policy folder.
 
 A unit reads only the prepared data of its mix and writes only its own folder, so units can
-run one after another in a stage, or each as its own Ray job. Folder contents: ``module/``
-(exported inference RLModule), ``checkpoint/`` (full RLlib Algorithm checkpoint),
+run one after another in the driver, or each as its own Ray task
+(:mod:`kalm_ray.rl.unit_pool`). Folder contents: ``module/`` (exported inference RLModule),
+``checkpoint/`` (full RLlib Algorithm checkpoint),
 ``policy_info.json`` and ``curve.csv`` (one row per iteration: loss terms, Q values, and
 ``quick_success`` every ``quick_eval_every`` iterations and at the last one).
 """
@@ -10,6 +11,7 @@ run one after another in a stage, or each as its own Ray job. Folder contents: `
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -91,6 +93,21 @@ class ModuleExporter:
         self.module.set_state(state)
         self.module.save_to_path(dest)
 
+    def digest(self) -> str:
+        """:func:`weights_digest` of the module as last saved."""
+        return weights_digest(self.module.state_dict())
+
+
+def weights_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over a module's tensors (name, dtype, shape and bytes, in name order): equal
+    exactly when two trainings produced the same weights, whatever the files' metadata."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
 
 def close_iterators(algo: Any) -> None:
     """Close the Ray Data iterators RLlib keeps after ``algo.stop()``."""
@@ -128,6 +145,7 @@ def train_unit(
         quick_eval: the train-level success check, or None to skip it.
     """
     t0 = time.perf_counter()
+    run.delete(out_dir, unit.name)  # what an interrupted attempt left, if anything
     tmp = None if run.is_local else tempfile.TemporaryDirectory(prefix=f"kalm-{unit.name}-")
     local = run.path(out_dir, unit.name) if tmp is None else tmp.name
     os.makedirs(local, exist_ok=True)
@@ -185,6 +203,7 @@ def train_unit(
                 "" if success is None else f"quick success {success:.2f}",
             )
         exporter.save(os.path.join(local, MODULE_DIR))
+        digest = exporter.digest()
         algo.save_to_path(os.path.join(local, CHECKPOINT_DIR))
     finally:
         close_iterators(algo)
@@ -206,5 +225,6 @@ def train_unit(
         "build_s": round(t_build, 2),
         "quick_eval_s": round(t_eval, 2),
         "wall_s": round(wall, 2),
+        "weights_sha256": digest,
         "final": rows[-1] if rows else {},
     }

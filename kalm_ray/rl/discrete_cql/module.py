@@ -67,10 +67,11 @@ class DiscreteQTorchRLModule(TorchRLModule, QNetAPI, TargetNetworkAPI):
     @override(RLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
-        # One pass over [obs; next_obs]: the online net scores both (next only picks actions).
-        q_both = self.qf(torch.cat([obs, next_obs], dim=0))
-        q, q_next = q_both[: len(obs)], q_both[len(obs) :].detach()
+        q = self.qf(obs)
+        # The next-state passes need no graph: one pass over [obs; next_obs] with grad (as
+        # before issue 18) ran the backward over 2B rows, half of them zero gradient.
         with torch.no_grad():
+            q_next = self.qf(next_obs)
             q_target_next = self.target_qf(next_obs)
         return {
             Columns.ACTION_DIST_INPUTS: q,
