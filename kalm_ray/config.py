@@ -166,6 +166,27 @@ class ModelSection(_Section):
     """``tiny`` (built locally, no download) or a Hugging Face causal LM name / local path."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own code. Off unless you trust the source."""
+    tiny: dict[
+        Literal[
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ],
+        Annotated[int, Field(ge=1, le=8192)],
+    ] = {}
+    """``tiny`` only: changes to its Llama config (:data:`kalm_ray.llm.model.TINY`: hidden 256,
+    4 layers, 4 heads), e.g. a smaller model that trains several times faster on a CPU."""
+
+    @model_validator(mode="after")
+    def _tiny_only(self) -> ModelSection:
+        if self.tiny and self.name != "tiny":
+            raise ValueError(f"tiny: size overrides are for the tiny model, not {self.name!r}")
+        heads = self.tiny.get("num_attention_heads", 4)
+        if self.tiny.get("hidden_size", 256) % heads:
+            raise ValueError("tiny: hidden_size must be a multiple of num_attention_heads")
+        return self
 
 
 class GroundConfig(_Section):
@@ -185,14 +206,16 @@ class GroundConfig(_Section):
     bounded by the env's physical limit; small models learn it far faster) or ``absolute``
     (the state itself). See :mod:`kalm_ray.llm.codec`."""
     task_mix: dict[
-        Literal["rollout", "explain", "dynamics", "consequence"], Annotated[float, Field(ge=0)]
+        Literal["rollout", "explain", "dynamics", "consequence", "policy"],
+        Annotated[float, Field(ge=0)],
     ] = {
         "rollout": 0.4,
         "explain": 0.2,
         "dynamics": 0.3,
         "consequence": 0.1,
     }
-    """Relative weights of the four grounding tasks in the training mix."""
+    """Relative weights of the grounding tasks in the training mix (``policy``: the rollout
+    prompt from every state with its first action as the target; see ``kalm_ray.llm.prompts``)."""
     rollout_starts: Literal["first", "every"] = "first"
     """Rollout examples per episode: one from its first state (``first``), or one from every
     state of it to the episode's end (``every``: each real transition then also teaches the
@@ -312,6 +335,8 @@ class TrainConfig(_Section):
             "num_cpus_per_learner",
             "prelearner_actors",
             "num_cpus_per_prelearner",
+            "num_cpus_per_unit",
+            "max_concurrent_units",
         }
     )
 
@@ -363,6 +388,13 @@ class TrainConfig(_Section):
     """How each mix's prepared data is built: ``ray`` (Ray Data tasks; large data, clusters),
     ``local`` (pyarrow in the driver; no task scheduling), ``auto`` (local up to 200k rows on a
     local run dir, else ray)."""
+    num_cpus_per_unit: Annotated[float, Field(gt=0)] = 1.0
+    """Logical CPUs each training unit's Ray task asks for; its learner runs that many torch
+    threads (the whole part, at least one). Units train at once as far as the cluster's CPUs
+    hold them, so N nodes train N units or more, and an autoscaling cluster grows for them."""
+    max_concurrent_units: PosInt | None = None
+    """Cap on units training at once; None = as many as the cluster's CPUs hold. 1 = one after
+    another in the driver process (the sequential path; same weights either way)."""
 
 
 class EvaluateConfig(_Section):
@@ -377,6 +409,9 @@ class EvaluateConfig(_Section):
     """Environments each actor steps together (one batched policy call per step)."""
     episodes_per_task: Count = 1
     """Episodes per task (each with its own wording and start seed)."""
+    episodes_per_task_by_level: dict[Level, Count] = {}
+    """Per-level overrides of ``episodes_per_task`` (e.g. more for a level with few tasks, so
+    its paired interval is as narrow as the others'); other levels' episodes are unchanged."""
     levels: list[Level] = ["train", "rephrase", "easy", "hard"]
     """Levels to evaluate."""
     max_tasks_per_level: PosInt | None = None

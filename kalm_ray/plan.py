@@ -124,14 +124,16 @@ class ModelFacts:
         return s["num_hidden_layers"] * per_layer
 
 
-def model_facts(name: str) -> ModelFacts:
-    """The shape of ``ground.model.name``: ``tiny``, a local folder or a cached Hub model's
-    ``config.json``, else :data:`KNOWN_MODELS`, else unknown. Never downloads."""
+def model_facts(name: str, tiny: dict[str, int] | None = None) -> ModelFacts:
+    """The shape of ``ground.model.name``: ``tiny`` (with ``ground.model.tiny`` overrides), a
+    local folder or a cached Hub model's ``config.json``, else :data:`KNOWN_MODELS`, else
+    unknown. Never downloads."""
     if name == "tiny":
         from kalm_ray.llm.model import N_FREQUENT_WORDS, TINY
 
         # The tokenizer is built at ground time; its size is about the kept words + codec.
-        return ModelFacts(name, "built locally", {**TINY, "vocab_size": N_FREQUENT_WORDS + 1000})
+        shape = {**TINY, **(tiny or {}), "vocab_size": N_FREQUENT_WORDS + 1000}
+        return ModelFacts(name, "built locally", shape)
     local = Path(name).expanduser() / "config.json"
     if not local.is_file():
         local = _cached_config(name)
@@ -300,7 +302,7 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     env = runtime_env_facts(cfg)
     suite = get_suite(cfg.env.name)
     codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
-    model = model_facts(g.model.name)
+    model = model_facts(g.model.name, dict(g.model.tiny))
     ctx = model.context
 
     # ---- where it runs, and with what -----------------------------------------------------

@@ -57,7 +57,8 @@ def test_evaluate_writes_results_headline_and_report(ray_local, toy_stage, capsy
 
     headline = run.read_bytes("eval", "headline.md").decode()
     assert "| bc | train |" in headline and "Δ paired" in headline
-    assert "random policy |" in headline and "| random |" not in headline
+    # Issue 10: the random baseline is a row of its own (and still a column beside each row).
+    assert "random policy |" in headline and "| random | train |" in headline
     report = run.read_bytes("eval", "report.md").decode()
     assert "success_by_level.png" in report and "learning_curves.png" in report
     assert "No imagined data" in report  # no filter_report.json in this run: said, not crashed

@@ -90,8 +90,21 @@ def test_target_text_survives_tokenizer(codec, tokenizer):
 def test_episode_examples_all_tasks_and_shortening(codec, tokenizer):
     ep = _episode(codec, 6)
     rows, dropped = episode_examples(codec, tokenizer, ep, max_seq_len=512)
-    assert sorted({r["task"] for r in rows}) == ["consequence", "dynamics", "explain", "rollout"]
+    assert sorted({r["task"] for r in rows}) == [
+        "consequence",
+        "dynamics",
+        "explain",
+        "policy",
+        "rollout",
+    ]
     assert sum(r["task"] == "dynamics" for r in rows) == 6 and dropped == 0
+    # policy: the rollout prompt from every state, its action as the only target.
+    pol = [r for r in rows if r["task"] == "policy"]
+    acts = tokenizer.convert_tokens_to_ids([codec.encode_action(a)[0] for a in ep.actions])
+    assert [r["input_ids"][r["prompt_len"]] for r in pol] == acts
+    assert all(len(r["input_ids"]) == r["prompt_len"] + 2 for r in pol)  # action, eos
+    every, _ = episode_examples(codec, tokenizer, ep, max_seq_len=512, rollout_starts="every")
+    assert sum(r["task"] == "rollout" for r in every) == 6  # one from each of the 6 states
     short, _ = episode_examples(codec, tokenizer, ep, max_seq_len=60)
     roll = next(r for r in short if r["task"] == "rollout")
     assert len(roll["input_ids"]) <= 60 and roll["input_ids"][

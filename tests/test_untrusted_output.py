@@ -96,11 +96,24 @@ class Case:
         """``(n + 1, D)`` states within bounds moving at most half the physical limit per step
         (absent entities stay zero), and ``n`` valid actions."""
         low, high = np.asarray(self.layout.low), np.asarray(self.layout.high)
+        # Where moved values may end (CLEVR: the walls' reach) and how much a step can move in
+        # all (issue 11's physics): a walk that breaks them is rightly rejected.
+        if self.layout.reach_low is not None:
+            low, high = np.asarray(self.layout.reach_low), np.asarray(self.layout.reach_high)
         mask = self.present_mask(rng)
         s = np.where(mask, rng.uniform(low, high), 0.0)
         states = [s]
+        k = self.layout.object_dims
         for _ in range(n):
             step = rng.uniform(-0.5, 0.5, len(s)) * np.asarray(self.layout.max_step_delta)
+            if self.layout.max_step_total is not None:  # one object moves per step
+                moving = np.zeros(len(s), bool)
+                obj = int(rng.integers(len(s) // k))
+                moving[obj * k : (obj + 1) * k] = True
+                step = np.where(moving, step, 0.0)
+                norm = np.linalg.norm(step)
+                if norm > 0.5 * self.layout.max_step_total:
+                    step *= 0.5 * self.layout.max_step_total / norm
             states.append(np.where(mask, np.clip(states[-1] + step, low, high), 0.0))
         space = self.suite.action_space
         if hasattr(space, "n"):

@@ -78,9 +78,10 @@ def build_episode_specs(cfg: ExperimentConfig, suite: Suite) -> list[EpisodeSpec
 
     Per level (in ``cfg.evaluate.levels`` order): a stable sample of at most
     ``max_tasks_per_level`` tasks (kept in the suite's order), then ``episodes_per_task``
-    episodes per task. Each task's episodes take consecutive wordings from a seeded
-    offset and their own start seeds; seeds depend on (master seed, level, task id, k)
-    only, so capping tasks or adding levels does not change the other episodes.
+    episodes per task (``episodes_per_task_by_level`` for a level that overrides it). Each
+    task's episodes take consecutive wordings from a seeded offset and their own start seeds;
+    seeds depend on (master seed, level, task id, k) only, so capping tasks or adding levels
+    does not change the other episodes.
     """
     ev = cfg.evaluate
     specs: list[EpisodeSpec] = []
@@ -91,10 +92,11 @@ def build_episode_specs(cfg: ExperimentConfig, suite: Suite) -> list[EpisodeSpec
             rng = np.random.default_rng(_seed_of(cfg.seed, level_key))
             keep = np.sort(rng.choice(len(tasks), size=ev.max_tasks_per_level, replace=False))
             tasks = [tasks[i] for i in keep]
+        per_task = ev.episodes_per_task_by_level.get(level, ev.episodes_per_task)
         for task in tasks:
             wordings = suite.instructions(level, task)
             ss = _seed_of(cfg.seed, level_key, _task_key(task))
-            offset, *seeds = ss.generate_state(1 + ev.episodes_per_task)
+            offset, *seeds = ss.generate_state(1 + per_task)
             for k, seed in enumerate(seeds):
                 wording = wordings[(int(offset) + k) % len(wordings)]
                 specs.append(EpisodeSpec(len(specs), level, task, wording, int(seed) & 0x7FFF_FFFF))

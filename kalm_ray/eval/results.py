@@ -185,11 +185,11 @@ def headline_markdown(results: Mapping[str, Any]) -> str:
     groups = {k: g for k, g in results["groups"].items() if g["algo"] != RANDOM_ALGO}
     # The baselines last: the LLM-as-policy (grounded on real data), then the random policy.
     algos = sorted({g["algo"] for g in groups.values()}, key=lambda a: (a == LLM_ALGO, a))
-    if random:
-        algos.append(RANDOM_ALGO)
-        groups = {**groups, f"{RANDOM_ALGO}/{BASELINE}": random}
     mixes = [m for m in (BASELINE, TREATMENT) if any(g["data"] == m for g in groups.values())]
     mixes += sorted({g["data"] for g in groups.values()} - set(mixes))
+    if random:  # its row shows its rate in the first column (it uses no data)
+        algos.append(RANDOM_ALGO)
+        groups = {**groups, f"{RANDOM_ALGO}/{mixes[0] if mixes else BASELINE}": random}
     extra = " random policy |" if random else ""
     lines = [
         f"### Success rate on `{results.get('env', '?')}` "

@@ -190,7 +190,11 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
         codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
         texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
         model, tok = build_tiny(
-            codec, texts, init_from_encoder=g.tiny_init_from_encoder, seed=cfg.seed
+            codec,
+            texts,
+            init_from_encoder=g.tiny_init_from_encoder,
+            seed=cfg.seed,
+            overrides=dict(g.model.tiny),
         )
         model.save_pretrained(str(prep / "base"))
         tok.save_pretrained(str(prep / "base"))

@@ -6,6 +6,7 @@ Prompts (our own wording; codec tokens are written back to back, see :mod:`codec
     explain      start: <state>\\nsteps: <steps><end>\\ninstruction:      -> " <text>"
     dynamics     state: <state>\\naction: <action>\\nnext state:         -> <step state>
     consequence  instruction: <text>\\nstart: <state>\\nfinal state:     -> <state>
+    policy       instruction: <text>\\nstart: <state_t>\\nplan:          -> <action_t>
 
 An example is ``input_ids = tokenizer(prompt) + tokenizer(target, no specials) + [eos]`` and
 ``prompt_len``; the loss is on the target tokens only (labels ``-100`` on the prompt, see
@@ -30,7 +31,10 @@ import numpy as np
 
 from kalm_ray.llm.codec import Codec
 
-TASKS: tuple[str, ...] = ("rollout", "explain", "dynamics", "consequence")
+TASKS: tuple[str, ...] = ("rollout", "explain", "dynamics", "consequence", "policy")
+"""The four grounding tasks of KALM, and ``policy``: the rollout prompt from any state of an
+episode with only the plan's first action as the target (the first step of task 1, cheap
+enough to train on every state; it is what the LLM-as-policy and each imagined step use)."""
 IGNORE = -100
 """Label of a position that carries no loss (the prompt, padding)."""
 
@@ -126,9 +130,9 @@ def episode_examples(
     """Token-id examples of every task from one episode, and how many were dropped as too long.
 
     One rollout/explain/consequence example per episode (shortened from the front until it
-    fits) and one dynamics example per transition. With ``rollout_starts="every"`` the
-    episode also gives a rollout example from each later state (the same instruction, the
-    rest of the episode as the plan), so every real transition teaches its action.
+    fits) and one dynamics and one policy example per transition. With
+    ``rollout_starts="every"`` the episode also gives a rollout example from each later
+    state (the same instruction, the rest of the episode as the plan).
     """
     rows: list[dict[str, Any]] = []
     dropped = 0
@@ -168,6 +172,21 @@ def episode_examples(
                 break
         else:
             dropped += 1
+    for t in range(n):  # policy: every state's action, under the rollout prompt
+        ids, plen = tokenize_example(
+            tokenizer,
+            rollout_prompt(codec, ep.instruction, ep.states[t]),
+            codec.join(codec.encode_action(ep.actions[t])),
+        )
+        if len(ids) <= max_seq_len:
+            rows.append(
+                {
+                    "episode_id": ep.episode_id,
+                    "task": "policy",
+                    "input_ids": ids,
+                    "prompt_len": plen,
+                }
+            )
     for t in range(n):
         ids, plen = tokenize_example(
             tokenizer,
