@@ -88,40 +88,26 @@ def write_prepared(data: dict[str, np.ndarray], folder: str) -> None:
     pq.write_table(to_arrow(data), os.path.join(folder, "part-00000.parquet"))
 
 
-def build_ours(folder: str, n: int, updates: int):
+def build_ours(folder: str, n: int, updates: int, *, discrete: bool = False):
+    """Our RLlib algorithm on the benchmark data: CQL (continuous) or discrete CQL."""
     import gymnasium as gym
 
     from kalm_ray.config import TrainConfig
     from kalm_ray.rl.algos import build_config
 
     train = TrainConfig(hidden=[256, 256], batch_size=256, updates_per_iteration=updates)
-    cfg = build_config(
-        "cql",
-        train=train,
-        data_path=folder,
-        filesystem=None,
-        obs_dim=OBS_DIM,
-        action_space=gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32),
-        num_rows=n,
-        seed=0,
+    space = (
+        gym.spaces.Discrete(D_ACTIONS)
+        if discrete
+        else gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
     )
-    return cfg.build_algo()
-
-
-def build_ours_dcql(folder: str, n: int, updates: int):
-    import gymnasium as gym
-
-    from kalm_ray.config import TrainConfig
-    from kalm_ray.rl.algos import build_config
-
-    train = TrainConfig(hidden=[256, 256], batch_size=256, updates_per_iteration=updates)
     cfg = build_config(
-        "dcql",
+        "dcql" if discrete else "cql",
         train=train,
         data_path=folder,
         filesystem=None,
-        obs_dim=D_OBS_DIM,
-        action_space=gym.spaces.Discrete(D_ACTIONS),
+        obs_dim=D_OBS_DIM if discrete else OBS_DIM,
+        action_space=space,
         num_rows=n,
         seed=0,
     )
@@ -257,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         runners = {"d3rlpy": None, "kalm_ray": None, "rllib_stock": None}
         algo_d3, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
         runners["d3rlpy"] = lambda: rate_d3rlpy(algo_d3, dataset, args.updates)
-        ours = (build_ours_dcql if discrete else build_ours)(folder, args.transitions, args.updates)
+        ours = build_ours(folder, args.transitions, args.updates, discrete=discrete)
         runners["kalm_ray"] = lambda: rate_rllib(ours, args.updates)
         if args.no_stock:
             del runners["rllib_stock"]

@@ -167,7 +167,7 @@ def test_grammar_off_leaves_an_untrained_model_unconstrained(clevr_model):
     assert not any(v.accepted for v in verdicts)
 
 
-# ---- the LLM as a policy ---------------------------------------------------------------------------
+# ---- the LLM as a policy ------------------------------------------------------------------------
 
 
 def test_llm_policy_emits_only_legal_actions_on_every_step(clevr_model):

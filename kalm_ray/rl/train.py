@@ -21,7 +21,6 @@ from kalm_ray.errors import InputError, KalmError
 from kalm_ray.raysetup import init_ray
 from kalm_ray.rl.dataset import MixInfo, load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.policy import CHECKPOINT_DIR, MODULE_DIR, POLICY_INFO
-from kalm_ray.rl.quick_eval import QuickEval
 from kalm_ray.rl.unit import Unit, plan_units, train_unit
 from kalm_ray.rl.unit_pool import QuickEvalSpec, UnitPool
 from kalm_ray.stage import OUTPUT_DIRS, plan_stage
@@ -72,15 +71,7 @@ def train_in_driver(
 ) -> Iterator[tuple[Unit, dict[str, Any] | BaseException]]:
     """``max_concurrent_units: 1``: the units one after another in this process, each
     yielded with its summary or its exception (as :meth:`UnitPool.imap_unordered` does)."""
-    quick_eval = None
-    if quick is not None:
-        quick_eval = QuickEval(
-            get_suite(quick.env),
-            embeddings,
-            episodes=quick.episodes,
-            max_steps=quick.max_steps,
-            seed=quick.seed,
-        )
+    quick_eval = quick.build(embeddings) if quick is not None else None
     try:
         for unit in units:
             try:

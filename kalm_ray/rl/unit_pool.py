@@ -41,6 +41,19 @@ class QuickEvalSpec:
     max_steps: int
     seed: int
 
+    def build(self, embeddings: Any) -> Any:
+        """The :class:`~kalm_ray.rl.quick_eval.QuickEval` this spec describes."""
+        from kalm_ray.envs import get_suite
+        from kalm_ray.rl.quick_eval import QuickEval
+
+        return QuickEval(
+            get_suite(self.env),
+            embeddings,
+            episodes=self.episodes,
+            max_steps=self.max_steps,
+            seed=self.seed,
+        )
+
 
 def nested_cpus(algo: str, train: TrainConfig) -> float:
     """Logical CPUs of the Ray actors a unit of ``algo`` starts itself (0: none)."""
@@ -73,24 +86,14 @@ def _train_remote(
     """Body of a unit's Ray task: the same :func:`train_unit` the driver would run."""
     import torch
 
-    from kalm_ray.envs import get_suite
     from kalm_ray.raysetup import configure_console
-    from kalm_ray.rl.quick_eval import QuickEval
     from kalm_ray.rl.unit import train_unit
 
     configure_console(False)
     # The CPUs asked for are the learner's threads (Ray sets OMP_NUM_THREADS only when a
     # worker starts, and a pooled worker may have started for another request).
     torch.set_num_threads(max(1, int(train.num_cpus_per_unit)))
-    quick_eval = None
-    if quick is not None:
-        quick_eval = QuickEval(
-            get_suite(quick.env),
-            embeddings,
-            episodes=quick.episodes,
-            max_steps=quick.max_steps,
-            seed=quick.seed,
-        )
+    quick_eval = quick.build(embeddings) if quick is not None else None
     try:
         return train_unit(
             unit,
