@@ -114,17 +114,25 @@ def build_ours(folder: str, n: int, updates: int, *, discrete: bool = False):
     return cfg.build_algo()
 
 
-def build_d3rlpy_dcql(data: dict[str, np.ndarray]):
+def mdp_dataset(data: dict[str, np.ndarray], **kw):
+    """The benchmark data as a d3rlpy dataset (``kw``: e.g. a discrete action space)."""
     import d3rlpy
 
-    dataset = d3rlpy.dataset.MDPDataset(
+    return d3rlpy.dataset.MDPDataset(
         observations=data["obs"],
         actions=data["actions"],
         rewards=data["rewards"],
         terminals=data["terminateds"].astype(np.float32),
         timeouts=data["truncateds"].astype(np.float32),
-        action_space=d3rlpy.constants.ActionSpace.DISCRETE,
-        action_size=D_ACTIONS,
+        **kw,
+    )
+
+
+def build_d3rlpy_dcql(data: dict[str, np.ndarray]):
+    import d3rlpy
+
+    dataset = mdp_dataset(
+        data, action_space=d3rlpy.constants.ActionSpace.DISCRETE, action_size=D_ACTIONS
     )
     algo = d3rlpy.algos.DiscreteCQLConfig(
         batch_size=256,
@@ -184,13 +192,7 @@ def build_stock(folder: str, updates: int):
 def build_d3rlpy(data: dict[str, np.ndarray]):
     import d3rlpy
 
-    dataset = d3rlpy.dataset.MDPDataset(
-        observations=data["obs"],
-        actions=data["actions"],
-        rewards=data["rewards"],
-        terminals=data["terminateds"].astype(np.float32),
-        timeouts=data["truncateds"].astype(np.float32),
-    )
+    dataset = mdp_dataset(data)
     enc = d3rlpy.models.encoders.VectorEncoderFactory([256, 256])
     algo = d3rlpy.algos.CQLConfig(
         batch_size=256,
