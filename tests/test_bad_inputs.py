@@ -297,3 +297,22 @@ def test_entry_point_subprocess(tmp_path):
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == lines[0]
     assert_untouched(before, root)
+
+
+def test_footer_with_bad_utf8_is_one_input_error(tmp_path):
+    """Issue 19 follow-up: a byte flipped in a footer's column name raised UnicodeDecodeError,
+    which escaped as a generic error; it is now the same one-line InputError naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kalm_ray.data import check_parquet_files
+    from kalm_ray.errors import InputError
+
+    folder = tmp_path / "data" / "real"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"episode_zzzz": [1, 2]}), folder / "p.parquet", store_schema=False)
+    raw = (folder / "p.parquet").read_bytes().replace(b"episode_zzzz", b"\xffpisode_zzzz")
+    (folder / "p.parquet").write_bytes(raw)
+    with pytest.raises(InputError, match="not a readable Parquet file") as err:
+        check_parquet_files(str(tmp_path))
+    assert "p.parquet" in str(err.value) and "\n" not in str(err.value)

@@ -54,7 +54,8 @@ def check_parquet_files(run: RunDir | str, folder: str = REAL_DIR) -> int:
         try:
             with run.fs.open_input_file(path) as f:
                 columns = set(pq.ParquetFile(f).schema_arrow.names)
-        except (pa.ArrowException, OSError) as e:
+        # A flipped byte in a footer's metadata can also fail as UnicodeDecodeError.
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{uri}: not a readable Parquet file ({why[:200]})") from None
         missing = [c for c in TRANSITION_COLUMNS if c not in columns]
