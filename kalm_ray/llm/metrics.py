@@ -213,9 +213,6 @@ def generation_metrics(
         return {"rollout_n": 0}
     eos = tokenizer.eos_token_id
     end_id = codec_token_ids(tokenizer, codec)[-1]
-    per_step = max(
-        len(codec.encode_steps(e.states, e.actions)) / max(1, len(e.actions)) for e in episodes
-    )
     from kalm_ray.llm.grammar import RowGrammar
 
     prompts = [rollout_prompt(codec, e.instruction, e.states[0]) for e in episodes]
@@ -224,7 +221,7 @@ def generation_metrics(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=max(max(r.max_tokens() for r in rows), int(per_step)),
+        max_new_tokens=max(r.max_tokens() for r in rows),  # the grammar ends every row there
         batch_size=batch_size,
         device=device,
         stop_ids=[end_id, eos],
@@ -270,14 +267,13 @@ def policy_metrics(
     """
     if not episodes:
         return {"policy_n": 0}
-    env = suite.make_env("train")
-    settable = hasattr(env.unwrapped, "set_state")
-    env.close()
-    if not settable:
-        return {"policy_n": 0, "policy_skipped": "the env cannot be placed at a given state"}
     from kalm_ray.eval.episodes import EpisodeSpec, run_episodes
     from kalm_ray.eval.evaluate import RandomPolicy
     from kalm_ray.llm.policy import LLMPolicy
+    from kalm_ray.llm.replay import can_place_start
+
+    if not can_place_start(suite):
+        return {"policy_n": 0, "policy_skipped": "the env cannot be placed at a given state"}
 
     specs = [EpisodeSpec(i, "train", e.task, e.instruction, i) for i, e in enumerate(episodes)]
     starts = {i: e.states[0] for i, e in enumerate(episodes)}

@@ -134,74 +134,54 @@ def episode_examples(
     ``rollout_starts="every"`` the episode also gives a rollout example from each later
     state (the same instruction, the rest of the episode as the plan).
     """
+    if rollout_starts not in ("first", "every"):
+        raise ValueError(f"rollout_starts {rollout_starts!r}: expected 'first' or 'every'")
+
+    def example(task: str, prompt: str, target: str) -> dict[str, Any] | None:
+        """The example's row, or None when it is longer than ``max_seq_len``."""
+        ids, plen = tokenize_example(tokenizer, prompt, target)
+        if len(ids) > max_seq_len:
+            return None
+        return {"episode_id": ep.episode_id, "task": task, "input_ids": ids, "prompt_len": plen}
+
     rows: list[dict[str, Any]] = []
     dropped = 0
     n = len(ep.actions)
     if rollout_starts == "every":
         for start in range(1, n):
             s, a = ep.states[start:], ep.actions[start:]
-            ids, plen = tokenize_example(
-                tokenizer,
+            row = example(
+                "rollout",
                 rollout_prompt(codec, ep.instruction, s[0]),
                 codec.encode_trajectory(s, a),
             )
-            if len(ids) <= max_seq_len:
-                rows.append(
-                    {
-                        "episode_id": ep.episode_id,
-                        "task": "rollout",
-                        "input_ids": ids,
-                        "prompt_len": plen,
-                    }
-                )
-    elif rollout_starts != "first":
-        raise ValueError(f"rollout_starts {rollout_starts!r}: expected 'first' or 'every'")
+            if row is not None:
+                rows.append(row)
     for task in ("rollout", "explain", "consequence"):
         for start in range(n):
             pairs = {k: (p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task}
-            ids, plen = tokenize_example(tokenizer, *pairs[task])
-            if len(ids) <= max_seq_len:
-                rows.append(
-                    {
-                        "episode_id": ep.episode_id,
-                        "task": task,
-                        "input_ids": ids,
-                        "prompt_len": plen,
-                    }
-                )
+            row = example(task, *pairs[task])
+            if row is not None:
+                rows.append(row)
                 break
         else:
             dropped += 1
     for t in range(n):  # policy: every state's action, under the rollout prompt
-        ids, plen = tokenize_example(
-            tokenizer,
+        row = example(
+            "policy",
             rollout_prompt(codec, ep.instruction, ep.states[t]),
             codec.join(codec.encode_action(ep.actions[t])),
         )
-        if len(ids) <= max_seq_len:
-            rows.append(
-                {
-                    "episode_id": ep.episode_id,
-                    "task": "policy",
-                    "input_ids": ids,
-                    "prompt_len": plen,
-                }
-            )
+        if row is not None:
+            rows.append(row)
     for t in range(n):
-        ids, plen = tokenize_example(
-            tokenizer,
+        row = example(
+            "dynamics",
             dynamics_prompt(codec, ep.states[t], ep.actions[t]),
             codec.join(codec.encode_next_state(ep.states[t], ep.states[t + 1])),
         )
-        if len(ids) <= max_seq_len:
-            rows.append(
-                {
-                    "episode_id": ep.episode_id,
-                    "task": "dynamics",
-                    "input_ids": ids,
-                    "prompt_len": plen,
-                }
-            )
+        if row is not None:
+            rows.append(row)
         else:
             dropped += 1
     return rows, dropped

@@ -35,15 +35,22 @@ def state_error(imagined: np.ndarray, replayed: np.ndarray) -> float:
     return float(np.abs(a[1:] - b[1:]).mean())
 
 
+def can_place_start(suite: Any) -> bool:
+    """Whether the suite's env can be reset to a given state (``set_state``: CLEVR-Robot)."""
+    probe = suite.make_env("train")
+    try:
+        return hasattr(probe.unwrapped, "set_state")
+    finally:
+        probe.close()
+
+
 class Replayer:
     """Replays action sequences in the suite's real env, placed at a given start state."""
 
     def __init__(self, suite: Any):
         self.suite = suite
         self._envs: dict[str, Any] = {}
-        probe = suite.make_env("train")
-        self.available = hasattr(probe.unwrapped, "set_state")
-        probe.close()
+        self.available = can_place_start(suite)
 
     def replay(
         self, *, level: str, task: str, start: np.ndarray, actions: np.ndarray
