@@ -284,6 +284,13 @@ class ImagineConfig(_Section):
     max_steps: Count | None = None
     """Longest imagined rollout in env steps; None = the env's episode limit. A level with
     shorter episodes keeps its own limit (CLEVR ``easy``: one push)."""
+    mode: Literal["rollout", "stepwise"] = "rollout"
+    """``rollout``: the model continues the rollout prompt, writing actions and states, to its
+    end token. ``stepwise`` (hf backend): each step is the policy prompt (instruction + current
+    imagined state -> action, sampled at ``temperature``) then the dynamics prompt (state +
+    action -> next state), until the goal holds in the imagined state or the step limit; the
+    states are then written by a prompt that holds no instruction
+    (:mod:`kalm_ray.llm.backends.stepwise`)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -323,6 +330,8 @@ class ImagineConfig(_Section):
     def _pool(self) -> ImagineConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if self.mode == "stepwise" and self.backend == "vllm":
+            raise ValueError("mode stepwise runs on the hf backend only; use backend hf")
         return self
 
 

@@ -83,3 +83,58 @@ def test_report_without_results_is_one_line_error(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "results.json" in err[0]
+
+
+def test_interrupted_evaluate_resumes_its_finished_units(ray_local, toy_stage, capsys) -> None:
+    """Issue 19: Ctrl-C after some work units; the rerun runs only the others and writes the
+    same results and episodes as an uninterrupted evaluation."""
+    import shutil
+
+    from kalm_ray.artifacts import RunDir
+
+    cfg, run = toy_stage
+    ref_dir = run.path("..", "ref")
+    shutil.copytree(run.path(), ref_dir)
+    ref = RunDir(ref_dir)
+    run_evaluate(cfg, ref)
+
+    save, calls = ev_mod.UnitStore.save, []
+
+    def interrupted(self, unit, results):
+        save(self, unit, results)
+        calls.append(unit.uid)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the driver
+
+    ev_mod.UnitStore.save = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluate(cfg, run)
+    finally:
+        ev_mod.UnitStore.save = save
+    assert not run.exists("eval")
+    staging = [n for n in run.list("") if n.startswith("eval.partial-")]
+    assert len(staging) == 1 and len(run.list(staging[0], "_units")) == 3
+
+    ran: list[int] = []
+    real_run = ev_mod.EvalPool.run
+
+    def spy(self, units):
+        ran.extend(u.uid for u in units)
+        return real_run(self, units)
+
+    ev_mod.EvalPool.run = spy
+    try:
+        manifest = run_evaluate(cfg, run)
+    finally:
+        ev_mod.EvalPool.run = real_run
+    assert "evaluate: resuming; 3 of" in capsys.readouterr().out
+    assert manifest.counts["resumed_units"] == 3 and not set(calls) & set(ran)
+    got = json.loads(run.read_bytes("eval", "results.json"))
+    want = json.loads(ref.read_bytes("eval", "results.json"))
+    assert got == want
+    assert pq.read_table(run.path("eval", "episodes.parquet")).equals(
+        pq.read_table(ref.path("eval", "episodes.parquet"))
+    )
+    assert not [n for n in run.list("eval") if n.startswith("unit-") or n == "_units"]
+    assert not [n for n in run.list("") if n.startswith("eval.partial-")]

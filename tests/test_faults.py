@@ -423,6 +423,10 @@ def test_killed_collection_actor_mid_stage(how, collect_reference, tiny_encoder,
 KALM = Path(sys.executable).with_name("kalm")
 
 
+IMAGINE_E2E_REQUESTS = 24
+"""Twelve batches of two: a kill once the first is saved leaves some to generate."""
+
+
 def _pipeline_config(folder: Path, encoder: str) -> Path:
     """Every stage, as small as it gets: CLEVR, 3 tasks x 2 episodes, the tiny LLM for 12 steps
     (checkpoint every 4, so a kill mid-training leaves one to resume from), BC for 5 updates."""
@@ -458,7 +462,7 @@ def _pipeline_config(folder: Path, encoder: str) -> Path:
                 "imagine": {
                     "backend": "hf",
                     "levels": ["easy"],
-                    "rollouts_per_level": 8,
+                    "rollouts_per_level": IMAGINE_E2E_REQUESTS,
                     "max_tasks_per_level": 2,
                     "max_steps": 3,
                     "batch_size": 2,
@@ -719,23 +723,24 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tiny_encoder, tm
     ids1 = _output_ids(run)
     assert set(ids1) == {"collect"}
 
-    # 2. again: collect skipped; killed in imagine, with its temp folder written to.
+    # 2. again: collect skipped; killed in imagine once a judged batch is saved (issue 19).
     log2 = tmp_path / "run2.log"
     proc = _start_kalm(cfg, run, log2)
-    left2 = _kill_when(
-        proc,
-        log2,
-        lambda: any(run.glob("data/imagined.tmp-*")),
-        "imagine's temp folder",
-    )
+
+    def judged_marks() -> list[Path]:
+        return sorted(run.glob("data/imagined.partial-*/_units/judged-*.json"))
+
+    left2 = _kill_when(proc, log2, lambda: bool(judged_marks()), "a saved judged batch")
     text2 = log2.read_text()
     assert _stage_lines(text2) == {"collect": "skipped", "ground": "running", "imagine": "running"}
     ids2 = _output_ids(run)
     assert set(ids2) == {"collect", "ground"} and ids2["collect"] == ids1["collect"]
-    leftover = sorted(p.name for p in run.glob("data/imagined.tmp-*"))
-    assert leftover and not (run / "data/imagined").exists()
-    # The stage writes its parts at the end; make the leftover look killed mid-write too.
-    (run / "data" / leftover[0] / "part-00000.parquet").write_bytes(b"PAR1 half a part")
+    staging = judged_marks()[0].parent.parent
+    n_kept = sum(json.loads(m.read_text())["info"]["rows"] for m in judged_marks())
+    assert not (run / "data/imagined").exists()
+    # Killed mid-write too: an unmarked half batch and a half part, both to be ignored.
+    (staging / "judged-999998.parquet").write_bytes(b"PAR1 half a batch")
+    (staging / "part-00000.parquet").write_bytes(b"PAR1 half a part")
 
     # 3. again, to the end: collect and ground skipped, the rest run.
     log3 = tmp_path / "run3.log"
@@ -749,8 +754,14 @@ def test_killed_driver_resumes_and_matches_an_uninterrupted_run(tiny_encoder, tm
     }
     ids3 = _output_ids(run)
     assert {k: ids3[k] for k in ids2} == ids2  # finished stages were not redone
-    # The killed run's temp folder is ignored: left as it was, and no part of any output.
-    assert sorted(p.name for p in run.glob("data/imagined.tmp-*")) == leftover
+    # imagine resumed: the saved batches were taken back, not generated again, and the
+    # staging folder became the output (nothing of the half-written files in it).
+    assert f"imagine: resuming; {n_kept} of {IMAGINE_E2E_REQUESTS} requests" in text3
+    manifest = json.loads((run / "data/imagined/manifest.json").read_text())
+    assert manifest["counts"]["resumed_rollouts"] == n_kept
+    assert manifest["counts"]["generated_rollouts"] == IMAGINE_E2E_REQUESTS - n_kept
+    assert not list(run.glob("data/imagined.partial-*"))
+    assert not list((run / "data/imagined").glob("judged-*"))
     assert not list(run.glob("model.work"))  # ground's resume folder is removed once done
 
     checked = _assert_same_artefacts(ref, run)

@@ -138,6 +138,59 @@ def test_every_rollout_is_well_formed_and_easy_ones_are_one_step(clevr_model, te
             assert len(states) == 2
 
 
+def test_stepwise_rollouts_are_well_formed_stop_at_the_goal_and_ignore_batching(clevr_model):
+    """Issue 11, item 3: ``imagine.mode: stepwise`` (policy prompt -> action, dynamics prompt
+    -> next state). Every text parses; a rollout ends at its level's limit or at the first
+    imagined state meeting its goal, never later; a request's text depends on its seed, not
+    on the batch it is generated in."""
+    from kalm_ray.llm.backends import GenerationSpec
+    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.filter import FilterLimits
+    from kalm_ray.llm.labels import goal_reached, judge_batch
+
+    codec = Codec.load(clevr_model)
+    suite = get_suite("clevr")
+    spec = GenerationSpec(
+        model_dir=str(clevr_model),
+        max_new_tokens=codec.max_step_tokens() * 6 + 1,
+        end_token=codec.end_token,
+        temperature=1.0,
+        codec_tokens=tuple(codec.all_tokens),
+        max_steps=4,
+        level_max_steps=(("easy", 1),),
+        mode="stepwise",
+        env="clevr",
+    )
+    gen = HFGenerator(spec, device="cpu", num_threads=1)
+    req = _requests(["easy", "rephrase", "hard"], 12)
+    out = gen(req)
+    texts = out.column("generated_text").to_pylist()
+    judged = judge_batch(
+        out,
+        decoder=codec,
+        env="clevr",
+        limits=FilterLimits.for_suite(suite, n_bins=64),
+        max_steps=4,
+        level_max_steps={"easy": 1},
+    ).to_pylist()
+    reasons = {r["reason"] for r in judged if not r["accepted"]}
+    assert not {"unparseable", "wrong_step_shape", "no_end", "too_long", "empty"} & reasons
+    for r, text in zip(judged, texts, strict=True):
+        states, _ = codec.decode_rollout(r["start_state"], text, max_steps=4)
+        limit = 1 if r["level"] == "easy" else 4
+        assert 1 <= len(states) - 1 <= limit
+        reached = [goal_reached(suite, r["task"], states[: t + 1]) for t in range(1, len(states))]
+        assert not any(reached[:-1])  # stopped at the first imagined success
+        assert reached[-1] or len(states) - 1 == limit
+    assert sum(out.column("num_generated_tokens").to_pylist()) == sum(
+        len(codec._lex(t)[0]) + 1 for t in texts
+    )
+    # Batching does not change a request's text: the second half alone, in reverse order.
+    half = req.slice(req.num_rows // 2).take(list(range(req.num_rows - req.num_rows // 2))[::-1])
+    again = gen(half).column("generated_text").to_pylist()
+    assert again == texts[req.num_rows // 2 :][::-1]
+
+
 def test_grammar_off_leaves_an_untrained_model_unconstrained(clevr_model):
     """The premise of the test above: without the mask this model writes malformed text."""
     from kalm_ray.llm.backends import GenerationSpec

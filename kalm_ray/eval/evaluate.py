@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import logging
 import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,42 +96,59 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
     t_build = time.perf_counter() - t0
 
     # ---- run: one pass over the pool, results keyed by (policy, spec index) ---------------
-    t1 = time.perf_counter()
-    outcomes, replaced = evaluate_units(
-        units, worker_kwargs, num_workers=num_workers, num_cpus=ev.num_cpus_per_worker
-    )
-    t_run = time.perf_counter() - t1
-    missing = [
-        (p.name, s.index) for p in policies for s in specs if s.index not in outcomes[p.name]
-    ]
-    if missing:
-        raise KalmError(
-            f"evaluation lost {len(missing)} episodes (first: {missing[0]}); rerun `kalm evaluate`"
+    # The staging folder is named by the fingerprint and kept if the stage is stopped: each
+    # finished work unit's episodes are saved there, so a rerun runs only the others.
+    with stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp:
+        store = UnitStore(run, tmp)
+        resumed = store.resume(units)
+        if resumed:
+            print(
+                f"[kalm] evaluate: resuming; {len(resumed)} of {len(units)} work units "
+                f"already finished in {run.uri_of(tmp)}",
+                flush=True,
+            )
+        t1 = time.perf_counter()
+        outcomes, replaced = evaluate_units(
+            [u for u in units if u.uid not in resumed],
+            worker_kwargs,
+            num_workers=num_workers,
+            num_cpus=ev.num_cpus_per_worker,
+            done=resumed,
+            on_unit=store.save,
         )
-    ordered = {p.name: [outcomes[p.name][s.index] for s in specs] for p in policies}
-    n_episodes = len(specs) * len(policies)
-    log.info(
-        "evaluated %d episodes in %.1fs (%.1f episodes/s, %d workers, %d replaced)",
-        n_episodes,
-        t_run,
-        n_episodes / t_run,
-        num_workers,
-        replaced,
-    )
+        t_run = time.perf_counter() - t1
+        missing = [
+            (p.name, s.index) for p in policies for s in specs if s.index not in outcomes[p.name]
+        ]
+        if missing:
+            raise KalmError(
+                f"evaluation lost {len(missing)} episodes (first: {missing[0]}); "
+                "rerun `kalm evaluate`"
+            )
+        ordered = {p.name: [outcomes[p.name][s.index] for s in specs] for p in policies}
+        n_episodes = len(specs) * len(policies)
+        log.info(
+            "evaluated %d episodes in %.1fs (%.1f episodes/s, %d workers, %d replaced)",
+            n_episodes,
+            t_run,
+            n_episodes / t_run,
+            num_workers,
+            replaced,
+        )
 
-    # ---- save: results, episodes table, headline, report -------------------------------
-    t2 = time.perf_counter()
-    meta = {
-        "env": cfg.env.name,
-        "n_specs": len(specs),
-        "specs_digest": specs_digest(specs),
-        "seed": cfg.seed,
-        "max_steps": max_steps,
-    }
-    results = build_results(specs, ordered, policies, meta=meta)
-    from kalm_ray.eval.report import write_report
+        # ---- save: results, episodes table, headline, report ---------------------------
+        t2 = time.perf_counter()
+        meta = {
+            "env": cfg.env.name,
+            "n_specs": len(specs),
+            "specs_digest": specs_digest(specs),
+            "seed": cfg.seed,
+            "max_steps": max_steps,
+        }
+        results = build_results(specs, ordered, policies, meta=meta)
+        from kalm_ray.eval.report import write_report
 
-    with stage_output(run, plan.out_dir) as tmp:
+        store.clear()
         run.write_json(results, tmp, "results.json")
         run.write_bytes(episodes_parquet(specs, ordered), tmp, "episodes.parquet")
         run.write_text(headline_markdown(results), tmp, "headline.md")
@@ -151,7 +169,8 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
             "episodes_per_policy": len(specs),
             "workers": num_workers,
             "actors_replaced": replaced,
-            "episodes_per_s": round(n_episodes / t_run, 2),
+            "episodes_per_s": round(n_episodes / max(t_run, 1e-9), 2),
+            "resumed_units": len(resumed),
         },
         timings={"build_s": t_build, "run_s": t_run, "save_s": time.perf_counter() - t2},
     )
@@ -255,30 +274,103 @@ def evaluate_units(
     *,
     num_workers: int,
     num_cpus: float = 1.0,
+    done: dict[int, tuple[WorkUnit, list[EpisodeResult]]] | None = None,
+    on_unit: Callable[[WorkUnit, list[EpisodeResult]], None] | None = None,
 ) -> tuple[dict[str, dict[int, EpisodeResult]], int]:
-    """Run ``units`` on an actor pool with a progress bar; returns (outcomes, replaced actors)."""
+    """Run ``units`` on an actor pool with a progress bar; returns (outcomes, replaced actors).
+
+    ``done``: units finished before (a resumed run), counted in without running;
+    ``on_unit`` is called with each unit as it finishes (the resume store saves it).
+    """
     from tqdm import tqdm
 
-    outcomes: dict[str, dict[int, EpisodeResult]] = {u.policy: {} for u in units}
-    pool = EvalPool(worker_kwargs, num_workers=num_workers, num_cpus=num_cpus)
+    done = done or {}
+    outcomes: dict[str, dict[int, EpisodeResult]] = {}
+    for u in [*units, *(u for u, _ in done.values())]:
+        outcomes.setdefault(u.policy, {})
+    for unit, results in done.values():
+        for r in results:
+            outcomes[unit.policy].setdefault(r.index, r)
     bar = tqdm(
-        total=sum(len(u.specs) for u in units),
+        total=sum(len(u.specs) for u in units) + sum(len(r) for _, r in done.values()),
+        initial=sum(len(r) for _, r in done.values()),
         unit="ep",
         desc="evaluate",
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,
         smoothing=0.1,
     )
+    if not units:
+        bar.close()
+        return outcomes, 0
+    pool = EvalPool(worker_kwargs, num_workers=num_workers, num_cpus=num_cpus)
     try:
         for unit, results in pool.run(units):
             for r in results:
                 # setdefault: a unit re-run after its actor died never overwrites or double-counts.
                 outcomes[unit.policy].setdefault(r.index, r)
+            if on_unit is not None:
+                on_unit(unit, results)
             bar.update(len(results))
     finally:
         bar.close()
         pool.close()
     return outcomes, pool.replaced
+
+
+class UnitStore:
+    """Finished work units of a resumable evaluation, in its staging folder: one
+    ``unit-NNNNN.json`` per unit (its policy, its spec indices, each episode's outcome),
+    marked finished (:class:`~kalm_ray.artifacts.Staging`) once written."""
+
+    PREFIX = "unit-"
+
+    def __init__(self, run: RunDir, folder: str):
+        from kalm_ray.artifacts import Staging
+
+        self.run, self.folder, self.staging = run, folder, Staging(run, folder)
+
+    def _name(self, unit: WorkUnit) -> str:
+        return f"{self.PREFIX}{unit.uid:05d}.json"
+
+    def save(self, unit: WorkUnit, results: list[EpisodeResult]) -> None:
+        body = {
+            "policy": unit.policy,
+            "policy_dir": unit.policy_dir,
+            "indices": [s.index for s in unit.specs],
+            "results": [
+                {"index": int(r.index), "success": bool(r.success), "length": int(r.length),
+                 "ret": float(r.ret)}
+                for r in results
+            ],
+        }
+        self.run.write_json(body, self.folder, self._name(unit))
+        self.staging.mark_finished(self._name(unit), {"policy": unit.policy})
+
+    def resume(self, units: Sequence[WorkUnit]) -> dict[int, tuple[WorkUnit, list[EpisodeResult]]]:
+        """``uid -> (unit, results)`` of the units saved by a stopped run of this same stage
+        (same fingerprint, so the same policies and specs); any mismatch is redone."""
+        marked = self.staging.finished()
+        out = {}
+        for u in units:
+            if self._name(u) not in marked:
+                continue
+            try:
+                body = json.loads(self.run.read_bytes(self.folder, self._name(u)))
+                results = [EpisodeResult(**r) for r in body["results"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            same = body.get("policy") == u.policy and body.get("indices") == [
+                s.index for s in u.specs
+            ]
+            if same and sorted(r.index for r in results) == sorted(body["indices"]):
+                out[u.uid] = (u, results)
+        return out
+
+    def clear(self) -> None:
+        for name in self.run.list(self.folder):
+            if name.startswith(self.PREFIX):
+                self.run.delete(self.folder, name)
 
 
 def episodes_parquet(

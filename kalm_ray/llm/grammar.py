@@ -111,3 +111,21 @@ class RowGrammar:
     def max_tokens(self) -> int:
         """Tokens of the longest legal rollout: ``max_steps`` steps and the end token."""
         return len(self.template) * self.max_steps + 1
+
+
+@dataclass(frozen=True)
+class NextStateGrammar:
+    """The constraint on a dynamics prompt's answer: one step's STATE slots (the step template
+    without its action), e.g. CLEVR's 10 change bins. Used by the stepwise imaginer."""
+
+    kinds: np.ndarray
+
+    @classmethod
+    def for_request(cls, codec: Codec, start_state: np.ndarray) -> NextStateGrammar:
+        return cls(step_template(codec, start_state)[action_length(codec) :])
+
+    def kind_at(self, position: int) -> int:
+        return int(self.kinds[min(int(position), len(self.kinds) - 1)])
+
+    def __len__(self) -> int:
+        return len(self.kinds)

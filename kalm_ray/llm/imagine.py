@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
 from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
-from kalm_ray.errors import InputError
+from kalm_ray.errors import ConfigError, InputError
 from kalm_ray.llm.backends import GenerationSpec, generate, resolve_backend
 from kalm_ray.llm.filter import FilterLimits, FilterTally
 from kalm_ray.llm.labels import judge_batch
@@ -67,6 +67,11 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     init_ray(cfg.ray)
     # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
     backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand)
+    if icfg.mode == "stepwise" and backend != "hf":
+        raise ConfigError(
+            f"imagine.mode: stepwise runs on the hf backend only (backend is {backend}); "
+            "use imagine.backend: hf or imagine.mode: rollout"
+        )
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)
@@ -83,6 +88,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         grammar=icfg.grammar,
         max_steps=max_steps,
         level_max_steps=tuple(sorted(level_steps.items())),
+        mode=icfg.mode,
+        env=suite.name,
     )
     limits = FilterLimits.for_suite(
         suite,
@@ -132,9 +139,24 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             compute=ray.data.TaskPoolStrategy(size=max(2, icfg.max_actors)),
         )
 
-    with _quiet_ray_progress(), stage_output(run, plan.out_dir) as tmp:
+    # The staging folder is named by the fingerprint and kept if the stage is stopped; every
+    # judged batch is saved there as it arrives, so a rerun of the same config generates only
+    # the requests no saved batch holds (issue 19).
+    with (
+        _quiet_ray_progress(),
+        stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp,
+    ):
+        store = JudgedStore(run, tmp)
+        resumed = store.resume()
+        if resumed:
+            n_resumed = sum(b.num_rows for b in resumed)
+            print(
+                f"[kalm] imagine: resuming; {n_resumed} of {requests.num_rows} requests "
+                f"already judged in {run.uri_of(tmp)}",
+                flush=True,
+            )
         stats = write_rollouts(
-            judged_once(judged, requests),
+            store.all(resumed, judged_once(judged, store.todo(requests, resumed))),
             run=run,
             folder=tmp,
             tally=tally,
@@ -148,6 +170,9 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         )
         if replayer is not None:
             replayer.close()
+        stats["resumed_rollouts"] = sum(b.num_rows for b in resumed)
+        stats["generated_rollouts"] = requests.num_rows - stats["resumed_rollouts"]
+        store.clear()
         report = {
             "backend": backend,
             "max_steps": max_steps,
@@ -173,6 +198,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             "episodes": stats["episodes_written"],
             "transitions": stats["transitions_written"],
             "repaired_rollouts": report["repaired_rollouts"],
+            "resumed_rollouts": stats["resumed_rollouts"],
+            "generated_rollouts": stats["generated_rollouts"],
             "per_level_accepted_fraction": {
                 lv: c["accepted_fraction"] for lv, c in report["per_level"].items()
             },
@@ -305,6 +332,68 @@ def judged_once(
                 attempt + 1,
                 attempts,
             )
+
+
+class JudgedStore:
+    """The judged batches of a resumable imagine run, one Parquet file each
+    (``judged-NNNNNN.parquet``) in the staging folder, each marked finished
+    (:class:`~kalm_ray.artifacts.Staging`).
+
+    A rerun takes the marked batches back (:meth:`resume`), generates only the requests none
+    of them holds (:meth:`todo`), and rebuilds the stage's output from all of them
+    (:meth:`all`): the episode parts left by the stopped run are deleted and written again,
+    so they can never hold a rollout twice. :meth:`clear` removes the batches once the stage
+    is complete.
+    """
+
+    PREFIX = "judged-"
+
+    def __init__(self, run: RunDir, folder: str):
+        from kalm_ray.artifacts import Staging
+
+        self.run, self.folder, self.staging = run, folder, Staging(run, folder)
+        self.n = 0
+
+    def resume(self) -> list[pa.Table]:
+        done = self.staging.finished()
+        batches = [
+            pq.read_table(self.run.path(self.folder, name), filesystem=self.run.fs)
+            for name in sorted(n for n in done if n.startswith(self.PREFIX))
+        ]
+        names = self.run.list(self.folder)
+        for name in names:  # the stopped run's episode parts: rebuilt from the batches
+            if name.startswith("part-"):
+                self.run.delete(self.folder, name)
+        # New batches never reuse a name (an unmarked, half-written file is simply replaced).
+        ours = [n for n in names if n.startswith(self.PREFIX) and n.endswith(".parquet")]
+        self.n = 1 + max((int(n[len(self.PREFIX) : -8]) for n in ours), default=-1)
+        return batches
+
+    @staticmethod
+    def todo(requests: pa.Table, resumed: list[pa.Table]) -> pa.Table:
+        """The requests no resumed batch holds."""
+        import pyarrow.compute as pc
+
+        ids = sorted({r for b in resumed for r in b.column("request_id").to_pylist()})
+        if not ids:
+            return requests
+        done = pc.is_in(requests["request_id"], value_set=pa.array(ids, pa.string()))
+        return requests.filter(pc.invert(done))
+
+    def all(self, resumed: list[pa.Table], fresh: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        """The resumed batches, then each fresh one once it is saved and marked."""
+        yield from resumed
+        for batch in fresh:
+            name = f"{self.PREFIX}{self.n:06d}.parquet"
+            pq.write_table(batch, self.run.path(self.folder, name), filesystem=self.run.fs)
+            self.staging.mark_finished(name, {"rows": batch.num_rows})
+            self.n += 1
+            yield batch
+
+    def clear(self) -> None:
+        for name in self.run.list(self.folder):
+            if name.startswith(self.PREFIX):
+                self.run.delete(self.folder, name)
 
 
 def write_rollouts(

@@ -92,6 +92,15 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     )
 
 
+def goal_reached(suite: Any, task: str, states: np.ndarray) -> bool:
+    """Whether the goal holds at the last of ``states`` (``(T + 1, D)``), by the same rule as
+    :func:`label_rollout` (the stage order of composite tasks where the suite has it)."""
+    whole = getattr(suite, "trajectory_success", None)
+    if whole is not None:
+        return bool(np.asarray(whole(task, states), bool)[-1])
+    return bool(suite.success(task, states[0], states[-1]))
+
+
 JUDGED_COLUMNS: tuple[str, ...] = (
     "accepted",
     "reason",

@@ -62,42 +62,26 @@ class LLMPolicy:
 
     def act_instructed(self, states: np.ndarray, instructions: list[str]) -> np.ndarray:
         """Greedy legal actions ``(B,)`` int64 (discrete) or ``(B, k)`` float32 (continuous)."""
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        from kalm_ray.llm.backends.hf import GrammarMask
+        from kalm_ray.llm.backends.hf import constrained_tokens
         from kalm_ray.llm.prompts import rollout_prompt
 
         states = np.asarray(states, np.float32).reshape(len(instructions), -1)
         prompts = [
             rollout_prompt(self.codec, w, s) for w, s in zip(instructions, states, strict=True)
         ]
-        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
         rows = [RowGrammar.for_request(self.codec, s, 1) for s in states]
-        n_new = action_length(self.codec)
-        mask = GrammarMask(self.tok, self.codec, rows, prompt_len=enc["input_ids"].shape[1])
-        cfg = GenerationConfig(
-            max_new_tokens=n_new,
-            min_new_tokens=n_new,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=self.tok.pad_token_id,
-            eos_token_id=None,
+        toks, _ = constrained_tokens(
+            self.model, self.tok, self.codec, prompts, rows, action_length(self.codec)
         )
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                generation_config=cfg,
-                logits_processor=LogitsProcessorList([mask]),
-            )
-        new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
-        toks = [self.tok.convert_ids_to_tokens(row.tolist()) for row in new]
-        if self.codec.discrete:
-            index = {t: i for i, t in enumerate(self.codec.action_tokens)}
-            return np.asarray([index[t[0]] for t in toks], np.int64)
-        return np.stack([self.codec._decode_action(t, 0)[0] for t in toks]).astype(np.float32)
+        return decode_actions(self.codec, toks)
 
     def act(self, obs: np.ndarray) -> np.ndarray:  # pragma: no cover - guard, never called
         raise TypeError("LLMPolicy needs the instruction text: call act_instructed")
+
+
+def decode_actions(codec: Any, toks: list[list[str]]) -> np.ndarray:
+    """Each row's action tokens -> ``(B,)`` int64 (discrete) or ``(B, k)`` float32."""
+    if codec.discrete:
+        index = {t: i for i, t in enumerate(codec.action_tokens)}
+        return np.asarray([index[t[0]] for t in toks], np.int64)
+    return np.stack([codec._decode_action(t, 0)[0] for t in toks]).astype(np.float32)

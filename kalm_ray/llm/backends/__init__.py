@@ -57,6 +57,10 @@ class GenerationSpec:
         max_steps: steps a rollout may have (the grammar forces the end token there).
         level_max_steps: ``(level, steps)`` pairs for levels with a shorter limit (CLEVR
             ``easy``: one push).
+        mode: ``rollout`` (the model continues the rollout prompt to the end token) or
+            ``stepwise`` (policy prompt for each action, dynamics prompt for each next state;
+            hf backend, :mod:`kalm_ray.llm.backends.stepwise`).
+        env: the suite's name (``stepwise`` stops a request once its goal holds).
     """
 
     model_dir: str
@@ -70,6 +74,8 @@ class GenerationSpec:
     grammar: bool = True
     max_steps: int = 50
     level_max_steps: tuple[tuple[str, int], ...] = ()
+    mode: str = "rollout"
+    env: str = ""
 
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""

@@ -86,12 +86,26 @@ def gumbel_scores(
 
 
 class SeededSampling:
-    """Logits processor: per-request seeded sampling via :func:`gumbel_scores`."""
+    """Logits processor: per-request seeded sampling via :func:`gumbel_scores`.
 
-    def __init__(self, seeds: list[int], *, temperature: float, top_p: float):
+    ``seeds`` (one per row) or ``generators`` (``torch.Generator`` per row, carried across
+    several ``generate`` calls: the stepwise imaginer draws each request's actions from one
+    stream over all its steps).
+    """
+
+    def __init__(
+        self,
+        seeds: list[int] | None = None,
+        *,
+        temperature: float,
+        top_p: float,
+        generators: list[Any] | None = None,
+    ):
         import torch
 
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if generators is None:
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds or []]
+        self.gens = generators
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -175,6 +189,53 @@ class StopOnForeignToken:
         return ~torch.isin(input_ids[:, -1], allowed)
 
 
+def constrained_tokens(
+    model: Any,
+    tok: Any,
+    codec: Any,
+    prompts: list[str],
+    rows: list[Any],
+    n_new: int,
+    *,
+    sampling: SeededSampling | None = None,
+) -> tuple[list[list[str]], list[int]]:
+    """Exactly ``n_new`` tokens per prompt under the grammar ``rows`` (one per prompt), greedy
+    or with ``sampling``; returns the token strings and the prompt length of each prompt.
+
+    One step of the LLM-as-policy (an action) and of the stepwise imaginer (an action, then a
+    next state): a fixed number of tokens, every one legal, so no stopping rule is needed.
+    ``tok`` must pad on the left.
+    """
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    enc = tok(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    processors = LogitsProcessorList(
+        [GrammarMask(tok, codec, rows, prompt_len=enc["input_ids"].shape[1])]
+    )
+    if sampling is not None:  # after the mask: sampling only ever sees legal tokens
+        processors.append(sampling)
+    cfg = GenerationConfig(
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            generation_config=cfg,
+            logits_processor=processors,
+        )
+    new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
+    n_in = enc["attention_mask"].sum(dim=1).cpu().tolist()
+    return [tok.convert_ids_to_tokens(row.tolist()) for row in new], [int(x) for x in n_in]
+
+
 def allowed_token_ids(tok: Any, tokens: tuple[str, ...]) -> list[int]:
     """Ids of ``tokens`` plus every vocabulary entry that decodes to whitespace only."""
     ids = [int(i) for i in tok.convert_tokens_to_ids(list(tokens))]
@@ -230,9 +291,28 @@ class HFGenerator:
         self.allowed = (
             allowed_token_ids(tok, spec.codec_tokens) + self.stop_ids if spec.codec_tokens else None
         )
+        self.stepwise = None
+        if spec.mode == "stepwise":
+            from kalm_ray.envs import get_suite
+            from kalm_ray.llm.backends.stepwise import StepwiseImaginer
+
+            if not rest:
+                raise ValueError("imagine.mode stepwise needs a grounded model folder (codec)")
+            self.stepwise = StepwiseImaginer(
+                model.eval(), tok, rest[0], suite=get_suite(spec.env),
+                temperature=spec.temperature, top_p=spec.top_p,
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
+
+        if self.stepwise is not None:
+            texts, counts, n_in = self.stepwise(batch, self.spec.steps_for)
+            return (
+                batch.append_column("generated_text", pa.array(texts, pa.string()))
+                .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
+                .append_column("num_input_tokens", pa.array(np.asarray(n_in, np.int64)))
+            )
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         prompts = batch.column("prompt").to_pylist()
