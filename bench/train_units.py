@@ -41,10 +41,11 @@ STATE_DIM, EMB_DIM = 10, 768
 
 
 def write_run(folder: str, *, real: int, imagined: int) -> None:
-    """A toy run shaped like the quick preset's CLEVR data (see kalm_ray.rl.synthetic)."""
+    """A toy run shaped like the quick preset's CLEVR data (see tests/synthetic_data.py)."""
     from kalm_ray.artifacts import RunDir
     from kalm_ray.envs import get_suite
-    from kalm_ray.rl.synthetic import ToyTask, write_toy_run
+    sys.path.insert(0, str(ROOT))
+    from tests.synthetic_data import ToyTask, write_toy_run
 
     run = RunDir(folder)
     task = ToyTask(discrete=True, state_dim=STATE_DIM, emb_dim=EMB_DIM)

@@ -9,7 +9,7 @@ or by hand from the repository root:
 
 import sys
 
-from kalm_ray.jobs import job_main
+from kalm_ray.cluster.submit import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("collect"))

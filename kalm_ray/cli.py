@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from kalm_ray.errors import KalmError, NotImplementedStage, Terminated
+from kalm_ray.errors import KalmError, Terminated
 from kalm_ray.stage import STAGES
 
 
@@ -193,13 +193,7 @@ def _shutdown_ray() -> None:
 
 def _lazy(module: str, fn: str):
     def call(args: argparse.Namespace) -> int:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                raise NotImplementedStage(f"command {args.cmd!r} is not implemented yet") from None
-            raise
-        return int(getattr(mod, fn)(args) or 0)
+        return int(getattr(importlib.import_module(module), fn)(args) or 0)
 
     return call
 
@@ -211,10 +205,10 @@ _COMMANDS = {
     "verify": _cmd_verify,
     "report": _lazy("kalm_ray.eval.report", "cli_report"),
     "plan": _lazy("kalm_ray.plan", "cli_plan"),
-    "submit": _lazy("kalm_ray.jobs", "cli_submit"),
-    "status": _lazy("kalm_ray.jobs", "cli_status"),
-    "logs": _lazy("kalm_ray.jobs", "cli_logs"),
-    "stop": _lazy("kalm_ray.jobs", "cli_stop"),
+    "submit": _lazy("kalm_ray.cluster.submit", "cli_submit"),
+    "status": _lazy("kalm_ray.cluster.submit", "cli_status"),
+    "logs": _lazy("kalm_ray.cluster.submit", "cli_logs"),
+    "stop": _lazy("kalm_ray.cluster.submit", "cli_stop"),
 }
 
 

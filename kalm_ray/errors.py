@@ -21,10 +21,6 @@ class InputError(KalmError):
     """A stage input that is missing or corrupt (data, model folder, checkpoint)."""
 
 
-class NotImplementedStage(KalmError):
-    """A CLI stage whose implementation does not exist yet."""
-
-
 class BackendUnavailable(KalmError):
     """A generation backend that cannot run here (e.g. vLLM on a machine with no GPU)."""
 

@@ -195,7 +195,7 @@ class RuntimeEnvFacts:
 
 def runtime_env_facts(cfg: ExperimentConfig) -> RuntimeEnvFacts:
     """The runtime_env named by ``ray.runtime_env``, resolved as ``kalm submit`` does."""
-    from kalm_ray.jobs import project_root
+    from kalm_ray.cluster.submit import project_root
 
     path = Path(cfg.ray.runtime_env)
     path = path if path.is_absolute() else project_root() / path

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from synthetic_data import ToyTask, write_toy_run
 
 from kalm_ray.artifacts import Manifest, RunDir, write_manifest
 from kalm_ray.cli import main
-from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 
 NAME = "bad"
 

@@ -4,70 +4,17 @@ run_dir rules, the runtime_env the job gets, and the job-side entry point. No Ra
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TOKEN, FakeJobServer, job_node
 
-from kalm_ray import jobs
 from kalm_ray.cli import main
+from kalm_ray.cluster import submit as jobs
 from kalm_ray.config import parse_config
 from kalm_ray.errors import ConfigError, KalmError, RunDirError
-
-TOKEN = "s3cret-token"
-
-
-def _node(head: bool, cpus: float) -> dict:
-    return {
-        "node_id": "x",
-        "state": "ALIVE",
-        "is_head_node": head,
-        "resources_total": {"CPU": cpus},
-    }
-
-
-class FakeJobServer:
-    """Answers /api/version and /api/v0/nodes like a Ray 2.60 job server with token auth."""
-
-    def __init__(self, *, nodes: list[dict], token: str | None = TOKEN):
-        self.nodes, self.token = nodes, token
-        self.seen_auth: list[str | None] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                auth = self.headers.get("Authorization")
-                outer.seen_auth.append(auth)
-                if outer.token is not None and auth is None:
-                    return self._send(401, "Unauthorized: Missing authentication token")
-                if outer.token is not None and auth != f"Bearer {outer.token}":
-                    return self._send(403, "Forbidden: Invalid authentication token")
-                if self.path == "/api/version":
-                    return self._send(200, json.dumps({"version": "4", "ray_version": "2.60.0"}))
-                if self.path.startswith("/api/v0/nodes"):
-                    body = {"result": True, "data": {"result": {"result": outer.nodes}}}
-                    return self._send(200, json.dumps(body))
-                return self._send(404, "not found")
-
-            def _send(self, code: int, body: str) -> None:
-                self.send_response(code)
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -83,7 +30,7 @@ def token_env(monkeypatch, tmp_path) -> Path:
 
 @pytest.fixture
 def server(request) -> Iterator[FakeJobServer]:
-    nodes = getattr(request, "param", [_node(True, 2.0), _node(False, 2.0)])
+    nodes = getattr(request, "param", [job_node(True, 2.0), job_node(False, 2.0)])
     s = FakeJobServer(nodes=nodes)
     yield s
     s.close()
@@ -143,7 +90,7 @@ def test_local_run_dir_on_multi_node_cluster_is_one_line(capsys, server, token_e
     assert "s3://" in line and "ray.shared_filesystem" in line
 
 
-@pytest.mark.parametrize("server", [[_node(True, 0.0)]], indirect=True)
+@pytest.mark.parametrize("server", [[job_node(True, 0.0)]], indirect=True)
 def test_local_run_dir_refused_when_head_has_no_cpus(capsys, server, token_env, tmp_path):
     assert main(["submit", _config(tmp_path, "/data/run"), "--address", server.address]) != 0
     assert "head with no CPUs" in _one_error_line(capsys)
@@ -166,7 +113,7 @@ def test_connect_sends_the_token_only_when_asked(server, token_env):
 
 
 def test_connect_without_auth_sends_no_token(token_env):
-    s = FakeJobServer(nodes=[_node(True, 4.0)], token=None)
+    s = FakeJobServer(nodes=[job_node(True, 4.0)], token=None)
     try:
         cluster = jobs.connect(s.address)
     finally:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import make_tiny_sentence_model
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.config import parse_config
@@ -74,47 +75,6 @@ def test_card_table_limits_rows_and_totals():
 
 
 # ---- the stage on real Ray and the real CLEVR env ------------------------------------------------
-
-
-def make_tiny_sentence_model(folder: Path) -> str:
-    """A random 32-d, 1-layer BERT saved in sentence-transformers layout (MiniLM's tokenizer)."""
-    import shutil
-
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from kalm_ray.config import TextConfig
-    from kalm_ray.data.text import resolve_encoder
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    )
-    BertModel(cfg).save_pretrained(folder)
-    src = resolve_encoder(TextConfig())
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-        {
-            "idx": 2,
-            "name": "2",
-            "path": "2_Normalize",
-            "type": "sentence_transformers.models.Normalize",
-        },
-    ]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir()
-    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
-    return str(folder)
 
 
 TASKS = ["left:red:blue", "behind:green:cyan", "front:blue:green"]

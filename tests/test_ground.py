@@ -8,105 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-SMALL = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
-DIRS = [(1, 0), (0, 1), (-1, 0), (0, -1), (0.8, 0.8), (-0.8, 0.8), (0.8, -0.8), (-0.8, -0.8)]
-
-
-def toy_suite() -> SimpleNamespace:
-    """CLEVR's shapes (10-d state, Discrete(40)) without importing gymnasium or MuJoCo."""
-    low = np.tile(np.array([-0.6, -0.3], np.float32), 5)
-    high = np.tile(np.array([0.6, 0.7], np.float32), 5)
-    layout = SimpleNamespace(
-        low=low, high=high, names=tuple(f"b{i // 2}.{'xy'[i % 2]}" for i in range(10)), entities={}
-    )
-    return SimpleNamespace(
-        name="clevr",
-        layout=layout,
-        action_space=SimpleNamespace(n=40),
-        max_episode_steps=50,
-        success=lambda task, start, state: bool(state[0] < start[0]),
-    )
-
-
-def toy_episodes(n: int, *, seed: int = 0) -> list[dict]:
-    """Episodes of a simple push world: action a moves ball a // 8 by 0.25 along DIRS[a % 8]."""
-    rng = np.random.default_rng(seed)
-    suite = toy_suite()
-    out = []
-    for i in range(n):
-        t = int(rng.integers(2, 6))
-        s = rng.uniform(suite.layout.low + 0.1, suite.layout.high - 0.1).astype(np.float32)
-        states, actions = [s], []
-        for _ in range(t):
-            a = int(rng.integers(0, 40))
-            nxt = states[-1].copy()
-            nxt[2 * (a // 8) : 2 * (a // 8) + 2] += 0.25 * np.asarray(DIRS[a % 8], np.float32)
-            states.append(np.clip(nxt, suite.layout.low, suite.layout.high))
-            actions.append(a)
-        out.append(
-            {
-                "episode_id": f"ep{i:04d}",
-                "task": "left:red:blue",
-                "instruction": "push the red ball left",
-                "states": np.stack(states),
-                "actions": np.asarray(actions, np.int64),
-            }
-        )
-    return out
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> dict:
-    """A small tiny model, its tokenizer and codec, and JSONL training examples."""
-    from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.model import build_tiny
-    from kalm_ray.llm.prompts import EpisodeArrays, episode_examples
-
-    root = tmp_path_factory.mktemp("ground")
-    codec = Codec.for_suite(toy_suite(), 32)
-    model, tok = build_tiny(codec, ["push the red ball left"], overrides=SMALL)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    codec.save(root)
-    rows = []
-    for e in toy_episodes(12):
-        rows += episode_examples(codec, tok, EpisodeArrays(**e), max_seq_len=256)[0]
-    (root / "examples").mkdir()
-    (root / "examples" / "part-0.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return {"root": root, "codec": codec}
-
-
-def loop_config(prepared: dict, **kw) -> dict:
-    root = prepared["root"]
-    cfg = {
-        "base": str(root / "base"),
-        "tokenizer_dir": str(root / "base"),
-        "codec_path": str(root / "codec.json"),
-        "examples": str(root / "examples"),
-        "method": "full",
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "max_steps": 4,
-        "batch_size": 4,
-        "lr": 1e-3,
-        "checkpoint_every": 2,
-        "seed": 0,
-        "task_mix": {"rollout": 0.4, "explain": 0.2, "dynamics": 0.3, "consequence": 0.1},
-        "cpu_threads": 1,
-        "info": {"method": "full"},
-    }
-    cfg.update(kw)
-    return cfg
+from helpers import loop_config, toy_episodes, toy_suite
 
 
 def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):

@@ -7,12 +7,12 @@ import json
 import shutil
 
 import pytest
-from test_ground import loop_config, prepared  # noqa: F401 - the fixture, shared
+from helpers import loop_config
 
 CHANGED = 1e-6
 
 
-def _untied_copy(prepared, dst):  # noqa: F811 - the fixture
+def _untied_copy(prepared, dst):
     """The prepared (tied) tiny base with ``lm_head`` made a matrix of its own, like Llama-2."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -27,7 +27,7 @@ def _untied_copy(prepared, dst):  # noqa: F811 - the fixture
     return dst
 
 
-def test_lora_trains_codec_output_rows_of_untied_models(prepared, tmp_path):  # noqa: F811
+def test_lora_trains_codec_output_rows_of_untied_models(prepared, tmp_path):
     """Point 5: PEFT's trainable tokens on ``embed_tokens`` reach ``lm_head`` only when tied;
     the added codec tokens' output rows must train too."""
     import torch
@@ -61,7 +61,7 @@ def test_lora_trains_codec_output_rows_of_untied_models(prepared, tmp_path):  # 
     assert emb_moved[ids].max() > CHANGED
 
 
-def test_codec_row_targets_tied_and_untied(prepared, tmp_path):  # noqa: F811
+def test_codec_row_targets_tied_and_untied(prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +75,7 @@ def test_codec_row_targets_tied_and_untied(prepared, tmp_path):  # noqa: F811
     assert codec_row_targets(untied, [3, 4]) == {"embed_tokens": [3, 4], "lm_head": [3, 4]}
 
 
-def test_gradient_checkpointing_is_applied(prepared, tmp_path, monkeypatch):  # noqa: F811
+def test_gradient_checkpointing_is_applied(prepared, tmp_path, monkeypatch):
     """Point 4: on by config (and by default on GPU); training still runs and resumes."""
     from transformers import PreTrainedModel
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import END, WORDS, save_tiny_model
 
 from kalm_ray.config import ImagineConfig
 from kalm_ray.llm.backends import GenerationSpec
@@ -19,39 +20,6 @@ from kalm_ray.llm.requests import (
     requests_dataset,
     state_matrix,
 )
-
-END = "<eot>"
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def save_tiny_model(folder: Path, *, seed: int = 0, hidden: int = 32, heads: int = 4) -> Path:
-    """A randomly initialised 2-layer Llama and a word-level tokenizer, saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", END, "go", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2 or 1,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 class ToySuite:

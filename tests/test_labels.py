@@ -134,12 +134,12 @@ def _coffee_state(*, mug_ok: bool, pressed: bool) -> np.ndarray:
     """A made-up 91-d make-coffee state: mug under the spout or not, button pressed or not."""
     import importlib
 
-    from test_metaworld_env import _state
+    from helpers import slot_state
 
     mw = importlib.import_module("kalm_ray.envs.metaworld.tasks")
     machine = np.array([0.0, 0.95, 0.0])
     goal = machine + mw.COFFEE_BUTTON_GOAL_OFFSET
-    return _state(
+    return slot_state(
         goal=goal,
         object=machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0]),
         coffee_machine=machine,

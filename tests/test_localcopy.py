@@ -70,7 +70,7 @@ def test_local_paths_pass_through_and_uris_are_cached_per_content(bucket, tmp_pa
 
 
 def test_ground_workers_read_prep_and_examples_from_the_run_dir(bucket, tmp_path):
-    from test_ground import toy_episodes
+    from helpers import toy_episodes
 
     from kalm_ray.config import parse_config
     from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
@@ -133,7 +133,7 @@ def test_ground_workers_read_prep_and_examples_from_the_run_dir(bucket, tmp_path
 
 
 def test_imagine_loader_reads_a_model_folder_by_uri(bucket, tmp_path):
-    from test_ground import SMALL, toy_suite
+    from helpers import SMALL, toy_suite
 
     from kalm_ray.llm.codec import Codec
     from kalm_ray.llm.model import build_tiny, load_grounded, model_files

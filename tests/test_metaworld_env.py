@@ -15,6 +15,7 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+from helpers import slot_state
 
 import kalm_ray.envs  # noqa: F401  (registers the gym ids)
 from kalm_ray.envs import get_suite
@@ -192,28 +193,25 @@ def test_rotate_and_hinge_angle():
     assert 0.09 * np.cos(t) - 0.01 * np.sin(t) == pytest.approx(0.08, abs=2e-4)
 
 
-def _state(**parts: np.ndarray) -> np.ndarray:
-    """A made-up slot state; entities get the identity orientation."""
-    s = np.zeros(91, np.float32)
-    for name, value in parts.items():
-        slots.position(s, name)[:] = value
-        if name not in ("gripper", "goal"):
-            slots.quaternion(s, name)[:] = (1.0, 0.0, 0.0, 0.0)
-    return s
-
-
 def test_single_predicates_on_made_up_states():
     goal = np.array([0.0, 0.8, 0.2])
-    near, far = _state(gripper=goal + 0.028, goal=goal), _state(gripper=goal + 0.03, goal=goal)
+    near, far = (
+        slot_state(gripper=goal + 0.028, goal=goal),
+        slot_state(gripper=goal + 0.03, goal=goal),
+    )
     assert suite.success("reach", far, near) and not suite.success("reach", far, far)
-    assert suite.success("push", far, _state(goal=goal, object=goal + [0.049, 0, 0]))
-    assert not suite.success("push", far, _state(goal=goal, object=goal + [0.051, 0, 0]))
-    assert suite.success("pick-place", far, _state(goal=goal, object=goal + [0.069, 0, 0]))
-    assert suite.success("button-press", far, _state(goal=goal, button=goal + [0.3, 0.015, 0]))
-    assert not suite.success("button-press", far, _state(goal=goal, button=goal + [0, 0.025, 0]))
-    assert suite.success("button-press-wall", far, _state(goal=goal, button=goal + [0, 0.025, 0]))
-    assert suite.success("hammer", far, _state(goal=goal, nail=goal - [0, 0.009, 0]))
-    assert not suite.success("hammer", far, _state(goal=goal, nail=goal - [0, 0.1, 0]))
+    assert suite.success("push", far, slot_state(goal=goal, object=goal + [0.049, 0, 0]))
+    assert not suite.success("push", far, slot_state(goal=goal, object=goal + [0.051, 0, 0]))
+    assert suite.success("pick-place", far, slot_state(goal=goal, object=goal + [0.069, 0, 0]))
+    assert suite.success("button-press", far, slot_state(goal=goal, button=goal + [0.3, 0.015, 0]))
+    assert not suite.success(
+        "button-press", far, slot_state(goal=goal, button=goal + [0, 0.025, 0])
+    )
+    assert suite.success(
+        "button-press-wall", far, slot_state(goal=goal, button=goal + [0, 0.025, 0])
+    )
+    assert suite.success("hammer", far, slot_state(goal=goal, nail=goal - [0, 0.009, 0]))
+    assert not suite.success("hammer", far, slot_state(goal=goal, nail=goal - [0, 0.1, 0]))
 
 
 def _coffee_state(mug_ok: bool, pressed: bool) -> np.ndarray:
@@ -221,7 +219,7 @@ def _coffee_state(mug_ok: bool, pressed: bool) -> np.ndarray:
     goal = machine + mw.COFFEE_BUTTON_GOAL_OFFSET
     mug = machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0])
     button = goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0])
-    return _state(
+    return slot_state(
         goal=goal, object=mug, coffee_machine=machine, coffee_button=button, gripper=[0, 0.6, 0.2]
     )
 
@@ -242,13 +240,13 @@ def test_make_coffee_predicate_and_order():
 
 def test_reward_is_bounded_and_follows_progress():
     goal = np.array([0.0, 0.85, 0.02])
-    start = _state(goal=goal, object=[0.0, 0.6, 0.02], gripper=[0, 0.6, 0.2])
+    start = slot_state(goal=goal, object=[0.0, 0.6, 0.02], gripper=[0, 0.6, 0.2])
     rewards = []
     for y in (0.6, 0.7, 0.8):
-        s = _state(goal=goal, object=[0.0, y, 0.02], gripper=[0, y - 0.03, 0.03])
+        s = slot_state(goal=goal, object=[0.0, y, 0.02], gripper=[0, y - 0.03, 0.03])
         rewards.append(suite.reward("push", start, start, s))
     assert all(0 <= r < 10 for r in rewards) and rewards == sorted(rewards)
-    done = _state(goal=goal, object=goal, gripper=goal)
+    done = slot_state(goal=goal, object=goal, gripper=goal)
     assert suite.reward("push", start, start, done) == 10.0
     none, mug = _coffee_state(False, False), _coffee_state(True, False)
     assert suite.reward("make-coffee", none, none, mug) > suite.reward(

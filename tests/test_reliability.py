@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from synthetic_data import ToyTask, write_toy_run
 
 import kalm_ray.artifacts as artifacts
 from kalm_ray.artifacts import (
@@ -32,7 +33,6 @@ from kalm_ray.artifacts import (
 from kalm_ray.cli import main
 from kalm_ray.config import ExperimentConfig, load_config, parse_config
 from kalm_ray.errors import ConfigError, RunDirError
-from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 from kalm_ray.stage import plan_stage
 
 NAME = "rel"

@@ -34,7 +34,7 @@ TASKS = ["behind:red:blue", "behind:red:green", "behind:red:purple", "behind:red
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> str:
-    from test_collect import make_tiny_sentence_model
+    from helpers import make_tiny_sentence_model
 
     return make_tiny_sentence_model(tmp_path_factory.mktemp("tiny-encoder"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic_data import ToyTask, write_toy_run
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.errors import InputError
@@ -17,7 +18,6 @@ from kalm_ray.rl.dataset import (
     to_arrow,
     wording_groups,
 )
-from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 
 
 def test_make_obs_concatenates_state_then_embedding():

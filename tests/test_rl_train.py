@@ -1,4 +1,4 @@
-"""Training units and the ``train`` stage on tiny synthetic data (see kalm_ray.rl.synthetic)."""
+"""Training units and the ``train`` stage on tiny synthetic data (see tests/synthetic_data.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synthetic_data import ToyTask, write_toy_run
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.config import TrainConfig, parse_config
 from kalm_ray.errors import ConfigError
 from kalm_ray.rl.dataset import load_embeddings, make_obs, prepare_mix
 from kalm_ray.rl.policy import CHECKPOINT_DIR, CURVE_FILE, MODULE_DIR, POLICY_INFO, load_policy
-from kalm_ray.rl.synthetic import ToyTask, write_toy_run
 from kalm_ray.rl.unit import Unit, train_unit
 
 TINY = TrainConfig(

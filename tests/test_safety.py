@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster_submit import FakeJobServer, _node
+from helpers import FakeJobServer, job_node
 
 from kalm_ray.config import ExperimentConfig, ModelSection, RayConfig, parse_config
 from kalm_ray.errors import InputError
@@ -117,26 +117,6 @@ def test_trust_remote_code_reaches_transformers_as_configured(tmp_path, monkeypa
     prep = {"base": "b", "tokenizer_dir": "t", "codec_path": "c", "init_codec_rows": False}
     loop_cfg = ground.train_config(cfg, RunDir(str(tmp_path)), "w", {**prep, "info": {}})
     assert loop_cfg["trust_remote_code"] is bool(trust)  # what the Ray Train workers use
-
-
-def test_prepare_base_passes_trust_remote_code(monkeypatch):
-    import transformers
-
-    from kalm_ray.llm.model import prepare_base
-
-    seen = []
-
-    def fake_load(name, **kw):
-        seen.append(kw.get("trust_remote_code", "absent"))
-        raise OSError("offline test")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_load)
-    for trust in (False, True):
-        with pytest.raises(OSError):
-            prepare_base("m", codec=None, trust_remote_code=trust)  # type: ignore[arg-type]
-    with pytest.raises(OSError):
-        prepare_base("m", codec=None)  # type: ignore[arg-type]
-    assert seen == [False, True, False]
 
 
 def test_no_code_turns_trust_remote_code_on():
@@ -257,8 +237,8 @@ class _Client:
 
 @pytest.fixture
 def server() -> Iterator[FakeJobServer]:
-    """A one-node job server that wants TOKEN (the fake of tests/test_cluster_submit.py)."""
-    s = FakeJobServer(nodes=[_node(True, 2)], token=TOKEN)
+    """A one-node job server that wants TOKEN (the fake of tests/helpers.py)."""
+    s = FakeJobServer(nodes=[job_node(True, 2)], token=TOKEN)
     yield s
     s.close()
 
@@ -287,8 +267,8 @@ def _submit_config(tmp_path: Path) -> str:
 def test_submit_never_prints_secrets(
     server, secrets_env, tmp_path, monkeypatch, capsys, caplog, debug
 ):
-    from kalm_ray import jobs
     from kalm_ray.cli import main
+    from kalm_ray.cluster import submit as jobs
 
     monkeypatch.setattr(jobs, "_client", lambda cluster, debug=False: _Client())
     caplog.set_level(logging.DEBUG)

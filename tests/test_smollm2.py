@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ground import toy_episodes, toy_suite
+from helpers import toy_episodes, toy_suite
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -193,7 +193,7 @@ def test_vllm_processor_runs_on_gpu(ray_local, tmp_path):
     """Builds and runs the processor on a tiny local model (needs vLLM and a GPU)."""
     pytest.importorskip("vllm")
     import ray
-    from test_imagine import END, save_tiny_model  # tests/ is on sys.path (rootdir conftest)
+    from helpers import END, save_tiny_model  # tests/ is on sys.path (rootdir conftest)
 
     model_dir = save_tiny_model(tmp_path / "m", hidden=128, heads=2)  # head_dim 64 for vLLM kernels
     icfg = ImagineConfig(

@@ -377,29 +377,6 @@ def load_grounded(
     return model.to(device).eval(), tokenizer, codec
 
 
-def prepare_base(
-    name: str, codec: Codec, *, trust_remote_code: bool = False, init_rows: bool = True
-) -> tuple[Any, Any]:
-    """A Hugging Face model + tokenizer ready for grounding with ``codec``.
-
-    Codec tokens are made atomic; if any is new the embeddings are resized (mean init). With
-    ``init_rows`` the codec rows get :func:`init_codec_rows`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if (
-        make_codec_tokens_atomic(tokenizer, codec)
-        or len(tokenizer) > model.get_input_embeddings().num_embeddings
-    ):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if init_rows:
-        init_codec_rows(model, tokenizer, codec)
-    return model, tokenizer
-
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())

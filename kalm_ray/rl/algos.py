@@ -61,7 +61,7 @@ def config_class(algo: str) -> type:
 
         return DiscreteCQLConfig
     if algo == "cql":
-        from kalm_ray.rl.cql import KalmCQLConfig
+        from kalm_ray.rl.cql.algorithm import KalmCQLConfig
 
         return KalmCQLConfig
     if algo == "iql":

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.data.schema import column_matrix
+from kalm_ray.data.text import load_instruction_table
 from kalm_ray.errors import InputError
 
 log = logging.getLogger("kalm_ray")
@@ -70,30 +71,7 @@ def make_obs(state: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
 
 def load_embeddings(run: RunDir) -> dict[str, np.ndarray]:
     """Instruction text -> embedding ``(E,)`` float32, from ``data/instructions.parquet``."""
-    try:
-        from kalm_ray.data.text import load_instruction_table  # the collect stage's loader
-    except ImportError:
-        load_instruction_table = None
-    if load_instruction_table is not None:
-        return {k: np.asarray(v, dtype=np.float32) for k, v in load_instruction_table(run).items()}
-    if not run.exists(INSTRUCTIONS_FILE):
-        raise InputError(
-            f"{run.uri_of(INSTRUCTIONS_FILE)}: missing; run `kalm collect CONFIG` first"
-        )
-    table = pq.read_table(
-        run.path(INSTRUCTIONS_FILE), columns=["text", "embedding"], filesystem=run.fs
-    )
-    return embeddings_from_table(table)
-
-
-def embeddings_from_table(table: pa.Table) -> dict[str, np.ndarray]:
-    """``text``/``embedding`` columns of an instructions table as a dict (first row wins)."""
-    texts = table.column("text").to_pylist()
-    emb = column_matrix(table, "embedding")
-    out: dict[str, np.ndarray] = {}
-    for i, t in enumerate(texts):
-        out.setdefault(t, emb[i])
-    return out
+    return {k: np.asarray(v, dtype=np.float32) for k, v in load_instruction_table(run).items()}
 
 
 def check_embeddings(instructions: list[str], table: dict[str, np.ndarray], *, where: str) -> None:

@@ -18,17 +18,10 @@ from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import 
 from ray.rllib.connectors.learner.add_next_observations_from_episodes_to_train_batch import (
     AddNextObservationsFromEpisodesToTrainBatch,
 )
-from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.metrics import (
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    OFFLINE_SAMPLING_TIMER,
-    TIMERS,
-)
 
+from kalm_ray.rl.common import offline_training_step
 from kalm_ray.rl.discrete_cql.learner import DiscreteCQLTorchLearner
 from kalm_ray.rl.discrete_cql.module import DiscreteQTorchRLModule
 
@@ -124,35 +117,3 @@ class DiscreteCQL(Algorithm):
     @override(Algorithm)
     def training_step(self) -> None:
         offline_training_step(self)
-
-
-def offline_training_step(algo: Algorithm) -> None:
-    """One offline iteration: ``dataset_num_iters_per_learner`` updates from data iterators.
-
-    Shared by :class:`DiscreteCQL` and ``kalm_ray.rl.cql.KalmCQL``.
-    """
-    # Same offline step as RLlib's MARWIL/BC (always through a data iterator, which also
-    # sidesteps CQL's single-batch path bug with dataset_num_iters_per_learner=1).
-    with algo.metrics.log_time((TIMERS, OFFLINE_SAMPLING_TIMER)):
-        iterators = algo.offline_data.sample(
-            num_samples=algo.config.train_batch_size_per_learner,
-            num_shards=algo.config.num_learners,
-            return_iterator=True,
-        )
-        rows = algo.config.train_batch_size_per_learner * max(1, algo.config.num_learners)
-        algo.metrics.log_value(
-            NUM_ENV_STEPS_SAMPLED_LIFETIME,
-            rows * (algo.config.dataset_num_iters_per_learner or 1),
-            reduce="lifetime_sum",
-        )
-    with algo.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-        results = algo.learner_group.update(
-            training_data=TrainingData(data_iterators=iterators),
-            minibatch_size=algo.config.train_batch_size_per_learner,
-            num_iters=algo.config.dataset_num_iters_per_learner,
-            timesteps={
-                NUM_ENV_STEPS_SAMPLED_LIFETIME: algo.metrics.peek(NUM_ENV_STEPS_SAMPLED_LIFETIME)
-            },
-            **algo.offline_data.iter_batches_kwargs,
-        )
-        algo.metrics.aggregate(results, key=LEARNER_RESULTS)

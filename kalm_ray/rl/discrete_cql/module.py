@@ -18,27 +18,17 @@ from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 from torch import nn
 
+from kalm_ray.rl.common import mlp
+
 QF_PREDS = "qf_preds"
 QF_NEXT_PREDS = "qf_next_preds"
 QF_TARGET_NEXT_PREDS = "qf_target_next_preds"
-
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 def _model_config_get(model_config: Any, key: str, default: Any) -> Any:
     if isinstance(model_config, dict):
         return model_config.get(key, default)
     return getattr(model_config, key, default)
-
-
-def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str = "relu") -> nn.Sequential:
-    """``in_dim -> hidden... -> out_dim`` with ``activation`` between layers (none at the end)."""
-    layers: list[nn.Module] = []
-    for h in hidden:
-        layers += [nn.Linear(in_dim, h), _ACTIVATIONS[activation]()]
-        in_dim = h
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
 
 
 class DiscreteQTorchRLModule(TorchRLModule, QNetAPI, TargetNetworkAPI):

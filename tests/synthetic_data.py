@@ -1,4 +1,4 @@
-"""Small synthetic offline datasets in the project's schema, for tests and benchmarks.
+"""Small synthetic offline datasets in the project's schema, for tests and ``bench/train_units.py``.
 
 A *toy task*: each instruction ``i`` (a random unit embedding) names the right action for a
 state. Discrete: ``a* = (5 i + [s_0 > 0]) mod n``; continuous: ``a* = tanh(W s + b_i)``.

@@ -1,28 +1,6 @@
-"""Continuous CQL: RLlib 2.60's CQL with a leaner module and learner (same loss).
+"""The CQL RLModule: MLP actor and critics, batched repeated-action Q evaluations.
 
-What differs from stock ``CQLConfig`` and why:
-
-- **Networks** are plain MLPs of ``fcnet_hiddens`` (ReLU): the policy ``obs -> hidden -> 2A``
-  and each critic ``[obs, action] -> hidden -> 1`` (the usual CQL/d3rlpy shape; RLlib's SAC
-  catalog builds separate obs/action streams plus a fusion net instead).
-- **The CQL term's Q evaluations** (``num_actions`` random, current-policy and next-policy
-  actions per state) reuse one policy pass per state (stock RLlib re-runs the policy on each
-  repeated observation) and one first-layer pass per state: the critic's first layer is split
-  as ``W [s; a] = W_s s + W_a a``, so ``W_s s`` is computed once for all sampled actions.
-  The numbers are the same as evaluating the concatenated input.
-- **Next-policy actions are scored at s**, ``Q(s, a' ~ pi(s'))``, as in the CQL authors' code
-  and d3rlpy; stock RLlib 2.60 scores them at ``s'``.
-- **One backward pass** for actor, critics and temperature: their parameter sets are disjoint
-  and every cross term is already cut (frozen critics in the actor term, detached actions and
-  log-probs in the critic term), so the summed loss gives each optimizer the same gradients
-  as stock RLlib's one ``backward(retain_graph=True)`` per optimizer.
-- **Fused Adam and one finiteness check per step** (:mod:`kalm_ray.rl.learners`).
-- **Target critics move after every optimizer step** (Polyak ``tau``). Stock RLlib moves them
-  in ``after_gradient_based_update``, once per ``update()`` call, i.e. once per iteration of
-  ``dataset_num_iters_per_learner`` steps when learning from a data iterator.
-- **No environment**: ``_is_online=False`` (stock CQL inherits SAC's online flag and builds an
-  env runner), and the training step always iterates (stock CQL passes a single batch with a
-  local learner and ``dataset_num_iters_per_learner=1`` and then fails).
+See the package docstring for what differs from RLlib's ``DefaultCQLTorchRLModule``.
 """
 
 from __future__ import annotations
@@ -30,24 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ray.rllib.algorithms.cql.cql import CQL, CQLConfig
-from ray.rllib.algorithms.cql.torch.cql_torch_learner import CQLTorchLearner
 from ray.rllib.algorithms.cql.torch.default_cql_torch_rl_module import DefaultCQLTorchRLModule
 from ray.rllib.algorithms.sac.sac_learner import ACTION_DIST_INPUTS_NEXT, QF_PREDS, QF_TWIN_PREDS
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchSquashedGaussian
 from ray.rllib.core.models.base import ENCODER_OUT
-from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.metrics import (
-    ALL_MODULES,
-)
-from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 from torch import nn
 
-from kalm_ray.rl.discrete_cql.algorithm import offline_training_step
-from kalm_ray.rl.discrete_cql.module import mlp
-from kalm_ray.rl.learners import apply_gradients_checked, use_fused_adam
+from kalm_ray.rl.common import mlp
 
 
 class ObsEncoder(nn.Module):
@@ -189,79 +158,3 @@ class KalmCQLTorchRLModule(DefaultCQLTorchRLModule):
             p.requires_grad_(True)
         out["q_curr"] = torch.min(torch.stack(q_pi), dim=0).values
         return out
-
-
-class KalmCQLTorchLearner(CQLTorchLearner):
-    """CQL learner: stock loss, one backward pass, target critics moved every step."""
-
-    @override(CQLTorchLearner)
-    def compute_gradients(self, loss_per_module: dict[ModuleID, TensorType], **kwargs) -> ParamDict:
-        for optim in self._optimizer_parameters:
-            optim.zero_grad(set_to_none=True)
-        losses = [self._temp_losses.pop(k) for k in list(self._temp_losses)]
-        torch.stack(losses).sum().backward()
-        return {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
-
-    @override(CQLTorchLearner)
-    def build(self) -> None:
-        super().build()
-        use_fused_adam(self)
-
-    @override(CQLTorchLearner)
-    def apply_gradients(self, gradients_dict: ParamDict) -> None:
-        if not apply_gradients_checked(self, gradients_dict):
-            return
-        # NOTE: see the module docstring: stock CQL moves targets once per update() call.
-        for mid in self.module.keys():
-            module = self.module[mid].unwrapped()
-            tau = self.config.get_config_for_module(mid).tau
-            with torch.no_grad():
-                for main, target in module.get_target_network_pairs():
-                    torch._foreach_lerp_(list(target.parameters()), list(main.parameters()), tau)
-
-    @override(CQLTorchLearner)
-    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
-        # Skip DQNLearner's once-per-update() target sync (done per step above); keep the
-        # learning-rate bookkeeping of the base Learner.
-        from ray.rllib.core.learner.torch.torch_learner import TorchLearner
-
-        TorchLearner.after_gradient_based_update(self, timesteps=timesteps)
-
-
-class KalmCQLConfig(CQLConfig):
-    """RLlib's CQLConfig with the module/learner above, no env runner, and iterator training."""
-
-    def __init__(self, algo_class: type | None = None):
-        super().__init__(algo_class=algo_class or KalmCQL)
-        self._is_online = False
-
-    @override(CQLConfig)
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        return RLModuleSpec(module_class=KalmCQLTorchRLModule)
-
-    @override(CQLConfig)
-    def get_default_learner_class(self) -> type:
-        return KalmCQLTorchLearner
-
-
-class KalmCQL(CQL):
-    """CQL with MARWIL's offline training step (always a data iterator, shuffle kwargs passed)."""
-
-    @classmethod
-    @override(CQL)
-    def get_default_config(cls) -> KalmCQLConfig:
-        return KalmCQLConfig()
-
-    @override(CQL)
-    def training_step(self) -> None:
-        offline_training_step(self)
-
-
-__all__ = [
-    "KalmCQL",
-    "KalmCQLConfig",
-    "KalmCQLTorchLearner",
-    "KalmCQLTorchRLModule",
-    "ALL_MODULES",
-    "RLModule",
-]
