@@ -607,6 +607,13 @@ class Staging:
             f"{name}.json",
         )
 
+    def remove(self, prefix: str) -> None:
+        """Delete the folder's files named ``prefix...`` (a stage's unit files that are not
+        part of its output, once the output is written)."""
+        for name in self.run.list(self.folder):
+            if name.startswith(prefix):
+                self.run.delete(self.folder, name)
+
     def finished(self) -> dict[str, dict[str, Any]]:
         """``name -> info`` of every unit whose file matches its mark."""
         out = {}

@@ -101,36 +101,48 @@ def _requests(levels: list[str], n: int) -> pa.Table:
     )
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_every_rollout_is_well_formed_and_easy_ones_are_one_step(clevr_model, temperature):
-    """Issue 11: 0 unparseable, 0 wrong_step_shape; an easy rollout is one push (issue 10)."""
+def _generation_spec(model_dir: Path, codec: Codec, *, max_steps: int, **kw):
+    """The imagine stage's spec for the fixture model: grammar on, easy = one push."""
     from kalm_ray.llm.backends import GenerationSpec
-    from kalm_ray.llm.backends.hf import HFGenerator
+
+    return GenerationSpec(
+        model_dir=str(model_dir),
+        max_new_tokens=codec.max_step_tokens() * 6 + 1,
+        end_token=codec.end_token,
+        codec_tokens=tuple(codec.all_tokens),
+        max_steps=max_steps,
+        level_max_steps=(("easy", 1),),
+        **kw,
+    )
+
+
+def _judged_well_formed(out: pa.Table, codec: Codec, *, max_steps: int) -> list[dict]:
+    """The judged rows of ``out``, asserting that no rollout is malformed (issue 11)."""
     from kalm_ray.llm.filter import FilterLimits
     from kalm_ray.llm.labels import judge_batch
 
-    codec = Codec.load(clevr_model)
-    suite = get_suite("clevr")
-    spec = GenerationSpec(
-        model_dir=str(clevr_model),
-        max_new_tokens=codec.max_step_tokens() * 6 + 1,
-        end_token=codec.end_token,
-        temperature=temperature,
-        codec_tokens=tuple(codec.all_tokens),
-        max_steps=5,
-        level_max_steps=(("easy", 1),),
-    )
-    out = HFGenerator(spec, device="cpu", num_threads=1)(_requests(["easy", "hard"], 24))
     judged = judge_batch(
         out,
         decoder=codec,
         env="clevr",
-        limits=FilterLimits.for_suite(suite, n_bins=64),
-        max_steps=5,
+        limits=FilterLimits.for_suite(get_suite("clevr"), n_bins=64),
+        max_steps=max_steps,
         level_max_steps={"easy": 1},
     ).to_pylist()
-    reasons = [r["reason"] for r in judged if not r["accepted"]]
-    assert not {"unparseable", "wrong_step_shape", "no_end", "too_long", "empty"} & set(reasons)
+    reasons = {r["reason"] for r in judged if not r["accepted"]}
+    assert not {"unparseable", "wrong_step_shape", "no_end", "too_long", "empty"} & reasons
+    return judged
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_rollout_is_well_formed_and_easy_ones_are_one_step(clevr_model, temperature):
+    """Issue 11: 0 unparseable, 0 wrong_step_shape; an easy rollout is one push (issue 10)."""
+    from kalm_ray.llm.backends.hf import HFGenerator
+
+    codec = Codec.load(clevr_model)
+    spec = _generation_spec(clevr_model, codec, max_steps=5, temperature=temperature)
+    out = HFGenerator(spec, device="cpu", num_threads=1)(_requests(["easy", "hard"], 24))
+    judged = _judged_well_formed(out, codec, max_steps=5)
     for r, text in zip(judged, out.column("generated_text").to_pylist(), strict=True):
         states, _ = codec.decode_rollout(r["start_state"], text, max_steps=5)
         assert len(states) - 1 <= (1 if r["level"] == "easy" else 5)
@@ -143,38 +155,19 @@ def test_stepwise_rollouts_are_well_formed_stop_at_the_goal_and_ignore_batching(
     -> next state). Every text parses; a rollout ends at its level's limit or at the first
     imagined state meeting its goal, never later; a request's text depends on its seed, not
     on the batch it is generated in."""
-    from kalm_ray.llm.backends import GenerationSpec
     from kalm_ray.llm.backends.hf import HFGenerator
-    from kalm_ray.llm.filter import FilterLimits
-    from kalm_ray.llm.labels import goal_reached, judge_batch
+    from kalm_ray.llm.labels import goal_reached
 
     codec = Codec.load(clevr_model)
     suite = get_suite("clevr")
-    spec = GenerationSpec(
-        model_dir=str(clevr_model),
-        max_new_tokens=codec.max_step_tokens() * 6 + 1,
-        end_token=codec.end_token,
-        temperature=1.0,
-        codec_tokens=tuple(codec.all_tokens),
-        max_steps=4,
-        level_max_steps=(("easy", 1),),
-        mode="stepwise",
-        env="clevr",
+    spec = _generation_spec(
+        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr"
     )
     gen = HFGenerator(spec, device="cpu", num_threads=1)
     req = _requests(["easy", "rephrase", "hard"], 12)
     out = gen(req)
     texts = out.column("generated_text").to_pylist()
-    judged = judge_batch(
-        out,
-        decoder=codec,
-        env="clevr",
-        limits=FilterLimits.for_suite(suite, n_bins=64),
-        max_steps=4,
-        level_max_steps={"easy": 1},
-    ).to_pylist()
-    reasons = {r["reason"] for r in judged if not r["accepted"]}
-    assert not {"unparseable", "wrong_step_shape", "no_end", "too_long", "empty"} & reasons
+    judged = _judged_well_formed(out, codec, max_steps=4)
     for r, text in zip(judged, texts, strict=True):
         states, _ = codec.decode_rollout(r["start_state"], text, max_steps=4)
         limit = 1 if r["level"] == "easy" else 4

@@ -368,9 +368,7 @@ class UnitStore:
         return out
 
     def clear(self) -> None:
-        for name in self.run.list(self.folder):
-            if name.startswith(self.PREFIX):
-                self.run.delete(self.folder, name)
+        self.staging.remove(self.PREFIX)
 
 
 def episodes_parquet(

@@ -148,8 +148,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     ):
         store = JudgedStore(run, tmp)
         resumed = store.resume()
+        n_resumed = sum(b.num_rows for b in resumed)
         if resumed:
-            n_resumed = sum(b.num_rows for b in resumed)
             print(
                 f"[kalm] imagine: resuming; {n_resumed} of {requests.num_rows} requests "
                 f"already judged in {run.uri_of(tmp)}",
@@ -170,8 +170,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         )
         if replayer is not None:
             replayer.close()
-        stats["resumed_rollouts"] = sum(b.num_rows for b in resumed)
-        stats["generated_rollouts"] = requests.num_rows - stats["resumed_rollouts"]
+        stats["resumed_rollouts"] = n_resumed
+        stats["generated_rollouts"] = requests.num_rows - n_resumed
         store.clear()
         report = {
             "backend": backend,
@@ -391,9 +391,7 @@ class JudgedStore:
             yield batch
 
     def clear(self) -> None:
-        for name in self.run.list(self.folder):
-            if name.startswith(self.PREFIX):
-                self.run.delete(self.folder, name)
+        self.staging.remove(self.PREFIX)
 
 
 def write_rollouts(

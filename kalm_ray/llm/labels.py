@@ -66,18 +66,9 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     start = states[0]
     n = len(actions)
     rewards = np.zeros(n, np.float32)
-    successes = np.zeros(n, bool)
-    # Composite tasks (Meta-World make-coffee, locked-door-open) need their stages in order,
-    # which one state cannot show: use the suite's trajectory-level verdict where it has one
-    # (the env's info["success"] is that same function run online).
-    whole = getattr(suite, "trajectory_success", None)
-    ordered = np.asarray(whole(task, states), bool) if whole is not None else None
+    successes = success_flags(suite, task, states)[1:]
     for t in range(n):
         rewards[t] = suite.reward(task, start, states[t], states[t + 1])
-        if ordered is not None:
-            successes[t] = bool(ordered[t + 1])
-        else:
-            successes[t] = bool(suite.success(task, start, states[t + 1]))
         if successes[t]:
             n = t + 1
             break
@@ -92,13 +83,25 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     )
 
 
-def goal_reached(suite: Any, task: str, states: np.ndarray) -> bool:
-    """Whether the goal holds at the last of ``states`` (``(T + 1, D)``), by the same rule as
-    :func:`label_rollout` (the stage order of composite tasks where the suite has it)."""
+def success_flags(suite: Any, task: str, states: np.ndarray) -> np.ndarray:
+    """``(T + 1,)`` bool: whether the goal holds at each of ``states`` (row 0 = the start).
+
+    The one success rule of imagined rollouts. Composite tasks (Meta-World make-coffee,
+    locked-door-open) need their stages in order, which one state cannot show: the suite's
+    trajectory-level verdict decides where it has one (the env's info["success"] is that same
+    function run online); otherwise ``suite.success(task, start, state)`` per state.
+    """
+    states = np.asarray(states, dtype=np.float32)
     whole = getattr(suite, "trajectory_success", None)
     if whole is not None:
-        return bool(np.asarray(whole(task, states), bool)[-1])
-    return bool(suite.success(task, states[0], states[-1]))
+        return np.asarray(whole(task, states), bool)
+    return np.asarray([bool(suite.success(task, states[0], s)) for s in states], bool)
+
+
+def goal_reached(suite: Any, task: str, states: np.ndarray) -> bool:
+    """Whether the goal holds at the last of ``states`` (``(T + 1, D)``), by
+    :func:`success_flags`' rule."""
+    return bool(success_flags(suite, task, states)[-1])
 
 
 JUDGED_COLUMNS: tuple[str, ...] = (
