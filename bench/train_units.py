@@ -83,7 +83,7 @@ def run_once(base: str, where: str, train: dict, *, concurrent: int | None) -> d
     """``run_train`` into a fresh copy of the toy run; wall time and digests."""
     from kalm_ray.artifacts import RunDir
     from kalm_ray.config import parse_config
-    from kalm_ray.rl.train import run_train
+    from kalm_ray.stages.train import run_train
 
     shutil.copytree(base, where)
     run = RunDir(where)

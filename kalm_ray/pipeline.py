@@ -15,11 +15,11 @@ from kalm_ray.stage import OUTPUT_DIRS, STAGES, as_run_dir, plan_stage
 log = logging.getLogger("kalm_ray")
 
 _ENTRY: dict[str, str] = {
-    "collect": "kalm_ray.data.collect:run_collect",
-    "ground": "kalm_ray.llm.ground:run_ground",
-    "imagine": "kalm_ray.llm.imagine:run_imagine",
-    "train": "kalm_ray.rl.train:run_train",
-    "evaluate": "kalm_ray.eval.evaluate:run_evaluate",
+    "collect": "kalm_ray.stages.collect:run_collect",
+    "ground": "kalm_ray.stages.ground:run_ground",
+    "imagine": "kalm_ray.stages.imagine:run_imagine",
+    "train": "kalm_ray.stages.train:run_train",
+    "evaluate": "kalm_ray.stages.evaluate:run_evaluate",
 }
 
 StageFn = Callable[[ExperimentConfig, RunDir], Manifest]

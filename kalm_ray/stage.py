@@ -134,6 +134,18 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
                      fingerprint=fp, current=current, cfg=cfg)
 
 
+def print_resuming(
+    stage: str, *, done: int, total: int, what: str, where: str, how: str = "finished"
+) -> None:
+    """The one line a stage prints when it takes back the work a stopped run of the same
+    config left in its staging folder ``where`` (issue 19); nothing when there is none."""
+    if done:
+        print(
+            f"[kalm] {stage}: resuming; {done} of {total} {what} already {how} in {where}",
+            flush=True,
+        )
+
+
 def check_model_config(run: RunDir, folder: str, *, where: str = "") -> None:
     """A model folder's ``config.json`` (and a LoRA ``adapter_config.json``), when there, must
     be a JSON object; checked before Ray starts (transformers would fail later, at length)."""

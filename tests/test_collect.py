@@ -117,7 +117,7 @@ def tiny_encoder(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def collected(ray_local, tmp_path_factory, tiny_encoder):
     """The same config collected with 1 and with 2 workers (small units, so tasks span several)."""
-    import kalm_ray.data.collect as collect_mod
+    import kalm_ray.stages.collect as collect_mod
 
     out = {}
     with pytest.MonkeyPatch.context() as mp:
@@ -223,7 +223,7 @@ def test_instructions_card_and_manifest(collected, clevr):
 
 
 def test_rerun_is_noop_and_changed_config_writes_fresh_data(collected, capsys):
-    import kalm_ray.data.collect as collect_mod
+    import kalm_ray.stages.collect as collect_mod
 
     cfg, run, manifest = collected[1]
     before = _files(run)

@@ -10,8 +10,9 @@ from test_eval_support import ToySuite, load_scripted, toy_make_obs, toy_suite_e
 
 from kalm_ray.cli import main
 from kalm_ray.config import parse_config
-from kalm_ray.eval import evaluate as ev_mod
-from kalm_ray.eval.evaluate import run_evaluate
+from kalm_ray.eval.eval_actor import EvalPool
+from kalm_ray.stages import evaluate as ev_mod
+from kalm_ray.stages.evaluate import run_evaluate
 
 POLICIES = ["bc-real-seed0", "bc-real+imagined-seed0", "bc-real-seed1", "bc-real+imagined-seed1"]
 
@@ -20,8 +21,8 @@ POLICIES = ["bc-real-seed0", "bc-real+imagined-seed0", "bc-real-seed1", "bc-real
 def toy_stage(monkeypatch, tmp_path):
     monkeypatch.setattr(ev_mod, "get_suite", lambda name: ToySuite())
     monkeypatch.setattr(ev_mod, "make_suite_env", toy_suite_env)
-    monkeypatch.setattr(ev_mod, "_policy_loader", lambda: load_scripted)
-    monkeypatch.setattr(ev_mod, "_obs_builder", lambda: toy_make_obs)
+    monkeypatch.setattr(ev_mod, "policy_loader", lambda: load_scripted)
+    monkeypatch.setattr(ev_mod, "obs_builder", lambda: toy_make_obs)
     run = write_toy_run(tmp_path / "run", POLICIES)
     cfg = parse_config(
         {
@@ -117,17 +118,17 @@ def test_interrupted_evaluate_resumes_its_finished_units(ray_local, toy_stage, c
     assert len(staging) == 1 and len(run.list(staging[0], "_units")) == 3
 
     ran: list[int] = []
-    real_run = ev_mod.EvalPool.run
+    real_run = EvalPool.run
 
     def spy(self, units):
         ran.extend(u.uid for u in units)
         return real_run(self, units)
 
-    ev_mod.EvalPool.run = spy
+    EvalPool.run = spy
     try:
         manifest = run_evaluate(cfg, run)
     finally:
-        ev_mod.EvalPool.run = real_run
+        EvalPool.run = real_run
     assert "evaluate: resuming; 3 of" in capsys.readouterr().out
     assert manifest.counts["resumed_units"] == 3 and not set(calls) & set(ran)
     got = json.loads(run.read_bytes("eval", "results.json"))

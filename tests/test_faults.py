@@ -222,8 +222,8 @@ def _imagine(upstream: Path, run_dir: Path, monkeypatch, kill: str):
     import ray
 
     from kalm_ray.config import parse_config
-    from kalm_ray.llm import imagine
     from kalm_ray.llm.backends import hf
+    from kalm_ray.stages import imagine
 
     shutil.copytree(upstream, run_dir)
     seen: list[tuple[str, str]] = []
@@ -337,7 +337,7 @@ def _collect(run_dir: Path, encoder: str, how: str | None):
     """run_collect with one-episode units; ``how`` kills worker 0 after the first result."""
     import ray
 
-    import kalm_ray.data.collect as collect_mod
+    import kalm_ray.stages.collect as collect_mod
     from kalm_ray.artifacts import RunDir
     from kalm_ray.config import parse_config
 

@@ -170,8 +170,8 @@ def test_example_pool_batches_do_not_depend_on_file_or_row_order(tmp_path):
 @pytest.mark.slow
 def test_run_ground_stage(tmp_path, ray_local):
     from kalm_ray.config import parse_config
-    from kalm_ray.llm.ground import run_ground
     from kalm_ray.llm.model import load_grounded
+    from kalm_ray.stages.ground import run_ground
 
     _write_real_data(tmp_path, toy_episodes(30))
     cfg = parse_config(

@@ -362,8 +362,8 @@ def test_run_imagine_end_to_end(ray_local, tmp_path, monkeypatch):
 
     from kalm_ray.config import parse_config
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm import imagine
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.stages import imagine
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests
     codec = Codec.for_suite(get_suite("clevr"), n_bins=64)
@@ -422,8 +422,8 @@ def test_interrupted_imagine_resumes_its_judged_batches(ray_local, tmp_path, mon
 
     from kalm_ray.config import parse_config
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm import imagine
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.stages import imagine
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     codec = Codec.for_suite(get_suite("clevr"), n_bins=64)
@@ -516,8 +516,8 @@ def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path):
     from kalm_ray.config import parse_config
     from kalm_ray.envs import LEVELS, get_suite
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.imagine import run_imagine
     from kalm_ray.llm.model import build_tiny, set_generation_stops
+    from kalm_ray.stages.imagine import run_imagine
 
     suite = get_suite("clevr")
     codec = Codec.for_suite(suite, n_bins=64)

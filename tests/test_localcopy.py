@@ -94,11 +94,11 @@ def test_ground_workers_read_prep_and_examples_from_the_run_dir(bucket, tmp_path
         }
     )
     run, work = fake_run(bucket), "model.work/abc"
-    prep = ground._prepare_shared(cfg, suite, run, work)
+    prep = ground.prepare_shared(cfg, suite, run, work)
     for key in ("base", "tokenizer_dir", "codec_path"):
         assert prep[key].startswith("fake://run/model.work/abc/prep/"), (key, prep[key])
     assert run.exists(work, "prep", ground.PREP_DONE)
-    assert ground._prepare_shared(cfg, suite, run, work) == prep  # reused, not rebuilt
+    assert ground.prepare_shared(cfg, suite, run, work) == prep  # reused, not rebuilt
     # Nothing prepared survives on the driver's disk outside the run dir.
     assert not list(Path(tmp_path / "node-tmp").glob("kalm-ground-*"))
 

@@ -239,7 +239,7 @@ def _clevr_run(tmp_path) -> RunDir:
 
 
 def test_run_train_writes_policies_curves_and_manifest_then_skips(ray_local, tmp_path):
-    from kalm_ray.rl.train import run_train
+    from kalm_ray.stages.train import run_train
 
     run = _clevr_run(tmp_path)
     cfg = parse_config(
@@ -312,7 +312,7 @@ def _digests(run: RunDir) -> dict[str, str]:
 def test_units_in_parallel_give_the_sequential_weights(ray_local, tmp_path):
     """Units as Ray tasks (the default) train the same weights as one after another in the
     driver (``max_concurrent_units: 1``)."""
-    from kalm_ray.rl.train import run_train
+    from kalm_ray.stages.train import run_train
 
     seq, par = _clevr_run(tmp_path / "seq"), _clevr_run(tmp_path / "par")
     run_train(_grid_cfg(seq, max_concurrent_units=1), seq)
@@ -326,7 +326,7 @@ def test_a_failing_unit_fails_alone_and_a_rerun_resumes_the_others(ray_local, tm
     """One unit raising (here: dcql's unknown parameter, inside its Ray task) does not lose the
     finished policies: the stage fails with one line naming that unit, the staging folder
     keeps the others, and a rerun of the same config does not train them again."""
-    from kalm_ray.rl.train import UnitFailed, run_train
+    from kalm_ray.stages.train import UnitFailed, run_train
 
     run = _clevr_run(tmp_path)
     cfg = _grid_cfg(run, seeds=[0, 1], algo_params={"dcql": {"no_such_knob": 1}})

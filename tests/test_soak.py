@@ -141,7 +141,7 @@ def test_imagine_soak(ray_local, tmp_path, monkeypatch):
     import cloudpickle
 
     from kalm_ray.config import parse_config
-    from kalm_ray.llm import imagine
+    from kalm_ray.stages import imagine
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     _upstream(tmp_path)

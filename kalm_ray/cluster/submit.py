@@ -30,10 +30,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -41,6 +41,7 @@ from kalm_ray.config import ExperimentConfig, dump_config, load_config
 from kalm_ray.errors import ConfigError, KalmError, RunDirError
 
 log = logging.getLogger("kalm_ray")
+T = TypeVar("T")
 
 CONFIG_ENV = "KALM_CONFIG_YAML"
 """Environment variable that carries the resolved config YAML into the job."""
@@ -398,11 +399,17 @@ def cli_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli_status(args: argparse.Namespace) -> int:
+def _job_call(args: argparse.Namespace, call: Callable[[Any], T]) -> T:
+    """``call(client)`` with the Jobs client of ``args.address``; the SDK's errors (about
+    ``args.job_id``) become one line."""
     cluster = connect(args.address)
     client = _client(cluster, debug=args.debug)
     with sdk_errors(cluster.address, args.job_id):
-        info = client.get_job_info(args.job_id)
+        return call(client)
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    info = _job_call(args, lambda client: client.get_job_info(args.job_id))
     meta = info.metadata or {}
     print(f"{args.job_id}  {info.status}")
     for key in ("kalm_experiment", "kalm_stage", "kalm_config", "kalm_run_dir"):
@@ -418,19 +425,15 @@ def cli_status(args: argparse.Namespace) -> int:
 
 
 def cli_logs(args: argparse.Namespace) -> int:
-    cluster = connect(args.address)
-    client = _client(cluster, debug=args.debug)
-    with sdk_errors(cluster.address, args.job_id):
-        sys.stdout.write(client.get_job_logs(args.job_id))
+    sys.stdout.write(_job_call(args, lambda client: client.get_job_logs(args.job_id)))
     return 0
 
 
 def cli_stop(args: argparse.Namespace) -> int:
-    cluster = connect(args.address)
-    client = _client(cluster, debug=args.debug)
-    with sdk_errors(cluster.address, args.job_id):
-        stopped = client.stop_job(args.job_id)
-        status = client.get_job_status(args.job_id)
+    stopped, status = _job_call(
+        args,
+        lambda client: (client.stop_job(args.job_id), client.get_job_status(args.job_id)),
+    )
     print(f"{args.job_id}  {'stop requested' if stopped else f'already ended ({status})'}")
     return 0
 

@@ -1,7 +1,8 @@
-"""Episode data: the transition schema, the ``collect`` stage, instruction embeddings.
+"""Episode data: the transition schema, the ``collect`` stage's machinery, instruction embeddings.
 
 Modules: :mod:`~kalm_ray.data.schema` (Parquet schema, ``Episode``),
-:mod:`~kalm_ray.data.collect` (``run_collect``), :mod:`~kalm_ray.data.collect_actor`
+:mod:`~kalm_ray.data.collect` (units and episode files of :mod:`kalm_ray.stages.collect`),
+:mod:`~kalm_ray.data.collect_actor`
 (the Ray collection role), :mod:`~kalm_ray.data.text` (text encoders and the
 ``instructions`` table, ``load_instruction_table``), :mod:`~kalm_ray.data.card`.
 Nothing heavy (Ray, torch) is imported here.

@@ -2,10 +2,10 @@
 
 - :class:`EpisodeCollector` runs work units in-process (plain class: the benchmark's
   single-worker baseline and the body of the actor).
-- ``CollectActor`` is the same class as a Ray actor.
-- :class:`CollectorPool` is the driver-side wrapper: it fans units out to a pool of
-  actors, replaces an actor that dies and resubmits its units, and yields each unit's
-  result exactly once (results are keyed by unit, so a retry cannot duplicate episodes).
+- :class:`CollectorPool` is the driver-side wrapper: it fans units out to
+  ``EpisodeCollector`` actors on the stages' one fault-tolerant pool
+  (:mod:`kalm_ray.cluster.actor_pool`), which replaces an actor that dies, runs its units
+  again and yields each unit's result exactly once (a retry cannot duplicate episodes).
 
 Everything an episode does is drawn from its own seeds (see ``episode_seeds``), so the
 data depend only on (config, seed, task, episode index), never on which actor ran it.
@@ -13,27 +13,22 @@ data depend only on (config, seed, task, episode index), never on which actor ra
 
 from __future__ import annotations
 
-import logging
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 import pyarrow as pa
-import ray
 
+from kalm_ray.cluster.actor_pool import ActorPool
 from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
 from kalm_ray.envs import get_suite
-
-log = logging.getLogger("kalm_ray")
+from kalm_ray.envs.success import SuccessTracker
 
 SEED_DOMAIN_COLLECT = 0x636F6C6C  # "coll": keeps collect seeds apart from other stages' seeds
 UNITS_IN_FLIGHT = 2
 """Units queued per actor, so an actor never waits on the driver between units."""
-STARTUP_WARN_S = 60.0
-"""Warn when no actor has started after this long (the cluster may lack the CPUs asked for)."""
 
 Policy = Callable[[gym.Env, dict], "int | np.ndarray"]
 """``policy(env, info) -> action``: the env itself, since the CLEVR pusher plans on its physics."""
@@ -131,6 +126,7 @@ class EpisodeCollector:
         env = self._env(task)
         obs, info = env.reset(seed=env_seed)
         start = np.asarray(obs, dtype=np.float32)
+        goal = SuccessTracker(suite, task, start)
         states, actions, rewards, successes = [start], [], [], []
         terminated = truncated = False
         for t in range(limit):
@@ -138,8 +134,9 @@ class EpisodeCollector:
             obs, _, env_terminated, env_truncated, info = env.step(action)
             state = np.asarray(obs, dtype=np.float32)
             # Rewards and success come from the suite's state predicates (not the env's own
-            # signals) so that real and imagined data are labelled by the very same functions.
-            ok = bool(suite.success(task, start, state))
+            # signals) so that real and imagined data are labelled by the very same functions
+            # (kalm_ray.envs.success: composite tasks need their stages in order).
+            ok = goal(state)
             rewards.append(float(suite.reward(task, start, states[-1], state)))
             states.append(state)
             actions.append(action)
@@ -210,16 +207,13 @@ class EpisodeCollector:
         self._envs.clear()
 
 
-CollectActor = ray.remote(EpisodeCollector)
-
-
 class CollectorPool:
-    """A pool of ``CollectActor`` s driven from the driver; dead actors are replaced.
+    """The collection role on the stages' one fault-tolerant actor pool
+    (:class:`~kalm_ray.cluster.actor_pool.ActorPool`: its rules for start failures, dead
+    actors and retries).
 
-    Each actor has up to ``UNITS_IN_FLIGHT`` units queued. When an actor dies
-    (``RayActorError``: killed, OOM, node lost) its in-flight units go back to the
-    front of the queue and a fresh actor takes its slot, at most ``max_restarts``
-    times in all; errors raised by the collection code itself propagate.
+    Each actor (an :class:`EpisodeCollector`) has up to ``UNITS_IN_FLIGHT`` units queued;
+    errors raised by the collection code itself propagate.
     """
 
     def __init__(
@@ -228,92 +222,36 @@ class CollectorPool:
         *,
         num_workers: int,
         num_cpus_per_worker: float,
-        max_restarts: int | None = None,
     ):
         self.spec = spec
-        self.num_cpus = num_cpus_per_worker
-        self.max_restarts = 2 * num_workers + 2 if max_restarts is None else max_restarts
-        self.restarts = 0
-        self.actors = [self._start() for _ in range(num_workers)]
+        self._pool = ActorPool(
+            EpisodeCollector,
+            args=(spec,),
+            num_workers=num_workers,
+            num_cpus=num_cpus_per_worker,
+            role="collection",
+            method="run_unit",
+            max_in_flight=UNITS_IN_FLIGHT,
+            describe=lambda u: f"task {u.task!r} episodes {u.start}-{u.stop - 1}",
+        )
 
-    def _start(self):
-        # SPREAD: one env-owning actor per node first, so a multi-node cluster shares the work.
-        opts = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
-        return CollectActor.options(**opts).remote(self.spec)
+    @property
+    def actors(self) -> list:
+        return self._pool.actors
+
+    @property
+    def restarts(self) -> int:
+        """Actors replaced after dying (the manifest's ``worker_restarts``)."""
+        return self._pool.replaced
 
     def wait_ready(self) -> None:
         """Block until every actor has started (for timing start-up apart from work)."""
-        ray.get([a.ready.remote() for a in self.actors])
+        self._pool.wait_ready()
 
     def imap_unordered(self, units: list[WorkUnit]) -> Iterator[UnitResult]:
-        """Run every unit once; yield results as they finish (each unit exactly once).
-
-        Units go only to actors that have started, so actors the cluster cannot place
-        (more workers than CPUs) never hold work hostage; they join if they start later.
-        """
-        todo = deque(units)
-        # ref -> (slot, actor, unit); unit None marks an actor's start-up probe.
-        inflight: dict[ray.ObjectRef, tuple[int, object, WorkUnit | None]] = {}
-        done: set[tuple[int, int]] = set()
-        started: set[int] = set()
-
-        def probe(slot: int) -> None:
-            inflight[self.actors[slot].ready.remote()] = (slot, self.actors[slot], None)
-
-        def submit(slot: int) -> None:
-            actor = self.actors[slot]
-            while (
-                todo
-                and sum(1 for _, a, u in inflight.values() if a is actor and u) < UNITS_IN_FLIGHT
-            ):
-                unit = todo.popleft()
-                inflight[actor.run_unit.remote(unit)] = (slot, actor, unit)
-
-        for slot in range(len(self.actors)):
-            probe(slot)
-        while len(done) < len(units):
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=STARTUP_WARN_S)
-            if not ready:
-                if not started:
-                    log.warning(
-                        "collect: no worker started in %ss (each asks for %s CPUs; cluster has %s)",
-                        STARTUP_WARN_S,
-                        self.num_cpus,
-                        ray.cluster_resources().get("CPU", 0),
-                    )
-                continue
-            slot, actor, unit = inflight.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
-                if unit is not None:
-                    todo.appendleft(unit)
-                if self.actors[slot] is actor:  # the first failure seen from this actor: replace it
-                    self._replace(slot, e)
-                    probe(slot)
-                continue
-            started.add(slot)
-            if unit is not None and unit.key not in done:
-                done.add(unit.key)
-                yield result
-            if self.actors[slot] is actor:
-                submit(slot)
-
-    def _replace(self, slot: int, err: Exception) -> None:
-        self.restarts += 1
-        if self.restarts > self.max_restarts:
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            last = lines[-1] if lines else type(err).__name__
-            raise RuntimeError(
-                f"collection workers died {self.restarts} times; giving up (last: {last})"
-            ) from err
-        log.warning(
-            "collect: worker %d died (%s); starting a replacement", slot, type(err).__name__
-        )
-        ray.kill(self.actors[slot])  # may be merely unreachable: make sure it is gone
-        self.actors[slot] = self._start()
+        """Run every unit once; yield results as they finish (each unit exactly once)."""
+        for _, result in self._pool.imap_unordered(units):
+            yield result
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        self._pool.close()

@@ -5,27 +5,24 @@ runs one *work unit* (a policy and a chunk of episode specs) and returns its res
 is a plain class, so the benchmark's in-process baseline runs exactly the same code; the
 pool wraps it with ``ray.remote``.
 
-:class:`EvalPool` keeps every actor busy with a few units in flight. When an actor dies
-(crash, OOM, ``ray.kill``, lost node) it is replaced and its unfinished units are queued
-again; a unit's results are yielded once, when it completes, so nothing is counted twice
-or lost.
+:class:`EvalPool` keeps every actor busy with a few units in flight, on the stages' one
+fault-tolerant pool (:mod:`kalm_ray.cluster.actor_pool`): when an actor dies (crash, OOM,
+``ray.kill``, lost node) it is replaced and its unfinished units are queued again; a unit's
+results are yielded once, when it completes, so nothing is counted twice or lost.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kalm_ray.errors import KalmError
+from kalm_ray.cluster.actor_pool import ActorPool
 from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec, ObsBuilder, Policy, run_episodes
-
-log = logging.getLogger("kalm_ray")
 
 EnvFactory = Callable[[str, str], Any]
 """``(level, task) -> gymnasium.Env``."""
@@ -109,20 +106,22 @@ class EvalWorker:
             max_steps=self._max_steps,
         )
 
-    def ping(self) -> bool:
+    def ready(self) -> bool:
+        """Called once after start-up so the driver knows the actor is alive."""
         return True
 
 
 class EvalPool:
-    """A fixed-size pool of :class:`EvalWorker` actors that replaces the ones that die.
+    """The evaluation role on the stages' one fault-tolerant actor pool
+    (:class:`~kalm_ray.cluster.actor_pool.ActorPool`: its rules for start failures, dead
+    actors and retries).
 
     Args:
         worker_kwargs: :class:`EvalWorker` arguments (large values: pass an ObjectRef).
         num_workers: actors to keep alive.
         num_cpus: logical CPUs each actor asks for (what the scheduler/autoscaler sees).
         max_in_flight: units queued per actor, so an actor never waits for the driver.
-        max_attempts: a unit whose actor died this many times aborts the evaluation (a
-            policy or env that kills its process every time would loop forever otherwise).
+        max_attempts: a unit whose actor died this many times aborts the evaluation.
     """
 
     def __init__(
@@ -134,87 +133,34 @@ class EvalPool:
         max_in_flight: int = 2,
         max_attempts: int = 3,
     ):
-        import ray
-
-        # NOTE: max_restarts stays 0: a Ray-restarted actor would silently re-run tasks
-        # (max_task_retries) whose results we may already hold; replacing it here keeps the
-        # bookkeeping (which units are done) in one place. SPREAD (as collection does): on a
-        # multi-node cluster the env-stepping actors go one per node first, not all on one.
-        self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0, scheduling_strategy="SPREAD")(
-            EvalWorker
+        self._pool = ActorPool(
+            EvalWorker,
+            kwargs=worker_kwargs,
+            num_workers=num_workers,
+            num_cpus=num_cpus,
+            role="evaluation",
+            method="run",
+            max_in_flight=max_in_flight,
+            max_attempts=max_attempts,
+            describe=lambda u: f"policy {u.policy!r}",
         )
-        self._kwargs = worker_kwargs
-        self._max_in_flight = max_in_flight
-        self._max_attempts = max_attempts
-        self.actors: list[Any] = [self._cls.remote(**worker_kwargs) for _ in range(num_workers)]
-        self.replaced = 0
-        """Actors replaced after dying (for logs and tests)."""
+
+    @property
+    def actors(self) -> list[Any]:
+        return self._pool.actors
+
+    @property
+    def replaced(self) -> int:
+        """Actors replaced after dying (for the manifest, logs and tests)."""
+        return self._pool.replaced
 
     def wait_ready(self) -> None:
         """Block until every actor is constructed (benchmarks time start-up apart)."""
-        import ray
-
-        ray.get([a.ping.remote() for a in self.actors])
+        self._pool.wait_ready()
 
     def run(self, units: Sequence[WorkUnit]) -> Iterator[tuple[WorkUnit, list[EpisodeResult]]]:
         """Yield ``(unit, results)`` once per unit, in completion order."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
-        pending: deque[WorkUnit] = deque(units)
-        attempts: dict[int, int] = {}
-        in_flight: dict[Any, tuple[int, Any, WorkUnit]] = {}
-        load = [0] * len(self.actors)
-
-        def fill() -> None:
-            for i, actor in enumerate(self.actors):
-                while pending and load[i] < self._max_in_flight:
-                    unit = pending.popleft()
-                    in_flight[actor.run.remote(unit)] = (i, actor, unit)
-                    load[i] += 1
-
-        fill()
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            i, actor, unit = in_flight.pop(ref)
-            if actor is self.actors[i]:
-                load[i] -= 1
-            try:
-                results = ray.get(ref)
-            except (RayActorError, ActorUnavailableError) as e:
-                if e.actor_init_failed:  # a bug or bad input: a new actor would fail alike
-                    raise KalmError(f"an evaluation worker failed to start: {_last_line(e)}") from e
-                attempts[unit.uid] = attempts.get(unit.uid, 0) + 1
-                if attempts[unit.uid] >= self._max_attempts:
-                    raise KalmError(
-                        f"evaluation of policy {unit.policy!r} lost its worker "
-                        f"{attempts[unit.uid]} times on the same episodes ({_last_line(e)})"
-                    ) from e
-                if actor is self.actors[i]:
-                    self._replace(i)
-                    load[i] = 0
-                pending.appendleft(unit)
-            else:
-                yield unit, results
-            fill()
-
-    def _replace(self, i: int) -> None:
-        import ray
-
-        log.warning("evaluation actor %d died; replacing it and re-running its episodes", i)
-        ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self._cls.remote(**self._kwargs)
-        self.replaced += 1
+        return self._pool.imap_unordered(units)
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
-
-
-def _last_line(e: BaseException) -> str:
-    """The last non-empty line of an error (Ray's carry the remote traceback above it)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+        self._pool.close()

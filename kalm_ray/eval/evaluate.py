@@ -1,17 +1,14 @@
-"""``kalm evaluate``: every trained policy on every level, in one pass over a pool of Ray actors.
+"""Machinery of the ``evaluate`` stage (:mod:`kalm_ray.stages.evaluate`): the policies to
+evaluate (:func:`find_policies`, the LLM-as-policy and the random baseline), the work units
+and pool size, the pass over the actor pool (:func:`evaluate_units`), the finished units a
+stopped run leaves for its rerun (:class:`UnitStore`), and the episodes table.
 
-Reads ``policy/*/`` (exported policies) and ``data/instructions.parquet`` (wording
-embeddings); writes ``eval/results.json``, ``eval/episodes.parquet`` (one row per policy
-and episode), ``eval/headline.md``, ``eval/report.md`` and its plots.
-
-Every policy meets the same episode specs (paired evaluation). The work is cut into units
-of (policy, chunk of specs), ordered policy by policy so an actor mostly reuses the
-policy it has cached; results are keyed by (policy, spec index).
+Work units are (policy, chunk of episode specs), ordered policy by policy so an actor
+mostly reuses the policy it has cached; results are keyed by (policy, spec index).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -19,7 +16,6 @@ import logging
 import math
 import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,155 +23,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.artifacts import RunDir
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
-from kalm_ray.errors import InputError, KalmError
-from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec, build_episode_specs, specs_digest
+from kalm_ray.errors import InputError
+from kalm_ray.eval.episodes import EpisodeResult, EpisodeSpec
 from kalm_ray.eval.eval_actor import EvalPool, WorkUnit
 from kalm_ray.eval.results import (
     LLM_ALGO,
     RANDOM_ALGO,
     RANDOM_DATA,
     PolicyId,
-    build_results,
-    headline_markdown,
 )
-from kalm_ray.stage import plan_stage
 
 log = logging.getLogger("kalm_ray")
 
 POLICY_INFO = "policy_info.json"
 _NAME = re.compile(r"^(?P<algo>[a-z0-9]+)-(?P<data>.+)-seed(?P<seed>\d+)$")
-
-
-def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifest:
-    """Evaluate every policy under ``policy/`` on ``cfg.evaluate.levels``; skipped when current."""
-    plan = plan_stage("evaluate", cfg, run_dir)
-    if plan.current is not None:
-        return plan.current
-    run, ev = plan.run, cfg.evaluate
-    t0 = time.perf_counter()
-
-    # ---- build: episode specs, policies, embeddings, work units ---------------------------
-    suite = get_suite(cfg.env.name)
-    specs = build_episode_specs(cfg, suite)
-    if not specs:
-        raise KalmError(f"evaluate.levels {ev.levels}: no tasks to evaluate")
-    policies = find_policies(run, env=cfg.env.name)
-    if ev.llm_policy:
-        policies.append(llm_policy_id(run, cfg))
-    if ev.random_baseline:
-        policies.append(RANDOM_POLICY)
-    embeddings = wording_embeddings(run, specs)
-    size = ev.episodes_per_unit or 4 * ev.envs_per_worker
-    units = make_units(policies, specs, run=run, size=size)
-
-    from kalm_ray.raysetup import init_ray
-
-    init_ray(cfg.ray)
-    import ray
-
-    num_workers = pool_size(
-        ev.num_workers,
-        available_cpus=ray.available_resources().get("CPU", 0.0),
-        num_cpus_per_worker=ev.num_cpus_per_worker,
-        n_units=len(units),
-    )
-    max_steps = cfg.env.max_episode_steps or suite.max_episode_steps
-    worker_kwargs = {
-        "make_env": functools.partial(make_suite_env, cfg.env.name, max_steps),
-        "load_policy": functools.partial(
-            load_policy_or_random, loader=_policy_loader(), action_space=suite.action_space
-        ),
-        "make_obs": _obs_builder(),
-        "embeddings": ray.put(embeddings),
-        "n_envs": ev.envs_per_worker,
-        "max_steps": max_steps,
-    }
-    t_build = time.perf_counter() - t0
-
-    # ---- run: one pass over the pool, results keyed by (policy, spec index) ---------------
-    # The staging folder is named by the fingerprint and kept if the stage is stopped: each
-    # finished work unit's episodes are saved there, so a rerun runs only the others.
-    with stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp:
-        store = UnitStore(run, tmp)
-        resumed = store.resume(units)
-        if resumed:
-            print(
-                f"[kalm] evaluate: resuming; {len(resumed)} of {len(units)} work units "
-                f"already finished in {run.uri_of(tmp)}",
-                flush=True,
-            )
-        t1 = time.perf_counter()
-        outcomes, replaced = evaluate_units(
-            [u for u in units if u.uid not in resumed],
-            worker_kwargs,
-            num_workers=num_workers,
-            num_cpus=ev.num_cpus_per_worker,
-            done=resumed,
-            on_unit=store.save,
-        )
-        t_run = time.perf_counter() - t1
-        missing = [
-            (p.name, s.index) for p in policies for s in specs if s.index not in outcomes[p.name]
-        ]
-        if missing:
-            raise KalmError(
-                f"evaluation lost {len(missing)} episodes (first: {missing[0]}); "
-                "rerun `kalm evaluate`"
-            )
-        ordered = {p.name: [outcomes[p.name][s.index] for s in specs] for p in policies}
-        n_episodes = len(specs) * len(policies)
-        log.info(
-            "evaluated %d episodes in %.1fs (%.1f episodes/s, %d workers, %d replaced)",
-            n_episodes,
-            t_run,
-            n_episodes / t_run,
-            num_workers,
-            replaced,
-        )
-
-        # ---- save: results, episodes table, headline, report ---------------------------
-        t2 = time.perf_counter()
-        meta = {
-            "env": cfg.env.name,
-            "n_specs": len(specs),
-            "specs_digest": specs_digest(specs),
-            "seed": cfg.seed,
-            "max_steps": max_steps,
-        }
-        results = build_results(specs, ordered, policies, meta=meta)
-        from kalm_ray.eval.report import write_report
-
-        store.clear()
-        run.write_json(results, tmp, "results.json")
-        run.write_bytes(episodes_parquet(specs, ordered), tmp, "episodes.parquet")
-        run.write_text(headline_markdown(results), tmp, "headline.md")
-        plan.save_config(tmp)
-        try:
-            write_report(run, eval_dir=tmp)
-        except Exception as e:  # noqa: BLE001 - a plotting failure must not discard the results
-            log.warning(
-                "eval report failed (%s: %s); fix it and run `kalm report %s`",
-                type(e).__name__,
-                e,
-                run.uri,
-            )
-    manifest = plan.manifest(
-        counts={
-            "policies": len(policies),
-            "episodes": n_episodes,
-            "episodes_per_policy": len(specs),
-            "workers": num_workers,
-            "actors_replaced": replaced,
-            "episodes_per_s": round(n_episodes / max(t_run, 1e-9), 2),
-            "resumed_units": len(resumed),
-        },
-        timings={"build_s": t_build, "run_s": t_run, "save_s": time.perf_counter() - t2},
-    )
-    write_manifest(run, plan.out_dir, manifest)
-    return manifest
 
 
 def find_policies(run: RunDir, *, env: str) -> list[PolicyId]:
@@ -459,13 +323,15 @@ def make_suite_env(env_name: str, max_steps: int, level: str, task: str) -> Any:
     return get_suite(env_name).make_env(level, task, max_episode_steps=max_steps)
 
 
-def _policy_loader() -> Any:
+def policy_loader() -> Any:
+    """``load_policy`` (imported here: the driver needs it only to hand it to the actors)."""
     from kalm_ray.rl.policy import load_policy
 
     return load_policy
 
 
-def _obs_builder() -> Any:
+def obs_builder() -> Any:
+    """``make_obs``, the observation the policies were trained on (imported here, as above)."""
     from kalm_ray.rl.dataset import make_obs
 
     return make_obs

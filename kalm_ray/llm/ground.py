@@ -1,20 +1,7 @@
-"""The ``ground`` stage: fine-tune a causal LM on the four grounding tasks, with Ray Train.
-
-``run_ground(cfg, run_dir)`` reads top to bottom:
-
-1. plan: return at once if ``model/`` is current.
-2. build (driver, into the work folder ``model.work/<fingerprint>/``, which survives a
-   crash so training resumes): the codec, the tokenizer (codec tokens made atomic), and
-   for ``tiny`` the base model; then the examples of the four tasks with Ray Data
-   (``data/real/`` grouped by episode -> token ids, split by episode) as Parquet, plus the
-   held-out episodes' transitions for the metrics.
-3. run: a ``TorchTrainer`` over :func:`kalm_ray.llm.train_fn.train_loop` (ScalingConfig from
-   ``ground.num_workers``/``use_gpu``); checkpoints go to the work folder and a rerun
-   after a crash resumes from the latest (``ray.train.get_checkpoint``). Rank 0 saves the
-   final model and scores it on the held-out split.
-4. save: the final model (merged weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
-   ``grounding_metrics.json``) into ``model/`` atomically, the resolved config, then the
-   manifest; the work folder is removed.
+"""Machinery of the ``ground`` stage (:mod:`kalm_ray.stages.ground`): the codec, tokenizer
+and (``tiny``) base model prepared in the work folder (:func:`prepare_shared`), the grounding
+examples built with Ray Data (:func:`build_examples`), and the Ray Train run over
+:func:`kalm_ray.llm.train_fn.train_loop` that resumes from its latest checkpoint (:func:`fit`).
 """
 
 from __future__ import annotations
@@ -22,121 +9,30 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
+from kalm_ray.artifacts import RunDir
 from kalm_ray.config import ExperimentConfig
-from kalm_ray.envs import LEVELS, get_suite
+from kalm_ray.envs import LEVELS
 from kalm_ray.errors import InputError
-from kalm_ray.llm.codec import CODEC_FILE, Codec
-from kalm_ray.raysetup import init_ray
-from kalm_ray.stage import plan_stage
+from kalm_ray.llm.codec import Codec
 
 PREP_DONE = "prep.done"
 
 
-def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
-    """Ground ``cfg.ground.model`` on ``data/real/`` into ``model/`` (see the module docstring)."""
-    plan = plan_stage("ground", cfg, run_dir)
-    run, g = plan.run, cfg.ground
-    if plan.current is not None:
-        print(f"[kalm] ground: {run.uri_of(plan.out_dir)} is up to date; nothing to do", flush=True)
-        return plan.current
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    suite = get_suite(cfg.env.name)
-    work = f"{plan.out_dir}.work/{plan.fingerprint[:12]}"
-
-    # ---- build: codec, tokenizer, base; examples with Ray Data ----------------------------------
-    prep = _prepare_shared(cfg, suite, run, work)
-    timings["prepare_s"] = time.perf_counter() - t0
-    init_ray(cfg.ray)
-    t1 = time.perf_counter()
-    counts = _build_examples(cfg, run, work, prep)
-    timings["examples_s"] = time.perf_counter() - t1
-    print(
-        f"[kalm] ground: {counts['examples_train']} training examples from "
-        f"{counts['episodes_train']} episodes ({counts['episodes_heldout']} held out); "
-        f"training {g.model.name} ({g.method}) for {g.max_steps} steps on {g.num_workers} "
-        f"worker(s)",
-        flush=True,
-    )
-
-    # ---- run: Ray Train ------------------------------------------------------------------
-    t2 = time.perf_counter()
-    result = _fit(cfg, run, work, prep)
-    timings["train_s"] = time.perf_counter() - t2
-
-    # ---- save ---------------------------------------------------------------------------------
-    with stage_output(run, plan.out_dir) as tmp, result.checkpoint.as_directory() as d:
-        final = Path(d) / "final"
-        if not (final / CODEC_FILE).exists():
-            raise InputError(f"{result.checkpoint.path}: the last checkpoint holds no final model")
-        pafs.copy_files(
-            str(final),
-            run.path(tmp),
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=run.fs,
-        )
-        plan.save_config(tmp)
-        metrics = (
-            json.loads((final / "grounding_metrics.json").read_text())
-            if (final / "grounding_metrics.json").exists()
-            else {}
-        )
-    timings["total_s"] = time.perf_counter() - t0
-    counts.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
-    counts.update(
-        {
-            "params": prep["params"],
-            "max_steps": g.max_steps,
-            "final_loss": result.metrics.get("loss"),
-            "tokens_per_s": result.metrics.get("tokens_per_s"),
-        }
-    )
-    manifest = plan.manifest(counts=counts, timings=timings)
-    write_manifest(run, plan.out_dir, manifest)
-    run.delete(f"{plan.out_dir}.work")
-    _print_summary(metrics, timings)
-    return manifest
-
-
-def _print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
-    if "dynamics_mae" in m:
-        print(
-            f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
-            f"{m['copy_baseline_mae']:.4f}; explanation exact "
-            f"{m.get('explain_exact_match', 0):.2f}, "
-            f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
-            f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}",
-            flush=True,
-        )
-    if m.get("policy_n"):
-        print(
-            f"[kalm] ground: LLM as policy on {m['policy_n']} held-out train-level starts: "
-            f"success {m['policy_llm_success']:.2f} vs random {m['policy_random_success']:.2f}",
-            flush=True,
-        )
-    print(
-        f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
-        flush=True,
-    )
-
-
 def _local(run: RunDir, *parts: str) -> Path:
     """A local folder for work files: inside the run dir when local, else a temp dir (which
-    :func:`_prepare_shared` uploads to the run dir: workers never read the driver's disk)."""
+    :func:`prepare_shared` uploads to the run dir: workers never read the driver's disk)."""
     if run.is_local:
         return Path(run.path(*parts))
     return Path(tempfile.mkdtemp(prefix="kalm-ground-"))
 
 
-def _prepare_shared(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[str, Any]:
+def prepare_shared(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[str, Any]:
     """:func:`_prepare`, with every path in the result readable from any node.
 
     A local run dir is one every node mounts (``kalm submit`` refuses it otherwise), so its
@@ -253,7 +149,7 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
     return out
 
 
-def _build_examples(
+def build_examples(
     cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
 ) -> dict[str, Any]:
     """Examples (token ids) and held-out transitions with Ray Data; returns counts."""
@@ -357,7 +253,7 @@ def train_config(
     }
 
 
-def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> Any:
+def fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> Any:
     """Run the TorchTrainer; a rerun with the same work folder resumes from its checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -392,3 +288,26 @@ def _fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) ->
     if result.checkpoint is None:
         raise InputError(f"{run.uri_of(work, 'ray')}: training reported no checkpoint")
     return result
+
+
+def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
+    """The stage's closing lines: held-out metrics and timings."""
+    if "dynamics_mae" in m:
+        print(
+            f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
+            f"{m['copy_baseline_mae']:.4f}; explanation exact "
+            f"{m.get('explain_exact_match', 0):.2f}, "
+            f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
+            f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}",
+            flush=True,
+        )
+    if m.get("policy_n"):
+        print(
+            f"[kalm] ground: LLM as policy on {m['policy_n']} held-out train-level starts: "
+            f"success {m['policy_llm_success']:.2f} vs random {m['policy_random_success']:.2f}",
+            flush=True,
+        )
+    print(
+        f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
+        flush=True,
+    )

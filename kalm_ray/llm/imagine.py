@@ -1,12 +1,11 @@
-"""The ``imagine`` stage: the grounded LLM writes rollouts for instructions never executed.
+"""Machinery of the ``imagine`` stage (:mod:`kalm_ray.stages.imagine`).
 
-Reads ``model/`` (the grounded model and ``codec.json``) and ``data/real/`` (start states);
-writes ``data/imagined/`` (transitions in the shared schema, ``source='imagined'``, the
-generator as JSON) and ``filter_report.json``.
-
-Pipeline (Ray Data, streaming): requests (one wording + start state + seed each) ->
-generation (``hf`` actor pool or ``vllm`` processor) -> decode, validity filter and labels
-(tasks) -> the driver, which writes Parquet parts as batches arrive and keeps the counts.
+- the stage's requests and limits: :func:`stage_requests`, :func:`level_step_limits`,
+  :func:`max_new_tokens`, :func:`load_codec`, :func:`start_sampler`;
+- the driver-side guard against generation actors lost for good (:func:`judged_once`) and
+  the judged batches a stopped run leaves for its rerun (:class:`JudgedStore`);
+- the writer that turns judged rows into Parquet parts and the filter/replay tallies
+  (:func:`write_rollouts`, :func:`replay_report`).
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
-from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
-from kalm_ray.errors import ConfigError, InputError
-from kalm_ray.llm.backends import GenerationSpec, generate, resolve_backend
-from kalm_ray.llm.filter import FilterLimits, FilterTally
-from kalm_ray.llm.labels import judge_batch
+from kalm_ray.artifacts import RunDir
+from kalm_ray.data.schema import Episode, episodes_to_table
+from kalm_ray.errors import InputError
+from kalm_ray.llm.filter import FilterTally
 from kalm_ray.llm.replay import Replayer, ReplayTally
 from kalm_ray.llm.requests import (
     DataStarts,
@@ -36,10 +33,7 @@ from kalm_ray.llm.requests import (
     StartSampler,
     build_requests,
     real_first_states,
-    requests_dataset,
 )
-from kalm_ray.raysetup import init_ray
-from kalm_ray.stage import plan_stage
 
 if TYPE_CHECKING:
     import ray.data
@@ -52,171 +46,6 @@ ROWS_PER_PART = 200_000
 """Transitions per Parquet part file written by the driver."""
 GENERATION_ATTEMPTS = 3
 """Passes over the requests still missing after generation actors were lost for good."""
-
-
-def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
-    """Imagine rollouts for ``cfg.imagine.levels``; returns the stage's manifest."""
-    plan = plan_stage("imagine", cfg, run_dir)
-    if plan.current is not None:
-        return plan.current
-    icfg, run = cfg.imagine, plan.run
-    t_start = time.perf_counter()
-
-    # ---- build: backend, codec, requests ------------------------------------------------
-    codec = load_codec(run, env=cfg.env.name)  # a bad model folder fails before Ray starts
-    init_ray(cfg.ray)
-    # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
-    backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand)
-    if icfg.mode == "stepwise" and backend != "hf":
-        raise ConfigError(
-            f"imagine.mode: stepwise runs on the hf backend only (backend is {backend}); "
-            "use imagine.backend: hf or imagine.mode: rollout"
-        )
-    from kalm_ray.envs import get_suite
-
-    suite = get_suite(cfg.env.name)
-    requests, max_steps = stage_requests(cfg, run, suite, codec)
-    level_steps = level_step_limits(suite, list(icfg.levels), max_steps)
-    spec = GenerationSpec(
-        model_dir=run.uri_of("model"),
-        max_new_tokens=max_new_tokens(codec, max(level_steps.values(), default=max_steps)),
-        end_token=codec.end_token,
-        temperature=icfg.temperature,
-        top_p=icfg.top_p,
-        lora_rank=cfg.ground.lora.r,
-        codec_tokens=tuple(codec.all_tokens),
-        grammar=icfg.grammar,
-        max_steps=max_steps,
-        level_max_steps=tuple(sorted(level_steps.items())),
-        mode=icfg.mode,
-        env=suite.name,
-    )
-    limits = FilterLimits.for_suite(
-        suite,
-        n_bins=codec.n_bins,
-        bounds_tolerance=icfg.bounds_tolerance,
-        step_tolerance=icfg.step_tolerance,
-    )
-    t_built = time.perf_counter()
-    log.info(
-        "imagine: %d requests over levels %s, backend %s, max %d steps (%d new tokens)",
-        requests.num_rows,
-        list(icfg.levels),
-        backend,
-        max_steps,
-        spec.max_new_tokens,
-    )
-
-    # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------
-    import ray.data
-
-    writer_meta = {
-        "model": cfg.ground.model.name,
-        "model_output_id": plan.inputs.get("ground"),
-        "backend": backend,
-        "temperature": icfg.temperature,
-        "top_p": icfg.top_p,
-    }
-    tally = FilterTally()
-    replay = ReplayTally()
-    replayer = Replayer(suite) if icfg.replay_check else None
-
-    def judged(todo: pa.Table) -> ray.data.Dataset:
-        ds = requests_dataset(todo, rows_per_block=icfg.batch_size)
-        return generate(ds, backend=backend, spec=spec, icfg=icfg).map_batches(
-            judge_batch,
-            fn_kwargs={
-                "decoder": codec,
-                "env": suite.name,
-                "limits": limits,
-                "max_steps": max_steps,
-                "level_max_steps": level_steps,
-            },
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=0.5,  # light numpy work beside the generation actors
-            # A few worker processes keep up with generation; more only cost memory/startup.
-            compute=ray.data.TaskPoolStrategy(size=max(2, icfg.max_actors)),
-        )
-
-    # The staging folder is named by the fingerprint and kept if the stage is stopped; every
-    # judged batch is saved there as it arrives, so a rerun of the same config generates only
-    # the requests no saved batch holds (issue 19).
-    with (
-        _quiet_ray_progress(),
-        stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp,
-    ):
-        store = JudgedStore(run, tmp)
-        resumed = store.resume()
-        n_resumed = sum(b.num_rows for b in resumed)
-        if resumed:
-            print(
-                f"[kalm] imagine: resuming; {n_resumed} of {requests.num_rows} requests "
-                f"already judged in {run.uri_of(tmp)}",
-                flush=True,
-            )
-        stats = write_rollouts(
-            store.all(resumed, judged_once(judged, store.todo(requests, resumed))),
-            run=run,
-            folder=tmp,
-            tally=tally,
-            total=requests.num_rows,
-            schema=transition_schema(suite.layout.dim, suite.action_space),
-            env=suite.name,
-            generator=writer_meta,
-            keep_failures=icfg.keep_failures,
-            replayer=replayer,
-            replay=replay,
-        )
-        if replayer is not None:
-            replayer.close()
-        stats["resumed_rollouts"] = n_resumed
-        stats["generated_rollouts"] = requests.num_rows - n_resumed
-        store.clear()
-        report = {
-            "backend": backend,
-            "max_steps": max_steps,
-            "max_new_tokens": spec.max_new_tokens,
-            **tally.report(),
-            "tokens_per_step": codec.max_step_tokens(),
-            "tokens_per_rollout_max": {lv: codec.max_step_tokens() * n + 1
-                                       for lv, n in level_steps.items()},
-            "throughput": stats,
-            "replay": replay_report(replayer, replay),
-        }
-        run.write_json(report, tmp, "filter_report.json")
-        plan.save_config(tmp)
-    t_done = time.perf_counter()
-
-    # ---- save: manifest -------------------------------------------------------------------
-    manifest = plan.manifest(
-        counts={
-            "requested": report["requested"],
-            "accepted": report["accepted"],
-            "accepted_fraction": report["accepted_fraction"],
-            "successful": report["successful"],
-            "episodes": stats["episodes_written"],
-            "transitions": stats["transitions_written"],
-            "repaired_rollouts": report["repaired_rollouts"],
-            "resumed_rollouts": stats["resumed_rollouts"],
-            "generated_rollouts": stats["generated_rollouts"],
-            "per_level_accepted_fraction": {
-                lv: c["accepted_fraction"] for lv, c in report["per_level"].items()
-            },
-            "rejected": {r: n for r, n in report["reasons"].items() if n},
-            "backend": backend,
-        },
-        timings={
-            "build_s": t_built - t_start,
-            "generate_filter_write_s": t_done - t_built,
-            "total_s": t_done - t_start,
-            "tokens_per_s": stats["tokens_per_s"],
-            "rollouts_per_s": stats["rollouts_per_s"],
-        },
-    )
-    write_manifest(run, plan.out_dir, manifest)
-    _log_summary(report)
-    return manifest
 
 
 def stage_requests(
@@ -540,7 +369,7 @@ def _episode(
 
 
 @contextmanager
-def _quiet_ray_progress():
+def quiet_ray_progress():
     """Ray Data's own bars off while ours runs (two sets of bars garble the terminal).
 
     A Dataset copies the DataContext when it is created, so this must wrap the dataset's
@@ -557,7 +386,7 @@ def _quiet_ray_progress():
         ctx.enable_progress_bars = old
 
 
-def _log_summary(report: dict[str, Any]) -> None:
+def log_summary(report: dict[str, Any]) -> None:
     for level, c in report["per_level"].items():
         top = sorted(((n, r) for r, n in c["reasons"].items() if n), reverse=True)[:3]
         log.info(

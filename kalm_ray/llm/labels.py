@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+# goal_reached: re-exported for kalm_ray/llm/backends/stepwise.py (and tests/test_grammar.py).
+from kalm_ray.envs.success import goal_reached, success_flags  # noqa: F401
+
 
 @dataclass(frozen=True)
 class Labels:
@@ -23,12 +26,10 @@ class Labels:
             which the goal holds (or all of it when it never does).
         actions: ``(T,)`` int64 or ``(T, A)`` float32, cut the same way.
         rewards: ``(T,)`` float32, ``suite.reward(task, start, s_t, s_{t+1})``.
-        successes: ``(T,)`` bool, ``suite.success(task, start, s_{t+1})``, or
-            ``suite.trajectory_success(task, states)[t + 1]`` when the suite has it (stage
-            order of composite tasks); only the last may be true.
+        successes: ``(T,)`` bool, the suite's success rule at ``s_{t+1}``
+            (:func:`kalm_ray.envs.success.success_flags`: the stage order of composite
+            tasks enforced); only the last may be true.
         terminated: the goal holds at the last state (the episode ends there, no bootstrap).
-        truncated: the rollout ended without the goal holding (the step limit, or the model
-            stopped early); not terminal, so a learner bootstraps from the last state.
     """
 
     states: np.ndarray
@@ -36,7 +37,12 @@ class Labels:
     rewards: np.ndarray
     successes: np.ndarray
     terminated: bool
-    truncated: bool
+
+    @property
+    def truncated(self) -> bool:
+        """The rollout ended without the goal holding (the step limit, or the model stopped
+        early); not terminal, so a learner bootstraps from the last state."""
+        return not self.terminated
 
     @property
     def n_steps(self) -> int:
@@ -47,9 +53,9 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
     """Reward, success, terminated and truncated of one rollout for ``task``.
 
     Args:
-        suite: the env suite (``success(task, start, state)``, ``reward(task, start, s, s2)``,
-            optionally ``trajectory_success(task, states) -> (T + 1,) bool``, which then
-            decides success: it enforces the stage order of composite tasks).
+        suite: the env suite (``success(task, start, state)``, ``reward(task, start, s, s2)``;
+            for composite tasks ``COMPOSITE_TASKS`` and ``advance_stage``, see
+            :mod:`kalm_ray.envs.success`).
         task: the task id the rollout was imagined for.
         states: ``(T + 1, D)`` env units; ``states[0]`` is the start state, T >= 1.
         actions: ``(T,)`` or ``(T, A)``.
@@ -79,29 +85,7 @@ def label_rollout(suite: Any, task: str, states: np.ndarray, actions: np.ndarray
         rewards=rewards[:n],
         successes=successes[:n],
         terminated=done,
-        truncated=not done,
     )
-
-
-def success_flags(suite: Any, task: str, states: np.ndarray) -> np.ndarray:
-    """``(T + 1,)`` bool: whether the goal holds at each of ``states`` (row 0 = the start).
-
-    The one success rule of imagined rollouts. Composite tasks (Meta-World make-coffee,
-    locked-door-open) need their stages in order, which one state cannot show: the suite's
-    trajectory-level verdict decides where it has one (the env's info["success"] is that same
-    function run online); otherwise ``suite.success(task, start, state)`` per state.
-    """
-    states = np.asarray(states, dtype=np.float32)
-    whole = getattr(suite, "trajectory_success", None)
-    if whole is not None:
-        return np.asarray(whole(task, states), bool)
-    return np.asarray([bool(suite.success(task, states[0], s)) for s in states], bool)
-
-
-def goal_reached(suite: Any, task: str, states: np.ndarray) -> bool:
-    """Whether the goal holds at the last of ``states`` (``(T + 1, D)``), by
-    :func:`success_flags`' rule."""
-    return bool(success_flags(suite, task, states)[-1])
 
 
 JUDGED_COLUMNS: tuple[str, ...] = (

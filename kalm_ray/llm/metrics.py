@@ -6,9 +6,10 @@
   token accuracy on the instruction tokens;
 - generation: rollouts generated from (instruction, start state) under the codec's grammar
   (as the imagine stage generates them): the fraction that decode
-  (``Codec.decode_rollout``), the decode-failure reasons, and the fraction whose final
-  state satisfies the task's predicate (``suite.success``); the real episodes' own success
-  rate is given for reference;
+  (``Codec.decode_rollout``), the decode-failure reasons, and the fraction whose goal holds
+  at the final state by the suite's success rule (:func:`kalm_ray.envs.success.goal_reached`:
+  composite tasks need their stages in order); the real episodes' own success rate is
+  given for reference;
 - policy (the measure of whether grounding made a policy): the grounded LLM run closed loop
   in the simulator (:class:`kalm_ray.llm.policy.LLMPolicy`) from held-out episodes' real
   starts with their instructions, next to the uniform-random policy on the same starts.
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kalm_ray.envs.success import goal_reached
 from kalm_ray.llm.codec import Codec, CodecError
 from kalm_ray.llm.model import codec_token_ids
 from kalm_ray.llm.prompts import (
@@ -238,8 +240,8 @@ def generation_metrics(
             continue
         decoded += 1
         lengths.append(len(states) - 1)
-        success += bool(suite.success(e.task, states[0], states[-1]))
-    real = float(np.mean([suite.success(e.task, e.states[0], e.states[-1]) for e in episodes]))
+        success += goal_reached(suite, e.task, states)
+    real = float(np.mean([goal_reached(suite, e.task, e.states) for e in episodes]))
     return {
         "rollout_n": len(episodes),
         "rollout_decoded": decoded / len(episodes),

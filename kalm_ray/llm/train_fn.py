@@ -36,6 +36,7 @@ folder (Ray) or into ``output_dir``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -463,6 +464,17 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     tokens, t0, losses = 0, time.perf_counter(), []
     post = ProgressPoster(config.get("progress_actor") if ctx is not None and rank == 0 else None)
     smooth: float | None = None
+    checkpoint = functools.partial(
+        _checkpoint,
+        config,
+        ctx=ctx,
+        rank=rank,
+        model=model,
+        opt=opt,
+        tokenizer=tokenizer,
+        codec=codec,
+        device=device,
+    )
     model.train()
     for step in range(start, total):
         _, rows = pool.batch(step, int(config["batch_size"]))
@@ -506,33 +518,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 )
             losses = []
         if done % every == 0 or done == total:
-            _checkpoint(
-                config,
-                ctx=ctx,
-                rank=rank,
-                model=model,
-                opt=opt,
-                step=done,
-                metrics=metrics,
-                final=done == total,
-                tokenizer=tokenizer,
-                codec=codec,
-                device=device,
-            )
+            checkpoint(step=done, metrics=metrics, final=done == total)
     if start >= total:  # nothing left to train: still produce the final model
-        _checkpoint(
-            config,
-            ctx=ctx,
-            rank=rank,
-            model=model,
-            opt=opt,
-            step=total,
-            metrics=metrics,
-            final=True,
-            tokenizer=tokenizer,
-            codec=codec,
-            device=device,
-        )
+        checkpoint(step=total, metrics=metrics, final=True)
     return metrics
 
 

@@ -1,14 +1,19 @@
 """Quick train-level success checks during training: a handful of real env episodes, in-process.
 
 All episodes step together: one batched ``Policy.act`` call per env step. Success is the
-suite's predicate on states (as in the data), so the number means what the dataset's
-success flags mean.
+suite's success rule on the states stepped so far (:class:`kalm_ray.envs.success.SuccessTracker`:
+composite tasks need their stages in order), the rule that labels the data, so the number
+means what the dataset's success flags mean.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
+from kalm_ray.envs.success import SuccessTracker
 from kalm_ray.envs.suite import Suite
 from kalm_ray.rl.dataset import make_obs
 from kalm_ray.rl.policy import Policy
@@ -49,11 +54,11 @@ class QuickEval:
     def __call__(self, policy: Policy) -> float:
         """Success rate of ``policy`` over the fixed episodes."""
         n = len(self.tasks)
-        states, starts = [], []
+        states, trackers = [], []
         for i, seed in enumerate(self.seeds):
             obs, _ = self._env(i).reset(seed=seed)
             states.append(np.asarray(obs, np.float32))
-            starts.append(states[-1].copy())
+            trackers.append(SuccessTracker(self.suite, self.tasks[i], states[-1].copy()))
         states_arr = np.stack(states)
         active = np.ones(n, dtype=bool)
         success = np.zeros(n, dtype=bool)
@@ -65,7 +70,7 @@ class QuickEval:
             for j, i in enumerate(idx):
                 obs, _, terminated, truncated, _ = self._env(i).step(actions[j])
                 states_arr[i] = np.asarray(obs, np.float32)
-                if self.suite.success(self.tasks[i], starts[i], states_arr[i]):
+                if trackers[i](states_arr[i]):
                     success[i], active[i] = True, False
                 elif terminated or truncated:
                     active[i] = False
@@ -75,3 +80,25 @@ class QuickEval:
         for env in self._envs.values():
             env.close()
         self._envs.clear()
+
+
+@dataclass(frozen=True)
+class QuickEvalSpec:
+    """What a task needs to build the train-level success check next to its learner."""
+
+    env: str
+    episodes: int
+    max_steps: int
+    seed: int
+
+    def build(self, embeddings: Any) -> Any:
+        """The :class:`QuickEval` this spec describes."""
+        from kalm_ray.envs import get_suite
+
+        return QuickEval(
+            get_suite(self.env),
+            embeddings,
+            episodes=self.episodes,
+            max_steps=self.max_steps,
+            seed=self.seed,
+        )

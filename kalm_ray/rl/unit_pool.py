@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -27,32 +26,10 @@ import numpy as np
 from kalm_ray.artifacts import RunDir
 from kalm_ray.config import TrainConfig
 from kalm_ray.rl.dataset import MixInfo
+from kalm_ray.rl.quick_eval import QuickEvalSpec
 from kalm_ray.rl.unit import Unit
 
 log = logging.getLogger("kalm_ray")
-
-
-@dataclass(frozen=True)
-class QuickEvalSpec:
-    """What a task needs to build the train-level success check next to its learner."""
-
-    env: str
-    episodes: int
-    max_steps: int
-    seed: int
-
-    def build(self, embeddings: Any) -> Any:
-        """The :class:`~kalm_ray.rl.quick_eval.QuickEval` this spec describes."""
-        from kalm_ray.envs import get_suite
-        from kalm_ray.rl.quick_eval import QuickEval
-
-        return QuickEval(
-            get_suite(self.env),
-            embeddings,
-            episodes=self.episodes,
-            max_steps=self.max_steps,
-            seed=self.seed,
-        )
 
 
 def nested_cpus(algo: str, train: TrainConfig) -> float:

@@ -256,22 +256,31 @@ def _line_part_holds(offset: np.ndarray) -> bool:
     return bool(offset[0] > 0.0 and abs(offset[1]) <= math.tan(LINE_MAX_ANGLE) * offset[0])
 
 
+def _progress(goal: Move, start: np.ndarray, state: np.ndarray) -> float:
+    """How far (m) the ball of a Move goal has gone in its direction since ``start``."""
+    return (_xy(state, goal.ball) - _xy(start, goal.ball)) @ np.asarray(DIRECTIONS[goal.direction])
+
+
+def _offsets(goal: Line | Gather, state: np.ndarray) -> list[np.ndarray]:
+    """The (x, y) offsets a Line or Gather goal constrains: each ball from the one before it
+    in colour order (Line), each other ball from green (Gather)."""
+    if isinstance(goal, Line):
+        return [_xy(state, i) - _xy(state, i - 1) for i in range(1, 5)]
+    green = _xy(state, COLORS.index("green"))
+    return [_xy(state, i) - green for i in range(5) if COLORS[i] != "green"]
+
+
 def _holds(goal: Goal, start: np.ndarray, state: np.ndarray) -> bool:
     if isinstance(goal, Relation):
         return relation_holds(goal.direction, _xy(state, goal.a) - _xy(state, goal.b))
     if isinstance(goal, Move):
-        u = np.asarray(DIRECTIONS[goal.direction])
-        return bool((_xy(state, goal.ball) - _xy(start, goal.ball)) @ u >= MOVE_MIN)
+        return bool(_progress(goal, start, state) >= MOVE_MIN)
     if isinstance(goal, Multi):
         return all(_holds(r, start, state) for r in goal.relations)
+    parts = _offsets(goal, state)
     if isinstance(goal, Line):
-        return all(_line_part_holds(_xy(state, i) - _xy(state, i - 1)) for i in range(1, 5))
-    green = _xy(state, COLORS.index("green"))
-    return all(
-        np.linalg.norm(_xy(state, i) - green) < GATHER_RADIUS
-        for i in range(5)
-        if COLORS[i] != "green"
-    )
+        return all(_line_part_holds(o) for o in parts)
+    return all(np.linalg.norm(o) < GATHER_RADIUS for o in parts)
 
 
 def success(task: str, start: np.ndarray, state: np.ndarray) -> bool:
@@ -295,21 +304,13 @@ def _raw_distance(goal: Goal, start: np.ndarray, state: np.ndarray) -> float:
         target = RELATION_TARGET_DIST * np.asarray(DIRECTIONS[goal.direction])
         return float(np.linalg.norm(_xy(state, goal.a) - _xy(state, goal.b) - target))
     if isinstance(goal, Move):
-        u = np.asarray(DIRECTIONS[goal.direction])
-        progress = (_xy(state, goal.ball) - _xy(start, goal.ball)) @ u
-        return float(max(0.0, MOVE_MIN - progress))
+        return float(max(0.0, MOVE_MIN - _progress(goal, start, state)))
     if isinstance(goal, Multi):
         return sum(_raw_distance(r, start, state) for r in goal.relations)
+    parts = _offsets(goal, state)
     if isinstance(goal, Line):
-        return sum(_cone_distance(_xy(state, i) - _xy(state, i - 1)) for i in range(1, 5))
-    green = _xy(state, COLORS.index("green"))
-    return float(
-        sum(
-            max(0.0, np.linalg.norm(_xy(state, i) - green) - GATHER_TARGET)
-            for i in range(5)
-            if COLORS[i] != "green"
-        )
-    )
+        return sum(_cone_distance(o) for o in parts)
+    return float(sum(max(0.0, np.linalg.norm(o) - GATHER_TARGET) for o in parts))
 
 
 def distance(task: str, start: np.ndarray, state: np.ndarray) -> float:
