@@ -411,10 +411,20 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
             if "max_model_len" in kw
             else ("model context")
         )
-    plan.more(
-        f"longest rollout: {longest} steps: prompt ~{prompt} + {codec.max_step_tokens()} x "
-        f"({longest} + 1) + 1 = ~{prompt + new} tokens vs {limit_key} {limit}"
-    )
+    if im.mode == "stepwise":
+        # Each step is its own prompt (instruction + state -> action; state + action -> next
+        # state): the context holds one step, however long the rollout.
+        prompt += codec.max_step_tokens()
+        new = codec.max_step_tokens()
+        plan.more(
+            f"stepwise, {longest} steps: each prompt ~{prompt} tokens + {new} generated vs "
+            f"{limit_key} {limit}"
+        )
+    else:
+        plan.more(
+            f"longest rollout: {longest} steps: prompt ~{prompt} + {codec.max_step_tokens()} x "
+            f"({longest} + 1) + 1 = ~{prompt + new} tokens vs {limit_key} {limit}"
+        )
     mml = kw.get("max_model_len")
     if (
         mml is not None
@@ -425,6 +435,10 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         plan.refusals.append(
             f"imagine.vllm_engine_kwargs.max_model_len: {mml} is above {g.model.name}'s "
             f"context of {ctx} tokens (vLLM refuses to start)"
+        )
+    elif limit is not None and prompt + new > limit and im.mode == "stepwise":
+        plan.refusals.append(
+            f"imagine: a stepwise prompt needs ~{prompt + new} tokens > {limit_key} {limit}"
         )
     elif limit is not None and prompt + new > limit:
         plan.refusals.append(

@@ -226,14 +226,41 @@ def test_metaworld_delta_round_trip_and_json(tmp_path):
     states = _plausible(c, rng.uniform(size=c.state_dim), rng.uniform(size=(12, c.state_dim)))
     _, a, b = c.entities[-1]
     states[:, a:b] = 0.0  # an absent entity stays absent and decodes to zeros
+    fixed = np.asarray(c.fixed_dims)
+    states[:, fixed] = states[0, fixed]  # what no joint lets move (the goal, the wall, ...)
     actions = rng.uniform(-1, 1, (12, 4)).astype(np.float32)
     c2 = Codec.load(c.save(tmp_path))
     assert c2.state_coding == "delta" and np.array_equal(c2.delta_bound, c.delta_bound)
-    got_s, _ = c2.decode_rollout(states[0], c.encode_trajectory(states, actions), max_steps=12)
-    moving = c.delta_bound > 0
-    half = np.where(moving, c.delta_bound / 127 / 2, 0.0)
+    assert c2.fixed_dims == c.fixed_dims and c2.compact_steps
+    text = c.encode_trajectory(states, actions)
+    got_s, _ = c2.decode_rollout(states[0], text, max_steps=12)
+    half = c.delta_bound / 127 / 2
     assert np.all(np.abs(got_s - states) <= half + 1e-5)
     assert np.all(got_s[:, a:b] == 0.0)
+    assert np.array_equal(got_s[:, fixed], states[:, fixed])
+    # A compact step: the action (marker + 4 bins), then the moving dims of the entities
+    # present at the start; no entity names, nothing for fixed dims.
+    toks = c.encode_steps(states, actions)
+    assert not set(toks) & set(c.entity_tokens)
+    per_step = 5 + len(c.moving_dims(states[0]))
+    assert len(toks) == 12 * per_step == 12 * c.step_tokens(states[0])
+    assert per_step < 5 + sum(1 + e - s for _, s, e in c.entities[:-1])
+
+
+def test_metaworld_codec_saved_before_compact_steps_still_decodes(tmp_path):
+    """A codec.json without ``fixed_dims`` (written before compact steps) keeps its format:
+    every present entity, led by its name, in every step."""
+    c = Codec.for_suite(_suite("metaworld"), 64, state_coding="delta")
+    d = c.to_dict()
+    del d["fixed_dims"]
+    old = Codec.from_dict(d)
+    rng = np.random.default_rng(1)
+    states = _plausible(old, rng.uniform(size=old.state_dim), rng.uniform(size=(3, old.state_dim)))
+    actions = rng.uniform(-1, 1, (3, 4)).astype(np.float32)
+    toks = old.encode_steps(states, actions)
+    assert not old.compact_steps and set(toks) & set(old.entity_tokens)
+    got, _ = old.decode_rollout(states[0], old.join(toks + [old.end_token]), max_steps=3)
+    assert np.all(np.abs(got - states) <= old.delta_bound / 31 / 2 + 1e-5)
 
 
 def test_delta_dynamics_target_decodes_after_prev():

@@ -75,8 +75,14 @@ def test_entity_slots_follow_the_start_state():
     name, a, b = codec.entities[0]
     start[a] = 0.3
     t = step_template(codec, start)
-    assert len(t) == 1 + codec.n_actions + len(codec._free) + 1 + (b - a)
-    assert len(step_template(codec, np.zeros_like(start))) == len(t) - 1 - (b - a)
+    # delta coding: compact steps (the gripper's 4 moving dims, no entity name token)
+    assert len(t) == 1 + codec.n_actions + (b - a)
+    assert len(step_template(codec, np.zeros_like(start))) == len(t) - (b - a)
+    # absolute coding: every dimension of each present entity, led by its name
+    absolute = Codec.for_suite(suite, n_bins=32, state_coding="absolute")
+    t = step_template(absolute, start)
+    assert len(t) == 1 + absolute.n_actions + len(absolute._free) + 1 + (b - a)
+    assert len(step_template(absolute, np.zeros_like(start))) == len(t) - 1 - (b - a)
 
 
 # ---- the hf backend under the grammar -----------------------------------------------------------

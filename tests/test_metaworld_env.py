@@ -394,13 +394,18 @@ def test_locked_door_needs_unlocking_first(envs):
 
 
 def test_step_deltas_within_limits_fast(envs):
-    _check_deltas(envs, ["push", "door-open", "faucet-open", "soccer"], seeds=(0,))
+    _check_deltas(
+        envs, ["push", "door-open", "faucet-open", "soccer", "coffee-button"], seeds=(0,)
+    )
 
 
 def _check_deltas(envs, task_list, seeds) -> None:
     """Every one-step change stays within ``max_step_delta``, under the experts and under
-    random actions; on the same steps our predicate agrees with Meta-World's success."""
+    random actions, and a dimension the layout calls fixed (``layout.fixed``: the goal, the
+    wall, the axes a joint holds; compact codec steps leave them out) never changes; on the
+    same steps our predicate agrees with Meta-World's success."""
     limit = suite.layout.max_step_delta
+    fixed = suite.layout.fixed
     agree = compared = 0
     for task in task_list:
         env = envs(task)
@@ -418,6 +423,8 @@ def _check_deltas(envs, task_list, seeds) -> None:
                         suite.layout.names[i] for i in np.flatnonzero(np.abs(nxt - obs) > limit)
                     ]
                     assert not over, (task, mode, seed, over)
+                    moved = np.flatnonzero((nxt != obs) & fixed)
+                    assert not len(moved), (task, mode, [suite.layout.names[i] for i in moved])
                     if "mw_success" in info:
                         agree += info["mw_success"] == info["success"]
                         compared += 1
@@ -466,3 +473,29 @@ def test_step_deltas_within_limits_all_tasks(envs):
 def test_composite_expert_needs_stage():
     with pytest.raises(ValueError, match="stage"):
         CompositeExpert("make-coffee").get_action(np.zeros(39))
+
+
+def test_replay_reaches_a_reset_start_through_its_seed():
+    """Meta-World cannot be placed at a slot state, so an imagined rollout is replayed by
+    resetting with its request's seed; a start that seed does not give is not replayed."""
+    from kalm_ray.llm.replay import Replayer
+    from kalm_ray.llm.requests import ResetStarts
+
+    suite = get_suite("metaworld")
+    starts = ResetStarts(suite)("easy", "door-close", np.asarray([3, 7]))
+    replayer = Replayer(suite)
+    actions = np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32)
+    try:
+        out = replayer.replay(level="easy", task="door-close", start=starts[0], actions=actions,
+                              seed=3)
+        assert out is not None
+        states, _ = out
+        assert states.shape == (6, suite.layout.dim)
+        assert np.array_equal(states[0], starts[0])
+        assert np.abs(states[-1] - states[0]).max() > 0  # the actions moved the gripper
+        assert replayer.replay(level="easy", task="door-close", start=starts[1],
+                               actions=actions, seed=3) is None
+        assert replayer.replay(level="easy", task="door-close", start=starts[0],
+                               actions=actions) is None
+    finally:
+        replayer.close()

@@ -37,7 +37,7 @@ def _refused(capsys, path: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("name", ["clevr", "metaworld", "quick"])
+@pytest.mark.parametrize("name", ["clevr", "metaworld", "quick", "cpu", "metaworld_quick"])
 def test_shipped_configs_plan_ok(name, capsys):
     assert main(["plan", str(ROOT / "configs" / f"{name}.yaml")]) == 0
     out = capsys.readouterr().out
@@ -63,9 +63,10 @@ def test_max_model_len_above_the_context_is_refused(tmp_path, capsys):
 
 
 def test_metaworld_rollouts_over_the_context_are_refused(tmp_path, capsys):
-    """Point 6: 110 tokens a step x 151 steps do not fit Llama-2's 4,096 positions."""
+    """Point 6: up to 49 tokens a step (compact delta steps) x 151 steps do not fit
+    Llama-2's 4,096 positions."""
     err = _refused(capsys, _config(tmp_path, "metaworld", **{"imagine.max_steps": 150}))
-    assert "imagine.max_steps" in err and "at most 34 steps fit" in err
+    assert "imagine.max_steps" in err and "at most 80 steps fit" in err
 
 
 def test_use_gpu_with_the_cpu_runtime_env_is_refused(tmp_path, capsys):

@@ -59,6 +59,9 @@ class StateLayout:
             Why: ``max_step_delta`` bounds one coordinate, so a step that moves *every*
             object by that much stays within it although no push can do that.
         object_dims: dimensions per object for ``max_step_total`` (CLEVR: x, y).
+        fixed: ``(state_dim,)`` bool, dimensions no step can change (a goal, a static body,
+            the axes a slide or hinge joint holds still); under delta coding a step does not
+            write them. None = every dimension can change.
     """
 
     names: tuple[str, ...]
@@ -70,6 +73,7 @@ class StateLayout:
     reach_high: np.ndarray | None = None
     max_step_total: float | None = None
     object_dims: int = 1
+    fixed: np.ndarray | None = None
 
     @property
     def dim(self) -> int:

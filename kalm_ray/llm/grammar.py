@@ -7,6 +7,7 @@ A rollout's layout is known before a single token is generated (:mod:`kalm_ray.l
     ACTION     := <act_a>                    discrete (CLEVR: one of 40 tokens)
                 | <act> abin x k             continuous: the marker, then k action bins
     STATE      := sbin x f {<entity> sbin x n}   free dims, then every entity present
+                | sbin x m                   delta coding: the m moving dims, no names
 
 An entity is present in every state of an episode or in none (the objects of a task do not
 appear or vanish), so the entities of a rollout's steps are those of its start state, and a
@@ -53,6 +54,8 @@ def step_template(codec: Codec, start_state: np.ndarray) -> np.ndarray:
     kinds = [ACT]
     if not codec.discrete:
         kinds += [ACTION_BIN] * codec.n_actions
+    if codec.compact_steps:
+        return np.asarray(kinds + [STATE_BIN] * len(codec.moving_dims(s)), np.int64)
     covered = np.zeros(codec.state_dim, bool)
     for _, a, b in codec.entities:
         covered[a:b] = True

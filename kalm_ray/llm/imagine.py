@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from kalm_ray.config import ExperimentConfig
+    from kalm_ray.llm.codec import Codec
 
 log = logging.getLogger("kalm_ray")
 
@@ -316,6 +317,29 @@ def write_rollouts(
     }
 
 
+def token_budget(
+    codec: Codec, requests: pa.Table, level_steps: dict[str, int], report: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Per level: tokens of one step (mean over its requests: a Meta-World task's entities
+    set it), of the longest legal rollout, and generated per rollout (mean), for
+    ``filter_report.json["tokens"]``. ``report``: :meth:`FilterTally.report`."""
+    levels = requests.column("level").to_pylist()
+    starts = requests.column("start_state").to_pylist()
+    per_step: dict[str, list[int]] = {}
+    for lv, st in zip(levels, starts, strict=True):
+        per_step.setdefault(lv, []).append(codec.step_tokens(np.asarray(st, np.float32)))
+    out = {}
+    for lv, steps in per_step.items():
+        tally = report.get("per_level", {}).get(lv, {})
+        n = max(1, int(tally.get("requested", len(steps))))
+        out[lv] = {
+            "per_step": float(np.mean(steps)),
+            "per_rollout_max": float(np.mean(steps)) * level_steps[lv] + 1,
+            "generated_per_rollout": float(tally.get("generated_tokens", 0)) / n,
+        }
+    return out
+
+
 def _replay_one(
     r: dict[str, Any], replayer: Replayer, replay: Any, *, dim: int, action_dim: int | None
 ) -> None:
@@ -323,9 +347,13 @@ def _replay_one(
     states = np.asarray(r["states"], np.float32).reshape(n + 1, dim)
     actions = np.asarray(r["actions"], np.float32)
     actions = actions.astype(np.int64) if action_dim is None else actions.reshape(n, action_dim)
-    replayed, ok = replayer.replay(
-        level=r["level"], task=r["task"], start=states[0], actions=actions
+    out = replayer.replay(
+        level=r["level"], task=r["task"], start=states[0], actions=actions, seed=int(r["seed"])
     )
+    if out is None:
+        replay.skip(r["level"])
+        return
+    replayed, ok = out
     replay.add(
         level=r["level"],
         task=r["task"],

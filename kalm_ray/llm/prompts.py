@@ -23,7 +23,7 @@ inside a trajectory (under ``state_coding: delta``, the change from the state be
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,29 @@ def labels_for(input_ids: list[int] | np.ndarray, prompt_len: int) -> np.ndarray
     return labels
 
 
+def _earliest_fitting(
+    at: Callable[[int], dict[str, Any] | None], n: int
+) -> dict[str, Any] | None:
+    """``at(start)`` for the earliest ``start`` in ``[0, n)`` whose example fits, or None.
+
+    An example from a later start is never longer (fewer steps, the same prompt shape), so
+    a binary search finds the same start a scan would in O(log n) encodings (a scan is
+    quadratic in the episode's length: Meta-World's 60-150-step episodes took minutes).
+    """
+    first = at(0)
+    if first is not None or n <= 1:
+        return first
+    lo, hi, best = 1, n - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = at(mid)
+        if row is None:
+            lo = mid + 1
+        else:
+            best, hi = row, mid - 1
+    return best
+
+
 def episode_examples(
     codec: Codec,
     tokenizer: Any,
@@ -158,12 +181,14 @@ def episode_examples(
             if row is not None:
                 rows.append(row)
     for task in ("rollout", "explain", "consequence"):
-        for start in range(n):
-            pairs = {k: (p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task}
-            row = example(task, *pairs[task])
-            if row is not None:
-                rows.append(row)
-                break
+
+        def at(start: int, task: str = task) -> dict[str, Any] | None:
+            pair = next((p, t) for k, p, t in task_pairs(codec, ep, start=start) if k == task)
+            return example(task, *pair)
+
+        row = _earliest_fitting(at, n)
+        if row is not None:
+            rows.append(row)
         else:
             dropped += 1
     for t in range(n):  # policy: every state's action, under the rollout prompt

@@ -7,9 +7,12 @@ states step by step. The KALM paper reports how often imagined trajectories brea
 this is our measure of it.
 
 The simulator never creates, labels or selects imagined data: the imagine stage decides
-what it keeps before a rollout is replayed, and writes only the imagined states. Replays
-need an env that can be placed at a given state (``set_state``: CLEVR-Robot); for other
-suites the report says the check was not available.
+what it keeps before a rollout is replayed, and writes only the imagined states. A replay
+starts from the imagined rollout's own start state: an env that can be placed at a given
+state (``set_state``: CLEVR-Robot) is placed there; any other (Meta-World, whose slot state
+does not hold every joint) is reset with the request's seed, which is how
+``imagine.start_states: reset`` made that start, and the replay is used only when the reset
+gives back that very start (otherwise it is counted as ``not_replayable``).
 """
 
 from __future__ import annotations
@@ -50,20 +53,39 @@ class Replayer:
     def __init__(self, suite: Any):
         self.suite = suite
         self._envs: dict[str, Any] = {}
-        self.available = can_place_start(suite)
+        self.placeable = can_place_start(suite)
+        # Without set_state a replay needs a start made by env.reset(seed) (see the module doc).
+        self.available = True
 
     def replay(
-        self, *, level: str, task: str, start: np.ndarray, actions: np.ndarray
-    ) -> tuple[np.ndarray, bool]:
-        """``(states (T+1, D), success)`` of ``actions`` from ``start`` in the simulator.
+        self,
+        *,
+        level: str,
+        task: str,
+        start: np.ndarray,
+        actions: np.ndarray,
+        seed: int | None = None,
+    ) -> tuple[np.ndarray, bool] | None:
+        """``(states (T+1, D), success)`` of ``actions`` from ``start`` in the simulator, or
+        None when the env cannot be brought to ``start`` (no ``set_state``, and resetting
+        with ``seed`` gives another state).
 
         Every action is applied even after the goal holds (the imagined rollout decides its
-        length); ``success`` is the suite's predicate at any step, like an episode's.
+        length); ``success`` is the env's own (``info["success"]``; composite tasks in stage
+        order) at any step, like an episode's.
         """
         env = self._envs.get(level)
         if env is None:
             env = self._envs[level] = self.suite.make_env(level, max_episode_steps=10_000)
-        s, _ = env.reset(options={"task": task, "state": np.asarray(start, np.float64)})
+        start = np.asarray(start, np.float32).reshape(-1)
+        if self.placeable:
+            s, _ = env.reset(options={"task": task, "state": start.astype(np.float64)})
+        elif seed is None:
+            return None
+        else:
+            s, _ = env.reset(seed=int(seed), options={"task": task})
+            if not np.allclose(np.asarray(s, np.float32), start, rtol=0.0, atol=1e-6):
+                return None
         states, ok = [np.asarray(s, np.float32)], False
         for a in actions:
             act = int(a) if np.ndim(a) == 0 else np.asarray(a, np.float32)
@@ -85,6 +107,12 @@ class ReplayTally:
     max_samples: int = 6
     levels: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    not_replayable: dict[str, int] = field(default_factory=dict)
+    """Per level: accepted rollouts the env could not be brought to the start of."""
+
+    def skip(self, level: str) -> None:
+        """Count a rollout whose start the env cannot reproduce."""
+        self.not_replayable[level] = self.not_replayable.get(level, 0) + 1
 
     def add(
         self,
@@ -136,6 +164,7 @@ class ReplayTally:
         return {
             "available": True,
             "per_level": per_level,
+            "not_replayable": dict(self.not_replayable),
             "samples": self.samples,
             "note": "diagnostic only: replays never create, label or select imagined data",
         }

@@ -42,6 +42,7 @@ from kalm_ray.llm.imagine import (
     quiet_ray_progress,
     replay_report,
     stage_requests,
+    token_budget,
     write_rollouts,
 )
 from kalm_ray.llm.labels import judge_batch
@@ -184,10 +185,9 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             "max_steps": max_steps,
             "max_new_tokens": spec.max_new_tokens,
             **tally.report(),
-            "tokens_per_step": codec.max_step_tokens(),
-            "tokens_per_rollout_max": {
-                lv: codec.max_step_tokens() * n + 1 for lv, n in level_steps.items()
-            },
+            # Tokens of a step (the task's entities set it), of the longest legal rollout,
+            # and generated per rollout, per level.
+            "tokens": token_budget(codec, requests, level_steps, tally.report()),
             "throughput": stats,
             "replay": replay_report(replayer, replay),
         }
