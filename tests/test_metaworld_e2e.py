@@ -60,9 +60,11 @@ def test_metaworld_quick_runs_every_stage(tmp_path):
     assert replayed + sum(report["replay"]["not_replayable"].values()) == report["accepted"]
     assert replayed == report["accepted"]  # reset starts: every accepted rollout replays
 
-    # Grounding metrics on the dimensions that move (never the fixed goal or absent slots).
+    # Grounding metrics on the dimensions that move (never the fixed goal or absent slots):
+    # averaged over all 91 dims, copying the state scored ~4e-4 (issue 15); over the moving
+    # dims, ~1e-3 here and 3.6e-3 on the full preset.
     metrics = json.loads((run / "model/grounding_metrics.json").read_text())
-    assert metrics["copy_baseline_mae"] > 1e-3
+    assert metrics["copy_baseline_mae"] > 7e-4
 
     # Every level evaluated, both mixes and the random policy on the same episodes.
     results = json.loads((run / "eval/results.json").read_text())

@@ -24,7 +24,7 @@ step can change (``moving_dims``: not ``suite.layout.fixed``) of the free dims a
 entities present in the state before it, with no entity name tokens. The entities of an
 episode are those of its start state (objects do not appear or vanish), the start state is
 in the prompt, and a goal, a wall or the axes a joint holds never change, so tokens spent on
-them carry nothing. Meta-World: 5-12 state tokens per step instead of 12-33 (reach: gripper
+them carry nothing. Meta-World: 5-15 state tokens per step instead of 17-33 (reach: gripper
 4 + puck 7; button-press: gripper 4 + the button's slide axis 1); CLEVR is unchanged (no
 entities, every dimension moves).
 
