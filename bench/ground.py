@@ -76,8 +76,8 @@ def synthetic_setup(vocab: int, batch_size: int, steps: int):
     """Random tiny model and batches shaped like CLEVR grounding examples."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kalm_ray.llm.ground.train_fn import pad_batch
     from kalm_ray.llm.model import TINY
-    from kalm_ray.llm.train_fn import pad_batch
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY))
     rng = np.random.default_rng(0)
@@ -97,8 +97,8 @@ def synthetic_setup(vocab: int, batch_size: int, steps: int):
 def main() -> None:
     import torch
 
+    from kalm_ray.llm.ground.train_fn import pad_batch
     from kalm_ray.llm.model import TINY, count_params
-    from kalm_ray.llm.train_fn import pad_batch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/quick.yaml")
@@ -159,7 +159,7 @@ def main() -> None:
 def _compare(model, batches) -> None:
     import torch
 
-    from kalm_ray.llm.train_fn import _target_loss_module
+    from kalm_ray.llm.ground.train_fn import _target_loss_module
 
     ours = _target_loss_module(model)
 

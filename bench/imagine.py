@@ -2,7 +2,7 @@
 
 The baseline is how the reference code generates rollouts: the whole model re-run on the
 whole sequence at every step, no KV cache, batch 8, greedy. Ours is the ``hf`` backend's
-actor class (:class:`kalm_ray.llm.backends.hf.HFGenerator`): batched ``generate`` with the
+actor class (:class:`kalm_ray.llm.imagine.backends.hf.HFGenerator`): batched ``generate`` with the
 KV cache and left padding. Same model, same requests, same stopping; the baseline runs on
 the first ``--naive-requests`` requests only (it is slow) and its greedy outputs are checked
 against ours for those requests.
@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kalm_ray.llm.backends import GenerationSpec
-from kalm_ray.llm.backends.hf import HFGenerator, cut_at_stop
+from kalm_ray.llm.imagine.backends import GenerationSpec
+from kalm_ray.llm.imagine.backends.hf import HFGenerator, cut_at_stop
 
 
 def naive_generate(
@@ -116,7 +116,7 @@ def synthetic_setup(
         model_dir=str(folder),
         max_new_tokens=new_tokens,
         end_token=tok.sep_token,
-        loader="kalm_ray.llm.backends.hf:load_hf_dir",
+        loader="kalm_ray.llm.imagine.backends.hf:load_hf_dir",
     )
     return spec, pa.table({"prompt": prompts, "seed": pa.array(np.arange(n), pa.int64())})
 
@@ -126,7 +126,7 @@ def stage_setup(config: str, run_dir: str, n: int) -> tuple[GenerationSpec, pa.T
     from kalm_ray.artifacts import RunDir
     from kalm_ray.config import load_config
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm.imagine import load_codec, max_new_tokens, stage_requests
+    from kalm_ray.llm.imagine.store import load_codec, max_new_tokens, stage_requests
 
     cfg = load_config(config, run_dir=run_dir)
     run, suite = RunDir(cfg.run_dir), get_suite(cfg.env.name)

@@ -290,7 +290,7 @@ class ImagineConfig(_Section):
     imagined state -> action, sampled at ``temperature``) then the dynamics prompt (state +
     action -> next state), until the goal holds in the imagined state or the step limit; the
     states are then written by a prompt that holds no instruction
-    (:mod:`kalm_ray.llm.backends.stepwise`)."""
+    (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is

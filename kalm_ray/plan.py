@@ -293,9 +293,9 @@ def _gib(n: float) -> str:
 def make_plan(cfg: ExperimentConfig) -> Plan:
     """Everything ``kalm plan`` prints and refuses for ``cfg`` (no Ray, no downloads)."""
     from kalm_ray.envs import LEVELS, get_suite
-    from kalm_ray.llm.backends.vllm import VLLM_LORA_RANKS, vllm_lora_rank
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.imagine import level_step_limits, max_new_tokens
+    from kalm_ray.llm.imagine.backends.vllm import VLLM_LORA_RANKS, vllm_lora_rank
+    from kalm_ray.llm.imagine.store import level_step_limits, max_new_tokens
 
     plan = Plan()
     g, im = cfg.ground, cfg.imagine

@@ -14,7 +14,7 @@ from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
 from kalm_ray.eval.episodes import EpisodeResult, build_episode_specs
 from kalm_ray.eval.report import write_report
 from kalm_ray.eval.results import PolicyId, build_results, headline_markdown
-from kalm_ray.llm.filter import FilterTally
+from kalm_ray.llm.imagine.filter import FilterTally
 
 
 def _results(run: RunDir, policies: list[PolicyId]) -> dict:

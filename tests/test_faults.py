@@ -85,7 +85,7 @@ def _generator_class(switch_name: str):
     done by then, more are queued on it) to be killed."""
     import ray
 
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     class Victim(HFGenerator):
         def __init__(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def test_judged_once_regenerates_only_what_was_lost_and_drops_repeats():
     import pyarrow as pa
     from ray.exceptions import ActorDiedError, RayActorError
 
-    from kalm_ray.llm.imagine import judged_once
+    from kalm_ray.llm.imagine.store import judged_once
 
     requests = pa.table({"request_id": [f"r{i}" for i in range(6)], "x": list(range(6))})
     asked: list[list[str]] = []
@@ -222,7 +222,7 @@ def _imagine(upstream: Path, run_dir: Path, monkeypatch, kill: str):
     import ray
 
     from kalm_ray.config import parse_config
-    from kalm_ray.llm.backends import hf
+    from kalm_ray.llm.imagine.backends import hf
     from kalm_ray.stages import imagine
 
     shutil.copytree(upstream, run_dir)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalm_ray.llm.filter import (
+from kalm_ray.llm.imagine.filter import (
     REASONS,
     FilterLimits,
     FilterTally,

@@ -91,8 +91,8 @@ def test_entity_slots_follow_the_start_state():
 def _requests(levels: list[str], n: int) -> pa.Table:
     from functools import partial
 
+    from kalm_ray.llm.imagine.requests import ResetStarts, build_requests
     from kalm_ray.llm.prompts import rollout_prompt
-    from kalm_ray.llm.requests import ResetStarts, build_requests
 
     suite = get_suite("clevr")
     codec = Codec.for_suite(suite, n_bins=64, state_coding="delta")
@@ -109,7 +109,7 @@ def _requests(levels: list[str], n: int) -> pa.Table:
 
 def _generation_spec(model_dir: Path, codec: Codec, *, max_steps: int, **kw):
     """The imagine stage's spec for the fixture model: grammar on, easy = one push."""
-    from kalm_ray.llm.backends import GenerationSpec
+    from kalm_ray.llm.imagine.backends import GenerationSpec
 
     return GenerationSpec(
         model_dir=str(model_dir),
@@ -124,8 +124,8 @@ def _generation_spec(model_dir: Path, codec: Codec, *, max_steps: int, **kw):
 
 def _judged_well_formed(out: pa.Table, codec: Codec, *, max_steps: int) -> list[dict]:
     """The judged rows of ``out``, asserting that no rollout is malformed (issue 11)."""
-    from kalm_ray.llm.filter import FilterLimits
-    from kalm_ray.llm.labels import judge_batch
+    from kalm_ray.llm.imagine.filter import FilterLimits
+    from kalm_ray.llm.imagine.labels import judge_batch
 
     judged = judge_batch(
         out,
@@ -143,7 +143,7 @@ def _judged_well_formed(out: pa.Table, codec: Codec, *, max_steps: int) -> list[
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_rollout_is_well_formed_and_easy_ones_are_one_step(clevr_model, temperature):
     """Issue 11: 0 unparseable, 0 wrong_step_shape; an easy rollout is one push (issue 10)."""
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     codec = Codec.load(clevr_model)
     spec = _generation_spec(clevr_model, codec, max_steps=5, temperature=temperature)
@@ -161,8 +161,8 @@ def test_stepwise_rollouts_are_well_formed_stop_at_the_goal_and_ignore_batching(
     -> next state). Every text parses; a rollout ends at its level's limit or at the first
     imagined state meeting its goal, never later; a request's text depends on its seed, not
     on the batch it is generated in."""
-    from kalm_ray.llm.backends.hf import HFGenerator
-    from kalm_ray.llm.labels import goal_reached
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.labels import goal_reached
 
     codec = Codec.load(clevr_model)
     suite = get_suite("clevr")
@@ -192,9 +192,9 @@ def test_stepwise_rollouts_are_well_formed_stop_at_the_goal_and_ignore_batching(
 
 def test_grammar_off_leaves_an_untrained_model_unconstrained(clevr_model):
     """The premise of the test above: without the mask this model writes malformed text."""
-    from kalm_ray.llm.backends import GenerationSpec
-    from kalm_ray.llm.backends.hf import HFGenerator
-    from kalm_ray.llm.filter import check_text
+    from kalm_ray.llm.imagine.backends import GenerationSpec
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.filter import check_text
 
     codec = Codec.load(clevr_model)
     spec = GenerationSpec(
@@ -205,7 +205,7 @@ def test_grammar_off_leaves_an_untrained_model_unconstrained(clevr_model):
     )
     req = _requests(["hard"], 8)
     out = HFGenerator(spec, device="cpu", num_threads=1)(req)
-    from kalm_ray.llm.filter import FilterLimits
+    from kalm_ray.llm.imagine.filter import FilterLimits
 
     limits = FilterLimits.for_suite(get_suite("clevr"), n_bins=64)
     verdicts = [
@@ -263,7 +263,7 @@ def test_llm_policy_emits_only_legal_actions_on_every_step(clevr_model):
 def test_replay_of_a_real_episode_agrees_and_a_perturbed_one_does_not():
     """Issue 10: an "imagined" rollout copied from a real episode replays exactly."""
     from kalm_ray.envs.clevr import scripted
-    from kalm_ray.llm.replay import Replayer, ReplayTally
+    from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
 
     suite = get_suite("clevr")
     env = suite.make_env("train")

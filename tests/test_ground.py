@@ -15,9 +15,9 @@ from helpers import loop_config, toy_episodes, toy_suite
 
 
 def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
+    from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.model import load_grounded, model_files
     from kalm_ray.llm.prompts import rollout_prompt
-    from kalm_ray.llm.train_fn import train_loop
 
     cfg = loop_config(
         prepared, checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")
@@ -41,8 +41,8 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
 
 
 def test_lora_adapter_saved_and_merged(prepared, tmp_path):
+    from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.model import load_grounded
-    from kalm_ray.llm.train_fn import train_loop
 
     cfg = loop_config(
         prepared,
@@ -66,8 +66,8 @@ def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local, capsy
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kalm_ray.llm.progress_actor import show_progress
-    from kalm_ray.llm.train_fn import train_loop
+    from kalm_ray.llm.ground.progress_actor import show_progress
+    from kalm_ray.llm.ground.train_fn import train_loop
 
     def fit(steps: int):
         with show_progress("ground", total=steps) as board:
@@ -117,8 +117,8 @@ def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:
 
 
 def test_cosine_lr_and_bin_features():
+    from kalm_ray.llm.ground.train_fn import cosine_lr
     from kalm_ray.llm.model import bin_features
-    from kalm_ray.llm.train_fn import cosine_lr
 
     assert cosine_lr(0, total=100, peak=1.0, warmup=10) == pytest.approx(0.1)
     assert cosine_lr(9, total=100, peak=1.0, warmup=10) == pytest.approx(1.0)
@@ -136,7 +136,7 @@ def test_example_pool_batches_do_not_depend_on_file_or_row_order(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kalm_ray.llm.train_fn import ExamplePool
+    from kalm_ray.llm.ground.train_fn import ExamplePool
 
     rng = np.random.default_rng(0)
     rows = [
@@ -211,9 +211,9 @@ def test_lora_grounding_110m_on_gpu(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.model import count_params, load_grounded, make_codec_tokens_atomic
     from kalm_ray.llm.prompts import EpisodeArrays, episode_examples, rollout_prompt
-    from kalm_ray.llm.train_fn import train_loop
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")

@@ -33,8 +33,8 @@ def test_lora_trains_codec_output_rows_of_untied_models(prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.model import codec_token_ids
-    from kalm_ray.llm.train_fn import train_loop
 
     base = _untied_copy(prepared, tmp_path / "untied")
     cfg = loop_config(
@@ -65,7 +65,7 @@ def test_codec_row_targets_tied_and_untied(prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kalm_ray.llm.train_fn import codec_row_targets
+    from kalm_ray.llm.ground.train_fn import codec_row_targets
 
     tied = AutoModelForCausalLM.from_pretrained(prepared["root"] / "base", dtype=torch.float32)
     assert codec_row_targets(tied, [3, 4]) == {"embed_tokens": [3, 4]}  # PEFT ties lm_head
@@ -79,7 +79,7 @@ def test_gradient_checkpointing_is_applied(prepared, tmp_path, monkeypatch):
     """Point 4: on by config (and by default on GPU); training still runs and resumes."""
     from transformers import PreTrainedModel
 
-    from kalm_ray.llm.train_fn import train_loop
+    from kalm_ray.llm.ground.train_fn import train_loop
 
     calls = []
     name = next(
@@ -115,7 +115,7 @@ def test_worker_threads_come_from_the_workers_own_cpus(ray_local):
     """Point 8: a Ray worker sets its torch threads from the CPUs Ray gave it."""
     import os
 
-    from kalm_ray.llm.train_fn import worker_threads
+    from kalm_ray.llm.ground.train_fn import worker_threads
 
     @ray_local.remote(num_cpus=3)
     def in_worker() -> int:

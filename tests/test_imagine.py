@@ -10,9 +10,9 @@ import pytest
 from helpers import END, WORDS, save_tiny_model
 
 from kalm_ray.config import ImagineConfig
-from kalm_ray.llm.backends import GenerationSpec
-from kalm_ray.llm.backends.hf import cut_at_stop, gumbel_scores
-from kalm_ray.llm.requests import (
+from kalm_ray.llm.imagine.backends import GenerationSpec
+from kalm_ray.llm.imagine.backends.hf import cut_at_stop, gumbel_scores
+from kalm_ray.llm.imagine.requests import (
     REQUEST_COLUMNS,
     DataStarts,
     build_requests,
@@ -85,8 +85,8 @@ def test_requests_use_every_wording_of_a_level_and_only_valid_starts():
     from kalm_ray.envs import get_suite
     from kalm_ray.envs.clevr.tasks import valid_start
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.imagine.requests import ResetStarts
     from kalm_ray.llm.prompts import rollout_prompt
-    from kalm_ray.llm.requests import ResetStarts
 
     suite = get_suite("clevr")
     codec = Codec.for_suite(suite, n_bins=16)
@@ -189,7 +189,7 @@ def _spec(model_dir: Path, temperature: float = 0.0) -> GenerationSpec:
         end_token=END,
         temperature=temperature,
         top_p=0.95,
-        loader="kalm_ray.llm.backends.hf:load_hf_dir",
+        loader="kalm_ray.llm.imagine.backends.hf:load_hf_dir",
     )
 
 
@@ -199,7 +199,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_hf_generator_in_process(tiny_model):
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     table = _requests_table(6)
     gen = HFGenerator(_spec(tiny_model), device="cpu", num_threads=1)
@@ -223,7 +223,7 @@ def test_foreign_token_stops_a_request_early(tiny_model):
     """With codec tokens given, a request ends at its first token outside them."""
     from dataclasses import replace
 
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     table = _requests_table(6)
     free = HFGenerator(_spec(tiny_model), device="cpu", num_threads=1)(table)
@@ -242,7 +242,7 @@ def test_foreign_token_stops_a_request_early(tiny_model):
 
 
 def test_seeded_sampling_depends_on_the_request_seed_only(tiny_model):
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     table = _requests_table(6)
     gen = HFGenerator(_spec(tiny_model, temperature=1.0), device="cpu", num_threads=1)
@@ -253,7 +253,7 @@ def test_seeded_sampling_depends_on_the_request_seed_only(tiny_model):
 
 
 def test_hf_backend_one_actor_equals_two_actors(ray_local, tiny_model):
-    from kalm_ray.llm.backends.hf import generate_hf
+    from kalm_ray.llm.imagine.backends.hf import generate_hf
 
     table = _requests_table(24)
 
@@ -290,7 +290,7 @@ def scripted_generate(ds, *, backend, spec, icfg):
     import json as _json
 
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.requests import state_matrix as _sm
+    from kalm_ray.llm.imagine.requests import state_matrix as _sm
 
     codec = Codec.from_dict(_json.loads(spec.model_dir))  # the test passes the codec here
 
@@ -556,7 +556,7 @@ def test_hf_generator_on_gpu(tiny_model):
     """The actor class on CUDA: fp32 matches the CPU greedy outputs, bf16 runs and stops."""
     import torch
 
-    from kalm_ray.llm.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

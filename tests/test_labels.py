@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kalm_ray.llm.labels import JUDGED_COLUMNS, label_rollout
+from kalm_ray.llm.imagine.labels import JUDGED_COLUMNS, label_rollout
 
 
 class LineSuite:
@@ -59,8 +59,8 @@ def test_bad_shapes_raise():
 
 
 def test_judge_batch_columns(monkeypatch):
-    from kalm_ray.llm import labels
-    from kalm_ray.llm.filter import FilterLimits
+    from kalm_ray.llm.imagine import labels
+    from kalm_ray.llm.imagine.filter import FilterLimits
 
     class Layout:
         dim = 2

@@ -75,9 +75,9 @@ def test_ground_workers_read_prep_and_examples_from_the_run_dir(bucket, tmp_path
     from kalm_ray.config import parse_config
     from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm import ground
+    from kalm_ray.llm.ground import fit as ground
+    from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.prompts import ExampleBuilder
-    from kalm_ray.llm.train_fn import train_loop
 
     suite = get_suite("clevr")
     cfg = parse_config(

@@ -478,8 +478,8 @@ def test_composite_expert_needs_stage():
 def test_replay_reaches_a_reset_start_through_its_seed():
     """Meta-World cannot be placed at a slot state, so an imagined rollout is replayed by
     resetting with its request's seed; a start that seed does not give is not replayed."""
-    from kalm_ray.llm.replay import Replayer
-    from kalm_ray.llm.requests import ResetStarts
+    from kalm_ray.llm.imagine.replay import Replayer
+    from kalm_ray.llm.imagine.requests import ResetStarts
 
     suite = get_suite("metaworld")
     starts = ResetStarts(suite)("easy", "door-close", np.asarray([3, 7]))

@@ -90,7 +90,7 @@ def test_vllm_backend_without_vllm_in_the_runtime_env_is_refused(tmp_path, capsy
 def test_lora_ranks_vllm_cannot_serve_are_refused(tmp_path, capsys):
     """Point 7: vLLM's max_lora_rank is one of 1, 8, ..., 512; r is served at the next one."""
     from kalm_ray.config import ImagineConfig
-    from kalm_ray.llm.backends.vllm import engine_kwargs, vllm_lora_rank
+    from kalm_ray.llm.imagine.backends.vllm import engine_kwargs, vllm_lora_rank
 
     assert [vllm_lora_rank(r) for r in (1, 4, 12, 16, 300, 512)] == [1, 8, 16, 16, 320, 512]
     assert engine_kwargs(ImagineConfig(), adapter="/a", lora_rank=12)["max_lora_rank"] == 16

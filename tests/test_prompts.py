@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kalm_ray.llm.codec import Codec
+from kalm_ray.llm.ground.train_fn import pad_batch
 from kalm_ray.llm.prompts import (
     IGNORE,
     EpisodeArrays,
@@ -16,7 +17,6 @@ from kalm_ray.llm.prompts import (
     rollout_prompt,
     tokenize_example,
 )
-from kalm_ray.llm.train_fn import pad_batch
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def test_trust_remote_code_reaches_transformers_as_configured(tmp_path, monkeypa
 
     from kalm_ray.artifacts import RunDir
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm import ground
+    from kalm_ray.llm.ground import fit as ground
 
     seen: list[tuple[str, object]] = []
 

@@ -37,13 +37,13 @@ def test_smollm2_lora_grounding_save_reload_rollout(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kalm_ray.llm.backends import GenerationSpec
-    from kalm_ray.llm.backends.hf import HFGenerator
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.imagine import max_new_tokens
+    from kalm_ray.llm.ground.train_fn import train_loop
+    from kalm_ray.llm.imagine.backends import GenerationSpec
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.store import max_new_tokens
     from kalm_ray.llm.model import codec_token_ids, make_codec_tokens_atomic
     from kalm_ray.llm.prompts import EpisodeArrays, episode_examples, rollout_prompt
-    from kalm_ray.llm.train_fn import train_loop
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)

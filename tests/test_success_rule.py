@@ -129,7 +129,7 @@ class CoffeeSuite:
 
 @pytest.mark.parametrize(("states", "ok"), [(IN_ORDER, True), (WRONG_ORDER, False)])
 def test_imagined_labels(states, ok):
-    from kalm_ray.llm.labels import label_rollout
+    from kalm_ray.llm.imagine.labels import label_rollout
 
     lab = label_rollout(MW, TASK, states, np.zeros((len(states) - 1, 4), np.float32))
     assert lab.terminated is ok and bool(lab.successes.any()) is ok
@@ -170,7 +170,8 @@ def test_quick_eval(states, ok):
 @pytest.mark.parametrize(("states", "ok"), [(IN_ORDER, 1.0), (WRONG_ORDER, 0.0)])
 def test_grounding_metrics(states, ok, monkeypatch):
     """``generation_metrics`` on a held-out episode whose rollout decodes to ``states``."""
-    from kalm_ray.llm import grammar, metrics
+    from kalm_ray.llm import grammar
+    from kalm_ray.llm.ground import metrics
     from kalm_ray.llm.prompts import EpisodeArrays
 
     class Row:

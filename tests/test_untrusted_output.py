@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from kalm_ray.llm.filter import REASONS, FilterLimits, Verdict, check_arrays, check_text
+from kalm_ray.llm.imagine.filter import REASONS, FilterLimits, Verdict, check_arrays, check_text
 
 MAX_STEPS = 6
 ENVS = ("clevr", "metaworld")
@@ -259,7 +259,7 @@ def test_random_ids_decoded_by_the_tokenizer(case, data, seed):
 @settings(max_examples=20, **SETTINGS)
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
 def test_judge_batch_never_raises(case, data, seed):
-    from kalm_ray.llm.labels import judge_batch
+    from kalm_ray.llm.imagine.labels import judge_batch
 
     rng = np.random.default_rng(seed)
     texts, starts = [], []

@@ -10,9 +10,9 @@ import pytest
 
 from kalm_ray.config import ImagineConfig
 from kalm_ray.errors import BackendUnavailable
-from kalm_ray.llm import backends
-from kalm_ray.llm.backends import GenerationSpec, resolve_backend
-from kalm_ray.llm.backends import vllm as vb
+from kalm_ray.llm.imagine import backends
+from kalm_ray.llm.imagine.backends import GenerationSpec, resolve_backend
+from kalm_ray.llm.imagine.backends import vllm as vb
 
 SPEC = GenerationSpec(
     model_dir="/runs/x/model",
@@ -318,7 +318,7 @@ def test_request_ids_survive_rays_vllm_stage_over_two_replicas(ray_local, tmp_pa
     import pyarrow as pa
     from transformers import LlamaConfig
 
-    from kalm_ray.llm.requests import requests_dataset
+    from kalm_ray.llm.imagine.requests import requests_dataset
 
     model_dir = tmp_path / "model"  # only its config.json is read (Ray's telemetry)
     LlamaConfig(

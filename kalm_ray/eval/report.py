@@ -215,7 +215,7 @@ def _learning_curves(run: RunDir, names: list[str]) -> dict[str, dict[str, np.nd
 
 def _filter_levels(run: RunDir) -> dict[str, dict[str, Any]] | None:
     """level -> ``{requested, accepted, reasons: {reason: n}}`` from ``filter_report.json``
-    (written by ``kalm_ray.llm.imagine``, counts from ``FilterTally``); None when absent."""
+    (written by ``kalm_ray.llm.imagine.store``, counts from ``FilterTally``); None when absent."""
     if not run.exists("data", "imagined", "filter_report.json"):
         return None
     report = run.read_json("data", "imagined", "filter_report.json")

@@ -18,7 +18,7 @@ token (once ``max_steps`` steps are written). Under ``delta`` coding a state bin
 ``2c + 1`` usable change bins, never the unused top bin.
 
 Backends turn these slot kinds into masks over their vocabulary (``hf``: a logits processor,
-:class:`kalm_ray.llm.backends.hf.GrammarMask`). Constrained decoding removes malformed text,
+:class:`kalm_ray.llm.imagine.backends.hf.GrammarMask`). Constrained decoding removes malformed text,
 not implausible physics: the validity filter still judges every rollout.
 """
 

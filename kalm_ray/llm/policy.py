@@ -62,7 +62,7 @@ class LLMPolicy:
 
     def act_instructed(self, states: np.ndarray, instructions: list[str]) -> np.ndarray:
         """Greedy legal actions ``(B,)`` int64 (discrete) or ``(B, k)`` float32 (continuous)."""
-        from kalm_ray.llm.backends.hf import constrained_tokens
+        from kalm_ray.llm.imagine.backends.hf import constrained_tokens
         from kalm_ray.llm.prompts import rollout_prompt
 
         states = np.asarray(states, np.float32).reshape(len(instructions), -1)

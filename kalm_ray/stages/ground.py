@@ -13,14 +13,14 @@ writes ``model/``: the final model (merged weights, ``adapter/`` for LoRA, token
    for ``tiny`` the base model; then the examples of the four tasks with Ray Data
    (``data/real/`` grouped by episode -> token ids, split by episode) as Parquet, plus the
    held-out episodes' transitions for the metrics.
-3. run: a ``TorchTrainer`` over :func:`kalm_ray.llm.train_fn.train_loop` (ScalingConfig from
+3. run: a ``TorchTrainer`` over :func:`kalm_ray.llm.ground.train_fn.train_loop` (ScalingConfig from
    ``ground.num_workers``/``use_gpu``); checkpoints go to the work folder and a rerun
    after a crash resumes from the latest (``ray.train.get_checkpoint``). Rank 0 saves the
    final model and scores it on the held-out split.
 4. save: the final model into ``model/`` atomically, the config, then the manifest; the
    work folder is removed.
 
-The machinery (preparation, examples, the trainer) is in :mod:`kalm_ray.llm.ground`.
+The machinery (preparation, examples, the trainer) is in :mod:`kalm_ray.llm.ground.fit`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
 from kalm_ray.llm.codec import CODEC_FILE
-from kalm_ray.llm.ground import build_examples, fit, prepare_shared, print_summary
+from kalm_ray.llm.ground.fit import build_examples, fit, prepare_shared, print_summary
 from kalm_ray.raysetup import init_ray
 from kalm_ray.stage import plan_stage
 

@@ -12,11 +12,11 @@ resolved config and ``manifest.json`` last.
    table (one wording + start state + seed each), the generation spec and filter limits.
 3. run (Ray Data, streaming): requests -> generation (``hf`` actor pool or ``vllm``
    processor) -> decode, validity filter and labels -> the driver, which saves each judged
-   batch for a resumed run (:class:`~kalm_ray.llm.imagine.JudgedStore`) and writes Parquet
+   batch for a resumed run (:class:`~kalm_ray.llm.imagine.store.JudgedStore`) and writes Parquet
    parts as batches arrive.
 4. save: the filter report, the config, then the manifest.
 
-The machinery (requests, judged batches, the writer) is in :mod:`kalm_ray.llm.imagine`.
+The machinery (requests, judged batches, the writer) is in :mod:`kalm_ray.llm.imagine.store`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ import pyarrow as pa
 from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
 from kalm_ray.data.schema import transition_schema
 from kalm_ray.errors import ConfigError
-from kalm_ray.llm.backends import GenerationSpec, generate, resolve_backend
-from kalm_ray.llm.filter import FilterLimits, FilterTally
-from kalm_ray.llm.imagine import (
+from kalm_ray.llm.imagine.backends import GenerationSpec, generate, resolve_backend
+from kalm_ray.llm.imagine.filter import FilterLimits, FilterTally
+from kalm_ray.llm.imagine.labels import judge_batch
+from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
+from kalm_ray.llm.imagine.requests import requests_dataset
+from kalm_ray.llm.imagine.store import (
     JudgedStore,
     judged_once,
     level_step_limits,
@@ -45,9 +48,6 @@ from kalm_ray.llm.imagine import (
     token_budget,
     write_rollouts,
 )
-from kalm_ray.llm.labels import judge_batch
-from kalm_ray.llm.replay import Replayer, ReplayTally
-from kalm_ray.llm.requests import requests_dataset
 from kalm_ray.raysetup import init_ray
 from kalm_ray.stage import plan_stage, print_resuming
 

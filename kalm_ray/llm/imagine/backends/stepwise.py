@@ -50,11 +50,11 @@ class StepwiseImaginer:
         (columns ``instruction``, ``task``, ``start_state``, ``seed``, optional ``level``)."""
         import torch
 
-        from kalm_ray.llm.backends.hf import SeededSampling, constrained_tokens
-        from kalm_ray.llm.labels import goal_reached
+        from kalm_ray.llm.imagine.backends.hf import SeededSampling, constrained_tokens
+        from kalm_ray.llm.imagine.labels import goal_reached
+        from kalm_ray.llm.imagine.requests import state_matrix
         from kalm_ray.llm.policy import decode_actions
         from kalm_ray.llm.prompts import dynamics_prompt, rollout_prompt
-        from kalm_ray.llm.requests import state_matrix
 
         codec, n = self.codec, batch.num_rows
         starts = state_matrix(batch.column("start_state"), codec.state_dim)

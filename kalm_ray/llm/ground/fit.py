@@ -1,7 +1,8 @@
 """Machinery of the ``ground`` stage (:mod:`kalm_ray.stages.ground`): the codec, tokenizer
 and (``tiny``) base model prepared in the work folder (:func:`prepare_shared`), the grounding
 examples built with Ray Data (:func:`build_examples`), and the Ray Train run over
-:func:`kalm_ray.llm.train_fn.train_loop` that resumes from its latest checkpoint (:func:`fit`).
+:func:`kalm_ray.llm.ground.train_fn.train_loop` that resumes from its latest checkpoint
+(:func:`fit`).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def build_examples(
 def train_config(
     cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ``train_loop_config`` of the grounding run (see :mod:`kalm_ray.llm.train_fn`)."""
+    """The ``train_loop_config`` of the grounding run (see :mod:`kalm_ray.llm.ground.train_fn`)."""
     g = cfg.ground
     return {
         "base": prep["base"],
@@ -258,8 +259,8 @@ def fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kalm_ray.llm.progress_actor import show_progress
-    from kalm_ray.llm.train_fn import train_loop
+    from kalm_ray.llm.ground.progress_actor import show_progress
+    from kalm_ray.llm.ground.train_fn import train_loop
 
     g = cfg.ground
     # The workers' output does not reach this console: rank 0 posts its progress to a board

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from kalm_ray.artifacts import RunDir
 from kalm_ray.data.schema import Episode, episodes_to_table
 from kalm_ray.errors import InputError
-from kalm_ray.llm.filter import FilterTally
-from kalm_ray.llm.replay import Replayer, ReplayTally
-from kalm_ray.llm.requests import (
+from kalm_ray.llm.imagine.filter import FilterTally
+from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
+from kalm_ray.llm.imagine.requests import (
     DataStarts,
     ResetStarts,
     StartSampler,

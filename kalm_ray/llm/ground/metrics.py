@@ -67,7 +67,7 @@ def generate_ids(
     """
     from transformers import LogitsProcessorList
 
-    from kalm_ray.llm.backends.hf import GrammarMask
+    from kalm_ray.llm.imagine.backends.hf import GrammarMask
 
     out: list[list[int]] = []
     tokenizer.padding_side = "left"
@@ -276,8 +276,8 @@ def policy_metrics(
         return {"policy_n": 0}
     from kalm_ray.eval.episodes import EpisodeSpec, run_episodes
     from kalm_ray.eval.evaluate import RandomPolicy
+    from kalm_ray.llm.imagine.replay import can_place_start
     from kalm_ray.llm.policy import LLMPolicy
-    from kalm_ray.llm.replay import can_place_start
 
     if not can_place_start(suite):
         return {"policy_n": 0, "policy_skipped": "the env cannot be placed at a given state"}

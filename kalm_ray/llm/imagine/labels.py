@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-# goal_reached: re-exported for kalm_ray/llm/backends/stepwise.py (and tests/test_grammar.py).
+# goal_reached: re-exported for llm/imagine/backends/stepwise.py (and tests/test_grammar.py).
 from kalm_ray.envs.success import goal_reached, success_flags  # noqa: F401
 
 
@@ -120,7 +120,7 @@ def judge_batch(
         batch: ``pyarrow.Table`` with the request columns and ``generated_text``.
         decoder: the codec (``decode_rollout``).
         env: suite name (the suite is looked up in the worker).
-        limits: :class:`~kalm_ray.llm.filter.FilterLimits`.
+        limits: :class:`~kalm_ray.llm.imagine.filter.FilterLimits`.
         max_steps: episode limit.
         level_max_steps: a shorter limit per level (CLEVR ``easy``: one push).
 
@@ -131,8 +131,8 @@ def judge_batch(
     import pyarrow as pa
 
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm.filter import check_text
-    from kalm_ray.llm.requests import state_matrix
+    from kalm_ray.llm.imagine.filter import check_text
+    from kalm_ray.llm.imagine.requests import state_matrix
 
     suite = get_suite(env)
     texts = batch.column("generated_text").to_pylist()

@@ -23,9 +23,10 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
   Ray gave this worker, or outside Ray cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
-- ``progress_actor``: None, or the name of a :class:`kalm_ray.llm.progress_actor.ProgressBoard`
-  that rank 0 posts ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
-- ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.metrics.grounding_metrics`
+- ``progress_actor``: None, or the name of a
+  :class:`kalm_ray.llm.ground.progress_actor.ProgressBoard` that rank 0 posts
+  ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
+- ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.ground.metrics.grounding_metrics`
   plus ``env`` and ``heldout_real`` (Parquet of held-out transitions); computed on rank 0
   after training and written as ``grounding_metrics.json`` beside the model.
 
@@ -50,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm_ray.llm.progress_actor import ProgressPoster
+from kalm_ray.llm.ground.progress_actor import ProgressPoster
 from kalm_ray.llm.prompts import IGNORE
 
 log = logging.getLogger("kalm_ray")
@@ -587,7 +588,7 @@ def _finish(
     if not mcfg:
         return
     from kalm_ray.envs import get_suite
-    from kalm_ray.llm.metrics import grounding_metrics, read_episodes
+    from kalm_ray.llm.ground.metrics import grounding_metrics, read_episodes
 
     t0 = time.perf_counter()
     suite = get_suite(mcfg.pop("env"))

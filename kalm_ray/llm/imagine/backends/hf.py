@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from kalm_ray.llm.backends import GenerationSpec
+from kalm_ray.llm.imagine.backends import GenerationSpec
 
 if TYPE_CHECKING:
     import ray.data
@@ -294,7 +294,7 @@ class HFGenerator:
         self.stepwise = None
         if spec.mode == "stepwise":
             from kalm_ray.envs import get_suite
-            from kalm_ray.llm.backends.stepwise import StepwiseImaginer
+            from kalm_ray.llm.imagine.backends.stepwise import StepwiseImaginer
 
             if not rest:
                 raise ValueError("imagine.mode stepwise needs a grounded model folder (codec)")
@@ -373,7 +373,7 @@ class HFGenerator:
     def row_grammars(self, batch: pa.Table) -> list[Any]:
         """Each request's grammar: its start state's entities and its level's step limit."""
         from kalm_ray.llm.grammar import RowGrammar
-        from kalm_ray.llm.requests import state_matrix
+        from kalm_ray.llm.imagine.requests import state_matrix
 
         starts = state_matrix(batch.column("start_state"), self.codec.state_dim)
         levels = (

@@ -1,12 +1,13 @@
 """Generation backends behind one interface.
 
 ``generate(ds, backend=..., spec=..., icfg=...)`` takes the requests dataset
-(:data:`kalm_ray.llm.requests.REQUEST_COLUMNS`) and returns a lazy dataset with the same
+(:data:`kalm_ray.llm.imagine.requests.REQUEST_COLUMNS`) and returns a lazy dataset with the same
 columns plus :data:`OUTPUT_COLUMNS`, whichever backend runs:
 
 - ``hf``: Hugging Face ``generate`` (batched, KV cache, left padding) in an autoscaling Ray
-  Data actor pool, CPU or GPU (:mod:`kalm_ray.llm.backends.hf`);
-- ``vllm``: ``ray.data.llm``'s vLLM engine processor, GPU (:mod:`kalm_ray.llm.backends.vllm`).
+  Data actor pool, CPU or GPU (:mod:`kalm_ray.llm.imagine.backends.hf`);
+- ``vllm``: ``ray.data.llm``'s vLLM engine processor, GPU
+  (:mod:`kalm_ray.llm.imagine.backends.vllm`).
 
 :func:`resolve_backend` turns the config's choice (``auto``/``hf``/``vllm``) into one of
 these, failing with one line (:class:`BackendUnavailable`) before any work when vLLM is
@@ -59,7 +60,7 @@ class GenerationSpec:
             ``easy``: one push).
         mode: ``rollout`` (the model continues the rollout prompt to the end token) or
             ``stepwise`` (policy prompt for each action, dynamics prompt for each next state;
-            hf backend, :mod:`kalm_ray.llm.backends.stepwise`).
+            hf backend, :mod:`kalm_ray.llm.imagine.backends.stepwise`).
         env: the suite's name (``stepwise`` stops a request once its goal holds).
     """
 
@@ -166,11 +167,11 @@ def generate(
 ) -> ray.data.Dataset:
     """Lazy generation over the requests dataset with the chosen backend."""
     if backend == "hf":
-        from kalm_ray.llm.backends.hf import generate_hf
+        from kalm_ray.llm.imagine.backends.hf import generate_hf
 
         return generate_hf(ds, spec=spec, icfg=icfg)
     if backend == "vllm":
-        from kalm_ray.llm.backends.vllm import generate_vllm
+        from kalm_ray.llm.imagine.backends.vllm import generate_vllm
 
         return generate_vllm(ds, spec=spec, icfg=icfg)
     raise BackendUnavailable(

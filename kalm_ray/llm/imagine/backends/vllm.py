@@ -18,8 +18,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from kalm_ray.llm.backends import GenerationSpec
-from kalm_ray.llm.requests import REQUEST_COLUMNS
+from kalm_ray.llm.imagine.backends import GenerationSpec
+from kalm_ray.llm.imagine.requests import REQUEST_COLUMNS
 
 if TYPE_CHECKING:
     import ray.data
