@@ -239,3 +239,18 @@ def slot_state(**parts: np.ndarray) -> np.ndarray:
         if name not in ("gripper", "goal"):
             slots.quaternion(s, name)[:] = (1.0, 0.0, 0.0, 0.0)
     return s
+
+
+def coffee_state(mug_ok: bool, pressed: bool) -> np.ndarray:
+    """A make-coffee scene: the mug under the spout or 20 cm off, the button pressed or not."""
+    import importlib
+
+    # The package exports a `tasks` function, which shadows the submodule as an attribute.
+    mwt = importlib.import_module("kalm_ray.envs.metaworld.tasks")
+    machine = np.array([0.0, 0.95, 0.0])
+    goal = machine + mwt.COFFEE_BUTTON_GOAL_OFFSET
+    mug = machine + mwt.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0])
+    button = goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0])
+    return slot_state(
+        goal=goal, object=mug, coffee_machine=machine, coffee_button=button, gripper=[0, 0.6, 0.2]
+    )

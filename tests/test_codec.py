@@ -17,6 +17,7 @@ from kalm_ray.llm.codec import (
     quantize,
     reserved_tokens,
 )
+from kalm_ray.llm.grammar import step_template
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -243,7 +244,7 @@ def test_metaworld_delta_round_trip_and_json(tmp_path):
     toks = c.encode_steps(states, actions)
     assert not set(toks) & set(c.entity_tokens)
     per_step = 5 + len(c.moving_dims(states[0]))
-    assert len(toks) == 12 * per_step == 12 * c.step_tokens(states[0])
+    assert len(toks) == 12 * per_step == 12 * len(step_template(c, states[0]))
     assert per_step < 5 + sum(1 + e - s for _, s, e in c.entities[:-1])
 
 

@@ -271,7 +271,7 @@ def test_replay_of_a_real_episode_agrees_and_a_perturbed_one_does_not():
     expert = scripted.ScriptedPolicy(task)
     tally, perturbed = ReplayTally(), ReplayTally()
     replayer = Replayer(suite)
-    assert replayer.available
+    assert replayer.placeable
     for ep in range(4):
         s, _ = env.reset(seed=ep, options={"task": task})
         states, actions, ok = [s], [], False

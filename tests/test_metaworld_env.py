@@ -15,7 +15,7 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
-from helpers import slot_state
+from helpers import coffee_state, slot_state
 
 import kalm_ray.envs  # noqa: F401  (registers the gym ids)
 from kalm_ray.envs import get_suite
@@ -214,19 +214,9 @@ def test_single_predicates_on_made_up_states():
     assert not suite.success("hammer", far, slot_state(goal=goal, nail=goal - [0, 0.1, 0]))
 
 
-def _coffee_state(mug_ok: bool, pressed: bool) -> np.ndarray:
-    machine = np.array([0.0, 0.95, 0.0])
-    goal = machine + mw.COFFEE_BUTTON_GOAL_OFFSET
-    mug = machine + mw.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0])
-    button = goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0])
-    return slot_state(
-        goal=goal, object=mug, coffee_machine=machine, coffee_button=button, gripper=[0, 0.6, 0.2]
-    )
-
-
 def test_make_coffee_predicate_and_order():
-    start, mug = _coffee_state(False, False), _coffee_state(True, False)
-    both, button_only = _coffee_state(True, True), _coffee_state(False, True)
+    start, mug = coffee_state(False, False), coffee_state(True, False)
+    both, button_only = coffee_state(True, True), coffee_state(False, True)
     assert suite.success("make-coffee", start, both)
     assert not suite.success("make-coffee", start, mug)
     assert not suite.success("make-coffee", start, button_only)
@@ -248,7 +238,7 @@ def test_reward_is_bounded_and_follows_progress():
     assert all(0 <= r < 10 for r in rewards) and rewards == sorted(rewards)
     done = slot_state(goal=goal, object=goal, gripper=goal)
     assert suite.reward("push", start, start, done) == 10.0
-    none, mug = _coffee_state(False, False), _coffee_state(True, False)
+    none, mug = coffee_state(False, False), coffee_state(True, False)
     assert suite.reward("make-coffee", none, none, mug) > suite.reward(
         "make-coffee", none, none, none
     )

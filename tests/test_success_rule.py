@@ -9,37 +9,22 @@ made-up slot states, replayed by a scripted env.
 
 from __future__ import annotations
 
-import importlib
-
 import gymnasium as gym
 import numpy as np
 import pytest
-from helpers import slot_state
+from helpers import coffee_state
 
 from kalm_ray.envs import get_suite
 from kalm_ray.envs.success import SuccessTracker, goal_reached, success_flags
 
 MW = get_suite("metaworld")
-# The package exports a `tasks` function, which shadows the submodule as an attribute.
-MWT = importlib.import_module("kalm_ray.envs.metaworld.tasks")
 TASK = "make-coffee"
 
-
-def _coffee_state(mug_ok: bool, pressed: bool) -> np.ndarray:
-    machine = np.array([0.0, 0.95, 0.0])
-    goal = machine + MWT.COFFEE_BUTTON_GOAL_OFFSET
-    mug = machine + MWT.SPOUT_OFFSET + ([0, 0, 0] if mug_ok else [0, -0.2, 0])
-    button = goal + ([0, 0.005, 0] if pressed else [0, -0.03, 0])
-    return slot_state(
-        goal=goal, object=mug, coffee_machine=machine, coffee_button=button, gripper=[0, 0.6, 0.2]
-    )
-
-
 START, MUG, BOTH, BUTTON = (
-    _coffee_state(False, False),
-    _coffee_state(True, False),
-    _coffee_state(True, True),
-    _coffee_state(False, True),
+    coffee_state(False, False),
+    coffee_state(True, False),
+    coffee_state(True, True),
+    coffee_state(False, True),
 )
 IN_ORDER = np.stack([START, MUG, BOTH])
 WRONG_ORDER = np.stack([START, BUTTON, BOTH])  # the button stays pressed: same last state

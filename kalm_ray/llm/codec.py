@@ -352,15 +352,6 @@ class Codec:
             return act + int(self._moving.sum())
         return act + len(self._free) + sum(1 + b - a for _, a, b in self.entities)
 
-    def step_tokens(self, state: np.ndarray) -> int:
-        """Tokens of every step of a rollout from ``state`` (its entities set the shape)."""
-        act = 1 if self.discrete else 1 + self.n_actions
-        if self._compact:
-            return act + len(self.moving_dims(state))
-        s = np.asarray(state, np.float32).reshape(-1)
-        present = sum(1 + b - a for _, a, b in self.entities if np.any(s[a:b] != 0))
-        return act + len(self._free) + present
-
     def _present(self, s: np.ndarray) -> bytes:
         """Which entities ``s`` holds (not all zeros), as a hashable key."""
         if not self.entities:

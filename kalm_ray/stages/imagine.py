@@ -180,14 +180,15 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         stats["resumed_rollouts"] = n_resumed
         stats["generated_rollouts"] = requests.num_rows - n_resumed
         store.clear()
+        verdict_counts = tally.report()
         report = {
             "backend": backend,
             "max_steps": max_steps,
             "max_new_tokens": spec.max_new_tokens,
-            **tally.report(),
+            **verdict_counts,
             # Tokens of a step (the task's entities set it), of the longest legal rollout,
             # and generated per rollout, per level.
-            "tokens": token_budget(codec, requests, level_steps, tally.report()),
+            "tokens": token_budget(codec, requests, level_steps, verdict_counts),
             "throughput": stats,
             "replay": replay_report(replayer, replay),
         }

@@ -53,9 +53,8 @@ class Replayer:
     def __init__(self, suite: Any):
         self.suite = suite
         self._envs: dict[str, Any] = {}
-        self.placeable = can_place_start(suite)
         # Without set_state a replay needs a start made by env.reset(seed) (see the module doc).
-        self.available = True
+        self.placeable = can_place_start(suite)
 
     def replay(
         self,

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from kalm_ray.artifacts import RunDir
 from kalm_ray.data.schema import Episode, episodes_to_table
 from kalm_ray.errors import InputError
+from kalm_ray.llm.grammar import step_template
 from kalm_ray.llm.imagine.filter import FilterTally
 from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
 from kalm_ray.llm.imagine.requests import (
@@ -290,7 +291,7 @@ def write_rollouts(
                         _episode(r, env=env, dim=dim, action_dim=action_dim, generator=generator)
                     )
                     n_eps, pending_rows = n_eps + 1, pending_rows + int(r["n_steps"])
-                if r["accepted"] and replayer is not None and replayer.available:
+                if r["accepted"] and replayer is not None:
                     _replay_one(r, replayer, replay, dim=dim, action_dim=action_dim)
                 if pending_rows >= ROWS_PER_PART:
                     flush()
@@ -327,7 +328,7 @@ def token_budget(
     starts = requests.column("start_state").to_pylist()
     per_step: dict[str, list[int]] = {}
     for lv, st in zip(levels, starts, strict=True):
-        per_step.setdefault(lv, []).append(codec.step_tokens(np.asarray(st, np.float32)))
+        per_step.setdefault(lv, []).append(len(step_template(codec, np.asarray(st, np.float32))))
     out = {}
     for lv, steps in per_step.items():
         tally = report.get("per_level", {}).get(lv, {})
@@ -369,8 +370,6 @@ def replay_report(replayer: Replayer | None, replay: ReplayTally) -> dict[str, A
     """``filter_report.json["replay"]``: the per-level check, or why there is none."""
     if replayer is None:
         return {"available": False, "why": "imagine.replay_check is off"}
-    if not replayer.available:
-        return {"available": False, "why": "this env cannot be placed at a given start state"}
     return replay.report()
 
 
