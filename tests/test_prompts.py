@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kalm_ray.llm.codec import Codec
-from kalm_ray.llm.ground.train_fn import pad_batch
+from kalm_ray.llm.ground.train_fn import batch_collator
 from kalm_ray.llm.prompts import (
     IGNORE,
     EpisodeArrays,
@@ -62,9 +62,11 @@ def test_labels_mask_prompt_and_padding(codec, tokenizer):
     assert np.all(labels[:plen] == IGNORE) and np.array_equal(labels[plen:], ids[plen:])
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert len(ids) - plen == 3 * 11 + 2  # three steps, end token, eos: one id per codec token
-    batch = pad_batch(
-        [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)], tokenizer.pad_token_id
+    batch = batch_collator(tokenizer)(
+        [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)]
     )
+    batch = {k: v.numpy() for k, v in batch.items()}
+    assert np.all(batch["input_ids"][1, plen + 2 :] == tokenizer.pad_token_id)
     assert (
         np.all(batch["labels"][1, plen + 2 :] == IGNORE)
         and batch["attention_mask"][1].sum() == plen + 2
