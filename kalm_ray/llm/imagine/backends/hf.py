@@ -301,6 +301,7 @@ class HFGenerator:
             self.stepwise = StepwiseImaginer(
                 model.eval(), tok, rest[0], suite=get_suite(spec.env),
                 temperature=spec.temperature, top_p=spec.top_p,
+                candidates=spec.candidates, limits=spec.limits,
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
