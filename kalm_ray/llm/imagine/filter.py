@@ -328,8 +328,10 @@ def _zero_reasons() -> dict[str, int]:
 class FilterTally:
     """Counts for ``filter_report.json``: per level, per (level, task), per reason.
 
-    ``examples`` keeps the first few rejected texts per reason, so a reader sees what the
-    model wrote rather than just a number.
+    ``examples`` keeps a few rejected texts per reason, so a reader sees what the model wrote
+    rather than just a number: the first few in (task, text) order, not in arrival order, so
+    the report does not depend on the order Ray delivers batches (a resumed run equals an
+    uninterrupted one).
     """
 
     max_examples: int = 3
@@ -379,8 +381,11 @@ class FilterTally:
                 c["repaired_values"] += int(repairs)
             else:
                 c["reasons"][reason] = c["reasons"].get(reason, 0) + 1
-        if not accepted and len(self.examples.setdefault(reason or "", [])) < self.max_examples:
-            self.examples[reason or ""].append({"task": task, "detail": detail, "text": text[:500]})
+        if not accepted:
+            ex = self.examples.setdefault(reason or "", [])
+            ex.append({"task": task, "detail": detail, "text": text[:500]})
+            ex.sort(key=lambda e: (e["task"], e["text"], e["detail"]))
+            del ex[self.max_examples :]
 
     def report(self) -> dict[str, Any]:
         """The JSON-ready report (without throughput, which the stage adds)."""

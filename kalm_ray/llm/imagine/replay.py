@@ -17,6 +17,7 @@ gives back that very start (otherwise it is counted as ``not_replayable``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,24 +128,28 @@ class ReplayTally:
         c = self.levels.setdefault(
             level,
             {"rollouts": 0, "imagined_success": 0, "replayed_success": 0, "confirmed": 0,
-             "error_sum": 0.0},
+             "errors": []},
         )
         c["rollouts"] += 1
         c["imagined_success"] += int(imagined_success)
         c["replayed_success"] += int(replayed_success)
         c["confirmed"] += int(imagined_success and replayed_success)
-        c["error_sum"] += state_error(imagined, replayed)
-        # A few of each level for the report's side-by-side plot (the first ones seen).
-        if sum(s["level"] == level for s in self.samples) < max(1, self.max_samples // 3):
-            self.samples.append(
-                {
-                    "level": level,
-                    "task": task,
-                    "instruction": instruction,
-                    "imagined": np.asarray(imagined, np.float32).tolist(),
-                    "replayed": np.asarray(replayed, np.float32).tolist(),
-                }
-            )
+        c["errors"].append(state_error(imagined, replayed))
+        # A few of each level for the report's side-by-side plot: the first in (task,
+        # instruction, states) order, not arrival order, so a resumed run reports the same.
+        self.samples.append(
+            {
+                "level": level,
+                "task": task,
+                "instruction": instruction,
+                "imagined": np.asarray(imagined, np.float32).tolist(),
+                "replayed": np.asarray(replayed, np.float32).tolist(),
+            }
+        )
+        self.samples.sort(key=lambda s: (s["level"], s["task"], s["instruction"], s["imagined"]))
+        mine = [i for i, s in enumerate(self.samples) if s["level"] == level]
+        for i in reversed(mine[max(1, self.max_samples // 3) :]):
+            del self.samples[i]
 
     def report(self) -> dict[str, Any]:
         per_level = {}
@@ -158,7 +163,8 @@ class ReplayTally:
                 "agreement": c["confirmed"] / c["imagined_success"]
                 if c["imagined_success"]
                 else None,
-                "mean_state_error": c["error_sum"] / n if n else 0.0,
+                # fsum: exact, so the mean does not depend on the order rollouts arrived in
+                "mean_state_error": math.fsum(c["errors"]) / n if n else 0.0,
             }
         return {
             "available": True,
