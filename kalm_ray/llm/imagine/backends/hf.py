@@ -319,7 +319,7 @@ def cut_at_stop(ids: np.ndarray, stop_ids: list[int]) -> int:
 
 
 class HFGenerator:
-    """Ray Data ``map_batches`` callable: one model per actor, one ``generate`` per batch.
+    """Ray Data ``map_batches`` callable: one model per actor, one :func:`decode` per batch.
 
     Input batch: a ``pyarrow.Table`` with at least ``prompt`` and ``seed``; output: the same
     table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens``.
