@@ -194,8 +194,8 @@ def decode(
 
     What ``model.generate`` does for these models, without its per-step machinery: the prompts
     run once (logits of their last position only), then one token per row per step, with the
-    KV cache preallocated for ``prompt + max_new_tokens`` positions (written in place; a
-    growing cache copies itself every step). A row is done after a stop id, or with
+    KV cache allocated once for ``prompt + max_new_tokens`` positions and written in place
+    (:mod:`~kalm_ray.llm.imagine.backends.kv_cache`). A row is done after a stop id, or with
     ``allowed`` after its first token outside it; its later positions are ``pad_id``. Once a
     quarter of the rows still in the batch are done they leave it, cache rows included, so a
     batch's long tail runs at the width of the rows still writing. Decoding ends when every
@@ -205,14 +205,15 @@ def decode(
     import time
 
     import torch
-    from transformers import StaticCache
+
+    from kalm_ray.llm.imagine.backends.kv_cache import preallocated_cache
 
     n_rows, prompt_len = input_ids.shape
     device = input_ids.device
     out = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.cat([attention_mask, attention_mask.new_ones(n_rows, max_new_tokens)], dim=1)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    cache = preallocated_cache(model, prompt_len + max_new_tokens)
     rows = torch.arange(n_rows, device=device)  # batch rows still in the computation
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     ends = None  # (V,) bool: the token ends its row
