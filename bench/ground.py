@@ -74,12 +74,17 @@ SYNTHETIC_MIX = {"rollout": 0.4, "explain": 0.2, "dynamics": 0.3, "consequence":
 
 def synthetic_setup(vocab: int, batch_size: int, steps: int):
     """Random tiny model and batches shaped like CLEVR grounding examples."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from kalm_ray.llm.ground.train_fn import pad_batch
+    from kalm_ray.llm.ground.train_fn import batch_collator
     from kalm_ray.llm.model import TINY
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY))
+    ids = Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="1"))
+    collate = batch_collator(
+        PreTrainedTokenizerFast(tokenizer_object=ids, pad_token="0", unk_token="1")
+    )
     rng = np.random.default_rng(0)
     tasks = list(SYNTHETIC_MIX)
     w = np.asarray([SYNTHETIC_MIX[t] for t in tasks])
@@ -90,14 +95,14 @@ def synthetic_setup(vocab: int, batch_size: int, steps: int):
         for _ in range(batch_size):
             tl = max(2, int(t * rng.uniform(0.5, 1.5))) if t > 20 else t
             rows.append((rng.integers(5, vocab, p + tl), p))
-        batches.append(pad_batch(rows, 0))
+        batches.append(collate(rows))
     return model, batches
 
 
 def main() -> None:
     import torch
 
-    from kalm_ray.llm.ground.train_fn import pad_batch
+    from kalm_ray.llm.ground.train_fn import batch_collator
     from kalm_ray.llm.model import TINY, count_params
 
     ap = argparse.ArgumentParser()
@@ -139,12 +144,11 @@ def main() -> None:
     tasks = [t for t in g.task_mix if t in by_task]
     w = np.asarray([g.task_mix[t] for t in tasks])
     rng = np.random.default_rng(0)
+    collate = batch_collator(tok)
     batches = []
     for _ in range(args.steps + 2):
         pool = by_task[tasks[rng.choice(len(tasks), p=w / w.sum())]]
-        batches.append(
-            pad_batch([pool[i] for i in rng.integers(0, len(pool), g.batch_size)], tok.pad_token_id)
-        )
+        batches.append(collate([pool[i] for i in rng.integers(0, len(pool), g.batch_size)]))
     print(
         f"tiny: {count_params(model) / 1e6:.1f}M params, vocab {len(tok)}, "
         f"{ {k: TINY[k] for k in ('hidden_size', 'num_hidden_layers', 'intermediate_size')} }; "
@@ -167,9 +171,8 @@ def _compare(model, batches) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         rates = []
         for i, b in enumerate(batches):
-            t = {k: torch.from_numpy(v) for k, v in b.items()}
             t0 = time.perf_counter()
-            loss = loss_fn(t)
+            loss = loss_fn(b)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

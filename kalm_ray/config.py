@@ -144,6 +144,12 @@ class CollectConfig(_Section):
     """CLEVR: fraction of episodes run by a random policy (a "mixed" dataset)."""
     action_noise: Annotated[float, Field(ge=0.0)] = 0.1
     """Meta-World: std of Gaussian noise added to the scripted expert's actions."""
+    lookahead: bool = False
+    """CLEVR: also record the scripted pusher's lookahead, the next state of every one of the
+    40 pushes from each visited state (column ``lookahead``). The pusher simulates them anyway
+    to choose its push (velocities included, so each is exactly what the env would do): real
+    transitions, covering walls and collisions the chosen pushes rarely meet. Only grounding
+    reads them (``ground.lookahead_pushes``); no policy acts on them."""
     num_workers: PosInt = 2
     """Collection actors (each owns its own env)."""
     num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
@@ -223,6 +229,13 @@ class GroundConfig(_Section):
     action_loss_weight: Annotated[float, Field(gt=0)] = 1.0
     """Weight of action tokens in the grounding loss relative to other target tokens (1 =
     plain cross-entropy). Raising it makes the grounded model more of a policy."""
+    lookahead_pushes: Annotated[int, Field(ge=0)] = 0
+    """Extra ``dynamics`` examples per visited state from the recorded lookahead
+    (``collect.lookahead``): that many of the other pushes' real next states, a seeded
+    sample per state. 0 = the episodes' own transitions only. Why: the chosen pushes seldom
+    hit a wall or another ball, so a world model grounded on them alone predicts balls
+    through walls and ignores collisions, and its imagined multi-push successes fail when
+    replayed."""
     heldout_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     """Fraction of episodes (not rows) held out for grounding metrics."""
     max_steps: Count = 1000
@@ -291,6 +304,10 @@ class ImagineConfig(_Section):
     action -> next state), until the goal holds in the imagined state or the step limit; the
     states are then written by a prompt that holds no instruction
     (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
+    candidates: PosInt = 1
+    """``stepwise`` only: rollouts imagined per request; the one that meets its goal in the
+    fewest imagined steps is kept (the LLM's own states and the task's success rule decide,
+    as in the labels; :mod:`kalm_ray.llm.imagine.backends.stepwise`). Costs N x generation."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -332,6 +349,8 @@ class ImagineConfig(_Section):
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         if self.mode == "stepwise" and self.backend == "vllm":
             raise ValueError("mode stepwise runs on the hf backend only; use backend hf")
+        if self.candidates > 1 and self.mode != "stepwise":
+            raise ValueError("candidates > 1 needs mode: stepwise")
         return self
 
 
@@ -463,6 +482,10 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"train.algos: {bad} do not fit env {self.env.name!r} (allowed: {sorted(allowed)})"
             )
+        if self.collect.lookahead and self.env.name != "clevr":
+            raise ValueError("collect.lookahead: only CLEVR's scripted pusher simulates pushes")
+        if self.ground.lookahead_pushes and not self.collect.lookahead:
+            raise ValueError("ground.lookahead_pushes needs collect.lookahead: true")
         return self
 
     def section_hash(self, *sections: str) -> str:

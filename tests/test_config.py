@@ -36,6 +36,8 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "env": {"name": "atari"}}, "env.name"),
         ({"name": "x", "train": {"algos": ["cql"]}}, "do not fit env 'clevr'"),
         ({"name": "x", "imagine": {"min_actors": 3, "max_actors": 1}}, "min_actors"),
+        ({"name": "x", "imagine": {"candidates": 4}}, "candidates > 1 needs mode: stepwise"),
+        ({"name": "x", "imagine": {"candidates": 0, "mode": "stepwise"}}, "imagine.candidates"),
         ({"name": "bad name!"}, "name"),
     ],
 )

@@ -7,6 +7,7 @@ alone it writes anything, so every well-formed rollout below is the mask's doing
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,76 @@ def test_stepwise_rollouts_are_well_formed_stop_at_the_goal_and_ignore_batching(
     half = req.slice(req.num_rows // 2).take(list(range(req.num_rows - req.num_rows // 2))[::-1])
     again = gen(half).column("generated_text").to_pylist()
     assert again == texts[req.num_rows // 2 :][::-1]
+
+
+def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
+    """``imagine.candidates: 4``: each request's text is the candidate (imagined alone from its
+    candidate seed) that met its goal in the fewest steps without a step the validity filter
+    rejects, the first on ties; when none did, the first valid one, else candidate 0; every
+    candidate's tokens count. A rollout the filter would reject stops at its first bad step
+    (and stays rejected)."""
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.stepwise import candidate_seed
+    from kalm_ray.llm.imagine.filter import FilterLimits, check_text
+    from kalm_ray.llm.imagine.labels import goal_reached
+
+    codec, suite, k = Codec.load(clevr_model), get_suite("clevr"), 4
+    limits = FilterLimits.for_suite(suite, n_bins=64)
+    spec = _generation_spec(
+        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
+        limits=limits,
+    )
+    one = HFGenerator(spec, device="cpu", num_threads=1)
+    many = HFGenerator(dataclasses.replace(spec, candidates=k), device="cpu", num_threads=1)
+    req = _requests(["easy", "rephrase"], 16)  # easy: one push, ~10% of them meet the goal
+    got = many(req)
+    seeds = req.column("seed").to_pylist()
+    alone = [
+        one(req.set_column(req.schema.get_field_index("seed"), "seed",
+                           pa.array([candidate_seed(s, j) for s in seeds], pa.int64())))
+        for j in range(k)
+    ]
+    assert alone[0].column("generated_text").equals(one(req).column("generated_text"))
+    for i, r in enumerate(req.to_pylist()):
+        texts = [a.column("generated_text")[i].as_py() for a in alone]
+        limit = 1 if r["level"] == "easy" else 4
+        steps, valid = [], []
+        for t in texts:
+            states, _ = codec.decode_rollout(r["start_state"], t, max_steps=4)
+            ok = check_text(codec, r["start_state"], t, limits=limits, max_steps=4)
+            if not ok.accepted and ok.reason != "no_progress":
+                # stopped at its first rejected step: every step before it passes
+                toks = codec._lex(t)[0]
+                if len(states) > 2:
+                    before = codec.join([*toks[:-11], codec.end_token])  # 11 tokens a step
+                    v = check_text(codec, r["start_state"], before, limits=limits, max_steps=4)
+                    assert v.accepted or v.reason == "no_progress"
+            elif not goal_reached(suite, r["task"], states):
+                assert len(states) - 1 == limit  # a valid rollout runs to its goal or its limit
+            good = ok.accepted and goal_reached(suite, r["task"], states)
+            steps.append(len(states) - 1 if good else None)
+            valid.append(ok.accepted or ok.reason == "no_progress")
+        done = [(n, j) for j, n in enumerate(steps) if n is not None]
+        best = min(done)[1] if done else next((j for j, v in enumerate(valid) if v), 0)
+        assert got.column("generated_text")[i].as_py() == texts[best]
+        assert got.column("num_generated_tokens")[i].as_py() == sum(
+            a.column("num_generated_tokens")[i].as_py() for a in alone
+        )
+
+
+def test_candidate_choice_is_the_shortest_success_first_on_ties():
+    """The rule the test above checks end to end (an untrained model meets its goal at the
+    same step in every candidate or in none, so the rule's order is pinned here)."""
+    from kalm_ray.llm.imagine.backends.stepwise import candidate_seed, choose
+
+    ok4 = [True] * 4
+    assert choose([None, 3, 2, 2], ok4) == 2 and choose([4, 1], [True, True]) == 1
+    assert choose([1, 1], [True, True]) == 0
+    assert choose([None, None, None], [False, True, True]) == 1  # no success: first valid
+    assert choose([None, None], [False, False]) == 0
+    assert candidate_seed(7, 0) == 7
+    assert len({candidate_seed(7, j) for j in range(1, 50)} | {7}) == 50
+    assert all(0 <= candidate_seed(2**62, j) < 2**63 for j in range(5))
 
 
 def test_grammar_off_leaves_an_untrained_model_unconstrained(clevr_model):

@@ -116,13 +116,25 @@ def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:
     write_manifest(run, "data/real", Manifest.new("collect", "x", {}))
 
 
-def test_cosine_lr_and_bin_features():
-    from kalm_ray.llm.ground.train_fn import cosine_lr
+def test_lr_schedule_and_bin_features():
+    import torch
+
+    from kalm_ray.llm.ground.train_fn import lr_schedule
     from kalm_ray.llm.model import bin_features
 
-    assert cosine_lr(0, total=100, peak=1.0, warmup=10) == pytest.approx(0.1)
-    assert cosine_lr(9, total=100, peak=1.0, warmup=10) == pytest.approx(1.0)
-    assert cosine_lr(100, total=100, peak=1.0, warmup=10) == pytest.approx(0.1)
+    def lrs(start: int, n: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = lr_schedule(opt, peak=1.0, total=200, start=start), []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    full = lrs(0, 201)  # warm-up over 10 steps (200 / 20), cosine to 10% at the end
+    assert full[0] == 0.0 and full[5] == pytest.approx(0.5) and full[10] == pytest.approx(1.0)
+    assert full[200] == pytest.approx(0.1) and full[105] == pytest.approx(0.55)
+    assert lrs(60, 20) == pytest.approx(full[60:80])  # a resume continues the same curve
     f = bin_features(64, 32)
     assert f.shape == (64, 32) and np.sqrt((f**2).mean()) == pytest.approx(1.0, rel=1e-4)
     near, far = np.linalg.norm(f[10] - f[11]), np.linalg.norm(f[10] - f[50])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kalm_ray.llm.codec import Codec
-from kalm_ray.llm.ground.train_fn import pad_batch
+from kalm_ray.llm.ground.train_fn import batch_collator
 from kalm_ray.llm.prompts import (
     IGNORE,
     EpisodeArrays,
@@ -62,9 +62,11 @@ def test_labels_mask_prompt_and_padding(codec, tokenizer):
     assert np.all(labels[:plen] == IGNORE) and np.array_equal(labels[plen:], ids[plen:])
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert len(ids) - plen == 3 * 11 + 2  # three steps, end token, eos: one id per codec token
-    batch = pad_batch(
-        [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)], tokenizer.pad_token_id
+    batch = batch_collator(tokenizer)(
+        [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)]
     )
+    batch = {k: v.numpy() for k, v in batch.items()}
+    assert np.all(batch["input_ids"][1, plen + 2 :] == tokenizer.pad_token_id)
     assert (
         np.all(batch["labels"][1, plen + 2 :] == IGNORE)
         and batch["attention_mask"][1].sum() == plen + 2
@@ -143,3 +145,36 @@ def test_split_is_by_episode(codec, suite):
     )
     held = [is_heldout(e.episode_id, 0.25, 0) for e in eps]
     assert 3 <= sum(held) <= 18 and held == [is_heldout(e.episode_id, 0.25, 0) for e in eps]
+
+
+def test_lookahead_pushes_add_dynamics_examples_of_other_actions(codec, tokenizer):
+    """``ground.lookahead_pushes: k``: k more dynamics examples per state, each the real next
+    state of an action the episode did not take, never one whose lookahead is unknown (NaN),
+    the same sample every time."""
+    from kalm_ray.llm.prompts import dynamics_prompt, lookahead_pairs
+
+    ep = _episode(codec, 4)
+    rng = np.random.default_rng(1)
+    look = rng.uniform(codec.low, codec.high, size=(4, 40, codec.state_dim)).astype(np.float32)
+    look[2] = np.nan  # an epsilon push: the pusher simulated nothing there
+    look[0, :35] = np.nan
+    ep = EpisodeArrays(**{**ep.__dict__, "lookahead": look})
+    pairs = lookahead_pairs(ep, 8)
+    assert pairs == lookahead_pairs(ep, 8)
+    per_step = {t: [a for s, a in pairs if s == t] for t in range(4)}
+    assert [len(v) for v in per_step.values()] == [5 - (int(ep.actions[0]) >= 35), 8, 0, 8]
+    assert all(int(ep.actions[t]) not in v for t, v in per_step.items())
+    assert all(np.isfinite(look[t, a]).all() for t, a in pairs)
+    base, _ = episode_examples(codec, tokenizer, ep, max_seq_len=4096)
+    more, _ = episode_examples(codec, tokenizer, ep, max_seq_len=4096, lookahead_pushes=8)
+    extra = more[len(base) :]
+    assert len(extra) == len(pairs) and {r["task"] for r in extra} == {"dynamics"}
+    t, a = pairs[0]
+    ids, plen = tokenize_example(
+        tokenizer,
+        dynamics_prompt(codec, ep.states[t], a),
+        codec.join(codec.encode_next_state(ep.states[t], look[t, a])),
+    )
+    assert extra[0]["input_ids"] == ids and extra[0]["prompt_len"] == plen
+    plain = EpisodeArrays(**{**ep.__dict__, "lookahead": None})
+    assert lookahead_pairs(plain, 8) == []

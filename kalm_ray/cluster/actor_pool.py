@@ -38,6 +38,10 @@ log = logging.getLogger("kalm_ray")
 STARTUP_WARN_S = 60.0
 """Warn when no actor has started after this long (the cluster may lack the CPUs asked for)."""
 
+MAX_ATTEMPTS = 3
+"""Deaths of the actor holding a piece of work after which a stage gives up: the pool's rule,
+and imagine's over Ray Data (:func:`kalm_ray.llm.imagine.store.judged_once`)."""
+
 
 def last_line(err: BaseException) -> str:
     """The last non-empty line of an error (Ray's carry the remote traceback above it)."""
@@ -73,7 +77,7 @@ class ActorPool:
         method: str = "run",
         probe: str = "ready",
         max_in_flight: int = 2,
-        max_attempts: int = 3,
+        max_attempts: int = MAX_ATTEMPTS,
         describe: Callable[[Any], str] | None = None,
     ):
         import ray  # here, not at module level: importing a role's module needs no Ray

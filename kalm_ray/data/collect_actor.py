@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -57,6 +58,7 @@ class CollectSpec:
     epsilon: float
     fail_fraction: float
     action_noise: float
+    lookahead: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,11 @@ class EpisodeCollector:
     def __init__(self, spec: CollectSpec):
         self.spec = spec
         self.suite = get_suite(spec.env)
-        self.schema = transition_schema(self.suite.layout.dim, self.suite.action_space)
+        self.schema = transition_schema(
+            self.suite.layout.dim, self.suite.action_space, lookahead=spec.lookahead
+        )
         self._envs: dict[str, gym.Env] = {}
+        self._scripted: Any = None  # the episode's CLEVR pusher (its lookahead is recorded)
 
     def ready(self) -> bool:
         """Called once after start-up so the driver knows the actor is alive."""
@@ -127,10 +132,12 @@ class EpisodeCollector:
         obs, info = env.reset(seed=env_seed)
         start = np.asarray(obs, dtype=np.float32)
         goal = SuccessTracker(suite, task, start)
-        states, actions, rewards, successes = [start], [], [], []
+        states, actions, rewards, successes, looks = [start], [], [], [], []
         terminated = truncated = False
         for t in range(limit):
             action = policy(env, info)
+            if self.spec.lookahead:
+                looks.append(self.lookahead(len(start)))
             obs, _, env_terminated, env_truncated, info = env.step(action)
             state = np.asarray(obs, dtype=np.float32)
             # Rewards and success come from the suite's state predicates (not the env's own
@@ -165,7 +172,16 @@ class EpisodeCollector:
             successes=np.asarray(successes, dtype=bool),
             terminated=terminated,
             truncated=truncated,
+            lookahead=np.stack(looks) if looks else None,
         )
+
+    def lookahead(self, dim: int) -> np.ndarray:
+        """The pusher's simulated next states of every action from the state it just acted
+        in; NaN when it did not simulate them (an epsilon push, a random-policy episode)."""
+        got = None if self._scripted is None else self._scripted.lookahead
+        if got is None:
+            return np.full((int(self.suite.action_space.n), dim), np.nan, np.float32)
+        return got
 
     def _env(self, task: str) -> gym.Env:
         if task not in self._envs:
@@ -177,13 +193,14 @@ class EpisodeCollector:
     def _policy(self, task: str, rng: np.random.Generator) -> Policy:
         """The behaviour policy of one episode (all its randomness drawn from ``rng``)."""
         spec = self.spec
+        self._scripted = None
         if spec.env == "clevr":
             n_actions = int(self.suite.action_space.n)
             if rng.random() < spec.fail_fraction:
                 return lambda env, info: int(rng.integers(n_actions))
             from kalm_ray.envs.clevr.scripted import ScriptedPolicy
 
-            scripted = ScriptedPolicy(task, spec.epsilon, rng)
+            scripted = self._scripted = ScriptedPolicy(task, spec.epsilon, rng)
             return lambda env, info: int(scripted.act(env))
         if spec.env == "metaworld":
             expert = self.suite.expert_policy(task)

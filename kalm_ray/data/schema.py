@@ -10,6 +10,10 @@ reward, next_state, terminated, truncated, success, source, generator``.
 - ``success``: the predicate on ``next_state`` (equal to ``terminated`` for well-formed data).
 - ``source``: ``real`` or ``imagined``; ``generator``: JSON (model id, backend, seed), null
   for real.
+
+Optional, real CLEVR data with ``collect.lookahead``: ``lookahead``,
+``fixed_size_list<float32>[n_actions * state_dim]``, the next state of every action from
+``state`` (NaN where the behaviour policy did not simulate them).
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ import pyarrow as pa
 SOURCES: tuple[str, ...] = ("real", "imagined")
 
 
-def transition_schema(state_dim: int, action_space: gym.Space) -> pa.Schema:
-    """Arrow schema of a suite's transitions."""
+def transition_schema(
+    state_dim: int, action_space: gym.Space, *, lookahead: bool = False
+) -> pa.Schema:
+    """Arrow schema of a suite's transitions (with the optional ``lookahead`` column)."""
     if isinstance(action_space, gym.spaces.Discrete):
         action_type = pa.int64()
     else:
         action_type = pa.list_(pa.float32(), int(np.prod(action_space.shape)))
     vec = pa.list_(pa.float32(), state_dim)
+    extra = [("lookahead", pa.list_(pa.float32(), int(action_space.n) * state_dim))] if (
+        lookahead
+    ) else []
     return pa.schema(
         [
             ("episode_id", pa.string()),
@@ -47,6 +56,7 @@ def transition_schema(state_dim: int, action_space: gym.Space) -> pa.Schema:
             ("success", pa.bool_()),
             ("source", pa.string()),
             ("generator", pa.string()),
+            *extra,
         ]
     )
 
@@ -77,6 +87,8 @@ class Episode:
     truncated: bool
     source: str = "real"
     generator: str | None = None
+    lookahead: np.ndarray | None = None
+    """``(T, n_actions, state_dim)``: each action's next state from each step's state."""
 
     def __post_init__(self) -> None:
         n = len(self.actions)
@@ -112,10 +124,14 @@ def episodes_to_table(episodes: list[Episode], schema: pa.Schema) -> pa.Table:
         cols["success"].append(np.asarray(ep.successes, dtype=bool))
         cols["terminated"].append(last & ep.terminated)
         cols["truncated"].append(last & ep.truncated)
+        if "lookahead" in cols:
+            cols["lookahead"].append(np.asarray(ep.lookahead, np.float32).reshape(n, -1))
     arrays = []
     for f in schema:
         v = cols[f.name]
-        if f.name in ("state", "next_state") or (f.name == "action" and not discrete):
+        if f.name in ("state", "next_state", "lookahead") or (
+            f.name == "action" and not discrete
+        ):
             flat = np.concatenate(v).reshape(-1) if v else np.zeros(0, np.float32)
             arrays.append(
                 pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), f.type.list_size)

@@ -10,8 +10,9 @@ reached there is 2 and ``suite.success(task, start, state)`` holds. Every other 
 ``suite.success(task, start, state)``.
 
 Used by the labels of imagined rollouts, the collected episodes, the grounding metrics and
-the quick evaluation during training. The envs compute the same rule for ``info["success"]``
-(``MetaWorldEnv.step`` advances the stage the same way), which the evaluation stage reads.
+the quick evaluation during training, and ``MetaWorldEnv`` for ``info["success"]`` (a tracker
+per episode), which the evaluation stage reads; Meta-World's ``trajectory_success`` is
+:func:`success_flags` on that suite.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ inside a trajectory (under ``state_coding: delta``, the change from the state be
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,9 @@ class EpisodeArrays:
     instruction: str
     states: np.ndarray
     actions: np.ndarray
+    lookahead: np.ndarray | None = None
+    """``(T, n_actions, D)``: every action's next state from each state (NaN rows: unknown);
+    None when the data has no ``lookahead`` column."""
 
 
 # ---- prompt text (the imagine stage relies on rollout_prompt) --------------------------------
@@ -149,13 +153,17 @@ def episode_examples(
     *,
     max_seq_len: int,
     rollout_starts: str = "first",
+    lookahead_pushes: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Token-id examples of every task from one episode, and how many were dropped as too long.
 
     One rollout/explain/consequence example per episode (shortened from the front until it
     fits) and one dynamics and one policy example per transition. With
     ``rollout_starts="every"`` the episode also gives a rollout example from each later
-    state (the same instruction, the rest of the episode as the plan).
+    state (the same instruction, the rest of the episode as the plan). With
+    ``lookahead_pushes=k`` (and ``ep.lookahead``) each state also gives ``k`` dynamics
+    examples of other actions, drawn without replacement by a generator seeded with the
+    episode id and step.
     """
     if rollout_starts not in ("first", "every"):
         raise ValueError(f"rollout_starts {rollout_starts!r}: expected 'first' or 'every'")
@@ -209,7 +217,33 @@ def episode_examples(
             rows.append(row)
         else:
             dropped += 1
+    for t, a in lookahead_pairs(ep, lookahead_pushes):
+        row = example(
+            "dynamics",
+            dynamics_prompt(codec, ep.states[t], a),
+            codec.join(codec.encode_next_state(ep.states[t], ep.lookahead[t, a])),
+        )
+        if row is not None:
+            rows.append(row)
+        else:
+            dropped += 1
     return rows, dropped
+
+
+def lookahead_pairs(ep: EpisodeArrays, k: int) -> list[tuple[int, int]]:
+    """``(step, action)`` of the ``k`` lookahead transitions taken from each state of ``ep``:
+    actions other than the one taken, with a known next state, a seeded sample."""
+    if k <= 0 or ep.lookahead is None:
+        return []
+    out = []
+    for t in range(len(ep.actions)):
+        known = np.isfinite(ep.lookahead[t]).all(axis=1)
+        known[int(ep.actions[t])] = False  # the episode's own transition is already there
+        choices = np.flatnonzero(known)
+        rng = np.random.default_rng([zlib.crc32(ep.episode_id.encode()), t])
+        picked = rng.choice(choices, size=min(k, len(choices)), replace=False)
+        out += [(t, int(a)) for a in sorted(picked)]
+    return out
 
 
 # ---- splitting and episodes from rows ---------------------------------------------------------
@@ -237,6 +271,9 @@ def episodes_from_table(table: Any) -> list[EpisodeArrays]:
         actions = np.asarray(act_col.to_numpy(zero_copy_only=False), np.int64)
     tasks = table.column("task").to_pylist()
     instr = table.column("instruction").to_pylist()
+    look = None
+    if "lookahead" in table.column_names:
+        look = column_matrix(table, "lookahead").reshape(len(ids), -1, state.shape[1])
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(ids):
         groups.setdefault(e, []).append(i)
@@ -253,6 +290,7 @@ def episodes_from_table(table: Any) -> list[EpisodeArrays]:
                 instruction=instr[rows[0]],
                 states=states,
                 actions=actions[rows],
+                lookahead=None if look is None else look[rows],
             )
         )
     return out
@@ -273,6 +311,7 @@ class ExampleBuilder:
         heldout_fraction: float,
         seed: int,
         rollout_starts: str = "first",
+        lookahead_pushes: int = 0,
     ):
         from transformers import AutoTokenizer
 
@@ -283,6 +322,7 @@ class ExampleBuilder:
         self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.max_seq_len = max_seq_len
         self.rollout_starts = rollout_starts
+        self.lookahead_pushes = lookahead_pushes
         self.fraction = heldout_fraction
         self.seed = seed
 
@@ -298,6 +338,7 @@ class ExampleBuilder:
                 ep,
                 max_seq_len=self.max_seq_len,
                 rollout_starts=self.rollout_starts,
+                lookahead_pushes=self.lookahead_pushes,
             )
             rows += [{**r, "split": split, "dropped": 0} for r in exs]
             if dropped:

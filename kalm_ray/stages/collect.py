@@ -74,6 +74,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         epsilon=cfg.collect.epsilon,
         fail_fraction=cfg.collect.fail_fraction,
         action_noise=cfg.collect.action_noise,
+        lookahead=cfg.collect.lookahead,
     )
     units = plan_units(
         tasks, episodes_per_task=cfg.collect.episodes_per_task, unit_episodes=UNIT_EPISODES

@@ -82,6 +82,12 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     suite = get_suite(cfg.env.name)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
     level_steps = level_step_limits(suite, list(icfg.levels), max_steps)
+    limits = FilterLimits.for_suite(
+        suite,
+        n_bins=codec.n_bins,
+        bounds_tolerance=icfg.bounds_tolerance,
+        step_tolerance=icfg.step_tolerance,
+    )
     spec = GenerationSpec(
         model_dir=run.uri_of("model"),
         max_new_tokens=max_new_tokens(codec, max(level_steps.values(), default=max_steps)),
@@ -95,12 +101,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         level_max_steps=tuple(sorted(level_steps.items())),
         mode=icfg.mode,
         env=suite.name,
-    )
-    limits = FilterLimits.for_suite(
-        suite,
-        n_bins=codec.n_bins,
-        bounds_tolerance=icfg.bounds_tolerance,
-        step_tolerance=icfg.step_tolerance,
+        candidates=icfg.candidates,
+        limits=limits,
     )
     t_built = time.perf_counter()
     log.info(

@@ -82,21 +82,3 @@ def make_env(level: str, task: str | None = None, **kwargs) -> gym.Env:
 
     kwargs.setdefault("max_episode_steps", max_episode_steps)
     return CLEVRRobotEnv(level=level, task=task, **kwargs)
-
-
-__all__ = [
-    "action_space",
-    "distance",
-    "gym_id",
-    "instructions",
-    "layout",
-    "level_max_steps",
-    "make_env",
-    "max_episode_steps",
-    "name",
-    "parse_task",
-    "reward",
-    "success",
-    "tasks",
-    "valid_start",
-]

@@ -41,6 +41,9 @@ class ScriptedPolicy:
         self.epsilon = float(epsilon)
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self._scratch: PushSim | None = None
+        self.lookahead: np.ndarray | None = None
+        """``(40, 10)`` float32: the state after each push from the state of the last
+        :meth:`act`, as simulated to choose it; None when that push was an epsilon one."""
 
     def _sim(self, model=None) -> PushSim:
         if self._scratch is None or (model is not None and self._scratch.model is not model):
@@ -56,6 +59,7 @@ class ScriptedPolicy:
             start: the episode's first state; read only by ``move`` goals. Taken from the
                 env when one is given; defaults to the state itself otherwise.
         """
+        self.lookahead = None
         if self.rng.random() < self.epsilon:
             return int(self.rng.integers(N_ACTIONS))
         if isinstance(env_or_state, gym.Env):
@@ -72,11 +76,14 @@ class ScriptedPolicy:
         start = now if start is None else np.asarray(start)
         current = distance(self.task, start, now)
         scores = np.empty(N_ACTIONS)
+        after = np.empty((N_ACTIONS, len(now)), np.float32)
         for action in range(N_ACTIONS):
             sim.restore(snapshot)
             sim.push(action)
             # float32, as the env observes: the predicate sees what the env will see.
-            scores[action] = distance(self.task, start, sim.get_state().astype(np.float32))
+            after[action] = sim.get_state().astype(np.float32)
+            scores[action] = distance(self.task, start, after[action])
+        self.lookahead = after
         best = scores.min()
         if best > current - MIN_PROGRESS:
             return int(self.rng.integers(N_ACTIONS))

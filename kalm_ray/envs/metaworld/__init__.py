@@ -72,25 +72,3 @@ def expert_action(policy: Any, info: dict[str, Any]) -> np.ndarray:
     from kalm_ray.envs.metaworld.experts import expert_action as _expert_action
 
     return _expert_action(policy, info)
-
-
-__all__ = [
-    "COMPOSITE_TASKS",
-    "ENTITIES",
-    "action_space",
-    "advance_stage",
-    "expert_action",
-    "expert_policy",
-    "gaps",
-    "gym_id",
-    "instructions",
-    "layout",
-    "level_max_steps",
-    "make_env",
-    "max_episode_steps",
-    "name",
-    "reward",
-    "success",
-    "tasks",
-    "trajectory_success",
-]

@@ -26,8 +26,16 @@ import numpy as np
 
 from kalm_ray.envs.metaworld.scenes import Scene
 from kalm_ray.envs.metaworld.slots import LAYOUT
-from kalm_ray.envs.metaworld.tasks import advance_stage, check_task, reward, success, tasks
+from kalm_ray.envs.metaworld.tasks import check_task, reward, tasks
 from kalm_ray.envs.metaworld.wordings import instructions
+from kalm_ray.envs.success import SuccessTracker
+
+
+def _suite() -> Any:
+    # Imported on use: the suite module imports this one's package.
+    import kalm_ray.envs.metaworld as suite
+
+    return suite
 
 
 class MetaWorldEnv(gym.Env):
@@ -58,6 +66,7 @@ class MetaWorldEnv(gym.Env):
         self._start = np.zeros(LAYOUT.dim, np.float32)
         self._state = self._start
         self._stage = 0
+        self._success: SuccessTracker | None = None
         self._t = 0
         self._raw_obs = np.zeros(39)
 
@@ -98,9 +107,9 @@ class MetaWorldEnv(gym.Env):
         self._scene.reset(np.random.default_rng(int(self.np_random.integers(2**63))))
         self._t = 0
         self._start = self._state = self._scene.state()
-        self._stage = 0
-        if self._scene.composite:
-            self._stage = advance_stage(task, 0, self._state)
+        # The suites' one success rule, fed state by state (it keeps the composite stage).
+        self._success = SuccessTracker(_suite(), task, self._start)
+        self._stage = self._success.stage
         self._raw_obs = self._scene.raw_obs(self._stage)
         return self._state.copy(), self._info(success=False)
 
@@ -112,11 +121,8 @@ class MetaWorldEnv(gym.Env):
         prev, self._state = self._state, self._scene.state()
         self._t += 1
         task = self._task
-        if self._scene.composite:
-            self._stage = advance_stage(task, self._stage, self._state)
-            ok = self._stage == 2 and success(task, self._start, self._state)
-        else:
-            ok = success(task, self._start, self._state)
+        ok = self._success(self._state)
+        self._stage = self._success.stage
         r = reward(task, self._start, prev, self._state)
         self._raw_obs = self._scene.raw_obs(self._stage)
         info = self._info(success=ok)

@@ -341,21 +341,12 @@ def advance_stage(task: str, stage: int, state: np.ndarray) -> int:
 
 def trajectory_success(task: str, states: np.ndarray) -> np.ndarray:
     """``(T,)`` bool: success of ``task`` at each of ``states`` ``(T, 91)`` (``states[0]`` is
-    the start), with stage order enforced for composite tasks.
+    the start), with stage order enforced for composite tasks: the one rule of
+    :func:`kalm_ray.envs.success.success_flags` on this suite."""
+    import kalm_ray.envs.metaworld as suite
+    from kalm_ray.envs.success import success_flags
 
-    Single tasks: :func:`success` per state. Composite tasks: the stage reached by
-    :func:`advance_stage` is 2 and :func:`success` holds.
-    """
-    states = np.asarray(states, dtype=np.float32)
-    start = states[0]
-    if task not in STAGE_CHECKS:
-        return np.array([success(task, start, s) for s in states], dtype=bool)
-    out = np.zeros(len(states), dtype=bool)
-    stage = 0
-    for t, s in enumerate(states):
-        stage = advance_stage(task, stage, s)
-        out[t] = stage == 2 and success(task, start, s)
-    return out
+    return success_flags(suite, task, states)
 
 
 def gaps(task: str, state: np.ndarray) -> tuple[float, float]:

@@ -155,8 +155,10 @@ def build_examples(
 ) -> dict[str, Any]:
     """Examples (token ids) and held-out transitions with Ray Data; returns counts."""
     import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
     import ray.data
 
+    from kalm_ray.data import episode_files
     from kalm_ray.llm.prompts import ExampleBuilder, is_heldout
 
     g = cfg.ground
@@ -165,6 +167,14 @@ def build_examples(
         if not run.exists("data", "real"):
             raise InputError(
                 f"{run.uri_of('data', 'real')}: no real episodes; run `kalm collect` first"
+            )
+        if g.lookahead_pushes and not all(
+            "lookahead" in pq.read_schema(p, filesystem=run.fs).names
+            for p in episode_files(run, "data/real")
+        ):
+            raise InputError(
+                f"ground.lookahead_pushes: {run.uri_of('data', 'real')} has no lookahead "
+                "column; collect again with collect.lookahead: true"
             )
         for part in ("examples", "heldout_real"):
             run.delete(work, part)
@@ -181,6 +191,7 @@ def build_examples(
                 "tokenizer_dir": prep["tokenizer_dir"],
                 "max_seq_len": g.max_seq_len,
                 "rollout_starts": g.rollout_starts,
+                "lookahead_pushes": g.lookahead_pushes,
                 "heldout_fraction": g.heldout_fraction,
                 "seed": cfg.seed,
             },

@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -72,28 +71,49 @@ def ray_train_context() -> Any | None:
         return None
 
 
-def cosine_lr(step: int, *, total: int, peak: float, warmup: int) -> float:
-    """Learning rate at ``step``: linear warm-up to ``peak``, cosine decay to 10% of it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+def batch_collator(tokenizer: Any) -> Any:
+    """``rows -> batch``: ``rows`` are ``(input_ids, prompt_len)`` pairs; the batch holds
+    right-padded ``input_ids``/``attention_mask``/``labels`` int64 tensors ``(B, L_max)``.
 
-
-def pad_batch(rows: list[tuple[np.ndarray, int]], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded ``input_ids``/``attention_mask``/``labels``, each ``(B, L_max)`` int64.
-
-    Labels are ``-100`` on each prompt and on padding, so the loss sees targets only.
+    Labels are ``-100`` on each prompt and on padding, so the loss sees targets only. The
+    padding is transformers' ``DataCollatorForSeq2Seq`` on a right-padding copy of the
+    tokenizer: Llama takes positions from the index, not the mask, so a left-padded batch
+    (the generation tokenizers' side) would shift every position.
     """
-    n = max(len(ids) for ids, _ in rows)
-    ids = np.full((len(rows), n), pad_id, np.int64)
-    mask = np.zeros((len(rows), n), np.int64)
-    labels = np.full((len(rows), n), IGNORE, np.int64)
-    for i, (x, plen) in enumerate(rows):
-        ids[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-        labels[i, plen : len(x)] = x[plen:]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    import copy
+
+    from transformers import DataCollatorForSeq2Seq
+
+    tok = copy.copy(tokenizer)
+    tok.padding_side = "right"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    collate = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, return_tensors="pt")
+
+    def batch(rows: list[tuple[np.ndarray, int]]) -> dict[str, Any]:
+        feats = [
+            {"input_ids": x.tolist(), "labels": [IGNORE] * plen + x[plen:].tolist()}
+            for x, plen in rows
+        ]
+        return {k: v.long() for k, v in collate(feats).items()}
+
+    return batch
+
+
+def lr_schedule(opt: Any, *, peak: float, total: int, start: int = 0) -> Any:
+    """Linear warm-up over ``min(50, total / 20)`` steps, then cosine decay to 10% of ``peak``
+    (transformers' schedule); on a resume it starts at step ``start``."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", peak)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        opt,
+        num_warmup_steps=max(1, min(50, total // 20)),
+        num_training_steps=total,
+        min_lr_rate=0.1,
+        last_epoch=start - 1,
+    )
 
 
 def read_examples(path: str) -> tuple[list[str], list[str], list[list[int]], list[int]]:
@@ -384,8 +404,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     # Inputs in the run dir (a URI on a cluster) are read from there, never from the driver.
     config = {
         **config,
-        **{k: local_copy(config[k]) for k in ("base", "tokenizer_dir", "codec_path")
-           if is_uri(str(config.get(k, "")))},
+        **{
+            k: local_copy(config[k])
+            for k in ("base", "tokenizer_dir", "codec_path")
+            if is_uri(str(config.get(k, "")))
+        },
     }
     ctx = ray_train_context()
     rank, world = (ctx.get_world_rank(), ctx.get_world_size()) if ctx else (0, 1)
@@ -407,9 +430,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
 
     codec = Codec.load(config["codec_path"])
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    collate = batch_collator(tokenizer)
     model = build_model(config, tokenizer, codec, dtype=load_dtype)
     model.to(device)
     checkpointing = config.get("gradient_checkpointing")
@@ -427,6 +448,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    total = int(config["max_steps"])
 
     start = 0
     if ctx is not None:
@@ -457,8 +479,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         task_mix=config["task_mix"],
         seed=int(config.get("seed", 0)),
     )
-    total = int(config["max_steps"])
-    warmup = max(1, min(50, total // 20))
+    schedule = lr_schedule(opt, peak=config["lr"], total=total, start=start)
     every = int(config.get("checkpoint_every") or total)
     log_every = max(1, total // 10)
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
@@ -479,14 +500,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     model.train()
     for step in range(start, total):
         _, rows = pool.batch(step, int(config["batch_size"]))
-        b = {k: torch.from_numpy(v).to(device) for k, v in pad_batch(rows, pad_id).items()}
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total=total, peak=config["lr"], warmup=warmup)
+        b = {k: v.to(device) for k, v in collate(rows).items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = wrapped(b["input_ids"], b["attention_mask"], b["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
         losses.append(float(loss.detach()))

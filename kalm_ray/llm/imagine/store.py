@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kalm_ray.artifacts import RunDir
+from kalm_ray.cluster.actor_pool import MAX_ATTEMPTS
 from kalm_ray.data.schema import Episode, episodes_to_table
 from kalm_ray.errors import InputError
 from kalm_ray.llm.grammar import step_template
@@ -46,8 +47,6 @@ log = logging.getLogger("kalm_ray")
 
 ROWS_PER_PART = 200_000
 """Transitions per Parquet part file written by the driver."""
-GENERATION_ATTEMPTS = 3
-"""Passes over the requests still missing after generation actors were lost for good."""
 
 
 def stage_requests(
@@ -119,7 +118,7 @@ def judged_once(
     make: Callable[[pa.Table], ray.data.Dataset],
     requests: pa.Table,
     *,
-    attempts: int = GENERATION_ATTEMPTS,
+    attempts: int = MAX_ATTEMPTS,
 ) -> Iterator[pa.Table]:
     """Batches of judged rows (``make(requests)``) holding every request exactly once.
 
@@ -128,7 +127,9 @@ def judged_once(
     good (``ray.kill``, restarts used up) fails the whole dataset with ActorDiedError, rows
     in flight included. The requests not received yet then go through a fresh dataset, up to
     ``attempts`` passes in all. Rows are keyed by ``request_id``, so a batch that Ray runs
-    twice can never count twice.
+    twice can never count twice. The rules are the actor pool's
+    (:mod:`kalm_ray.cluster.actor_pool`), applied to Ray Data's pool: an actor that fails to
+    start raises at once, lost work is redone, the same limit of deaths ends the stage.
     """
     import pyarrow.compute as pc
     from ray.exceptions import RayActorError

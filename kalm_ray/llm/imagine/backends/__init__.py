@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kalm_ray.errors import BackendUnavailable
 
@@ -62,6 +62,9 @@ class GenerationSpec:
             ``stepwise`` (policy prompt for each action, dynamics prompt for each next state;
             hf backend, :mod:`kalm_ray.llm.imagine.backends.stepwise`).
         env: the suite's name (``stepwise`` stops a request once its goal holds).
+        candidates: ``stepwise``: rollouts per request, the shortest to its goal kept.
+        limits: ``stepwise``: the validity filter's limits; a rollout stops at its first
+            step the filter would reject.
     """
 
     model_dir: str
@@ -77,6 +80,8 @@ class GenerationSpec:
     level_max_steps: tuple[tuple[str, int], ...] = ()
     mode: str = "rollout"
     env: str = ""
+    candidates: int = 1
+    limits: Any = None
 
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""

@@ -375,6 +375,8 @@ class HFGenerator:
                 suite=get_suite(spec.env),
                 temperature=spec.temperature,
                 top_p=spec.top_p,
+                candidates=spec.candidates,
+                limits=spec.limits,
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -18,6 +18,17 @@ A request stops at its level's step limit, or as soon as its imagined state meet
 so stopping only saves the steps the labels would drop). No simulator is involved. The
 output is the same trajectory text a rollout continuation would be (action, step state, ...,
 end token), so decoding, the validity filter and the labels are shared by both modes.
+
+``imagine.candidates: N`` imagines N rollouts per request (candidate 0 from the request's own
+seed, so N = 1 is the plain loop) and returns the one that meets its goal in the fewest
+imagined steps (else the first the validity filter would accept, else the first). The choice
+reads only the LLM's own states, the task's success rule and the filter's limits (the
+environment's facts), the information the labels and the filter use anyway: a search in the
+LLM's world model for the shortest plan, never a judgement by the simulator. Why: sampled
+actions make most successful rollouts random walks that end at the goal by chance, and BC
+imitates every step of them; the shortest of N keeps the fewest detours. The catch, measured
+(docs/results.md): the search also finds the LLM's dynamics errors that make a goal look
+near, so it pays only with a world model that is right often enough.
 """
 
 from __future__ import annotations
@@ -37,37 +48,83 @@ class StepwiseImaginer:
         model, tok, codec: the grounded model (``tok`` pads on the left).
         suite: the env suite (the goal rule for early stopping; labels use the same rule).
         temperature, top_p: action sampling (0 = greedy).
+        candidates: rollouts imagined per request; the shortest that meets its goal is kept.
+        limits: the validity filter's limits (:class:`~kalm_ray.llm.imagine.filter.FilterLimits`);
+            when given, a rollout stops at its first step the filter would reject (out of
+            bounds, impossible move) and is never the chosen candidate. None: no check.
     """
 
     def __init__(
-        self, model: Any, tok: Any, codec: Any, *, suite: Any, temperature: float, top_p: float
+        self,
+        model: Any,
+        tok: Any,
+        codec: Any,
+        *,
+        suite: Any,
+        temperature: float,
+        top_p: float,
+        candidates: int = 1,
+        limits: Any = None,
     ):
         self.model, self.tok, self.codec, self.suite = model, tok, codec, suite
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
+        self.limits = limits
 
     def __call__(self, batch: pa.Table, steps_for: Any) -> tuple[list[str], list[int], list[int]]:
         """``(texts, generated tokens, prompt tokens read)`` per request of ``batch``
-        (columns ``instruction``, ``task``, ``start_state``, ``seed``, optional ``level``)."""
+        (columns ``instruction``, ``task``, ``start_state``, ``seed``, optional ``level``).
+        Tokens are counted over every candidate: they are all generated."""
+        from kalm_ray.llm.imagine.requests import state_matrix
+
+        n, k = batch.num_rows, self.candidates
+        starts = state_matrix(batch.column("start_state"), self.codec.state_dim)
+        levels = (
+            batch.column("level").to_pylist() if "level" in batch.column_names else [None] * n
+        )
+        seeds = [candidate_seed(int(s), j) for s in batch.column("seed").to_pylist()
+                 for j in range(k)]
+        texts, counts, n_in, steps, valid = self.imagine(
+            np.repeat(starts, k, axis=0),
+            [w for w in batch.column("instruction").to_pylist() for _ in range(k)],
+            [t for t in batch.column("task").to_pylist() for _ in range(k)],
+            [steps_for(lv) for lv in levels for _ in range(k)],
+            seeds,
+        )
+        pick = [
+            i * k + choose(steps[i * k : (i + 1) * k], valid[i * k : (i + 1) * k])
+            for i in range(n)
+        ]
+        return (
+            [texts[r] for r in pick],
+            [sum(counts[i * k : (i + 1) * k]) for i in range(n)],
+            [sum(n_in[i * k : (i + 1) * k]) for i in range(n)],
+        )
+
+    def imagine(
+        self,
+        starts: np.ndarray,
+        words: list[str],
+        tasks: list[str],
+        limits: list[int],
+        seeds: list[int],
+    ) -> tuple[list[str], list[int], list[int], list[int | None], list[bool]]:
+        """One rollout per row: ``(texts, generated tokens, prompt tokens read, steps to the
+        goal or None, no step the filter rejects)``."""
         import torch
 
         from kalm_ray.llm.imagine.backends.hf import SeededSampling, constrained_tokens
         from kalm_ray.llm.imagine.labels import goal_reached
-        from kalm_ray.llm.imagine.requests import state_matrix
         from kalm_ray.llm.policy import decode_actions
         from kalm_ray.llm.prompts import dynamics_prompt, rollout_prompt
 
-        codec, n = self.codec, batch.num_rows
-        starts = state_matrix(batch.column("start_state"), codec.state_dim)
-        words = batch.column("instruction").to_pylist()
-        tasks = batch.column("task").to_pylist()
-        levels = (
-            batch.column("level").to_pylist() if "level" in batch.column_names else [None] * n
-        )
-        limits = [steps_for(lv) for lv in levels]
-        gens = [torch.Generator().manual_seed(int(s)) for s in batch.column("seed").to_pylist()]
+        codec, n = self.codec, len(words)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        reached: list[int | None] = [None] * n
+        valid = [True] * n
         act_rows = [RowGrammar.for_request(codec, s, 1) for s in starts]
         state_rows = [NextStateGrammar.for_request(codec, s) for s in starts]
         states = [[s] for s in starts]
+        acts: list[list[Any]] = [[] for _ in range(n)]
         tokens: list[list[str]] = [[] for _ in range(n)]
         n_in = [0] * n
         active = list(range(n))
@@ -107,9 +164,44 @@ class StepwiseImaginer:
                 n_in[i] += read_a[k] + read_s[k]
                 nxt = codec.decode_state(codec.join(st_toks[k]), prev=cur[k])
                 states[i].append(nxt)
-                done = goal_reached(self.suite, tasks[i], np.stack(states[i]))
-                if not done and len(states[i]) - 1 < limits[i]:
+                acts[i].append(actions[k])
+                if not self.plausible(np.stack(states[i]), np.asarray(acts[i])):
+                    valid[i] = False
+                    continue  # the filter rejects it whatever follows
+                if goal_reached(self.suite, tasks[i], np.stack(states[i])):
+                    reached[i] = len(states[i]) - 1
+                elif len(states[i]) - 1 < limits[i]:
                     still.append(i)
             active = still
         texts = [codec.join([*t, codec.end_token]) for t in tokens]
-        return texts, [len(t) + 1 for t in tokens], n_in
+        return texts, [len(t) + 1 for t in tokens], n_in, reached, valid
+
+    def plausible(self, states: np.ndarray, actions: np.ndarray) -> bool:
+        """Whether the validity filter accepts the rollout so far (``no_progress`` aside: a
+        later step may still move something)."""
+        if self.limits is None:
+            return True
+        from kalm_ray.llm.imagine.filter import check_arrays
+
+        v = check_arrays(
+            states[0], states, actions, limits=self.limits, max_steps=len(actions)
+        )
+        return v.accepted or v.reason == "no_progress"
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """The sampling seed of candidate ``j`` of a request: its own seed for candidate 0 (so one
+    candidate is the plain loop), an independent stream for the others."""
+    if j == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, j]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def choose(steps: list[int | None], valid: list[bool]) -> int:
+    """Index of the candidate that met its goal in the fewest steps (the first on ties); when
+    none did, the first with no step the filter rejects (a failure, labelled as such); else 0.
+    """
+    done = [(s, j) for j, s in enumerate(steps) if s is not None]
+    if done:
+        return min(done)[1]
+    return next((j for j, ok in enumerate(valid) if ok), 0)
