@@ -27,7 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS: dict[str, tuple[str, list[str], str | None]] = {
     "collect": ("collect.py", ["--tasks", "8", "--episodes-per-task", "2", "--repeat", "1"], None),
     "ground": ("ground.py", ["--steps", "6"], None),
-    "imagine": ("imagine.py", ["--requests", "16", "--naive-requests", "4"], "--out"),
+    "imagine": (
+        "imagine.py",
+        ["--requests", "64", "--batch-size", "64", "--naive-requests", "4"]
+        + ["--new-tokens", "111", "--max-steps", "10"],
+        "--out",
+    ),
     "train_cql": (
         "train.py",
         ["--algo", "cql", "--transitions", "20000", "--updates", "20", "--rounds", "2"],

@@ -65,30 +65,27 @@ def generate_ids(
     ``grammar``: the codec and one :class:`~kalm_ray.llm.grammar.RowGrammar` per prompt, to
     decode under the codec's grammar as the imagine stage does.
     """
-    from transformers import LogitsProcessorList
-
-    from kalm_ray.llm.imagine.backends.hf import GrammarMask
+    from kalm_ray.llm.imagine.backends.hf import GrammarMask, decode
 
     out: list[list[int]] = []
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-        procs = LogitsProcessorList()
+        procs = []
         if grammar is not None:
             rows = grammar[1][i : i + batch_size]
-            procs.append(
-                GrammarMask(tokenizer, grammar[0], rows, prompt_len=enc["input_ids"].shape[1])
-            )
-        gen = model.generate(
-            **enc,
+            procs.append(GrammarMask(tokenizer, grammar[0], rows, n_positions=max_new_tokens))
+        gen = decode(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=pad,
-            logits_processor=procs,
+            pad_id=pad,
+            processors=procs,
+            stop_ids=stop_ids,
         )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+        for row in gen.tolist():
             cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
             out.append(row if cut is None else row[: cut + 1])
     return out

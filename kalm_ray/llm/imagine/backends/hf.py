@@ -1,11 +1,11 @@
-"""The ``hf`` backend: Hugging Face ``generate`` in an autoscaling Ray Data actor pool.
+"""The ``hf`` backend: a Hugging Face model in an autoscaling Ray Data actor pool.
 
 :class:`HFGenerator` is the callable class ``map_batches`` runs: each actor loads the model
-once, then generates a whole batch per call with the KV cache and left padding, stopping a
-request at the codec's end token (or the tokenizer's EOS) or at ``max_new_tokens``. When
-the spec lists the codec's tokens, a request also stops at its first token outside them
-(:class:`StopOnForeignToken`): its text is unparseable from there on anyway, and a batch no
-longer runs to the token budget for the sake of rows that are already lost.
+once, then decodes a whole batch per call (:func:`decode`: left padding, a preallocated KV
+cache, finished rows leave the batch), stopping a request at the codec's end token (or the
+tokenizer's EOS) or at ``max_new_tokens``. When the spec lists the codec's tokens, a request
+also stops at its first token outside them: its text is unparseable from there on anyway,
+and a batch no longer runs to the token budget for the sake of rows that are already lost.
 
 With ``spec.grammar`` (the default) every position is constrained to the tokens the codec's
 grammar allows there (:class:`GrammarMask`, :mod:`kalm_ray.llm.grammar`): an action or the end
@@ -16,6 +16,10 @@ Sampling (temperature > 0) is done with the Gumbel-max trick in a logits process
 random stream per request seeded by the request's seed: a request's output then depends on
 its seed only, not on which batch or actor it landed in (plain ``do_sample`` draws from one
 stream shared by the batch).
+
+A logits processor here is ``proc(position, rows, scores) -> scores``: ``position`` the
+generated position (the same for every row under left padding), ``rows`` the batch rows still
+decoding (``(b,)`` indices into the batch it was built for), ``scores`` their ``(b, V)`` logits.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ class SeededSampling:
     """Logits processor: per-request seeded sampling via :func:`gumbel_scores`.
 
     ``seeds`` (one per row) or ``generators`` (``torch.Generator`` per row, carried across
-    several ``generate`` calls: the stepwise imaginer draws each request's actions from one
-    stream over all its steps).
+    several calls: the stepwise imaginer draws each request's actions from one stream over
+    all its steps). Each call draws one vocabulary of noise per row still decoding.
     """
 
     def __init__(
@@ -108,28 +112,34 @@ class SeededSampling:
         self.gens = generators
         self.temperature, self.top_p = temperature, top_p
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, position: int, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
         vocab = scores.shape[-1]
-        noise = torch.stack([torch.rand(vocab, generator=g) for g in self.gens]).to(scores.device)
-        return gumbel_scores(scores.float(), noise, temperature=self.temperature, top_p=self.top_p)
+        noise = torch.stack([torch.rand(vocab, generator=self.gens[i]) for i in rows.tolist()])
+        return gumbel_scores(
+            scores.float(), noise.to(scores.device), temperature=self.temperature, top_p=self.top_p
+        )
 
 
 class GrammarMask:
     """Logits processor: only the tokens the codec's grammar allows at each row's position.
 
-    Rows are left padded, so generated position ``p`` is the same for every row:
-    ``input_ids.shape[1] - prompt_len``. Each row has its own step template (entities of its
-    start state) and step limit (its level); see :mod:`kalm_ray.llm.grammar`.
+    Each row has its own step template (entities of its start state) and step limit (its
+    level); see :mod:`kalm_ray.llm.grammar`. The slot kind of every (row, position) is
+    worked out once here, so a step is one gather of mask rows.
     """
 
     _tables: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
     """(tokenizer, codec) -> the (kinds, vocab) mask table: built once per process."""
 
-    def __init__(self, tok: Any, codec: Any, rows: list[Any], *, prompt_len: int):
+    def __init__(self, tok: Any, codec: Any, rows: list[Any], *, n_positions: int):
+        import torch
+
         self.table = self.table_for(tok, codec)
-        self.rows, self.prompt_len = rows, prompt_len
+        self.kinds = torch.tensor(
+            [[r.kind_at(p) for p in range(n_positions)] for r in rows], dtype=torch.long
+        )
 
     @classmethod
     def table_for(cls, tok: Any, codec: Any) -> torch.Tensor:
@@ -154,39 +164,107 @@ class GrammarMask:
             cls._tables = {key: (tok, codec, table)}  # one model per process: keep one
         return cls._tables[key][2]
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, position: int, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
-        pos = input_ids.shape[1] - self.prompt_len
-        kinds = torch.tensor([r.kind_at(pos) for r in self.rows], dtype=torch.long)
-        allowed = self.table[kinds].to(scores.device)
-        if allowed.shape[1] < scores.shape[1]:  # model rows beyond the tokenizer (padding)
-            pad = torch.zeros(
-                allowed.shape[0], scores.shape[1] - allowed.shape[1], dtype=torch.bool
-            )
-            allowed = torch.cat([allowed, pad.to(scores.device)], dim=1)
-        return scores.masked_fill(~allowed[:, : scores.shape[1]], float("-inf"))
+        if self.table.device != scores.device or self.table.shape[1] < scores.shape[1]:
+            # Once: on the scores' device, as wide as the model's rows (beyond the tokenizer's
+            # vocabulary: padding rows, never allowed).
+            pad = max(0, scores.shape[1] - self.table.shape[1])
+            self.table = torch.nn.functional.pad(self.table, (0, pad)).to(scores.device)
+            self.kinds = self.kinds.to(scores.device)
+        allowed = self.table[self.kinds[rows, position], : scores.shape[1]]
+        return scores.masked_fill(~allowed, float("-inf"))
 
 
-class StopOnForeignToken:
-    """Stopping criterion: a request is done once it generates a token outside ``allowed``.
+def decode(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    processors: list[Any] | tuple[Any, ...] = (),
+    stop_ids: list[int] | tuple[int, ...] = (),
+    allowed: list[int] | None = None,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding (after ``processors``, e.g. masking and seeded sampling) of left-padded
+    prompts; ``(B, n)`` int64 new token ids, ``n <= max_new_tokens``.
 
-    Called by ``generate`` after each step with the sequences so far; returns ``(B,)`` bool.
+    What ``model.generate`` does for these models, without its per-step machinery: the prompts
+    run once (logits of their last position only), then one token per row per step, with the
+    KV cache allocated once for ``prompt + max_new_tokens`` positions and written in place
+    (:mod:`~kalm_ray.llm.imagine.backends.kv_cache`). A row is done after a stop id, or with
+    ``allowed`` after its first token outside it; its later positions are ``pad_id``. Once a
+    quarter of the rows still in the batch are done they leave it, cache rows included, so a
+    batch's long tail runs at the width of the rows still writing. Decoding ends when every
+    row is done. ``timings`` (optional) gets ``prefill_s``, ``decode_s``, ``steps`` and
+    ``row_steps`` (rows computed, summed over decode steps) added to it.
     """
+    import time
 
-    def __init__(self, allowed_ids: list[int], *, prompt_len: int):
-        import torch
+    import torch
 
-        self.allowed = torch.tensor(sorted(set(allowed_ids)), dtype=torch.long)
-        self.prompt_len = prompt_len
+    from kalm_ray.llm.imagine.backends.kv_cache import preallocated_cache
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        import torch
-
-        if input_ids.shape[1] <= self.prompt_len:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        allowed = self.allowed.to(input_ids.device)
-        return ~torch.isin(input_ids[:, -1], allowed)
+    n_rows, prompt_len = input_ids.shape
+    device = input_ids.device
+    out = torch.full((n_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(n_rows, max_new_tokens)], dim=1)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = preallocated_cache(model, prompt_len + max_new_tokens)
+    rows = torch.arange(n_rows, device=device)  # batch rows still in the computation
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    ends = None  # (V,) bool: the token ends its row
+    ids, n_steps, row_steps, t0 = input_ids, 0, 0, time.perf_counter()
+    prefill_s = 0.0
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            logits = (
+                model(
+                    input_ids=ids,
+                    attention_mask=mask[:, : prompt_len + step],
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .float()
+            )
+            if step == 0:
+                prefill_s = time.perf_counter() - t0
+            else:
+                row_steps += len(rows)
+            for proc in processors:
+                logits = proc(step, rows, logits)
+            nxt = logits.argmax(-1).masked_fill(done, pad_id)
+            out[rows, step] = nxt
+            n_steps = step + 1
+            if ends is None:
+                ends = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                if allowed is not None:
+                    ends[:] = True
+                    ends[torch.tensor(allowed, dtype=torch.long, device=device)] = False
+                ends[torch.tensor(list(stop_ids), dtype=torch.long, device=device)] = True
+            done |= ends[nxt]
+            n_done = int(done.sum())
+            if n_done == len(rows):
+                break
+            if n_done * 4 >= len(rows):
+                keep = torch.nonzero(~done).squeeze(1)
+                cache.reorder_cache(keep)
+                rows, nxt, mask = rows[keep], nxt[keep], mask[keep]
+                positions, done = positions[keep], done[keep]
+            positions = positions[:, -1:] + 1
+            ids = nxt[:, None]
+    if timings is not None:
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + prefill_s
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t0 - prefill_s
+        timings["steps"] = timings.get("steps", 0) + n_steps
+        timings["row_steps"] = timings.get("row_steps", 0) + row_steps
+    return out[:, :n_steps]
 
 
 def constrained_tokens(
@@ -206,32 +284,22 @@ def constrained_tokens(
     next state): a fixed number of tokens, every one legal, so no stopping rule is needed.
     ``tok`` must pad on the left.
     """
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList
-
     enc = tok(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    processors = LogitsProcessorList(
-        [GrammarMask(tok, codec, rows, prompt_len=enc["input_ids"].shape[1])]
-    )
+    processors: list[Any] = [GrammarMask(tok, codec, rows, n_positions=n_new)]
     if sampling is not None:  # after the mask: sampling only ever sees legal tokens
         processors.append(sampling)
-    cfg = GenerationConfig(
-        max_new_tokens=n_new,
-        min_new_tokens=n_new,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=None,
-    )
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            generation_config=cfg,
-            logits_processor=processors,
+    new = (
+        decode(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            max_new_tokens=n_new,
+            pad_id=tok.pad_token_id,
+            processors=processors,
         )
-    new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
+        .cpu()
+        .numpy()
+    )
     n_in = enc["attention_mask"].sum(dim=1).cpu().tolist()
     return [tok.convert_ids_to_tokens(row.tolist()) for row in new], [int(x) for x in n_in]
 
@@ -252,7 +320,7 @@ def cut_at_stop(ids: np.ndarray, stop_ids: list[int]) -> int:
 
 
 class HFGenerator:
-    """Ray Data ``map_batches`` callable: one model per actor, one ``generate`` per batch.
+    """Ray Data ``map_batches`` callable: one model per actor, one :func:`decode` per batch.
 
     Input batch: a ``pyarrow.Table`` with at least ``prompt`` and ``seed``; output: the same
     table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens``.
@@ -291,6 +359,8 @@ class HFGenerator:
         self.allowed = (
             allowed_token_ids(tok, spec.codec_tokens) + self.stop_ids if spec.codec_tokens else None
         )
+        self.timings: dict[str, float] = {}
+        """Where :func:`decode` spent this actor's time (prefill, decode, rows computed)."""
         self.stepwise = None
         if spec.mode == "stepwise":
             from kalm_ray.envs import get_suite
@@ -299,14 +369,17 @@ class HFGenerator:
             if not rest:
                 raise ValueError("imagine.mode stepwise needs a grounded model folder (codec)")
             self.stepwise = StepwiseImaginer(
-                model.eval(), tok, rest[0], suite=get_suite(spec.env),
-                temperature=spec.temperature, top_p=spec.top_p,
-                candidates=spec.candidates, limits=spec.limits,
+                model.eval(),
+                tok,
+                rest[0],
+                suite=get_suite(spec.env),
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                candidates=spec.candidates,
+                limits=spec.limits,
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         if self.stepwise is not None:
             texts, counts, n_in = self.stepwise(batch, self.spec.steps_for)
             return (
@@ -314,26 +387,16 @@ class HFGenerator:
                 .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
                 .append_column("num_input_tokens", pa.array(np.asarray(n_in, np.int64)))
             )
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
         prompts = batch.column("prompt").to_pylist()
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=self.spec.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tok.pad_token_id,
-        )
-        processors = LogitsProcessorList()
+        processors: list[Any] = []
         if self.codec is not None:  # first: sampling then only ever sees legal tokens
             processors.append(
                 GrammarMask(
                     self.tok,
                     self.codec,
                     self.row_grammars(batch),
-                    prompt_len=enc["input_ids"].shape[1],
+                    n_positions=self.spec.max_new_tokens,
                 )
             )
         if self.spec.temperature > 0:
@@ -344,18 +407,21 @@ class HFGenerator:
                     top_p=self.spec.top_p,
                 )
             )
-        stops = StoppingCriteriaList()
-        if self.allowed is not None:
-            stops.append(StopOnForeignToken(self.allowed, prompt_len=enc["input_ids"].shape[1]))
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                generation_config=gen_cfg,
-                logits_processor=processors,
-                stopping_criteria=stops,
+        new = (
+            decode(
+                self.model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=self.spec.max_new_tokens,
+                pad_id=self.tok.pad_token_id,
+                processors=processors,
+                stop_ids=self.stop_ids,
+                allowed=self.allowed,
+                timings=self.timings,
             )
-        new = out[:, enc["input_ids"].shape[1] :].cpu().numpy()
+            .cpu()
+            .numpy()
+        )
         texts, counts = [], []
         for row in new:
             n = cut_at_stop(row, self.stop_ids)
