@@ -299,7 +299,8 @@ def episodes_from_table(table: Any) -> list[EpisodeArrays]:
 class ExampleBuilder:
     """Ray Data ``map_groups`` callable: one episode's rows -> its examples (with a split column).
 
-    Holds the codec and the tokenizer, loaded once per worker from the work folder.
+    Holds the codec and the tokenizer, loaded once per worker from the work folder;
+    ``options`` are :func:`episode_examples`' keywords (``max_seq_len``, ...).
     """
 
     def __init__(
@@ -307,11 +308,9 @@ class ExampleBuilder:
         codec_path: str,
         tokenizer_dir: str,
         *,
-        max_seq_len: int,
         heldout_fraction: float,
         seed: int,
-        rollout_starts: str = "first",
-        lookahead_pushes: int = 0,
+        **options: Any,
     ):
         from transformers import AutoTokenizer
 
@@ -320,9 +319,7 @@ class ExampleBuilder:
         # Paths may be run-dir URIs: read from there (this actor may be on any node).
         self.codec = Codec.load(local_copy(codec_path))
         self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
-        self.max_seq_len = max_seq_len
-        self.rollout_starts = rollout_starts
-        self.lookahead_pushes = lookahead_pushes
+        self.options = options
         self.fraction = heldout_fraction
         self.seed = seed
 
@@ -332,14 +329,7 @@ class ExampleBuilder:
         rows: list[dict[str, Any]] = []
         for ep in episodes_from_table(batch):
             split = "heldout" if is_heldout(ep.episode_id, self.fraction, self.seed) else "train"
-            exs, dropped = episode_examples(
-                self.codec,
-                self.tokenizer,
-                ep,
-                max_seq_len=self.max_seq_len,
-                rollout_starts=self.rollout_starts,
-                lookahead_pushes=self.lookahead_pushes,
-            )
+            exs, dropped = episode_examples(self.codec, self.tokenizer, ep, **self.options)
             rows += [{**r, "split": split, "dropped": 0} for r in exs]
             if dropped:
                 rows.append(
