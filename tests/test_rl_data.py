@@ -252,3 +252,35 @@ def test_prepare_mix_with_no_imagined_rollouts_trains_on_real_rows(tmp_path, cap
         )
     assert info.rows["imagined"] == 0 and info.rows["real"] > 0
     assert "holds no rollouts" in caplog.text
+
+
+def test_local_mix_does_not_depend_on_the_order_imagined_rollouts_were_written(toy_run, tmp_path):
+    """The imagine stage writes rollouts as Ray delivers them; the same rollouts in another
+    order must prepare the same training table (else the same data trains another policy)."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from kalm_ray.artifacts import RunDir
+
+    run, _ = toy_run
+    other = RunDir(str(tmp_path / "run"))
+    shutil.copytree(run.path(""), other.path(""), dirs_exist_ok=True)
+    part = other.path("data/imagined/part-0.parquet")
+    t = pq.read_table(part)
+    ids = sorted(set(t.column("episode_id").to_pylist()), reverse=True)  # episodes reversed
+    order = np.concatenate(
+        [np.flatnonzero(pc.equal(t.column("episode_id"), e).to_numpy(zero_copy_only=False))
+         for e in ids]
+    )
+    pq.write_table(t.take(order), part)
+
+    def prepared(r):
+        info = prepare_mix(
+            r, "real+imagined", "policy/_data/order", embeddings=load_embeddings(r), ratio=None,
+            seed=0, engine="local",
+        )
+        return pq.read_table(info.path + "/part-00000.parquet")
+
+    assert not pq.read_table(part).equals(pq.read_table(run.path("data/imagined/part-0.parquet")))
+    assert prepared(run).equals(prepared(other))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kalm_ray.artifacts import RunDir
@@ -265,7 +266,6 @@ def read_source(run: RunDir, source: str):
 
 def source_instructions(run: RunDir, source: str) -> tuple[list[str], int]:
     """Distinct instructions and the row count of a source, from its Parquet files alone."""
-    import pyarrow.compute as pc
 
     texts: set[str] = set()
     rows = 0
@@ -392,6 +392,11 @@ def _prepare_local(
         if want[source] == 0:
             continue
         t = pq.read_table(source_files(run, source), columns=_READ_COLUMNS, filesystem=run.fs)
+        if source == "imagined":
+            # The imagine stage writes rollouts in the order Ray delivers them; sorted, the same
+            # rollouts give the same batches and so the same policy (real data is written in
+            # episode order already). Row i of an episode follows row i - 1: the sort is stable.
+            t = t.take(pc.sort_indices(t, [("episode_id", "ascending")]))
         if want[source] != n:
             full, rest = divmod(want[source], n)
             idx = np.concatenate([np.tile(np.arange(n), full), rng.choice(n, rest, replace=False)])
