@@ -137,7 +137,7 @@ class EpisodeCollector:
         for t in range(limit):
             action = policy(env, info)
             if self.spec.lookahead:
-                looks.append(self.lookahead(len(start)))
+                looks.append(self.lookahead())
             obs, _, env_terminated, env_truncated, info = env.step(action)
             state = np.asarray(obs, dtype=np.float32)
             # Rewards and success come from the suite's state predicates (not the env's own
@@ -175,12 +175,13 @@ class EpisodeCollector:
             lookahead=np.stack(looks) if looks else None,
         )
 
-    def lookahead(self, dim: int) -> np.ndarray:
+    def lookahead(self) -> np.ndarray:
         """The pusher's simulated next states of every action from the state it just acted
         in; NaN when it did not simulate them (an epsilon push, a random-policy episode)."""
         got = None if self._scripted is None else self._scripted.lookahead
         if got is None:
-            return np.full((int(self.suite.action_space.n), dim), np.nan, np.float32)
+            shape = (int(self.suite.action_space.n), self.suite.layout.dim)
+            return np.full(shape, np.nan, np.float32)
         return got
 
     def _env(self, task: str) -> gym.Env:

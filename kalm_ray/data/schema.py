@@ -36,9 +36,9 @@ def transition_schema(
     else:
         action_type = pa.list_(pa.float32(), int(np.prod(action_space.shape)))
     vec = pa.list_(pa.float32(), state_dim)
-    extra = [("lookahead", pa.list_(pa.float32(), int(action_space.n) * state_dim))] if (
-        lookahead
-    ) else []
+    extra = []
+    if lookahead:  # every discrete action's next state, flattened
+        extra = [("lookahead", pa.list_(pa.float32(), int(action_space.n) * state_dim))]
     return pa.schema(
         [
             ("episode_id", pa.string()),

@@ -65,7 +65,6 @@ class MetaWorldEnv(gym.Env):
         self._instruction = ""
         self._start = np.zeros(LAYOUT.dim, np.float32)
         self._state = self._start
-        self._stage = 0
         self._success: SuccessTracker | None = None
         self._t = 0
         self._raw_obs = np.zeros(39)
@@ -74,6 +73,11 @@ class MetaWorldEnv(gym.Env):
     def raw_obs(self) -> np.ndarray:
         """The 39-d observation for the current stage's scripted expert (a copy)."""
         return self._raw_obs.copy()
+
+    @property
+    def _stage(self) -> int:
+        """The composite task's stage (see ``advance_stage``), kept by the success tracker."""
+        return 0 if self._success is None else self._success.stage
 
     @property
     def current_task(self) -> str | None:
@@ -109,7 +113,6 @@ class MetaWorldEnv(gym.Env):
         self._start = self._state = self._scene.state()
         # The suites' one success rule, fed state by state (it keeps the composite stage).
         self._success = SuccessTracker(_suite(), task, self._start)
-        self._stage = self._success.stage
         self._raw_obs = self._scene.raw_obs(self._stage)
         return self._state.copy(), self._info(success=False)
 
@@ -122,7 +125,6 @@ class MetaWorldEnv(gym.Env):
         self._t += 1
         task = self._task
         ok = self._success(self._state)
-        self._stage = self._success.stage
         r = reward(task, self._start, prev, self._state)
         self._raw_obs = self._scene.raw_obs(self._stage)
         info = self._info(success=ok)

@@ -165,10 +165,11 @@ class StepwiseImaginer:
                 nxt = codec.decode_state(codec.join(st_toks[k]), prev=cur[k])
                 states[i].append(nxt)
                 acts[i].append(actions[k])
-                if not self.plausible(np.stack(states[i]), np.asarray(acts[i])):
+                so_far = np.stack(states[i])
+                if not self.plausible(so_far, np.asarray(acts[i])):
                     valid[i] = False
                     continue  # the filter rejects it whatever follows
-                if goal_reached(self.suite, tasks[i], np.stack(states[i])):
+                if goal_reached(self.suite, tasks[i], so_far):
                     reached[i] = len(states[i]) - 1
                 elif len(states[i]) - 1 < limits[i]:
                     still.append(i)
