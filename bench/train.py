@@ -30,6 +30,13 @@ every ``target_update_interval`` steps; ours is squared error with a Polyak step
 update (both are a few elementwise ops next to the matmuls).
 
 (``make bench`` installs d3rlpy this way: ``bench/requirements.txt``.)
+
+``--memory``: after the timed rounds, each library runs again alone in a fresh process
+(``--arm NAME``: build, warm up, one round) and reports its peak resident memory: the
+process's own (``ru_maxrss``) plus, sampled every 0.2 s, the summed RSS of Ray's worker
+processes (``ray::*`` of this process's own local cluster; Ray's system processes, GCS and
+raylet, are not counted: they are the same for any Ray program). Printed next to the rates
+as a ratio to d3rlpy's.
 """
 
 from __future__ import annotations
@@ -218,6 +225,105 @@ def rate_d3rlpy(algo, dataset, updates: int) -> float:
     return updates / (time.perf_counter() - t)
 
 
+class PeakMemory:
+    """Peak RSS (MB) of this process and, sampled in a thread, of Ray's worker processes."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.workers_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every_s: float) -> None:
+        import psutil
+
+        me = os.getpid()
+        while not self._stop.wait(every_s):
+            total = 0
+            # This process's own Ray workers: its local cluster's raylet is its child.
+            for proc in psutil.Process(me).children(recursive=True):
+                try:
+                    if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::"):
+                        total += proc.memory_info().rss
+                except psutil.Error:  # exited between the listing and the read
+                    continue
+            self.workers_mb = max(self.workers_mb, total / 2**20)
+
+    def stop(self) -> dict[str, float]:
+        import resource
+
+        self._stop.set()
+        self._thread.join()
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return {
+            "process_mb": own,
+            "ray_workers_mb": self.workers_mb,
+            "total_mb": own + self.workers_mb,
+        }
+
+
+def run_arm(args: argparse.Namespace) -> dict[str, float]:
+    """One library alone in this process: build, warm up, one round; rate and peak memory."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    mem = PeakMemory()
+    discrete = args.algo == "dcql"
+    data = (make_discrete_data if discrete else make_data)(args.transitions)
+    with tempfile.TemporaryDirectory(prefix="kalm-bench-train-") as tmp:
+        if args.arm == "d3rlpy":
+            algo, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
+            rate_d3rlpy(algo, dataset, args.updates)
+            rate = rate_d3rlpy(algo, dataset, args.updates)
+        else:
+            import ray
+
+            ray.init(
+                num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False
+            )
+            folder = os.path.join(tmp, "prepared")
+            write_prepared(data, folder)
+            if args.arm == "kalm_ray":
+                algo = build_ours(folder, args.transitions, args.updates, discrete=discrete)
+            else:
+                algo = build_stock(folder, args.updates)
+            rate_rllib(algo, args.updates)
+            rate = rate_rllib(algo, args.updates)
+            from kalm_ray.rl.unit import close_iterators
+
+            close_iterators(algo)
+            algo.stop()
+            ray.shutdown()
+    return {"rate": rate, **mem.stop()}
+
+
+def memory_of_arms(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, float]]:
+    """:func:`run_arm` of each library in a fresh process, one after another."""
+    import subprocess
+
+    out = {}
+    for name in names:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--arm",
+            name,
+            "--algo",
+            args.algo,
+            "--transitions",
+            str(args.transitions),
+            "--updates",
+            str(args.updates),
+            "--threads",
+            str(args.threads),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--algo", choices=["cql", "dcql"], default="cql")
@@ -227,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-stock", action="store_true", help="skip stock RLlib CQL")
     p.add_argument("--profile", action="store_true", help="cProfile one round of kalm_ray's CQL")
+    p.add_argument("--memory", action="store_true", help="also each library's peak memory")
+    p.add_argument("--arm", choices=["d3rlpy", "kalm_ray", "rllib_stock"], help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.arm:  # a child of --memory: one library alone, one JSON line on stdout
+        print(json.dumps(run_arm(args)), flush=True)
+        return 0
 
     import ray
     import torch
@@ -287,10 +398,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     for k, v in med.items():
         print(f"  {k:<12} {v:8.2f}   ratio to d3rlpy {v / base:5.2f}x")
+    ray.shutdown()
+    memory = memory_of_arms(args, list(rates)) if args.memory else None
+    if memory:
+        d3 = memory["d3rlpy"]["total_mb"]
+        print("peak memory, each library alone in a fresh process (MB: process + Ray workers)")
+        for k, m in memory.items():
+            print(
+                f"  {k:<12} {m['total_mb']:8.0f} ({m['process_mb']:.0f} + "
+                f"{m['ray_workers_mb']:.0f})   ratio to d3rlpy {m['total_mb'] / d3:5.2f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rates": rates, "median": med, "args": vars(args)}, f, indent=2)
-    ray.shutdown()
+            json.dump(
+                {"rates": rates, "median": med, "memory": memory, "args": vars(args)}, f, indent=2
+            )
     return 0
 
 
