@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
-	$(VENV)/bin/ruff check kalm_ray tests bench
+	$(VENV)/bin/ruff check kalm_ray tests bench scripts
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

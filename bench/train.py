@@ -33,7 +33,7 @@ update (both are a few elementwise ops next to the matmuls).
 
 ``--memory``: after the timed rounds, each library runs again alone in a fresh process
 (``--arm NAME``: build, warm up, one round) and reports its peak resident memory: the
-process's own (``ru_maxrss``) plus, sampled every 0.2 s, the summed RSS of Ray's worker
+process's own (``VmHWM``) plus, sampled every 0.2 s, the summed RSS of Ray's worker
 processes (``ray::*`` of this process's own local cluster; Ray's system processes, GCS and
 raylet, are not counted: they are the same for any Ray program). Printed next to the rates
 as a ratio to d3rlpy's.
@@ -226,7 +226,7 @@ def rate_d3rlpy(algo, dataset, updates: int) -> float:
 
 
 class PeakMemory:
-    """Peak RSS (MB) of this process and, sampled in a thread, of Ray's worker processes."""
+    """Peak RSS (MB) of this process (Linux) and, sampled in a thread, of its Ray workers."""
 
     def __init__(self, every_s: float = 0.2):
         import threading
@@ -252,11 +252,13 @@ class PeakMemory:
             self.workers_mb = max(self.workers_mb, total / 2**20)
 
     def stop(self) -> dict[str, float]:
-        import resource
-
         self._stop.set()
         self._thread.join()
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        # VmHWM, the peak of this address space: ru_maxrss would carry the parent's peak over
+        # exec (Linux keeps it in the process, not the address space).
+        with open("/proc/self/status") as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        own = hwm_kib / 1024
         return {
             "process_mb": own,
             "ray_workers_mb": self.workers_mb,
