@@ -19,8 +19,6 @@ for the same seeds, so the paired table compares the subset with real-only data)
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -62,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.dst.exists():
         p.error(f"{args.dst} exists")
+    if not list((args.src / "data" / "imagined").glob("*.parquet")):
+        p.error(f"{args.src}: no imagined data (data/imagined/*.parquet); run `kalm imagine` first")
     shutil.copytree(args.src, args.dst, ignore=shutil.ignore_patterns("policy*", "eval*"))
     folder = args.dst / "data" / "imagined"
     parts = sorted(folder.glob("*.parquet"))
@@ -74,23 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         keep &= np.isin(table["episode_id"].to_numpy(zero_copy_only=False), list(ok))
     for f in parts:
         f.unlink()
-    pq.write_table(table.filter(pa.array(keep)), folder / "part-00000.parquet")
-    # The stage's manifest checks its files' sizes and digests: record the new file's.
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["checksums"] = {
-        k: v for k, v in manifest["checksums"].items() if not k.endswith(".parquet")
-    }
-    for f in sorted(folder.iterdir()):
-        if f.name != "manifest.json":
-            data = f.read_bytes()
-            rel = f.relative_to(args.dst).as_posix()
-            manifest["checksums"][rel] = {
-                "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
     kept = table.filter(pa.array(keep))
+    pq.write_table(kept, folder / "part-00000.parquet")
+    # The stage's manifest checks its files' sizes and digests: write it again over the new file.
+    from kalm_ray.artifacts import RunDir, write_manifest
+
+    run = RunDir(str(args.dst))
+    write_manifest(run, "data/imagined", run.manifest("data/imagined"))
     per_level = {
         lv: len(set(kept.filter(pc.equal(kept["level"], lv))["episode_id"].to_pylist()))
         for lv in sorted(set(kept["level"].to_pylist()))
