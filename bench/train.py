@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -266,37 +267,55 @@ class PeakMemory:
         }
 
 
+def start_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def build_arm(
+    name: str, data: dict[str, np.ndarray], folder: str, args: argparse.Namespace
+) -> tuple[Any, Any]:
+    """``(round, algo)``: a library's timed round (``--updates`` updates, returns updates/s)
+    and its RLlib algorithm to stop at the end (None for d3rlpy). RLlib arms need Ray started
+    and the prepared data in ``folder``."""
+    discrete = args.algo == "dcql"
+    if name == "d3rlpy":
+        d3, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
+        return (lambda: rate_d3rlpy(d3, dataset, args.updates)), None
+    if name == "kalm_ray":
+        algo = build_ours(folder, args.transitions, args.updates, discrete=discrete)
+    else:
+        algo = build_stock(folder, args.updates)
+    return (lambda: rate_rllib(algo, args.updates)), algo
+
+
+def stop_algo(algo: Any) -> None:
+    from kalm_ray.rl.unit import close_iterators
+
+    close_iterators(algo)
+    algo.stop()
+
+
 def run_arm(args: argparse.Namespace) -> dict[str, float]:
     """One library alone in this process: build, warm up, one round; rate and peak memory."""
     import torch
 
     torch.set_num_threads(args.threads)
     mem = PeakMemory()
-    discrete = args.algo == "dcql"
-    data = (make_discrete_data if discrete else make_data)(args.transitions)
+    data = (make_discrete_data if args.algo == "dcql" else make_data)(args.transitions)
     with tempfile.TemporaryDirectory(prefix="kalm-bench-train-") as tmp:
-        if args.arm == "d3rlpy":
-            algo, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
-            rate_d3rlpy(algo, dataset, args.updates)
-            rate = rate_d3rlpy(algo, dataset, args.updates)
-        else:
+        folder = os.path.join(tmp, "prepared")
+        if args.arm != "d3rlpy":
+            start_ray()
+            write_prepared(data, folder)
+        timed, algo = build_arm(args.arm, data, folder, args)
+        timed()  # warm-up
+        rate = timed()
+        if algo is not None:
             import ray
 
-            ray.init(
-                num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False
-            )
-            folder = os.path.join(tmp, "prepared")
-            write_prepared(data, folder)
-            if args.arm == "kalm_ray":
-                algo = build_ours(folder, args.transitions, args.updates, discrete=discrete)
-            else:
-                algo = build_stock(folder, args.updates)
-            rate_rllib(algo, args.updates)
-            rate = rate_rllib(algo, args.updates)
-            from kalm_ray.rl.unit import close_iterators
-
-            close_iterators(algo)
-            algo.stop()
+            stop_algo(algo)
             ray.shutdown()
     return {"rate": rate, **mem.stop()}
 
@@ -347,24 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray()
     discrete = args.algo == "dcql"
     if discrete:
         args.no_stock = True  # RLlib 2.60 has no discrete CQL
     data = (make_discrete_data if discrete else make_data)(args.transitions)
+    names = ["d3rlpy", "kalm_ray"] + ([] if args.no_stock else ["rllib_stock"])
     with tempfile.TemporaryDirectory(prefix="kalm-bench-train-") as tmp:
         folder = os.path.join(tmp, "prepared")
         write_prepared(data, folder)
-        runners = {"d3rlpy": None, "kalm_ray": None, "rllib_stock": None}
-        algo_d3, dataset = (build_d3rlpy_dcql if discrete else build_d3rlpy)(data)
-        runners["d3rlpy"] = lambda: rate_d3rlpy(algo_d3, dataset, args.updates)
-        ours = build_ours(folder, args.transitions, args.updates, discrete=discrete)
-        runners["kalm_ray"] = lambda: rate_rllib(ours, args.updates)
-        if args.no_stock:
-            del runners["rllib_stock"]
-        else:
-            stock = build_stock(folder, args.updates)
-            runners["rllib_stock"] = lambda: rate_rllib(stock, args.updates)
+        built = {name: build_arm(name, data, folder, args) for name in names}
+        runners = {name: timed for name, (timed, _) in built.items()}
         for fn in runners.values():  # warm-up: first batches, lazy state, PreLearner mapping
             fn()
         rates: dict[str, list[float]] = {k: [] for k in runners}
@@ -381,15 +393,12 @@ def main(argv: list[str] | None = None) -> int:
 
             prof = cProfile.Profile()
             prof.enable()
-            rate_rllib(ours, args.updates)
+            runners["kalm_ray"]()
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        from kalm_ray.rl.unit import close_iterators
-
-        for algo in (ours, stock if not args.no_stock else None):
+        for _, algo in built.values():
             if algo is not None:
-                close_iterators(algo)
-                algo.stop()
+                stop_algo(algo)
     med = {k: statistics.median(v) for k, v in rates.items()}
     base = med["d3rlpy"]
     shape = f"obs {D_OBS_DIM}, {D_ACTIONS} actions" if discrete else f"obs {OBS_DIM}"
