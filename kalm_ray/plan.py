@@ -463,17 +463,17 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
 
     t = cfg.train
     n_pol = len(t.algos) * len(t.data) * len(t.seeds)
-    home = "each unit's process" if t.max_concurrent_units != 1 else "the driver"
-    learners = (f"in {home}" if t.num_learners == 0 else f"{t.num_learners} learner actors") + (
-        f" x {t.num_gpus_per_learner:g} GPU" if t.num_gpus_per_learner else ", no GPU"
-    )
     if t.max_concurrent_units == 1:
-        units = "one after another in the driver"
+        units, home = "one after another in the driver", "the driver"
     else:
         cap = "as many at once as the CPUs hold"
         if t.max_concurrent_units:
             cap = f"at most {t.max_concurrent_units} at once"
         units = f"each a Ray task of {t.num_cpus_per_unit:g} CPU, {cap}"
+        home = "each unit's process"
+    learners = (f"in {home}" if t.num_learners == 0 else f"{t.num_learners} learner actors") + (
+        f" x {t.num_gpus_per_learner:g} GPU" if t.num_gpus_per_learner else ", no GPU"
+    )
     plan.add(
         "train",
         f"RLlib: {n_pol} policies ({'/'.join(t.algos)}), {units}; learners {learners}",

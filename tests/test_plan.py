@@ -150,3 +150,18 @@ def test_submit_runs_the_plan_checks_before_reaching_the_cluster(tmp_path, capsy
     assert main(["submit", cfg, "--address", "http://127.0.0.1:9", "--no-follow"]) == 2
     err = capsys.readouterr().err
     assert "imagine.max_steps" in err and "cannot reach" not in err
+
+
+def test_plan_says_how_training_units_run(tmp_path):
+    """The train line names the cap on units at once, or the sequential in-driver path."""
+    lines = {}
+    for cap in (None, 2, 1):
+        cfg = load_config(_config(tmp_path, "quick", **{"train.max_concurrent_units": cap}))
+        lines[cap] = next(x for x in make_plan(cfg).lines if x.startswith("train"))
+    assert (
+        "6 policies (bc), each a Ray task of 1 CPU, as many at once as the CPUs hold" in lines[None]
+    )
+    assert (
+        "each a Ray task of 1 CPU, at most 2 at once; learners in each unit's process" in lines[2]
+    )
+    assert "one after another in the driver; learners in the driver" in lines[1]
