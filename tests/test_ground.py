@@ -210,10 +210,38 @@ def test_run_ground_stage(tmp_path, ray_local):
         metrics
     )
     assert m.counts["episodes_heldout"] > 0 and m.counts["examples_train"] > 0
+    # The LLM-as-policy 2 x 2: held-out and training starts, own and rephrased wordings.
+    assert metrics["policy_n"] == m.counts["episodes_heldout"]
+    assert metrics["policy_seen_n"] == m.counts["episodes_train"]
+    for prefix in ("policy", "policy_seen"):
+        for key in ("llm_success", "random_success", "llm_rephrase_success"):
+            assert 0.0 <= metrics[f"{prefix}_{key}"] <= 1.0
     assert not (tmp_path / "model.work").exists()
     model, tok, codec = load_grounded(model_dir)
     assert codec.n_bins == 64 and model.config.vocab_size >= len(tok)
     assert run_ground(cfg, str(tmp_path)).output_id == m.output_id  # current: skipped
+
+
+def test_rephrased_wordings_are_the_same_goals_and_stable():
+    """The policy metrics' rephrased episodes: same goal and start, a rephrase-level wording."""
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.ground.metrics import rephrased
+    from kalm_ray.llm.prompts import EpisodeArrays
+
+    suite = get_suite("clevr")
+    tasks = suite.tasks("train")[:5]
+    states = np.zeros((2, suite.layout.dim), np.float32)
+    eps = [
+        EpisodeArrays(f"e{i}", t, suite.instructions("train", t)[0], states, np.zeros(1))
+        for i, t in enumerate(tasks)
+    ]
+    got = rephrased(suite, eps, seed=3)
+    assert [e.task for e in got] == tasks and all(e.states is states for e in got)
+    assert all(e.instruction in suite.instructions("rephrase", e.task) for e in got)
+    assert not {e.instruction for e in got} & {e.instruction for e in eps}
+    assert [e.instruction for e in rephrased(suite, eps, seed=3)] == [e.instruction for e in got]
+    novel = EpisodeArrays("x", suite.tasks("easy")[0], "w", states, np.zeros(1))
+    assert rephrased(suite, [*eps, novel], seed=3) == []  # a goal with no rephrase wording
 
 
 @pytest.mark.gpu

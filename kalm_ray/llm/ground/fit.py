@@ -163,6 +163,7 @@ def build_examples(
 
     g = cfg.ground
     ex_uri, held_uri = run.uri_of(work, "examples"), run.uri_of(work, "heldout_real")
+    seen_uri = run.uri_of(work, "seen_starts")
     if not run.exists(work, "examples.done"):
         if not run.exists("data", "real"):
             raise InputError(
@@ -176,7 +177,7 @@ def build_examples(
                 f"ground.lookahead_pushes: {run.uri_of('data', 'real')} has no lookahead "
                 "column; collect again with collect.lookahead: true"
             )
-        for part in ("examples", "heldout_real"):
+        for part in ("examples", "heldout_real", "seen_starts"):
             run.delete(work, part)
         real = ray.data.read_parquet(run.uri_of("data", "real"), file_extensions=["parquet"])
         # A hash shuffle's default partition count spawns dozens of tasks; small data needs one.
@@ -198,16 +199,24 @@ def build_examples(
         )
         examples.write_parquet(ex_uri)
 
-        def keep_heldout(batch: Any) -> Any:
+        def split(batch: Any, *, heldout: bool) -> Any:
             import pyarrow as pa
+            import pyarrow.compute as pc
 
             mask = [
-                is_heldout(e, g.heldout_fraction, cfg.seed)
+                is_heldout(e, g.heldout_fraction, cfg.seed) == heldout
                 for e in batch.column("episode_id").to_pylist()
             ]
+            if not heldout:  # the training episodes' first rows: the metrics' seen starts
+                mask = pc.and_(pa.array(mask, pa.bool_()), pc.equal(batch.column("t"), 0))
             return batch.filter(pa.array(mask, pa.bool_()))
 
-        real.map_batches(keep_heldout, batch_format="pyarrow").write_parquet(held_uri)
+        real.map_batches(split, fn_kwargs={"heldout": True}, batch_format="pyarrow").write_parquet(
+            held_uri
+        )
+        real.map_batches(split, fn_kwargs={"heldout": False}, batch_format="pyarrow").write_parquet(
+            seen_uri
+        )
         run.write_text("ok", work, "examples.done")
     meta = pads.dataset(run.path(work, "examples"), format="parquet", filesystem=run.fs).to_table(
         columns=["episode_id", "task", "split", "dropped"]
@@ -258,6 +267,7 @@ def train_config(
         "metrics": {
             "env": cfg.env.name,
             "heldout_real": run.uri_of(work, "heldout_real"),
+            "seen_starts": run.uri_of(work, "seen_starts"),
             "max_examples": g.eval_examples,
             "max_rollouts": g.eval_rollouts,
             "seed": cfg.seed,
@@ -302,6 +312,21 @@ def fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> 
     return result
 
 
+def policy_line(m: dict[str, Any]) -> str:
+    """Success from held-out and from seen starts, with the goals' own and rephrased wordings."""
+    parts = []
+    for prefix, starts in (("policy", "held-out"), ("policy_seen", "training")):
+        if f"{prefix}_llm_success" not in m:
+            continue
+        reworded = m.get(f"{prefix}_llm_rephrase_success")
+        parts.append(
+            f"{m[prefix + '_llm_success']:.2f} from {m[prefix + '_n']} {starts} starts"
+            + (f" ({reworded:.2f} rephrased)" if reworded is not None else "")
+            + f" vs random {m[prefix + '_random_success']:.2f}"
+        )
+    return "; ".join(parts)
+
+
 def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
     """The stage's closing lines: held-out metrics and timings."""
     if "dynamics_mae" in m:
@@ -314,11 +339,7 @@ def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
             flush=True,
         )
     if m.get("policy_n"):
-        print(
-            f"[kalm] ground: LLM as policy on {m['policy_n']} held-out train-level starts: "
-            f"success {m['policy_llm_success']:.2f} vs random {m['policy_random_success']:.2f}",
-            flush=True,
-        )
+        print(f"[kalm] ground: LLM as policy on train-level goals: {policy_line(m)}", flush=True)
     print(
         f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
         flush=True,

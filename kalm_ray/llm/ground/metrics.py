@@ -12,12 +12,15 @@
   given for reference;
 - policy (the measure of whether grounding made a policy): the grounded LLM run closed loop
   in the simulator (:class:`kalm_ray.llm.policy.LLMPolicy`) from held-out episodes' real
-  starts with their instructions, next to the uniform-random policy on the same starts.
-  Where the env cannot be placed at a given state (no ``set_state``) it is skipped.
+  starts with their instructions, next to the uniform-random policy on the same starts; and
+  the same from training episodes' starts, and with a rephrased wording of the same goals
+  (:func:`policy_metrics`). Where the env cannot be placed at a given state (no
+  ``set_state``) it is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -255,6 +258,23 @@ def generation_metrics(
     }
 
 
+def rephrased(suite: Any, episodes: list[EpisodeArrays], seed: int) -> list[EpisodeArrays]:
+    """The episodes with a ``rephrase``-level wording of their own goal instead of theirs.
+
+    Empty when a goal has no rephrase wordings. The k-th episode takes a wording drawn with
+    ``(seed, k)``, so the same episodes always get the same wordings.
+    """
+    goals = set(suite.tasks("rephrase"))
+    if not episodes or any(e.task not in goals for e in episodes):
+        return []
+    out = []
+    for k, e in enumerate(episodes):
+        wordings = suite.instructions("rephrase", e.task)
+        pick = int(np.random.default_rng([seed, k]).integers(len(wordings)))
+        out.append(dataclasses.replace(e, instruction=wordings[pick]))
+    return out
+
+
 def policy_metrics(
     model: Any,
     tokenizer: Any,
@@ -262,12 +282,21 @@ def policy_metrics(
     suite: Any,
     episodes: list[EpisodeArrays],
     *,
+    seen: list[EpisodeArrays] | None = None,
     n_envs: int = 16,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """LLM-as-policy vs the random policy, closed loop from ``episodes``' real starts.
+    """LLM-as-policy vs the random policy, closed loop from real starts, in a 2 x 2.
 
-    Each held-out episode gives one spec: its task and instruction at the ``train`` level,
-    started exactly at its first real state; both policies meet the same specs.
+    Each episode gives one spec: its task and instruction at the ``train`` level, started
+    exactly at its first real state; every policy meets the same specs. Starts come from the
+    held-out ``episodes`` (``policy_*``) and from ``seen``, episodes the model was trained on
+    (``policy_seen_*``): a model that reaches its goals from the starts it saw and not from
+    fresh ones has memorized its episodes instead of learning the geometry. Each set is run
+    again with a ``rephrase``-level wording of the same goal (``*_llm_rephrase_success``, the
+    LLM only: the random policy does not read the wording): a model that succeeds with the
+    training wording and not with a rephrased one does not understand the rephrasing, and
+    its imagined rollouts for the rephrase level cannot be better than that.
     """
     if not episodes:
         return {"policy_n": 0}
@@ -279,8 +308,6 @@ def policy_metrics(
     if not can_place_start(suite):
         return {"policy_n": 0, "policy_skipped": "the env cannot be placed at a given state"}
 
-    specs = [EpisodeSpec(i, "train", e.task, e.instruction, i) for i, e in enumerate(episodes)]
-    starts = {i: e.states[0] for i, e in enumerate(episodes)}
     envs: dict[int, Any] = {}
 
     def get_env(slot: int, spec: EpisodeSpec) -> Any:
@@ -288,23 +315,31 @@ def policy_metrics(
             envs[slot] = suite.make_env("train")
         return envs[slot]
 
-    out: dict[str, Any] = {"policy_n": len(specs)}
-    for name, policy in (
-        ("llm", LLMPolicy.from_loaded(model, tokenizer, codec)),
-        ("random", RandomPolicy(suite.action_space)),
-    ):
+    def success(policy: Any, eps: list[EpisodeArrays]) -> tuple[float, float]:
         res = run_episodes(
             policy,
-            specs,
+            [EpisodeSpec(i, "train", e.task, e.instruction, i) for i, e in enumerate(eps)],
             get_env=get_env,
-            embeddings={e.instruction: np.zeros(0, np.float32) for e in episodes},
+            embeddings={e.instruction: np.zeros(0, np.float32) for e in eps},
             make_obs=lambda s, e: s,
             n_envs=n_envs,
             max_steps=suite.max_episode_steps,
-            start_states=starts,
+            start_states={i: e.states[0] for i, e in enumerate(eps)},
         )
-        out[f"policy_{name}_success"] = float(np.mean([r.success for r in res]))
-        out[f"policy_{name}_mean_length"] = float(np.mean([r.length for r in res]))
+        return float(np.mean([r.success for r in res])), float(np.mean([r.length for r in res]))
+
+    llm, random = LLMPolicy.from_loaded(model, tokenizer, codec), RandomPolicy(suite.action_space)
+    out: dict[str, Any] = {"policy_n": len(episodes), "policy_seen_n": len(seen or [])}
+    for prefix, eps in (("policy", episodes), ("policy_seen", seen or [])):
+        if not eps:
+            continue
+        for name, policy in (("llm", llm), ("random", random)):
+            ok, length = success(policy, eps)
+            out[f"{prefix}_{name}_success"] = ok
+            out[f"{prefix}_{name}_mean_length"] = length
+        reworded = rephrased(suite, eps, seed)
+        if reworded:
+            out[f"{prefix}_llm_rephrase_success"] = success(llm, reworded)[0]
     for e in envs.values():
         e.close()
     return out
@@ -317,6 +352,7 @@ def grounding_metrics(
     suite: Any,
     episodes: list[EpisodeArrays],
     *,
+    seen: list[EpisodeArrays] | None = None,
     device: str = "cpu",
     max_examples: int = 128,
     max_rollouts: int = 32,
@@ -329,7 +365,9 @@ def grounding_metrics(
     Args:
         max_examples: transitions for dynamics and episodes for explanation.
         max_rollouts: episodes whose (instruction, start) prompt a rollout.
-        max_policy_episodes: episodes whose starts the LLM-as-policy and random play from.
+        seen: training episodes (their first state is enough) for the policy's seen starts.
+        max_policy_episodes: episodes whose starts the LLM-as-policy and random play from,
+            from ``episodes`` and from ``seen`` each.
     """
     rng = np.random.default_rng(seed)
     trans = [
@@ -364,5 +402,10 @@ def grounding_metrics(
             device=device,
         )
     )
-    out.update(policy_metrics(model, tokenizer, codec, suite, ep_pick[:max_policy_episodes]))
+    seen_pick = [seen[i] for i in rng.permutation(len(seen or []))[:max_policy_episodes]]
+    out.update(
+        policy_metrics(
+            model, tokenizer, codec, suite, ep_pick[:max_policy_episodes], seen=seen_pick, seed=seed
+        )
+    )
     return out

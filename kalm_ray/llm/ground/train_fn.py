@@ -613,10 +613,14 @@ def _finish(
     t0 = time.perf_counter()
     suite = get_suite(mcfg.pop("env"))
     episodes = read_episodes(mcfg.pop("heldout_real"))
+    seen_path = mcfg.pop("seen_starts", None)  # absent in a work folder from before it existed
+    seen = read_episodes(seen_path) if seen_path else []
     gen_tok = AutoTokenizer.from_pretrained(str(out))
     gen_tok.padding_side = "left"
     merged.eval()
     with torch.no_grad():
-        mx = grounding_metrics(merged, gen_tok, codec, suite, episodes, device=str(device), **mcfg)
+        mx = grounding_metrics(
+            merged, gen_tok, codec, suite, episodes, seen=seen, device=str(device), **mcfg
+        )
     mx["seconds"] = time.perf_counter() - t0
     (out / "grounding_metrics.json").write_text(json.dumps(mx, indent=1))
