@@ -24,21 +24,25 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray):
-    """(linear accuracy, nearest-neighbour accuracy) on the test rows; features standardized
-    with the training rows' statistics; the classifier is seeded, full batch, L2-regularized."""
+def linear_reader(x_train: np.ndarray, y_train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A multinomial logistic regression fitted on the rows (features standardized with their
+    statistics; seeded, full batch, L2-regularized): ``read(x) -> class ids``."""
     import torch
 
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     a = torch.as_tensor((x_train - mu) / sd, dtype=torch.float32)
-    b = torch.as_tensor((x_test - mu) / sd, dtype=torch.float32)
     y = torch.as_tensor(y_train)
     torch.manual_seed(0)
     head = torch.nn.Linear(a.shape[1], int(y_train.max()) + 1)
@@ -47,11 +51,30 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
         opt.zero_grad()
         torch.nn.functional.cross_entropy(head(a), y).backward()
         opt.step()
-    with torch.no_grad():
-        linear = float((head(b).argmax(1).numpy() == y_test).mean())
+
+    def read(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.as_tensor((x - mu) / sd, dtype=torch.float32)).argmax(1).numpy()
+
+    return read
+
+
+def probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> tuple[float, float]:
+    """(linear accuracy, nearest-neighbour accuracy) on the test rows."""
+    linear = float((linear_reader(x_train, y_train)(x_test) == y_test).mean())
     unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
     nearest = y_train[(unit(x_test) @ unit(x_train).T).argmax(1)]
     return linear, float((nearest == y_test).mean())
+
+
+def wordings(table: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """``(level, task, text, embedding)`` columns of an instructions table, as arrays."""
+    col = table.column("embedding").combine_chunks()
+    emb = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
+    level, task = (np.asarray(table.column(c).to_pylist()) for c in ("level", "task"))
+    return level, task, table.column("text").to_pylist(), emb
 
 
 def smollm2_features(texts: list[str], layers: list[int]) -> dict[int, np.ndarray]:
@@ -91,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"wording_probe: {e}", file=sys.stderr)
         return 2
-    level = np.asarray(table.column("level").to_pylist())
-    task = np.asarray(table.column("task").to_pylist())
-    text = table.column("text").to_pylist()
-    col = table.column("embedding").combine_chunks()
-    emb = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(col), -1)
+    level, task, text, emb = wordings(table)
     train, test = level == "train", level == "rephrase"
     if not train.any() or not test.any():
         print("wording_probe: the table has no train or no rephrase wordings", file=sys.stderr)
