@@ -200,16 +200,18 @@ def build_examples(
         examples.write_parquet(ex_uri)
 
         def split(batch: Any, *, heldout: bool) -> Any:
-            import pyarrow as pa
-            import pyarrow.compute as pc
+            import numpy as np
 
-            mask = [
-                is_heldout(e, g.heldout_fraction, cfg.seed) == heldout
-                for e in batch.column("episode_id").to_pylist()
-            ]
+            mask = np.array(
+                [
+                    is_heldout(e, g.heldout_fraction, cfg.seed) == heldout
+                    for e in batch.column("episode_id").to_pylist()
+                ],
+                bool,
+            )
             if not heldout:  # the training episodes' first rows: the metrics' seen starts
-                mask = pc.and_(pa.array(mask, pa.bool_()), pc.equal(batch.column("t"), 0))
-            return batch.filter(pa.array(mask, pa.bool_()))
+                mask &= batch.column("t").to_numpy() == 0
+            return batch.filter(mask)
 
         real.map_batches(split, fn_kwargs={"heldout": True}, batch_format="pyarrow").write_parquet(
             held_uri

@@ -27,8 +27,9 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
   :class:`kalm_ray.llm.ground.progress_actor.ProgressBoard` that rank 0 posts
   ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
 - ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.ground.metrics.grounding_metrics`
-  plus ``env`` and ``heldout_real`` (Parquet of held-out transitions); computed on rank 0
-  after training and written as ``grounding_metrics.json`` beside the model.
+  plus ``env``, ``heldout_real`` (Parquet of held-out transitions) and optionally
+  ``seen_starts`` (training episodes' first rows, for the policy's seen starts); computed on
+  rank 0 after training and written as ``grounding_metrics.json`` beside the model.
 
 The final model (merged full weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
 ``generation_config.json``) is written by rank 0 into the last checkpoint's ``final/``
@@ -613,7 +614,8 @@ def _finish(
     t0 = time.perf_counter()
     suite = get_suite(mcfg.pop("env"))
     episodes = read_episodes(mcfg.pop("heldout_real"))
-    seen_path = mcfg.pop("seen_starts", None)  # absent in a work folder from before it existed
+    # Optional: without it (or in a work folder built before it was written) no seen cells.
+    seen_path = mcfg.pop("seen_starts", None)
     seen = read_episodes(seen_path) if seen_path else []
     gen_tok = AutoTokenizer.from_pretrained(str(out))
     gen_tok.padding_side = "left"
