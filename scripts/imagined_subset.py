@@ -51,6 +51,32 @@ def confirmed_episodes(table: pa.Table, env: str) -> set[str]:
     return out
 
 
+def imagined_parts(p: argparse.ArgumentParser, src: Path, dst: Path) -> list[Path]:
+    """The source's imagined Parquet files; one error line (exit 2) when there are none or
+    ``dst`` exists, before anything is written."""
+    if dst.exists():
+        p.error(f"{dst} exists")
+    parts = sorted((src / "data" / "imagined").glob("*.parquet"))
+    if not parts:
+        p.error(f"{src}: no imagined data (data/imagined/*.parquet); run `kalm imagine` first")
+    return parts
+
+
+def write_copy(src: Path, dst: Path, imagined: pa.Table) -> None:
+    """A copy of the run ``src`` at ``dst`` (no policies, no evaluation) whose whole imagined
+    data is ``imagined``, with the stage's manifest written again over the new file (it checks
+    its files' sizes and digests)."""
+    from kalm_ray.artifacts import RunDir, write_manifest
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("policy*", "eval*"))
+    folder = dst / "data" / "imagined"
+    for f in folder.glob("*.parquet"):
+        f.unlink()
+    pq.write_table(imagined, folder / "part-00000.parquet")
+    run = RunDir(str(dst))
+    write_manifest(run, "data/imagined", run.manifest("data/imagined"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src", type=Path, help="a run dir with data/imagined done")
@@ -58,29 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", action="append", help="keep only these levels (repeatable)")
     p.add_argument("--confirmed", action="store_true", help="keep only replay-confirmed rollouts")
     args = p.parse_args(argv)
-    if args.dst.exists():
-        p.error(f"{args.dst} exists")
-    if not list((args.src / "data" / "imagined").glob("*.parquet")):
-        p.error(f"{args.src}: no imagined data (data/imagined/*.parquet); run `kalm imagine` first")
-    shutil.copytree(args.src, args.dst, ignore=shutil.ignore_patterns("policy*", "eval*"))
-    folder = args.dst / "data" / "imagined"
-    parts = sorted(folder.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in parts])
+    table = pa.concat_tables([pq.read_table(f) for f in imagined_parts(p, args.src, args.dst)])
     keep = np.ones(table.num_rows, bool)
     if args.level:
         keep &= np.isin(table["level"].to_numpy(zero_copy_only=False), args.level)
     if args.confirmed:
         ok = confirmed_episodes(table, table["env"][0].as_py())
         keep &= np.isin(table["episode_id"].to_numpy(zero_copy_only=False), list(ok))
-    for f in parts:
-        f.unlink()
     kept = table.filter(pa.array(keep))
-    pq.write_table(kept, folder / "part-00000.parquet")
-    # The stage's manifest checks its files' sizes and digests: write it again over the new file.
-    from kalm_ray.artifacts import RunDir, write_manifest
-
-    run = RunDir(str(args.dst))
-    write_manifest(run, "data/imagined", run.manifest("data/imagined"))
+    write_copy(args.src, args.dst, kept)
     per_level = {
         lv: len(set(kept.filter(pc.equal(kept["level"], lv))["episode_id"].to_pylist()))
         for lv in sorted(set(kept["level"].to_pylist()))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wording_probe import linear_reader, wordings  # noqa: E402  (a sibling script)
+from imagined_subset import imagined_parts, write_copy  # noqa: E402  (sibling scripts)
+from wording_probe import linear_reader, wordings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reading", choices=("own", "linear"), required=True)
     p.add_argument("--seed", type=int, default=0, help="which demonstration each wording gets")
     args = p.parse_args(argv)
-    if args.dst.exists():
-        p.error(f"{args.dst} exists")
-    imagined = args.src / "data" / "imagined"
-    if not list(imagined.glob("*.parquet")):
-        p.error(f"{args.src}: no imagined data (data/imagined/*.parquet); run `kalm imagine` first")
+    imagined = imagined_parts(p, args.src, args.dst)
 
-    from kalm_ray.artifacts import RunDir, write_manifest
     from kalm_ray.data.text import read_instruction_table
+    from kalm_ray.errors import InputError
 
-    level, task, text, emb = wordings(read_instruction_table(str(args.src)))
+    try:
+        level, task, text, emb = wordings(read_instruction_table(str(args.src)))
+    except InputError as e:
+        p.error(str(e))
     train, reph = level == "train", level == "rephrase"
     goals = sorted(set(task[train]))
     read_as = task[reph]
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         read = linear_reader(emb[train], np.asarray([goals.index(g) for g in task[train]]))
         read_as = np.asarray(goals)[read(emb[reph])]
 
-    schema = pq.read_schema(sorted(imagined.glob("*.parquet"))[0])
+    schema = pq.read_schema(imagined[0])
     real = pa.concat_tables(
         pq.read_table(f, columns=schema.names)
         for f in sorted((args.src / "data/real").glob("*.parquet"))
@@ -67,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     episode_of = {}  # goal -> its demonstrations' ids
     for eid, goal in zip(real["episode_id"].to_pylist(), real["task"].to_pylist(), strict=True):
         episode_of.setdefault(goal, {})[eid] = None
+    missing = sorted(set(read_as) - set(episode_of))
+    if missing:
+        p.error(f"{args.src}: no real demonstration of goal {missing[0]!r} to reword")
     generator = json.dumps({"oracle": "reworded_demos", "reading": args.reading})
     parts = []
     for i, (goal, wording, read_goal) in enumerate(
@@ -89,13 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(rows)
     table = pa.concat_tables(parts)
 
-    shutil.copytree(args.src, args.dst, ignore=shutil.ignore_patterns("policy*", "eval*"))
-    folder = args.dst / "data" / "imagined"
-    for f in folder.glob("*.parquet"):
-        f.unlink()
-    pq.write_table(table, folder / "part-00000.parquet")
-    run = RunDir(str(args.dst))
-    write_manifest(run, "data/imagined", run.manifest("data/imagined"))
+    write_copy(args.src, args.dst, table)
     right = float(np.mean(read_as == task[reph]))
     print(
         f"{args.dst}: {len(parts)} reworded demonstrations ({table.num_rows} rows), "
