@@ -56,9 +56,18 @@ class _Section(BaseModel):
     # Fields that only say how much hardware to use: they never change a stage's output,
     # so they are left out of the stage fingerprint (more workers must not re-collect data).
     _placement_only: ClassVar[frozenset[str]] = frozenset()
+    # Fields added after runs were made with this section: left out of the fingerprint while
+    # they hold their default (the behaviour from before they existed), so an upgrade does not
+    # make finished stages (hours of grounding) stale.
+    _hashed_when_set: ClassVar[frozenset[str]] = frozenset()
 
     def hashed_dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=set(self._placement_only))
+        unset = {
+            f
+            for f in self._hashed_when_set
+            if getattr(self, f) == type(self).model_fields[f].default
+        }
+        return self.model_dump(mode="json", exclude=set(self._placement_only) | unset)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -198,6 +207,7 @@ class ModelSection(_Section):
 class GroundConfig(_Section):
     # Memory and CPU sizing only; checkpointing recomputes the same activations.
     _placement_only = frozenset({"gradient_checkpointing", "gpu_memory_gib", "num_cpus_per_worker"})
+    _hashed_when_set = frozenset({"relabel_copies"})
 
     model: ModelSection = ModelSection()
     """The base language model."""
@@ -229,6 +239,13 @@ class GroundConfig(_Section):
     action_loss_weight: Annotated[float, Field(gt=0)] = 1.0
     """Weight of action tokens in the grounding loss relative to other target tokens (1 =
     plain cross-entropy). Raising it makes the grounded model more of a policy."""
+    relabel_copies: Annotated[int, Field(ge=0)] = 0
+    """Each training episode also gives its examples under this many of the env's symmetries
+    (CLEVR: the balls' colours renamed and the table mirrored left-right, a seeded draw per
+    episode; :mod:`kalm_ray.envs.clevr.symmetry`). Each copy is exactly a real episode of the
+    renamed goal, in the same template's wording. Why: the grounded model memorizes its
+    training episodes instead of learning to act from new layouts. Held-out episodes are
+    never relabelled. 0 = the episodes as collected."""
     lookahead_pushes: Annotated[int, Field(ge=0)] = 0
     """Extra ``dynamics`` examples per visited state from the recorded lookahead
     (``collect.lookahead``): that many of the other pushes' real next states, a seeded
@@ -486,6 +503,8 @@ class ExperimentConfig(_Section):
             raise ValueError("collect.lookahead: only CLEVR's scripted pusher simulates pushes")
         if self.ground.lookahead_pushes and not self.collect.lookahead:
             raise ValueError("ground.lookahead_pushes needs collect.lookahead: true")
+        if self.ground.relabel_copies and self.env.name != "clevr":
+            raise ValueError("ground.relabel_copies: only CLEVR has symmetries to relabel with")
         return self
 
     def section_hash(self, *sections: str) -> str:

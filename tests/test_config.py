@@ -39,6 +39,12 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "imagine": {"candidates": 4}}, "candidates > 1 needs mode: stepwise"),
         ({"name": "x", "imagine": {"candidates": 0, "mode": "stepwise"}}, "imagine.candidates"),
         ({"name": "bad name!"}, "name"),
+        (
+            {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},
+             "ground": {"relabel_copies": 2}},
+            "only CLEVR has symmetries",
+        ),
+        ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, needle: str) -> None:
@@ -71,6 +77,15 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     b = parse_config({"name": "exp", "collect": {"epsilon": 0.1}}).section_hash("env", "collect")
     c = parse_config({"name": "exp", "collect": {"epsilon": 0.2}}).section_hash("env", "collect")
     assert a == b != c
+    # A field added later is hashed only when set: runs made before it stay current.
+    plain = parse_config({"name": "exp"})
+    assert "relabel_copies" not in plain.ground.hashed_dump()
+    assert plain.section_hash("ground") == parse_config(
+        {"name": "exp", "ground": {"relabel_copies": 0}}
+    ).section_hash("ground")
+    assert plain.section_hash("ground") != parse_config(
+        {"name": "exp", "ground": {"relabel_copies": 4}}
+    ).section_hash("ground")
 
 
 def test_placement_fields_do_not_change_stage_hash() -> None:

@@ -178,3 +178,61 @@ def test_lookahead_pushes_add_dynamics_examples_of_other_actions(codec, tokenize
     assert extra[0]["input_ids"] == ids and extra[0]["prompt_len"] == plen
     plain = EpisodeArrays(**{**ep.__dict__, "lookahead": None})
     assert lookahead_pairs(plain, 8) == []
+
+
+def test_relabelled_copies_are_seeded_training_wordings_of_renamed_goals(codec, tokenizer):
+    """``ground.relabel_copies``: each copy is the episode under a drawn symmetry, in the same
+    template's wording of the renamed goal, the same copies every time."""
+    from kalm_ray.envs.clevr.wordings import instructions
+    from kalm_ray.llm.prompts import relabelled_copies
+
+    text = instructions("train", "left:red:blue")[4]
+    ep = EpisodeArrays(**{**_episode(codec, 3).__dict__, "instruction": text})
+    copies = relabelled_copies(ep, 4, seed=0)
+    assert [c.episode_id for c in copies] == [f"ep0~r{k}" for k in range(4)]
+    assert [c.instruction for c in copies] == [c.instruction for c in relabelled_copies(ep, 4, 0)]
+    assert [c.instruction for c in copies] != [c.instruction for c in relabelled_copies(ep, 4, 1)]
+    for c in copies:
+        assert c.instruction == instructions("train", c.task)[4]
+        assert c.states.shape == ep.states.shape and len(c.actions) == len(ep.actions)
+        rows, _ = episode_examples(codec, tokenizer, c, max_seq_len=4096)
+        assert {r["episode_id"] for r in rows} == {c.episode_id}
+    assert relabelled_copies(ep, 0, seed=0) == []
+
+
+def test_example_builder_relabels_training_episodes_only(codec, tokenizer, suite, tmp_path):
+    from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
+    from kalm_ray.llm.prompts import ExampleBuilder
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    codec_path = str(codec.save(tmp_path))
+    eps = []
+    for i, task in enumerate(suite.tasks("train")[:12]):
+        e = _episode(codec, 2, seed=i, eid=f"e{i}")
+        eps.append(
+            Episode(
+                episode_id=e.episode_id,
+                env="clevr",
+                task=task,
+                level="train",
+                instruction=suite.instructions("train", task)[i],
+                states=e.states,
+                actions=e.actions,
+                rewards=np.zeros(2, np.float32),
+                successes=np.zeros(2, bool),
+                terminated=False,
+                truncated=True,
+            )
+        )
+    table = episodes_to_table(eps, transition_schema(10, suite.action_space))
+    kw = {"heldout_fraction": 0.3, "seed": 0, "max_seq_len": 4096}
+    plain = ExampleBuilder(codec_path, str(tmp_path / "tok"), **kw)(table).to_pylist()
+    more = ExampleBuilder(codec_path, str(tmp_path / "tok"), relabel_copies=2, **kw)(table)
+    more = more.to_pylist()
+    held = {r["episode_id"] for r in plain if r["split"] == "heldout"}
+    train = {r["episode_id"] for r in plain if r["split"] == "train"}
+    assert held and train
+    ids = {r["episode_id"] for r in more}
+    assert ids == held | train | {f"{e}~r{k}" for e in train for k in range(2)}
+    assert all(r["split"] == "train" for r in more if "~r" in r["episode_id"])
+    assert len(more) == len(plain) + 2 * sum(r["split"] == "train" for r in plain)

@@ -246,6 +246,24 @@ def lookahead_pairs(ep: EpisodeArrays, k: int) -> list[tuple[int, int]]:
     return out
 
 
+def relabelled_copies(ep: EpisodeArrays, n: int, seed: int) -> list[EpisodeArrays]:
+    """``n`` copies of a CLEVR training episode under drawn symmetries (colours renamed, table
+    mirrored; :mod:`kalm_ray.envs.clevr.symmetry`), seeded by ``(seed, episode id, copy)``.
+    Copy ``k``'s id is ``<id>~r<k>``."""
+    if n <= 0:
+        return []
+    from kalm_ray.envs.clevr.symmetry import random_relabel, relabel_episode
+
+    out = []
+    for k in range(n):
+        rng = np.random.default_rng([seed, zlib.crc32(ep.episode_id.encode()), k])
+        task, text, states, actions, look = relabel_episode(
+            random_relabel(rng), ep.task, ep.instruction, ep.states, ep.actions, ep.lookahead
+        )
+        out.append(EpisodeArrays(f"{ep.episode_id}~r{k}", task, text, states, actions, look))
+    return out
+
+
 # ---- splitting and episodes from rows ---------------------------------------------------------
 
 
@@ -310,6 +328,7 @@ class ExampleBuilder:
         *,
         heldout_fraction: float,
         seed: int,
+        relabel_copies: int = 0,
         **options: Any,
     ):
         from transformers import AutoTokenizer
@@ -322,6 +341,7 @@ class ExampleBuilder:
         self.options = options
         self.fraction = heldout_fraction
         self.seed = seed
+        self.relabel_copies = relabel_copies
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -330,6 +350,10 @@ class ExampleBuilder:
         for ep in episodes_from_table(batch):
             split = "heldout" if is_heldout(ep.episode_id, self.fraction, self.seed) else "train"
             exs, dropped = episode_examples(self.codec, self.tokenizer, ep, **self.options)
+            if split == "train":
+                for copy in relabelled_copies(ep, self.relabel_copies, self.seed):
+                    more, gone = episode_examples(self.codec, self.tokenizer, copy, **self.options)
+                    exs, dropped = exs + more, dropped + gone
             rows += [{**r, "split": split, "dropped": 0} for r in exs]
             if dropped:
                 rows.append(

@@ -194,6 +194,7 @@ def build_examples(
                 "rollout_starts": g.rollout_starts,
                 "lookahead_pushes": g.lookahead_pushes,
                 "heldout_fraction": g.heldout_fraction,
+                "relabel_copies": g.relabel_copies,
                 "seed": cfg.seed,
             },
         )
@@ -226,8 +227,9 @@ def build_examples(
     split = meta.column("split").to_pylist()
     episode = meta.column("episode_id").to_pylist()
     by = Counter(zip(split, meta.column("task").to_pylist(), strict=True))
+    # Relabelled copies (``<id>~r<k>``) count as their source episode.
     eps = {
-        s: len({e for e, sp in zip(episode, split, strict=True) if sp == s})
+        s: len({e.split("~r")[0] for e, sp in zip(episode, split, strict=True) if sp == s})
         for s in ("train", "heldout")
     }
     counts: dict[str, Any] = {
