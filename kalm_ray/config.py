@@ -58,7 +58,9 @@ class _Section(BaseModel):
     _placement_only: ClassVar[frozenset[str]] = frozenset()
     # Fields added after runs were made with this section: left out of the fingerprint while
     # they hold their default (the behaviour from before they existed), so an upgrade does not
-    # make finished stages (hours of grounding) stale.
+    # make finished stages (hours of grounding) stale. Such a field's default must never change
+    # (old fingerprints would stand for the new behaviour), and it must be a top-level field
+    # of a section with a plain default (nested models are dumped whole).
     _hashed_when_set: ClassVar[frozenset[str]] = frozenset()
 
     def hashed_dump(self) -> dict[str, Any]:
@@ -239,13 +241,13 @@ class GroundConfig(_Section):
     action_loss_weight: Annotated[float, Field(gt=0)] = 1.0
     """Weight of action tokens in the grounding loss relative to other target tokens (1 =
     plain cross-entropy). Raising it makes the grounded model more of a policy."""
-    relabel_copies: Annotated[int, Field(ge=0)] = 0
+    relabel_copies: Annotated[int, Field(ge=0, le=240)] = 0
     """Each training episode also gives its examples under this many of the env's symmetries
-    (CLEVR: the balls' colours renamed and the table mirrored left-right, a seeded draw per
-    episode; :mod:`kalm_ray.envs.clevr.symmetry`). Each copy is exactly a real episode of the
-    renamed goal, in the same template's wording. Why: the grounded model memorizes its
-    training episodes instead of learning to act from new layouts. Held-out episodes are
-    never relabelled. 0 = the episodes as collected."""
+    (CLEVR: the balls' colours renamed and the table mirrored left-right, 240 in all; seeded
+    independent draws per episode; :mod:`kalm_ray.envs.clevr.symmetry`). Each copy is exactly
+    a real episode of the renamed goal, in the same template's wording. Why: the grounded
+    model memorizes its training episodes instead of learning to act from new layouts.
+    Held-out episodes are never relabelled. 0 = the episodes as collected."""
     lookahead_pushes: Annotated[int, Field(ge=0)] = 0
     """Extra ``dynamics`` examples per visited state from the recorded lookahead
     (``collect.lookahead``): that many of the other pushes' real next states, a seeded

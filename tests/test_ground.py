@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from helpers import loop_config, toy_episodes, toy_suite
 
+from kalm_ray.errors import InputError
+
 
 def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     from kalm_ray.llm.ground.train_fn import train_loop
@@ -220,6 +222,25 @@ def test_run_ground_stage(tmp_path, ray_local):
     model, tok, codec = load_grounded(model_dir)
     assert codec.n_bins == 64 and model.config.vocab_size >= len(tok)
     assert run_ground(cfg, str(tmp_path)).output_id == m.output_id  # current: skipped
+
+
+def test_relabel_copies_refuse_episodes_without_a_training_wording(tmp_path, ray_local):
+    """``ground.relabel_copies`` needs each episode's wording to be one of its goal's current
+    training wordings: one error line naming the key, before any example is built."""
+    from kalm_ray.config import parse_config
+    from kalm_ray.stages.ground import run_ground
+
+    _write_real_data(tmp_path, toy_episodes(6))  # wording "push the red ball left"
+    cfg = parse_config(
+        {
+            "name": "groundtest",
+            "run_dir": str(tmp_path),
+            "ground": {"method": "full", "max_steps": 1, "relabel_copies": 2},
+        }
+    )
+    with pytest.raises(InputError, match="ground.relabel_copies: 2: .*'push the red ball left'"):
+        run_ground(cfg, str(tmp_path))
+    assert not (tmp_path / "model").exists()
 
 
 def test_rephrased_wordings_are_the_same_goals_and_stable():

@@ -246,10 +246,21 @@ def lookahead_pairs(ep: EpisodeArrays, k: int) -> list[tuple[int, int]]:
     return out
 
 
+RELABELLED = "~r"
+"""Separator of a relabelled copy's episode id: ``<source id>~r<k>``."""
+
+
+def source_episode(episode_id: str) -> str:
+    """The collected episode a (possibly relabelled) example comes from."""
+    return episode_id.split(RELABELLED)[0]
+
+
 def relabelled_copies(ep: EpisodeArrays, n: int, seed: int) -> list[EpisodeArrays]:
     """``n`` copies of a CLEVR training episode under drawn symmetries (colours renamed, table
     mirrored; :mod:`kalm_ray.envs.clevr.symmetry`), seeded by ``(seed, episode id, copy)``.
-    Copy ``k``'s id is ``<id>~r<k>``."""
+    Copy ``k``'s id is ``<id>~r<k>``. The draws are independent (with replacement, the
+    identity included: of 16, about 0.5 per episode repeat one), so copy ``k`` is the same
+    whatever ``n`` is."""
     if n <= 0:
         return []
     from kalm_ray.envs.clevr.symmetry import random_relabel, relabel_episode
@@ -260,7 +271,8 @@ def relabelled_copies(ep: EpisodeArrays, n: int, seed: int) -> list[EpisodeArray
         task, text, states, actions, look = relabel_episode(
             random_relabel(rng), ep.task, ep.instruction, ep.states, ep.actions, ep.lookahead
         )
-        out.append(EpisodeArrays(f"{ep.episode_id}~r{k}", task, text, states, actions, look))
+        copy_id = f"{ep.episode_id}{RELABELLED}{k}"
+        out.append(EpisodeArrays(copy_id, task, text, states, actions, look))
     return out
 
 
@@ -318,7 +330,9 @@ class ExampleBuilder:
     """Ray Data ``map_groups`` callable: one episode's rows -> its examples (with a split column).
 
     Holds the codec and the tokenizer, loaded once per worker from the work folder;
-    ``options`` are :func:`episode_examples`' keywords (``max_seq_len``, ...).
+    ``options`` are :func:`episode_examples`' keywords (``max_seq_len``, ...). A training
+    episode also gives the examples of its ``relabel_copies`` (:func:`relabelled_copies`, ids
+    ``<id>~r<k>``, split ``train``); a held-out one never does.
     """
 
     def __init__(

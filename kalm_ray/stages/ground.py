@@ -62,7 +62,9 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     timings["examples_s"] = time.perf_counter() - t1
     print(
         f"[kalm] ground: {counts['examples_train']} training examples from "
-        f"{counts['episodes_train']} episodes ({counts['episodes_heldout']} held out); "
+        f"{counts['episodes_train']} episodes"
+        f"{f' and {g.relabel_copies} relabelled copies of each' if g.relabel_copies else ''} "
+        f"({counts['episodes_heldout']} held out); "
         f"training {g.model.name} ({g.method}) for {g.max_steps} steps on {g.num_workers} "
         f"worker(s)",
         flush=True,

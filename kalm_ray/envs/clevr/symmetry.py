@@ -79,20 +79,20 @@ def relabel_episode(
     states: np.ndarray,
     actions: np.ndarray,
     lookahead: np.ndarray | None = None,
-    level: str = "train",
 ) -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None]:
     """``(task, instruction, states, actions, lookahead)`` of the relabelled episode.
 
-    The instruction is the wording of the new task with the same position in its level's
-    list (the same template). ``lookahead[t, a]`` (the next state of action ``a`` from state
-    ``t``) moves to the relabelled action's slot. Raises ValueError for a task that is not a
-    relation, or an instruction that is not one of the task's wordings at ``level``.
+    The instruction is the training wording of the new task with the same position in its
+    list (the same template: every relation goal renders the same templates in file order).
+    ``lookahead[t, a]`` (the next state of action ``a`` from state ``t``) moves to the
+    relabelled action's slot. Raises ValueError for a task that is not a relation, or an
+    instruction that is not one of the task's training wordings.
     """
     new_task = relabel.task(task)
-    wordings = instructions(level, task)
+    wordings = instructions("train", task)
     if instruction not in wordings:
-        raise ValueError(f"relabel: {instruction!r} is not a {level} wording of {task!r}")
-    new_instruction = instructions(level, new_task)[wordings.index(instruction)]
+        raise ValueError(f"relabel: {instruction!r} is not a train wording of {task!r}")
+    new_instruction = instructions("train", new_task)[wordings.index(instruction)]
     new_actions = np.array([relabel.action(a) for a in np.asarray(actions)], np.int64)
     new_look = None
     if lookahead is not None:

@@ -150,6 +150,28 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
     return out
 
 
+def check_relabel_wordings(run: RunDir, copies: int) -> None:
+    """Before any Ray work: ``ground.relabel_copies`` maps each episode's wording to the same
+    template's wording of the renamed goal, so every real episode must carry one of its
+    task's current training wordings (data collected before the wordings file changed may
+    not)."""
+    import pyarrow.dataset as pads
+
+    from kalm_ray.data import episode_files
+    from kalm_ray.envs.clevr.wordings import instructions
+
+    table = pads.dataset(
+        episode_files(run, "data/real"), format="parquet", filesystem=run.fs
+    ).to_table(columns=["task", "instruction"])
+    for task, text in sorted(set(zip(*table.to_pydict().values(), strict=True))):
+        if text not in instructions("train", task):
+            raise InputError(
+                f"ground.relabel_copies: {copies}: the real episodes of {task!r} carry the "
+                f"wording {text!r}, which is not one of its training wordings now; collect "
+                "again, or set ground.relabel_copies: 0"
+            )
+
+
 def build_examples(
     cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]
 ) -> dict[str, Any]:
@@ -159,7 +181,7 @@ def build_examples(
     import ray.data
 
     from kalm_ray.data import episode_files
-    from kalm_ray.llm.prompts import ExampleBuilder, is_heldout
+    from kalm_ray.llm.prompts import ExampleBuilder, is_heldout, source_episode
 
     g = cfg.ground
     ex_uri, held_uri = run.uri_of(work, "examples"), run.uri_of(work, "heldout_real")
@@ -177,6 +199,8 @@ def build_examples(
                 f"ground.lookahead_pushes: {run.uri_of('data', 'real')} has no lookahead "
                 "column; collect again with collect.lookahead: true"
             )
+        if g.relabel_copies:
+            check_relabel_wordings(run, g.relabel_copies)
         for part in ("examples", "heldout_real", "seen_starts"):
             run.delete(work, part)
         real = ray.data.read_parquet(run.uri_of("data", "real"), file_extensions=["parquet"])
@@ -227,9 +251,8 @@ def build_examples(
     split = meta.column("split").to_pylist()
     episode = meta.column("episode_id").to_pylist()
     by = Counter(zip(split, meta.column("task").to_pylist(), strict=True))
-    # Relabelled copies (``<id>~r<k>``) count as their source episode.
-    eps = {
-        s: len({e.split("~r")[0] for e, sp in zip(episode, split, strict=True) if sp == s})
+    eps = {  # relabelled copies count as their source episode
+        s: len({source_episode(e) for e, sp in zip(episode, split, strict=True) if sp == s})
         for s in ("train", "heldout")
     }
     counts: dict[str, Any] = {
