@@ -114,28 +114,32 @@ def test_episode_examples_all_tasks_and_shortening(codec, tokenizer):
     ] == tokenizer.convert_tokens_to_ids(codec.end_token)
 
 
-def test_split_is_by_episode(codec, suite):
+def _transition_table(suite, eps: list[EpisodeArrays]):
+    """The collected-data table (``kalm_ray.data.schema``) of train-level episodes."""
     from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
 
-    eps = []
-    for i in range(40):
-        e = _episode(codec, 3, seed=i, eid=f"e{i}")
-        eps.append(
-            Episode(
-                episode_id=e.episode_id,
-                env="clevr",
-                task=e.task,
-                level="train",
-                instruction=e.instruction,
-                states=e.states,
-                actions=e.actions,
-                rewards=np.zeros(3, np.float32),
-                successes=np.zeros(3, bool),
-                terminated=False,
-                truncated=True,
-            )
+    rows = [
+        Episode(
+            episode_id=e.episode_id,
+            env="clevr",
+            task=e.task,
+            level="train",
+            instruction=e.instruction,
+            states=e.states,
+            actions=e.actions,
+            rewards=np.zeros(len(e.actions), np.float32),
+            successes=np.zeros(len(e.actions), bool),
+            terminated=False,
+            truncated=True,
         )
-    table = episodes_to_table(eps, transition_schema(10, suite.action_space))
+        for e in eps
+    ]
+    return episodes_to_table(rows, transition_schema(10, suite.action_space))
+
+
+def test_split_is_by_episode(codec, suite):
+    eps = [_episode(codec, 3, seed=i, eid=f"e{i}") for i in range(40)]
+    table = _transition_table(suite, eps)
     shuffled = episodes_from_table(table.take(np.random.default_rng(0).permutation(len(table))))
     # Episodes come sorted by id, whatever the row order (callers sample them by position).
     assert [e.episode_id for e in shuffled] == sorted(e.episode_id for e in eps)
@@ -201,30 +205,21 @@ def test_relabelled_copies_are_seeded_training_wordings_of_renamed_goals(codec, 
 
 
 def test_example_builder_relabels_training_episodes_only(codec, tokenizer, suite, tmp_path):
-    from kalm_ray.data.schema import Episode, episodes_to_table, transition_schema
     from kalm_ray.llm.prompts import ExampleBuilder
 
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     codec_path = str(codec.save(tmp_path))
-    eps = []
-    for i, task in enumerate(suite.tasks("train")[:12]):
-        e = _episode(codec, 2, seed=i, eid=f"e{i}")
-        eps.append(
-            Episode(
-                episode_id=e.episode_id,
-                env="clevr",
-                task=task,
-                level="train",
-                instruction=suite.instructions("train", task)[i],
-                states=e.states,
-                actions=e.actions,
-                rewards=np.zeros(2, np.float32),
-                successes=np.zeros(2, bool),
-                terminated=False,
-                truncated=True,
-            )
+    eps = [
+        EpisodeArrays(
+            **{
+                **_episode(codec, 2, seed=i, eid=f"e{i}").__dict__,
+                "task": task,
+                "instruction": suite.instructions("train", task)[i],
+            }
         )
-    table = episodes_to_table(eps, transition_schema(10, suite.action_space))
+        for i, task in enumerate(suite.tasks("train")[:12])
+    ]
+    table = _transition_table(suite, eps)
     kw = {"heldout_fraction": 0.3, "seed": 0, "max_seq_len": 4096}
     plain = ExampleBuilder(codec_path, str(tmp_path / "tok"), **kw)(table).to_pylist()
     more = ExampleBuilder(codec_path, str(tmp_path / "tok"), relabel_copies=2, **kw)(table)
