@@ -297,6 +297,7 @@ class ImagineConfig(_Section):
     _placement_only = frozenset(
         {"min_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "accelerator_type"}
     )
+    _hashed_when_set = frozenset({"compose"})
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
     """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
@@ -327,6 +328,15 @@ class ImagineConfig(_Section):
     """``stepwise`` only: rollouts imagined per request; the one that meets its goal in the
     fewest imagined steps is kept (the LLM's own states and the task's success rule decide,
     as in the labels; :mod:`kalm_ray.llm.imagine.backends.stepwise`). Costs N x generation."""
+    compose: bool = False
+    """``stepwise`` only: a goal made of several training goals (CLEVR ``hard``'s two- and
+    three-relation goals; the suite's ``parts``) is imagined part by part. Each step's policy
+    prompt holds a training wording of the first part that does not hold in the current
+    imagined state (one wording per part and request, seeded), and each part gets
+    ``max_steps``. The request keeps its own wording: the rollout is stored and labelled under
+    it, and it succeeds only where every part holds at once in the LLM's states. Why: the
+    grounded LLM acts on training goals, and it never saw a conjunction
+    (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -370,6 +380,8 @@ class ImagineConfig(_Section):
             raise ValueError("mode stepwise runs on the hf backend only; use backend hf")
         if self.candidates > 1 and self.mode != "stepwise":
             raise ValueError("candidates > 1 needs mode: stepwise")
+        if self.compose and self.mode != "stepwise":
+            raise ValueError("compose needs mode: stepwise")
         return self
 
 
@@ -507,6 +519,8 @@ class ExperimentConfig(_Section):
             raise ValueError("ground.lookahead_pushes needs collect.lookahead: true")
         if self.ground.relabel_copies and self.env.name != "clevr":
             raise ValueError("ground.relabel_copies: only CLEVR has symmetries to relabel with")
+        if self.imagine.compose and self.env.name != "clevr":
+            raise ValueError("imagine.compose: only CLEVR's hard goals are made of training goals")
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -387,7 +387,7 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         backend == "auto" and (env.pin("vllm") is not None or not env.installs)
     )
     kw = im.vllm_engine_kwargs
-    steps = level_step_limits(suite, list(im.levels), im.max_steps or eps)
+    steps = level_step_limits(suite, list(im.levels), im.max_steps or eps, compose=im.compose)
     longest = max(steps.values(), default=im.max_steps or eps)
     new = max_new_tokens(codec, longest)
     if backend == "hf":

@@ -160,6 +160,28 @@ def test_multi_predicates() -> None:
     )
 
 
+def test_parts_are_training_goals_whose_conjunction_is_the_goal() -> None:
+    """``parts`` (read by ``imagine.compose``): a multi-relation goal's relations, each a
+    training task, holding all at once exactly where the goal holds; any other goal is its
+    own single part."""
+    train = set(suite.tasks("train"))
+    rng = np.random.default_rng(0)
+    hard = suite.tasks("hard")
+    witnesses = [T.witness(t) for t in hard if t not in ("line", "gather")]
+    states = [*rng.uniform([-0.47, -0.17] * 5, [0.47, 0.57] * 5, size=(400, 10)), *witnesses]
+    for task in hard:
+        parts = suite.parts(task)
+        if task in ("line", "gather"):
+            assert parts == [task]
+            continue
+        assert len(parts) in (2, 3) and set(parts) <= train
+        assert suite.success(task, T.witness(task), T.witness(task))
+        for s in states:
+            assert suite.success(task, s, s) == all(suite.success(p, s, s) for p in parts)
+    for level in ("train", "easy"):
+        assert all(suite.parts(t) == [t] for t in suite.tasks(level))
+
+
 def test_reward_is_progress_plus_bonus() -> None:
     task = "left:red:blue"
     goal = place(red=BLUE + np.array([-0.3, 0.0]), blue=BLUE)

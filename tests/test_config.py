@@ -45,6 +45,12 @@ def test_quick_is_cpu_clevr() -> None:
             "only CLEVR has symmetries",
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
+        ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
+        (
+            {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},
+             "imagine": {"compose": True, "mode": "stepwise", "backend": "hf"}},
+            "only CLEVR's hard goals",
+        ),
     ],
 )
 def test_bad_values_name_the_key(data: dict, needle: str) -> None:
@@ -86,6 +92,12 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert plain.section_hash("ground") != parse_config(
         {"name": "exp", "ground": {"relabel_copies": 4}}
     ).section_hash("ground")
+    assert "compose" not in plain.imagine.hashed_dump()
+    stepwise = {"name": "exp", "imagine": {"mode": "stepwise"}}
+    composed = {"name": "exp", "imagine": {"mode": "stepwise", "compose": True}}
+    assert parse_config(stepwise).section_hash("imagine") != parse_config(
+        composed
+    ).section_hash("imagine")
 
 
 def test_placement_fields_do_not_change_stage_hash() -> None:

@@ -246,6 +246,70 @@ def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
         )
 
 
+def test_compose_prompts_each_step_with_the_first_part_that_does_not_hold(clevr_model):
+    """``imagine.compose``: a hard multi-relation goal is imagined part by part. Each part gets
+    ``max_steps`` (a request's limit is that times its parts), the rollout stops at the first
+    imagined state where the whole goal holds, and the first action is the one the model
+    writes when prompted with the wording of the first part that does not hold at the start
+    (greedy: the plain loop under that wording gives the same action)."""
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.backends.stepwise import part_wordings
+    from kalm_ray.llm.imagine.labels import goal_reached
+
+    codec, suite = Codec.load(clevr_model), get_suite("clevr")
+    spec = dataclasses.replace(
+        _generation_spec(clevr_model, codec, max_steps=2, mode="stepwise", env="clevr"),
+        compose=True,
+        level_max_steps=(("easy", 1), ("hard", 6)),
+    )
+    req = _requests(["hard"], 12)  # the first 12 hard goals: two relations each
+    out = HFGenerator(spec, device="cpu", num_threads=1)(req)
+    judged = _judged_well_formed(out, codec, max_steps=6)
+    first_words = []
+    for r, text in zip(judged, out.column("generated_text").to_pylist(), strict=True):
+        parts = part_wordings(suite, r["task"], r["seed"])
+        assert [p for p, _ in parts] == suite.parts(r["task"]) and len(parts) == 2
+        assert all(w in suite.instructions("train", p) for p, w in parts)
+        start = np.asarray(r["start_state"], np.float32)
+        first_words.append(next(w for p, w in parts if not suite.success(p, start, start)))
+        states, _ = codec.decode_rollout(start, text, max_steps=6)
+        assert 1 <= len(states) - 1 <= 2 * len(parts)
+        reached = [goal_reached(suite, r["task"], states[: t + 1]) for t in range(1, len(states))]
+        assert not any(reached[:-1]) and (reached[-1] or len(states) - 1 == 4)
+    plain = dataclasses.replace(spec, compose=False, level_max_steps=(("hard", 1),))
+    reworded = req.set_column(
+        req.schema.get_field_index("instruction"), "instruction", pa.array(first_words)
+    )
+    again = HFGenerator(plain, device="cpu", num_threads=1)(reworded)
+    for r, a, b in zip(
+        judged,
+        out.column("generated_text").to_pylist(),
+        again.column("generated_text").to_pylist(),
+        strict=True,
+    ):
+        first = codec.decode_rollout(r["start_state"], a, max_steps=6)[1][0]
+        assert first == codec.decode_rollout(r["start_state"], b, max_steps=1)[1][0]
+
+
+def test_compose_wording_is_the_first_part_that_does_not_hold():
+    """The rule the test above checks end to end, on hand-placed balls."""
+    from kalm_ray.llm.imagine.backends.stepwise import StepwiseImaginer
+
+    suite = get_suite("clevr")
+    imaginer = StepwiseImaginer(None, None, None, suite=suite, temperature=0.0, top_p=1.0)
+    parts = [("left:red:blue", "A"), ("behind:green:blue", "B")]
+    blue = np.array([0.0, 0.2])
+    state = np.zeros(10, np.float32)
+    state[2:4] = blue
+    state[0:2] = blue + [0.8, 0.0]  # red far right of blue: neither part holds
+    state[4:6] = blue + [0.0, -0.3]  # green in front of blue
+    state[6:8], state[8:10] = [-0.4, 0.5], [0.4, 0.5]
+    assert imaginer.wording("own", parts, state, state) == "A"
+    state[0:2] = blue + [-0.3, 0.0]  # red left of blue: the first part holds
+    assert imaginer.wording("own", parts, state, state) == "B"
+    assert imaginer.wording("own", [], state, state) == "own"  # one-part goals keep their own
+
+
 def test_candidate_choice_is_the_shortest_success_first_on_ties():
     """The rule the test above checks end to end (an untrained model meets its goal at the
     same step in every candidate or in none, so the rule's order is pinned here)."""

@@ -108,6 +108,20 @@ def test_requests_use_every_wording_of_a_level_and_only_valid_starts():
     assert all(valid_start(r["task"], np.asarray(r["start_state"], np.float32)) for r in t)
 
 
+def test_step_limits_per_level_and_per_part():
+    """Each level's imagined rollouts are ``max_steps`` long at most (CLEVR easy: one push);
+    with ``imagine.compose`` every part of a goal gets ``max_steps`` (hard: up to 3 parts)."""
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.imagine.store import level_step_limits
+
+    clevr, levels = get_suite("clevr"), ["rephrase", "easy", "hard"]
+    assert level_step_limits(clevr, levels, 8) == {"rephrase": 8, "easy": 1, "hard": 8}
+    assert level_step_limits(clevr, levels, 8, compose=True) == {
+        "rephrase": 8, "easy": 1, "hard": 24
+    }
+    assert level_step_limits(clevr, ["hard"], 20, compose=True) == {"hard": 50}  # episode cap
+
+
 def test_max_tasks_is_a_stable_sample():
     t = make_requests(max_tasks_per_level=2)
     hard = sorted({r["task"] for r in t.to_pylist() if r["level"] == "hard"})
@@ -509,8 +523,10 @@ def _counted(ds, sink: list[int]):
 
 
 @pytest.mark.slow
-def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path):
-    """The real hf backend on the embedded tiny model (untrained: nearly all rejected)."""
+@pytest.mark.parametrize("compose", [False, True])
+def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path, compose):
+    """The real hf backend on the embedded tiny model (untrained: nearly all rejected);
+    ``compose``: stepwise hard goals, each part with ``max_steps`` (3 parts at most)."""
     import json
 
     from kalm_ray.config import parse_config
@@ -534,12 +550,13 @@ def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path):
             "env": {"name": "clevr"},
             "imagine": {
                 "backend": "hf",
-                "levels": ["easy"],
+                "levels": ["hard"] if compose else ["easy"],
                 "rollouts_per_level": 8,
                 "max_steps": 3,
                 "batch_size": 4,
                 "min_actors": 1,
                 "max_actors": 2,
+                **({"mode": "stepwise", "compose": True} if compose else {}),
             },
         }
     )
@@ -548,7 +565,8 @@ def test_run_imagine_with_untrained_tiny_model(ray_local, tmp_path):
     assert report["requested"] == 8 == m.counts["requested"]
     assert sum(report["reasons"].values()) + report["accepted"] == 8
     assert report["generated_tokens"] > 0 and report["throughput"]["tokens_per_s"] > 0
-    assert report["max_new_tokens"] == codec.max_step_tokens() * 4 + 1
+    longest = 3 * 3 if compose else 1  # hard: 3 parts x max_steps; easy: one push
+    assert report["max_new_tokens"] == codec.max_step_tokens() * (longest + 1) + 1
 
 
 @pytest.mark.gpu

@@ -111,6 +111,10 @@ class Suite(Protocol):
     ) -> float:
         """Dense reward of the step ``state -> next_state`` for ``task``."""
 
+    def parts(self, task: str) -> list[str]:
+        """The ``train`` tasks whose conjunction is ``task`` (CLEVR: a hard multi-relation
+        goal's relations), else ``[task]``. ``imagine.compose`` reads it."""
+
     def instructions(self, level: str, task: str) -> list[str]:
         """Every wording of ``task`` at ``level`` (non-empty, deterministic order)."""
 

@@ -81,7 +81,7 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
     suite = get_suite(cfg.env.name)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
-    level_steps = level_step_limits(suite, list(icfg.levels), max_steps)
+    level_steps = level_step_limits(suite, list(icfg.levels), max_steps, compose=icfg.compose)
     limits = FilterLimits.for_suite(
         suite,
         n_bins=codec.n_bins,
@@ -102,15 +102,17 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         mode=icfg.mode,
         env=suite.name,
         candidates=icfg.candidates,
+        compose=icfg.compose,
         limits=limits,
     )
     t_built = time.perf_counter()
     log.info(
-        "imagine: %d requests over levels %s, backend %s, max %d steps (%d new tokens)",
+        "imagine: %d requests over levels %s, backend %s, max %d steps%s (%d new tokens)",
         requests.num_rows,
         list(icfg.levels),
         backend,
         max_steps,
+        f" per part (compose; per level {level_steps})" if icfg.compose else "",
         spec.max_new_tokens,
     )
 

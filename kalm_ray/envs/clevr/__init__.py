@@ -32,6 +32,7 @@ from kalm_ray.envs.clevr.tasks import (
     BALL_LIMITS,
     distance,
     parse_task,
+    parts,
     reward,
     success,
     tasks,

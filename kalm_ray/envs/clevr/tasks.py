@@ -237,6 +237,15 @@ def parse_task(task: str) -> Goal:
         raise UnknownChoiceError("clevr task", task, _all_task_examples()) from None
 
 
+def parts(task: str) -> list[str]:
+    """The training goals whose conjunction is ``task``: a multi-relation goal's relations (each
+    a training task id, in the task's order); any other task is its own single part."""
+    goal = parse_task(task)
+    if isinstance(goal, Multi):
+        return [r.id for r in goal.relations]
+    return [task]
+
+
 # ----------------------------------------------------------------------------- predicates
 
 

@@ -48,6 +48,13 @@ def level_max_steps(level: str) -> int:
     return max_episode_steps
 
 
+def parts(task: str) -> list[str]:
+    """Every task is its own single part. The two composite hard tasks are not split: their
+    stages must happen in order in one scene, and each stage's training task has a scene of
+    its own, so "the first part that does not hold in this state" is not defined for them."""
+    return [task]
+
+
 def make_env(level: str, task: str | None = None, **kwargs: Any) -> gym.Env:
     """A fresh :class:`~kalm_ray.envs.metaworld.env.MetaWorldEnv` (not wrapped).
 

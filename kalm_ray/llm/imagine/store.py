@@ -69,11 +69,19 @@ def stage_requests(
     return requests, max_steps
 
 
-def level_step_limits(suite: Any, levels: list[str], max_steps: int) -> dict[str, int]:
+def level_step_limits(
+    suite: Any, levels: list[str], max_steps: int, *, compose: bool = False
+) -> dict[str, int]:
     """Steps an imagined rollout of each level may have: ``max_steps``, or less where the
-    level's episodes are shorter (CLEVR ``easy``: one push, like its real episodes)."""
+    level's episodes are shorter (CLEVR ``easy``: one push, like its real episodes). With
+    ``compose`` (``imagine.compose``) every part of a goal gets ``max_steps``: a level's limit
+    is ``max_steps`` x its tasks' most parts, within the level's episode length."""
     limit = getattr(suite, "level_max_steps", None)
-    return {lv: min(max_steps, int(limit(lv))) if limit else max_steps for lv in levels}
+    out = {}
+    for lv in levels:
+        steps = max_steps * (max(len(suite.parts(t)) for t in suite.tasks(lv)) if compose else 1)
+        out[lv] = min(steps, int(limit(lv))) if limit else steps
+    return out
 
 
 def load_codec(run: RunDir, *, env: str | None = None) -> Any:

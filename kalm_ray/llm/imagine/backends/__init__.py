@@ -56,13 +56,15 @@ class GenerationSpec:
             (:mod:`kalm_ray.llm.grammar`); the requests then need ``start_state`` (and
             ``level`` for per-level step limits).
         max_steps: steps a rollout may have (the grammar forces the end token there).
-        level_max_steps: ``(level, steps)`` pairs for levels with a shorter limit (CLEVR
-            ``easy``: one push).
+        level_max_steps: ``(level, steps)`` pairs for levels with their own limit (CLEVR
+            ``easy``: one push; with ``compose``, ``max_steps`` per part of the level's goals).
         mode: ``rollout`` (the model continues the rollout prompt to the end token) or
             ``stepwise`` (policy prompt for each action, dynamics prompt for each next state;
             hf backend, :mod:`kalm_ray.llm.imagine.backends.stepwise`).
         env: the suite's name (``stepwise`` stops a request once its goal holds).
         candidates: ``stepwise``: rollouts per request, the shortest to its goal kept.
+        compose: ``stepwise``: goals made of several training goals are imagined part by part
+            (``imagine.compose``); ``max_steps`` is then the budget of each part.
         limits: ``stepwise``: the validity filter's limits; a rollout stops at its first
             step the filter would reject.
     """
@@ -81,11 +83,12 @@ class GenerationSpec:
     mode: str = "rollout"
     env: str = ""
     candidates: int = 1
+    compose: bool = False
     limits: Any = None
 
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""
-        return min(self.max_steps, dict(self.level_max_steps).get(level, self.max_steps))
+        return dict(self.level_max_steps).get(level, self.max_steps)
 
 
 def autoscaler_gpus() -> int:

@@ -376,6 +376,7 @@ class HFGenerator:
                 temperature=spec.temperature,
                 top_p=spec.top_p,
                 candidates=spec.candidates,
+                part_steps=spec.max_steps if spec.compose else None,
                 limits=spec.limits,
             )
 

@@ -29,6 +29,16 @@ actions make most successful rollouts random walks that end at the goal by chanc
 imitates every step of them; the shortest of N keeps the fewest detours. The catch, measured
 (docs/results.md): the search also finds the LLM's dynamics errors that make a goal look
 near, so it pays only with a world model that is right often enough.
+
+``imagine.compose`` (``part_steps`` here) imagines a goal made of several training goals (the
+suite's ``parts``: CLEVR ``hard``'s two- and three-relation goals) part by part: each step's
+policy prompt holds a training wording of the first part that does not hold in the current
+imagined state. The model was grounded on single relations and never saw a conjunction
+(measured: 0.8% success as a policy on ``hard`` with the request's own wording); the parts are
+goals it acts on. Only the prompt's wording changes: the states are the LLM's, the request's
+own wording labels the rollout, and the goal check is the whole task's (every part at once).
+The split comes from the task's structure, the same goal spec the labels read; a model that
+reads conjunctions would not need it.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ class StepwiseImaginer:
         suite: the env suite (the goal rule for early stopping; labels use the same rule).
         temperature, top_p: action sampling (0 = greedy).
         candidates: rollouts imagined per request; the shortest that meets its goal is kept.
+        part_steps: compose goals from their parts (``imagine.compose``), each part with this
+            many steps; None: every request is prompted with its own wording.
         limits: the validity filter's limits (:class:`~kalm_ray.llm.imagine.filter.FilterLimits`);
             when given, a rollout stops at its first step the filter would reject (out of
             bounds, impossible move) and is never the chosen candidate. None: no check.
@@ -64,11 +76,12 @@ class StepwiseImaginer:
         temperature: float,
         top_p: float,
         candidates: int = 1,
+        part_steps: int | None = None,
         limits: Any = None,
     ):
         self.model, self.tok, self.codec, self.suite = model, tok, codec, suite
         self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
-        self.limits = limits
+        self.part_steps, self.limits = part_steps, limits
 
     def __call__(self, batch: pa.Table, steps_for: Any) -> tuple[list[str], list[int], list[int]]:
         """``(texts, generated tokens, prompt tokens read)`` per request of ``batch``
@@ -83,12 +96,22 @@ class StepwiseImaginer:
         )
         seeds = [candidate_seed(int(s), j) for s in batch.column("seed").to_pylist()
                  for j in range(k)]
+        tasks = [t for t in batch.column("task").to_pylist() for _ in range(k)]
+        limits = [steps_for(lv) for lv in levels for _ in range(k)]
+        parts = None
+        if self.part_steps is not None:
+            parts = [part_wordings(self.suite, t, s) for t, s in zip(tasks, seeds, strict=True)]
+            limits = [
+                min(lim, self.part_steps * max(1, len(p)))
+                for lim, p in zip(limits, parts, strict=True)
+            ]
         texts, counts, n_in, steps, valid = self.imagine(
             np.repeat(starts, k, axis=0),
             [w for w in batch.column("instruction").to_pylist() for _ in range(k)],
-            [t for t in batch.column("task").to_pylist() for _ in range(k)],
-            [steps_for(lv) for lv in levels for _ in range(k)],
+            tasks,
+            limits,
             seeds,
+            parts=parts,
         )
         pick = [
             i * k + choose(steps[i * k : (i + 1) * k], valid[i * k : (i + 1) * k])
@@ -107,9 +130,12 @@ class StepwiseImaginer:
         tasks: list[str],
         limits: list[int],
         seeds: list[int],
+        parts: list[list[tuple[str, str]]] | None = None,
     ) -> tuple[list[str], list[int], list[int], list[int | None], list[bool]]:
         """One rollout per row: ``(texts, generated tokens, prompt tokens read, steps to the
-        goal or None, no step the filter rejects)``."""
+        goal or None, no step the filter rejects)``. ``parts``: per row, ``(part task, its
+        wording)`` pairs; a row with more than one is prompted with the wording of its first
+        part that does not hold in the current state (:func:`part_wordings`)."""
         import torch
 
         from kalm_ray.llm.imagine.backends.hf import SeededSampling, constrained_tokens
@@ -140,7 +166,10 @@ class StepwiseImaginer:
                 if self.temperature > 0
                 else None
             )
-            prompts = [rollout_prompt(codec, words[i], s) for i, s in zip(active, cur, strict=True)]
+            prompts = [
+                rollout_prompt(codec, self.wording(words[i], parts and parts[i], starts[i], s), s)
+                for i, s in zip(active, cur, strict=True)
+            ]
             act_toks, read_a = constrained_tokens(
                 self.model, self.tok, codec, prompts, [act_rows[i] for i in active], alen,
                 sampling=sampling,
@@ -177,6 +206,18 @@ class StepwiseImaginer:
         texts = [codec.join([*t, codec.end_token]) for t in tokens]
         return texts, [len(t) + 1 for t in tokens], n_in, reached, valid
 
+    def wording(
+        self, own: str, parts: list[tuple[str, str]] | None, start: np.ndarray, state: np.ndarray
+    ) -> str:
+        """The wording of the policy prompt at ``state``: that of the first part that does not
+        hold there, when the goal has several parts; else the request's own."""
+        if not parts or len(parts) < 2:
+            return own
+        for task, text in parts:
+            if not self.suite.success(task, start, state):
+                return text
+        return parts[-1][1]  # every part holds: the goal check has already stopped the row
+
     def plausible(self, states: np.ndarray, actions: np.ndarray) -> bool:
         """Whether the validity filter accepts the rollout so far (``no_progress`` aside: a
         later step may still move something)."""
@@ -188,6 +229,21 @@ class StepwiseImaginer:
             states[0], states, actions, limits=self.limits, max_steps=len(actions)
         )
         return v.accepted or v.reason == "no_progress"
+
+
+def part_wordings(suite: Any, task: str, seed: int) -> list[tuple[str, str]]:
+    """``(part, wording)`` for each part of ``task`` (the suite's ``parts``): one of the part's
+    ``train`` wordings, drawn from ``seed``. A task of one part keeps the request's wording
+    (an empty list)."""
+    parts = suite.parts(task)
+    if len(parts) < 2:
+        return []
+    rng = np.random.default_rng([seed, len(parts)])
+    out = []
+    for part in parts:
+        texts = suite.instructions("train", part)
+        out.append((part, texts[int(rng.integers(len(texts)))]))
+    return out
 
 
 def candidate_seed(seed: int, j: int) -> int:
