@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from hard_replay import replay_parts  # noqa: E402
 from wording_probe import probe  # noqa: E402
 
 
@@ -23,3 +24,40 @@ def test_wording_probe_reads_what_the_features_hold():
     noise = rng.normal(size=x_test.shape)
     linear, nearest = probe(x_train, y_train, noise, y_test)
     assert linear < 0.35 and nearest < 0.35  # chance is 1/8
+
+
+def test_hard_replay_scores_parts_met_in_mujoco():
+    """A hard episode whose actions are the scripted pusher's for its first relation: replayed
+    in MuJoCo, that relation holds at the end; the same episode under another level is
+    ignored, and random actions of the same length start from the same state."""
+    import pyarrow as pa
+
+    from kalm_ray.envs import get_suite
+    from kalm_ray.envs.clevr.env import CLEVRRobotEnv
+    from kalm_ray.envs.clevr.scripted import ScriptedPolicy
+
+    suite = get_suite("clevr")
+    task = "multi:left:blue:green+right:cyan:purple"
+    first = suite.parts(task)[0]
+    env = CLEVRRobotEnv("hard", task=task)
+    state, _ = env.reset(seed=3)
+    start, states, actions = np.asarray(state, np.float32), [], []
+    policy = ScriptedPolicy(first, epsilon=0.0, rng=np.random.default_rng(0))
+    while not suite.success(first, start, state) and len(actions) < 12:
+        states.append(np.asarray(state, np.float32))
+        actions.append(policy.act(env))
+        state, *_ = env.step(actions[-1])
+    assert suite.success(first, start, state) and not suite.success(first, start, start)
+    n = len(actions)
+    rows = {
+        "episode_id": ["a"] * n + ["b"] * n,
+        "t": list(range(n)) * 2,
+        "task": [task] * 2 * n,
+        "level": ["hard"] * n + ["train"] * n,
+        "state": [s.tolist() for s in states] * 2,
+        "action": actions * 2,
+    }
+    out = replay_parts(pa.table(rows), suite, seed=0)
+    assert out["rollouts"] == 1 and out["mean_steps"] == n
+    assert out["parts_at_start"] < 0.5 <= out["parts_at_end"]
+    assert 0.0 <= out["random_parts_at_end"] <= 1.0 and out["random_goal"] in (0.0, 1.0)
