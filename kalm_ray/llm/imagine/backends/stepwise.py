@@ -34,11 +34,11 @@ near, so it pays only with a world model that is right often enough.
 suite's ``parts``: CLEVR ``hard``'s two- and three-relation goals) part by part: each step's
 policy prompt holds a training wording of the first part that does not hold in the current
 imagined state. The model was grounded on single relations and never saw a conjunction
-(measured: 0.8% success as a policy on ``hard`` with the request's own wording); the parts are
-goals it acts on. Only the prompt's wording changes: the states are the LLM's, the request's
-own wording labels the rollout, and the goal check is the whole task's (every part at once).
-The split comes from the task's structure, the same goal spec the labels read; a model that
-reads conjunctions would not need it.
+(measured: 0.8% and 5% success as a policy on ``hard`` with the request's own wording); the
+parts are goals it acts on. Only the prompt's wording changes: the states are the LLM's, the
+request's own wording labels the rollout, and the goal check is the whole task's (every part at
+once). The split comes from the task's structure, the same goal spec the labels read; a model
+that reads conjunctions would not need it.
 """
 
 from __future__ import annotations
