@@ -3,6 +3,7 @@
     kalm <stage> CONFIG [--run-dir DIR] [--verbose] [--debug]   # stage: collect ... evaluate
     kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE] [--verbose]
     kalm report RUN_DIR        kalm verify RUN_DIR        kalm envs
+    kalm compare RUN_DIR RUN_DIR ... [--out FILE]   # the effect over runs (master seeds)
     kalm plan CONFIG           kalm submit CONFIG --address URL   (submit runs plan's checks)
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
@@ -57,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
     rep = sub.add_parser("report", parents=[common], help="regenerate eval/report.md and plots")
     rep.add_argument("run_dir", metavar="RUN_DIR")
+    cmp_ = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="real+imagined vs real over independent runs of one config (e.g. master seeds)",
+    )
+    cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp_.add_argument("--out", help="write the Markdown table here instead of printing it")
     ver = sub.add_parser(
         "verify", parents=[common], help="check every finished stage's files against its manifest"
     )
@@ -204,6 +212,7 @@ _COMMANDS = {
     "envs": _cmd_envs,
     "verify": _cmd_verify,
     "report": _lazy("kalm_ray.eval.report", "cli_report"),
+    "compare": _lazy("kalm_ray.eval.compare", "cli_compare"),
     "plan": _lazy("kalm_ray.plan", "cli_plan"),
     "submit": _lazy("kalm_ray.cluster.submit", "cli_submit"),
     "status": _lazy("kalm_ray.cluster.submit", "cli_status"),

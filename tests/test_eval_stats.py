@@ -10,6 +10,7 @@ import pytest
 from kalm_ray.eval.stats import (
     adjusted_wald,
     paired_difference,
+    replicate_interval,
     seed_mean_std,
     seed_task_interval,
     t_quantile,
@@ -235,3 +236,22 @@ def test_seed_task_interval_covers_the_population_rate() -> None:
         covered += r.low <= truth <= r.high
     # Measured: 0.945 (a Wilson interval over the pooled episodes: 0.58).
     assert covered / REPLICATES >= 0.90
+
+
+def test_replicate_interval_is_a_t_interval_over_runs() -> None:
+    mean, lo, hi = replicate_interval(np.array([0.0, 0.1]))
+    half = T975[1] * math.sqrt(0.005) / math.sqrt(2)
+    assert (mean, lo, hi) == pytest.approx((0.05, 0.05 - half, 0.05 + half))
+    assert replicate_interval(np.array([0.2, 0.2, 0.2])) == pytest.approx((0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="two values"):
+        replicate_interval(np.array([0.3]))
+
+
+def test_replicate_interval_covers_the_mean_of_runs() -> None:
+    # Four runs of an experiment whose per-run effect varies (sd 0.08 around +0.05).
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(2000):
+        _, lo, hi = replicate_interval(rng.normal(0.05, 0.08, 4))
+        hits += lo <= 0.05 <= hi
+    assert 0.935 <= hits / 2000 <= 0.965

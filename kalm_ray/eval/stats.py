@@ -8,6 +8,8 @@
   training seeds and several tasks, with seeds and tasks as random effects.
 - :func:`paired_difference`: the effect of a data mix measured on the *same* episode
   specs (paired evaluation), with the same seed-and-task random-effects interval.
+- :func:`replicate_interval`: an estimate over independent runs of the whole pipeline
+  (``kalm compare``), the runs as the only units.
 
 Why random effects: a training seed is one draw of the policy, and the episodes of one
 task share its difficulty, so neither episodes nor specs are independent units. Treating
@@ -128,6 +130,23 @@ def t_quantile(q: float, dof: float) -> float:
         if hi - lo < 1e-13 * hi:
             break
     return 0.5 * (lo + hi)
+
+
+def replicate_interval(values: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: a t interval over independent replicates of a whole experiment.
+
+    Each value is one run's estimate (e.g. its paired difference), so the spread between
+    runs holds every source of variance a run has (data, grounding, imagination, policy
+    seeds, episodes) without modelling any of them; the price is ``len(values) - 1``
+    degrees of freedom (t = 4.30 for three runs). Needs two values at least.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2:
+        raise ValueError(f"replicate_interval needs two values at least, got {v.size}")
+    mean = float(v.mean())
+    q = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    half = t_quantile(q, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return mean, mean - half, mean + half
 
 
 def _task_means(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
