@@ -205,7 +205,12 @@ def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
     codec, suite, k = Codec.load(clevr_model), get_suite("clevr"), 4
     limits = FilterLimits.for_suite(suite, n_bins=64)
     spec = _generation_spec(
-        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
+        clevr_model,
+        codec,
+        max_steps=4,
+        temperature=1.0,
+        mode="stepwise",
+        env="clevr",
         limits=limits,
     )
     one = HFGenerator(spec, device="cpu", num_threads=1)
@@ -214,8 +219,13 @@ def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
     got = many(req)
     seeds = req.column("seed").to_pylist()
     alone = [
-        one(req.set_column(req.schema.get_field_index("seed"), "seed",
-                           pa.array([candidate_seed(s, j) for s in seeds], pa.int64())))
+        one(
+            req.set_column(
+                req.schema.get_field_index("seed"),
+                "seed",
+                pa.array([candidate_seed(s, j) for s in seeds], pa.int64()),
+            )
+        )
         for j in range(k)
     ]
     assert alone[0].column("generated_text").equals(one(req).column("generated_text"))
@@ -430,4 +440,46 @@ def test_replay_of_a_real_episode_agrees_and_a_perturbed_one_does_not():
     r = tally.report()["per_level"]["train"]
     assert r["imagined_success_rate"] > 0  # the expert reaches its goal: agreement is defined
     assert r["agreement"] == 1.0 and r["mean_state_error"] < 1e-5
+    by_steps = r["agreement_by_steps"]
+    assert sum(b["imagined_successes"] for b in by_steps.values()) == round(
+        4 * r["imagined_success_rate"]
+    )
+    assert all(b["confirmed"] == b["imagined_successes"] for b in by_steps.values())
     assert perturbed.report()["per_level"]["train"]["mean_state_error"] > 0.005
+
+
+def test_replay_agreement_by_imagined_length_in_the_report(tmp_path):
+    """The tally splits agreement by the imagined success's length; the report shows it."""
+    from kalm_ray.artifacts import RunDir
+    from kalm_ray.eval.report import _replay_section
+    from kalm_ray.llm.imagine.replay import ReplayTally
+
+    tally = ReplayTally()
+    for steps, im_ok, rep_ok in [
+        (1, True, True),
+        (1, True, True),
+        (3, True, False),
+        (3, True, True),
+        (3, False, True),
+        (5, True, False),
+    ]:
+        states = np.zeros((steps + 1, 10), np.float32)
+        tally.add(
+            level="rephrase",
+            task="t",
+            instruction="x",
+            imagined=states,
+            replayed=states,
+            imagined_success=im_ok,
+            replayed_success=rep_ok,
+        )
+    r = tally.report()
+    assert r["per_level"]["rephrase"]["agreement_by_steps"] == {
+        "1": {"imagined_successes": 2, "confirmed": 2},
+        "3": {"imagined_successes": 2, "confirmed": 1},
+        "5": {"imagined_successes": 1, "confirmed": 0},
+    }
+    run = RunDir(str(tmp_path))
+    run.write_json({"replay": r}, "data", "imagined", "filter_report.json")
+    table, _ = _replay_section(run)
+    assert "rephrase: 1: 100% (2), 3: 50% (2), 5: 0% (1)" in table

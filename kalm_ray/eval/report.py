@@ -250,12 +250,28 @@ def _replay_section(run: RunDir) -> str | tuple[str, list[dict[str, Any]]]:
             f"| {lv} | {c['rollouts']} | {100 * c['imagined_success_rate']:.1f}% | "
             f"{100 * c['replayed_success_rate']:.1f}% | {agree} | {c['mean_state_error']:.4f} |"
         )
+    by_steps = [
+        f"{lv}: "
+        + ", ".join(
+            f"{t}: {100 * b['confirmed'] / b['imagined_successes']:.0f}% "
+            f"({b['imagined_successes']})"
+            for t, b in c["agreement_by_steps"].items()
+        )
+        for lv, c in rep.get("per_level", {}).items()
+        if c.get("agreement_by_steps")
+    ]
     lines += [
         "",
         "_Agreement: of the imagined rollouts that reach their goal in their own (imagined) "
         "states, the fraction whose actions also reach it when replayed in the simulator. "
         "State error: mean absolute difference per coordinate (m) over the steps._",
     ]
+    if by_steps:
+        lines += [
+            "",
+            "Agreement by the imagined success's length in steps (imagined successes of that "
+            "length), where the world model's errors compound: " + "; ".join(by_steps) + ".",
+        ]
     pairs = []
     for smp in rep.get("samples", []):
         im, re_ = np.asarray(smp["imagined"]), np.asarray(smp["replayed"])
@@ -456,6 +472,7 @@ def _rejections_figure(levels: Mapping[str, Mapping[str, Any]]):
 
 def _topdown_figure(pairs: list[dict[str, Any]]):
     """One row per task: its real episodes, then its imagined rollouts, one panel each."""
+
     def panels_of(pair: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if "panels" in pair:  # labelled panels (imagined vs replayed)
             return list(pair["panels"])

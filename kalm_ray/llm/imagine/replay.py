@@ -127,14 +127,25 @@ class ReplayTally:
     ) -> None:
         c = self.levels.setdefault(
             level,
-            {"rollouts": 0, "imagined_success": 0, "replayed_success": 0, "confirmed": 0,
-             "errors": []},
+            {
+                "rollouts": 0,
+                "imagined_success": 0,
+                "replayed_success": 0,
+                "confirmed": 0,
+                "errors": [],
+            },
         )
         c["rollouts"] += 1
         c["imagined_success"] += int(imagined_success)
         c["replayed_success"] += int(replayed_success)
         c["confirmed"] += int(imagined_success and replayed_success)
         c["errors"].append(state_error(imagined, replayed))
+        if imagined_success:
+            # By imagined length: the world model's errors compound step by step, so how
+            # agreement falls with length says how far its rollouts can be trusted.
+            k = c.setdefault("by_steps", {}).setdefault(len(imagined) - 1, [0, 0])
+            k[0] += 1
+            k[1] += int(replayed_success)
         # A few of each level for the report's side-by-side plot: the first in (task,
         # instruction, states) order, not arrival order, so a resumed run reports the same.
         self.samples.append(
@@ -165,6 +176,11 @@ class ReplayTally:
                 else None,
                 # fsum: exact, so the mean does not depend on the order rollouts arrived in
                 "mean_state_error": math.fsum(c["errors"]) / n if n else 0.0,
+                # steps -> imagined successes of that length, and how many replays confirm
+                "agreement_by_steps": {
+                    str(t): {"imagined_successes": a, "confirmed": b}
+                    for t, (a, b) in sorted(c.get("by_steps", {}).items())
+                },
             }
         return {
             "available": True,
