@@ -80,8 +80,54 @@ def test_compare_pools_each_runs_paired_difference(tmp_path) -> None:
             assert all(-100 <= float(c) <= 100 for c in row[5][1:-1].split(","))
     assert "The grounded LLM as a policy" in md
     assert "differ beyond the seed" not in md and "share seed" not in md
+    assert "| run | LLM as policy" not in md  # no grounding metrics, no filter report
     # A 30 pp lift in every run: every run's own interval is above 0 on the 40-spec levels.
     assert _row(md, "bc", "train")[6] == _row(md, "bc", "hard")[6] == "3 / 0"
+
+
+def test_compare_shows_what_each_runs_imagination_rests_on(tmp_path) -> None:
+    from kalm_ray.llm.imagine.filter import FilterTally
+    from kalm_ray.llm.imagine.replay import ReplayTally
+
+    a, b = (_run(tmp_path, n, s, lift=0.1) for n, s in (("a", 0), ("b", 1)))
+    RunDir(a).write_json(
+        {
+            "policy_llm_success": 0.98,
+            "policy_llm_rephrase_success": 0.47,
+            "policy_random_success": 0.44,
+        },
+        "model",
+        "grounding_metrics.json",
+    )
+    tally, replay = FilterTally(), ReplayTally()
+    for i in range(4):
+        tally.add(
+            level="easy",
+            task="t",
+            accepted=i < 3,
+            reason=None if i < 3 else "unparseable",
+            repairs=0,
+            success=i < 2,
+            kept=i < 2,
+            tokens=5,
+        )
+        if i < 3:
+            z = np.zeros((2, 10), np.float32)
+            replay.add(
+                level="easy",
+                task="t",
+                instruction="x",
+                imagined=z,
+                replayed=z,
+                imagined_success=i < 2,
+                replayed_success=i < 1,
+            )
+    RunDir(a).write_json(
+        {**tally.report(), "replay": replay.report()}, "data", "imagined", "filter_report.json"
+    )
+    md = compare_markdown([load_run(a), load_run(b)])
+    assert "| 1 | 98% (47%) vs 44% | easy 75% | easy 2 | easy 50% |" in md
+    assert "| 2 | — | — | — | — |" in md
 
 
 def test_compare_names_config_differences_and_shared_seeds(tmp_path) -> None:

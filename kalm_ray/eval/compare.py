@@ -8,8 +8,11 @@ everything, so the spread of their paired differences is the whole experiment's 
 This reads each run's ``eval/results.json`` and ``eval/config.yaml`` (files only, no Ray)
 and writes, per algorithm and level, every run's difference, their mean and a t interval
 over runs (:func:`kalm_ray.eval.stats.replicate_interval`), with the random policy's and
-the grounded LLM's rates beside them. Runs whose configs differ beyond ``name``,
-``run_dir`` and ``seed`` are compared all the same, and the differing keys are listed.
+the grounded LLM's rates beside them, then what each run's imagination rests on (its LLM as
+a policy from ``model/grounding_metrics.json``; accepted, kept and replay agreement per level
+from ``data/imagined/filter_report.json``, where present). Runs whose configs differ beyond
+``name``, ``run_dir`` and ``seed`` are compared all the same, and the differing keys are
+listed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Run:
     uri: str
     results: Mapping[str, Any]
     config: Mapping[str, Any] | None  # eval/config.yaml; None in runs that lack it
+    grounding: Mapping[str, Any] | None = None  # model/grounding_metrics.json
+    imagined: Mapping[str, Any] | None = None  # data/imagined/filter_report.json
 
 
 def load_run(uri: str) -> Run:
@@ -48,7 +53,14 @@ def load_run(uri: str) -> Run:
     config = None
     if run.exists("eval", "config.yaml"):
         config = yaml.safe_load(run.read_bytes("eval", "config.yaml").decode())
-    return Run(run.uri, run.read_json("eval", "results.json"), config)
+    optional = {
+        key: run.read_json(*parts) if run.exists(*parts) else None
+        for key, parts in (
+            ("grounding", ("model", "grounding_metrics.json")),
+            ("imagined", ("data", "imagined", "filter_report.json")),
+        )
+    }
+    return Run(run.uri, run.read_json("eval", "results.json"), config, **optional)
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -174,10 +186,46 @@ def compare_markdown(runs: Sequence[Run]) -> str:
         "Mean and 95% CI over runs: Student t over the runs' Δ (n − 1 dof), each run one "
         "independent draw of data, grounding, imagination, policies and episodes._",
     ]
+    lines += _imagination_table(runs)
     notes = _notes(runs)
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _imagination_table(runs: Sequence[Run]) -> list[str]:
+    """What each run's imagination rests on: its grounded LLM as a policy (the grounding
+    metrics, held-out starts) and, per novel level, the share of requests accepted, the
+    rollouts kept and the replay check's agreement."""
+    if not any(r.grounding or r.imagined for r in runs):
+        return []
+    out = [
+        "",
+        "| run | LLM as policy, held-out starts (rephrased) vs random | accepted | kept "
+        "| replay agreement |",
+        "|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        g = r.grounding or {}
+        llm = (
+            f"{100 * g['policy_llm_success']:.0f}% ({100 * g['policy_llm_rephrase_success']:.0f}%)"
+            f" vs {100 * g['policy_random_success']:.0f}%"
+            if "policy_llm_success" in g and "policy_llm_rephrase_success" in g
+            else "—"
+        )
+        per = (r.imagined or {}).get("per_level", {})
+        agree = ((r.imagined or {}).get("replay") or {}).get("per_level", {})
+        accepted = " / ".join(f"{lv} {100 * c['accepted_fraction']:.0f}%" for lv, c in per.items())
+        kept = " / ".join(f"{lv} {c['kept']}" for lv, c in per.items())
+        replay = " / ".join(f"{lv} {_agreement(agree.get(lv))}" for lv in per)
+        out.append(f"| {i} | {llm} | {accepted or '—'} | {kept or '—'} | {replay or '—'} |")
+    return out
+
+
+def _agreement(c: Mapping[str, Any] | None) -> str:
+    if not c or c.get("agreement") is None:
+        return "—"
+    return f"{100 * c['agreement']:.0f}%"
 
 
 def _notes(runs: Sequence[Run]) -> list[str]:
