@@ -1,10 +1,13 @@
 """The ``kalm`` command line.
 
-    kalm <stage> CONFIG [--run-dir DIR] [--verbose] [--debug]   # stage: collect ... evaluate
-    kalm run CONFIG [--run-dir DIR] [--from STAGE] [--only STAGE] [--verbose]
+    kalm <stage> CONFIG [--run-dir DIR] [--seed N] [--verbose] [--debug]   # collect ... evaluate
+    kalm run CONFIG [--run-dir DIR] [--seed N] [--from STAGE] [--only STAGE] [--verbose]
     kalm report RUN_DIR        kalm verify RUN_DIR        kalm envs
     kalm compare RUN_DIR RUN_DIR ... [--out FILE]   # the effect over runs (master seeds)
     kalm plan CONFIG           kalm submit CONFIG --address URL   (submit runs plan's checks)
+
+``--seed N`` overrides the config's master seed (every stage derives its seeds from it): one
+replicate of the experiment; ``kalm compare`` reads several.
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
 SIGTERM is handled like Ctrl-C: one ``kalm: terminated`` line, Ray shut down, exit 143.
@@ -22,6 +25,8 @@ from collections.abc import Sequence
 
 from kalm_ray.errors import KalmError, Terminated
 from kalm_ray.stage import STAGES
+
+SEED_HELP = "overrides the config's master seed (a replicate of the experiment)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,11 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, parents=[common, runs], help=help_of[stage])
         s.add_argument("config", metavar="CONFIG")
         s.add_argument("--run-dir", help="overrides the config's run_dir")
+        s.add_argument("--seed", type=int, help=SEED_HELP)
     r = sub.add_parser(
         "run", parents=[common, runs], help="all stages in order, skipping finished ones"
     )
     r.add_argument("config", metavar="CONFIG")
     r.add_argument("--run-dir", help="overrides the config's run_dir")
+    r.add_argument("--seed", type=int, help=SEED_HELP)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
@@ -82,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("config", metavar="CONFIG")
     pl.add_argument("--run-dir", help="overrides the config's run_dir")
+    pl.add_argument("--seed", type=int, help=SEED_HELP)
     sm = sub.add_parser(
         "submit", parents=[common], help="submit a config as a Ray job to a cluster"
     )
@@ -91,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("--stage", choices=STAGES, help="submit one stage instead of the whole run")
     sm.add_argument("--run-dir", help="overrides the config's run_dir")
+    sm.add_argument("--seed", type=int, help=SEED_HELP)
     sm.add_argument("--no-follow", action="store_true", help="print the job id and return")
     for verb in ("status", "logs", "stop"):
         j = sub.add_parser(verb, parents=[common], help=f"{verb} of a submitted job")
@@ -126,7 +135,9 @@ def _load(args: argparse.Namespace):
     from kalm_ray.config import load_config
     from kalm_ray.raysetup import configure_console
 
-    cfg = load_config(args.config, run_dir=getattr(args, "run_dir", None))
+    cfg = load_config(
+        args.config, run_dir=getattr(args, "run_dir", None), seed=getattr(args, "seed", None)
+    )
     if getattr(args, "verbose", False) or args.debug:
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"verbose": True})})
     configure_console(cfg.ray.verbose)

@@ -557,8 +557,11 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Experimen
     return cfg
 
 
-def load_config(path: str | Path, *, run_dir: str | None = None) -> ExperimentConfig:
-    """Read and validate a YAML config; ``run_dir`` overrides the file's ``run_dir``."""
+def load_config(
+    path: str | Path, *, run_dir: str | None = None, seed: int | None = None
+) -> ExperimentConfig:
+    """Read and validate a YAML config; ``run_dir`` and ``seed`` override the file's (a seed
+    replicate of an experiment is the same file with another master seed; ``kalm compare``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -570,8 +573,12 @@ def load_config(path: str | Path, *, run_dir: str | None = None) -> ExperimentCo
         raise ConfigError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
     if data is None:
         raise ConfigError(f"{path}: empty config")
-    if run_dir is not None and isinstance(data, dict):
-        data = {**data, "run_dir": run_dir}
+    if isinstance(data, dict):
+        data = {
+            **data,
+            **({"run_dir": run_dir} if run_dir is not None else {}),
+            **({"seed": seed} if seed is not None else {}),
+        }
     return parse_config(data, source=str(path))
 
 

@@ -521,7 +521,9 @@ def cli_plan(args: argparse.Namespace) -> int:
     """``kalm plan CONFIG [--run-dir DIR]``: print the plan; exit 2 with one line if refused."""
     from kalm_ray.config import load_config
 
-    cfg = load_config(args.config, run_dir=getattr(args, "run_dir", None))
+    cfg = load_config(
+        args.config, run_dir=getattr(args, "run_dir", None), seed=getattr(args, "seed", None)
+    )
     plan = make_plan(cfg)
     print("\n".join(plan.lines), flush=True)
     if plan.refusals:

@@ -79,6 +79,12 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     cfg = load_config(p, run_dir=str(tmp_path / "r"))
     assert cfg.run_dir == str(tmp_path / "r")
     assert load_config(p).run_dir == "runs/exp"
+    # --seed: a replicate of the experiment, the same file with another master seed.
+    rep = load_config(p, seed=3)
+    assert rep.seed == 3 and load_config(p).seed == 0 and rep.run_dir == "runs/exp"
+    assert rep.section_hash("collect") != load_config(p).section_hash("collect")
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(p, seed=-1)
     a = cfg.section_hash("env", "collect")
     b = parse_config({"name": "exp", "collect": {"epsilon": 0.1}}).section_hash("env", "collect")
     c = parse_config({"name": "exp", "collect": {"epsilon": 0.2}}).section_hash("env", "collect")

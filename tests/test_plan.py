@@ -165,3 +165,10 @@ def test_plan_says_how_training_units_run(tmp_path):
         "each a Ray task of 1 CPU, at most 2 at once; learners in each unit's process" in lines[2]
     )
     assert "one after another in the driver; learners in the driver" in lines[1]
+
+
+def test_seed_override_is_validated_like_the_file(capsys):
+    quick = str(ROOT / "configs" / "quick.yaml")
+    assert main(["plan", quick, "--seed", "2"]) == 0
+    assert main(["plan", quick, "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err

@@ -360,7 +360,7 @@ def follow(client: Any, job_id: str, *, address: str, poll_s: float = 1.0) -> st
 def cli_submit(args: argparse.Namespace) -> int:
     from kalm_ray.plan import check
 
-    cfg = load_config(args.config, run_dir=args.run_dir)
+    cfg = load_config(args.config, run_dir=args.run_dir, seed=args.seed)
     check(cfg)  # `kalm plan`'s refusals, before anything reaches the cluster
     cluster = connect(args.address)
     if cluster.ray_version != _ray_version():
@@ -490,8 +490,8 @@ def _config_file(path: str | None) -> Iterator[str]:
 def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     """What ``jobs/<stage>.py`` runs: ``kalm <stage>`` (or ``kalm run``) on the cluster.
 
-    ``jobs/<stage>.py [CONFIG] [--run-dir DIR] [--debug]``; without CONFIG the config comes
-    from ``$KALM_CONFIG_YAML`` (set by ``kalm submit``).
+    ``jobs/<stage>.py [CONFIG] [--run-dir DIR] [--seed N] [--debug]``; without CONFIG the
+    config comes from ``$KALM_CONFIG_YAML`` (set by ``kalm submit``).
     """
     from kalm_ray.cli import main
 
@@ -499,6 +499,7 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=job_main.__doc__)
     p.add_argument("config", nargs="?", metavar="CONFIG", help=f"default: ${CONFIG_ENV}")
     p.add_argument("--run-dir", help="overrides the config's run_dir")
+    p.add_argument("--seed", type=int, help="overrides the config's master seed")
     p.add_argument("--debug", action="store_true")
     if stage is None:
         g = p.add_mutually_exclusive_group()
@@ -509,6 +510,7 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
         with _config_file(args.config) as path:
             cli_args = [name, path]
             cli_args += ["--run-dir", args.run_dir] if args.run_dir else []
+            cli_args += ["--seed", str(args.seed)] if args.seed is not None else []
             cli_args += ["--debug"] if args.debug else []
             if stage is None:
                 cli_args += ["--from", args.start] if args.start else []
