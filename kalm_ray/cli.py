@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from kalm_ray.errors import KalmError, Terminated
 from kalm_ray.stage import STAGES
 
-SEED_HELP = "overrides the config's master seed (a replicate of the experiment)"
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         "train": "train offline RL policies on real (+ imagined) data (RLlib)",
         "evaluate": "evaluate policies on every level (Ray actors)",
     }
+    # Every command that reads a CONFIG: the file, and what may override it.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("config", metavar="CONFIG")
+    config.add_argument("--run-dir", help="overrides the config's run_dir")
+    config.add_argument(
+        "--seed", type=int, help="overrides the config's master seed (a replicate of an experiment)"
+    )
     runs = argparse.ArgumentParser(add_help=False)
     runs.add_argument(
         "--verbose",
@@ -50,16 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also show Ray's logs (Ray Data, RLlib, workers); same as ray.verbose: true",
     )
     for stage in STAGES:
-        s = sub.add_parser(stage, parents=[common, runs], help=help_of[stage])
-        s.add_argument("config", metavar="CONFIG")
-        s.add_argument("--run-dir", help="overrides the config's run_dir")
-        s.add_argument("--seed", type=int, help=SEED_HELP)
+        sub.add_parser(stage, parents=[common, config, runs], help=help_of[stage])
     r = sub.add_parser(
-        "run", parents=[common, runs], help="all stages in order, skipping finished ones"
+        "run", parents=[common, config, runs], help="all stages in order, skipping finished ones"
     )
-    r.add_argument("config", metavar="CONFIG")
-    r.add_argument("--run-dir", help="overrides the config's run_dir")
-    r.add_argument("--seed", type=int, help=SEED_HELP)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
@@ -82,24 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "envs", parents=[common], help="list environments, levels, tasks, sample instructions"
     )
-    pl = sub.add_parser(
+    sub.add_parser(
         "plan",
-        parents=[common],
+        parents=[common, config],
         help="what a config runs where, its memory and context budget; refuses what cannot run",
     )
-    pl.add_argument("config", metavar="CONFIG")
-    pl.add_argument("--run-dir", help="overrides the config's run_dir")
-    pl.add_argument("--seed", type=int, help=SEED_HELP)
     sm = sub.add_parser(
-        "submit", parents=[common], help="submit a config as a Ray job to a cluster"
+        "submit", parents=[common, config], help="submit a config as a Ray job to a cluster"
     )
-    sm.add_argument("config", metavar="CONFIG")
     sm.add_argument(
         "--address", required=True, help="Ray dashboard/job server URL, e.g. http://127.0.0.1:8265"
     )
     sm.add_argument("--stage", choices=STAGES, help="submit one stage instead of the whole run")
-    sm.add_argument("--run-dir", help="overrides the config's run_dir")
-    sm.add_argument("--seed", type=int, help=SEED_HELP)
     sm.add_argument("--no-follow", action="store_true", help="print the job id and return")
     for verb in ("status", "logs", "stop"):
         j = sub.add_parser(verb, parents=[common], help=f"{verb} of a submitted job")

@@ -118,9 +118,7 @@ def compare_markdown(runs: Sequence[Run]) -> str:
     if len(envs) > 1:
         raise InputError(f"the runs evaluate different envs: {sorted(map(str, envs))}")
     levels = _levels(runs)
-    algos = sorted(
-        {a for r in runs for a in r.results.get("paired", {})},
-    )
+    algos = sorted({a for r in runs for a in r.results.get("paired", {})})
     lines = [
         f"# KALM effect over {len(runs)} runs of `{envs.pop()}`",
         "",
