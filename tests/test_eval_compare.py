@@ -11,7 +11,12 @@ from kalm_ray.artifacts import RunDir
 from kalm_ray.cli import main
 from kalm_ray.config import parse_config
 from kalm_ray.errors import InputError
-from kalm_ray.eval.compare import compare_markdown, config_differences, load_run
+from kalm_ray.eval.compare import (
+    compare_markdown,
+    config_defaults,
+    config_differences,
+    load_run,
+)
 from kalm_ray.eval.episodes import EpisodeResult, build_episode_specs
 from kalm_ray.eval.results import PolicyId, build_results
 from kalm_ray.eval.stats import replicate_interval
@@ -137,6 +142,14 @@ def test_compare_names_config_differences_and_shared_seeds(tmp_path) -> None:
     assert "`train.iterations`" in md and "Runs [1, 2] share seed 0" in md
     assert config_differences([{"seed": 1, "x": {"y": 1}}, {"seed": 2, "x": {"y": 1}}]) == []
     assert config_differences([{"x": {"y": 1}}, {"x": {"y": 2}}, None]) == ["x.y"]
+    # A key an older run's config lacks is its default, which that run ran.
+    old, new = {"x": {}}, {"x": {"y": 0.0}}
+    assert config_differences([old, new]) == ["x.y"]
+    assert config_differences([old, new], {"x.y": 0.0}) == []
+    assert config_differences([old, {"x": {"y": 0.1}}], {"x.y": 0.0}) == ["x.y"]
+    defaults = config_defaults({"env": {"name": "clevr"}, "train": {"algos": ["bc"]}})
+    assert defaults["ground.relabel_copies"] == 0 and defaults["train.algos"] == ["bc"]
+    assert config_defaults({"env": {"name": "atari"}}) == {}
 
 
 def test_compare_refuses_what_it_cannot_compare(tmp_path, capsys) -> None:

@@ -118,6 +118,58 @@ def _write_real_data(run_dir: Path, episodes: list[dict]) -> None:
     write_manifest(run, "data/real", Manifest.new("collect", "x", {}))
 
 
+def test_action_metrics_score_the_demonstrators_actions(prepared):
+    """Batched and left-padded, the metric is each example's own forward pass; a model whose
+    output favours the demonstrated action scores better than uniform, and one that favours
+    another action worse."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kalm_ray.llm.ground.metrics import action_metrics
+    from kalm_ray.llm.prompts import EpisodeArrays, rollout_prompt
+
+    root, codec = prepared["root"], prepared["codec"]
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    episodes = [EpisodeArrays(**e) for e in toy_episodes(5)]
+    got = action_metrics(model, tok, codec, episodes, batch_size=3, device="cpu")
+    ids = tok.convert_tokens_to_ids(codec.action_tokens)
+    nll = []
+    with torch.no_grad():
+        for e in episodes:
+            for t, a in enumerate(e.actions):
+                enc = tok([rollout_prompt(codec, e.instruction, e.states[t])], return_tensors="pt")
+                logp = torch.log_softmax(model(**enc).logits[0, -1, ids], -1)
+                nll.append(-float(logp[int(a)]))
+    assert got["policy_action_n"] == len(nll)
+    assert got["policy_action_nll"] == pytest.approx(np.mean(nll), abs=1e-4)
+    assert got["policy_action_uniform_nll"] == pytest.approx(np.log(40))
+
+    class Leaning(torch.nn.Module):
+        """The model with its logit of action 3 raised by 50: a policy sure of action 3."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(self, **enc):  # noqa: ANN003 - tokenizer outputs
+            out = self.lm(**enc)
+            out.logits[..., ids[3]] += 50.0
+            return out
+
+    def acting(a: int) -> list[EpisodeArrays]:
+        return [
+            EpisodeArrays(e.episode_id, e.task, e.instruction, e.states, np.full_like(e.actions, a))
+            for e in episodes
+        ]
+
+    sure = action_metrics(Leaning(), tok, codec, acting(3), batch_size=4, device="cpu")
+    wrong = action_metrics(Leaning(), tok, codec, acting(4), batch_size=4, device="cpu")
+    assert sure["policy_action_match"] == 1.0 and sure["policy_action_nll"] < 1e-6
+    assert wrong["policy_action_match"] == 0.0 and wrong["policy_action_nll"] > 40
+    assert action_metrics(model, tok, codec, [], batch_size=4, device="cpu") == {}
+
+
 def test_lr_schedule_and_bin_features():
     import torch
 

@@ -74,17 +74,39 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(configs: Sequence[Mapping[str, Any] | None]) -> list[str]:
+def config_differences(
+    configs: Sequence[Mapping[str, Any] | None], defaults: Mapping[str, Any] | None = None
+) -> list[str]:
     """Dotted config keys whose values are not the same in every run (``name``, ``run_dir``
-    and ``seed`` aside); runs without a config are skipped."""
+    and ``seed`` aside); runs without a config are skipped. A key that a run's config lacks
+    counts as ``defaults``' value (flat, dotted): a run written before the key existed ran
+    its default, which never changes (``_Section._hashed_when_set``)."""
     flat = [_flat(c) for c in configs if c is not None]
     keys = sorted(set().union(*flat)) if flat else []
+    fill = defaults or {}
     return [
         k
         for k in keys
         if k.split(".")[0] not in _NOT_COMPARED
-        and len({repr(f.get(k, "<unset>")) for f in flat}) > 1
+        and len({repr(f.get(k, fill.get(k, "<unset>"))) for f in flat}) > 1
     ]
+
+
+def config_defaults(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The current code's default of every key, flat, for a config like ``config`` (its env
+    and algorithms, which other defaults depend on); empty when it cannot be built."""
+    from kalm_ray.config import parse_config
+    from kalm_ray.errors import ConfigError
+
+    if not config:
+        return {}
+    like = {"name": "defaults", "env": config.get("env") or {}}
+    if isinstance(config.get("train"), Mapping) and "algos" in config["train"]:
+        like["train"] = {"algos": config["train"]["algos"]}
+    try:
+        return _flat(parse_config(like).model_dump(mode="json"))
+    except ConfigError:
+        return {}
 
 
 def _levels(runs: Sequence[Run]) -> list[str]:
@@ -228,7 +250,9 @@ def _agreement(c: Mapping[str, Any] | None) -> str:
 
 def _notes(runs: Sequence[Run]) -> list[str]:
     out = []
-    diff = config_differences([r.config for r in runs])
+    configs = [r.config for r in runs]
+    first = next((c for c in configs if c is not None), None)
+    diff = config_differences(configs, config_defaults(first))
     if diff:
         shown = ", ".join(f"`{k}`" for k in diff[:12]) + (" ..." if len(diff) > 12 else "")
         out.append(f"**The configs differ beyond the seed** ({len(diff)} keys): {shown}.")

@@ -367,6 +367,13 @@ def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
         )
     if m.get("policy_n"):
         print(f"[kalm] ground: LLM as policy on train-level goals: {policy_line(m)}", flush=True)
+    if "policy_action_nll" in m:
+        print(
+            f"[kalm] ground: demonstrator's actions on {m['policy_action_n']} held-out states: "
+            f"NLL {m['policy_action_nll']:.2f} (uniform {m['policy_action_uniform_nll']:.2f}), "
+            f"the model's first choice {m['policy_action_match']:.2f}",
+            flush=True,
+        )
     print(
         f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
         flush=True,
