@@ -30,6 +30,9 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
         and first["resumed_from"] == 0
         and (tmp_path / "ckpt" / "step_00000004").is_dir()
     )
+    # The loss of the log window by task (4 steps log every step: one batch, one task).
+    (by_task,) = [k for k in first if k.startswith("loss_")]
+    assert by_task.removeprefix("loss_") in cfg["task_mix"] and first[by_task] == first["loss"]
     again = train_loop({**cfg, "max_steps": 6})  # a longer run picks up where the first stopped
     assert again["resumed_from"] == 4 and again["step"] == 6
     model, tok, codec = load_grounded(tmp_path / "out")
@@ -163,10 +166,27 @@ def test_action_metrics_score_the_demonstrators_actions(prepared):
             for e in episodes
         ]
 
-    sure = action_metrics(Leaning(), tok, codec, acting(3), batch_size=4, device="cpu")
-    wrong = action_metrics(Leaning(), tok, codec, acting(4), batch_size=4, device="cpu")
+    parts = (("ball", 5), ("direction", 8))  # CLEVR's action_factors: action 3 is ball 0, way 3
+    sure = action_metrics(
+        Leaning(), tok, codec, acting(3), batch_size=4, device="cpu", factors=parts
+    )
+    wrong = action_metrics(
+        Leaning(), tok, codec, acting(4), batch_size=4, device="cpu", factors=parts
+    )
+    other = action_metrics(
+        Leaning(), tok, codec, acting(11), batch_size=4, device="cpu", factors=parts
+    )
     assert sure["policy_action_match"] == 1.0 and sure["policy_action_nll"] < 1e-6
     assert wrong["policy_action_match"] == 0.0 and wrong["policy_action_nll"] > 40
+    # By part: action 4 is the right ball pushed the wrong way; action 11 is another ball.
+    assert wrong["policy_action_nll_ball"] < 1e-6 and wrong["policy_action_nll_direction"] > 40
+    assert other["policy_action_nll_ball"] > 40
+    assert other["policy_action_nll_direction"] == pytest.approx(
+        other["policy_action_nll"] - other["policy_action_nll_ball"], abs=1e-3
+    )
+    assert wrong["policy_action_uniform_nll_direction"] == pytest.approx(np.log(8))
+    with pytest.raises(ValueError, match="multiply"):
+        action_metrics(model, tok, codec, episodes, batch_size=4, device="cpu", factors=(("x", 7),))
     assert action_metrics(model, tok, codec, [], batch_size=4, device="cpu") == {}
 
 

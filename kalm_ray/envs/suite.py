@@ -92,6 +92,9 @@ class Suite(Protocol):
     action_space: gym.Space
     """``Discrete(40)`` for CLEVR, ``Box(-1, 1, (4,))`` for Meta-World."""
     max_episode_steps: int
+    # Optional: ``action_factors``, a discrete action as a mixed-radix number, most
+    # significant part first (CLEVR: ``(("ball", 5), ("direction", 8))``); the grounding
+    # metrics then also score each part given the ones before it.
 
     def level_max_steps(self, level: str) -> int:
         """Steps per episode at ``level`` (CLEVR ``easy``: one push); envs of that level

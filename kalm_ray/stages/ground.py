@@ -100,6 +100,11 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
             "max_steps": g.max_steps,
             "final_loss": result.metrics.get("loss"),
             "tokens_per_s": result.metrics.get("tokens_per_s"),
+            **{
+                f"final_{k}": v
+                for k, v in result.metrics.items()
+                if k.startswith("loss_") and isinstance(v, float)
+            },
         }
     )
     manifest = plan.manifest(counts=counts, timings=timings)

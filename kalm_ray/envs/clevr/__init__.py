@@ -48,6 +48,9 @@ name = "clevr"
 gym_id = "kalm_ray/CLEVRRobot-v0"
 max_episode_steps = 50
 action_space = gym.spaces.Discrete(len(COLORS) * 8)
+action_factors: tuple[tuple[str, int], ...] = (("ball", len(COLORS)), ("direction", 8))
+"""Action ``a`` is ball ``a // 8`` pushed in direction ``a % 8`` (``sim.DIRECTION_VECTORS``):
+the grounding metrics score the LLM on each part (which ball, then which way)."""
 
 MAX_STEP_DELTA = 0.45
 """Largest possible one-push change of one coordinate (m); see the module doc."""

@@ -339,6 +339,15 @@ def fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> 
     return result
 
 
+def factor_note(m: dict[str, Any]) -> str:
+    """``"; by part: ball 0.93 (uniform 1.61), then direction 2.04 (uniform 2.08)"``: the
+    action NLL's parts (:func:`kalm_ray.llm.ground.metrics.action_metrics`), or ``""``."""
+    key = "policy_action_uniform_nll_"
+    names = [k.removeprefix(key) for k in m if k.startswith(key)]
+    parts = [f"{n} {m['policy_action_nll_' + n]:.2f} (uniform {m[key + n]:.2f})" for n in names]
+    return "; by part: " + ", then ".join(parts) if parts else ""
+
+
 def policy_line(m: dict[str, Any]) -> str:
     """Success from held-out and from seen starts, with the goals' own and rephrased wordings."""
     parts = []
@@ -371,7 +380,7 @@ def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
         print(
             f"[kalm] ground: demonstrator's actions on {m['policy_action_n']} held-out states: "
             f"NLL {m['policy_action_nll']:.2f} (uniform {m['policy_action_uniform_nll']:.2f}), "
-            f"the model's first choice {m['policy_action_match']:.2f}",
+            f"the model's first choice {m['policy_action_match']:.2f}" + factor_note(m),
             flush=True,
         )
     print(

@@ -162,6 +162,7 @@ def action_metrics(
     *,
     batch_size: int,
     device: str,
+    factors: tuple[tuple[str, int], ...] = (),
 ) -> dict[str, float]:
     """The demonstrator's actions under the policy prompt, teacher-forced (discrete codecs).
 
@@ -169,6 +170,13 @@ def action_metrics(
     action tokens only (the grammar allows nothing else there), next to ``log(n_actions)``,
     a uniform policy's; ``policy_action_match``: how often ``a_t`` is the argmax. The
     demonstrator is one of several good pushers, so a perfect policy's match is well below 1.
+
+    With ``factors`` (the suite's ``action_factors``, sizes multiplying to the number of
+    actions) the NLL is also split by the chain rule into one term per part, each given the
+    parts before it: ``policy_action_nll_<part>`` (they sum to ``policy_action_nll``), beside
+    ``policy_action_uniform_nll_<part>``.
+    Why: CLEVR groundings learn which ball to push long before which way (quick budget: ball
+    0.93 of a uniform 1.61, direction given the ball 2.04 of 2.08), and the total hides it.
     """
     import torch
 
@@ -180,8 +188,11 @@ def action_metrics(
         for e in episodes
         for t in range(len(e.actions))
     ]
+    sizes = [n for _, n in factors]
+    if factors and int(np.prod(sizes)) != len(act_ids):
+        raise ValueError(f"action factors {factors} do not multiply to {len(act_ids)} actions")
     tokenizer.padding_side = "left"
-    nll, match = [], []
+    nll, match, parts = [], [], []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
@@ -195,12 +206,41 @@ def action_metrics(
             a = np.asarray([r[2] for r in chunk])
             nll.extend(-logp[np.arange(len(a)), a])
             match.extend(logp.argmax(axis=1) == a)
-    return {
+            if factors:
+                parts.append(factor_nll(logp, a, sizes))
+    out = {
         "policy_action_n": len(rows),
         "policy_action_nll": float(np.mean(nll)),
         "policy_action_uniform_nll": float(np.log(len(act_ids))),
         "policy_action_match": float(np.mean(match)),
     }
+    if parts:
+        per_part = np.concatenate(parts).mean(axis=0)
+        for (name, size), v in zip(factors, per_part, strict=True):
+            out[f"policy_action_nll_{name}"] = float(v)
+            out[f"policy_action_uniform_nll_{name}"] = float(np.log(size))
+    return out
+
+
+def factor_nll(logp: np.ndarray, actions: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """``(B, len(sizes))``: ``-log p(part_i | parts before it)`` of each action, from
+    ``logp`` ``(B, prod(sizes))`` over actions numbered as mixed-radix numbers (most
+    significant part first). Each row sums to the action's own ``-log p``."""
+    b = len(actions)
+    digits = np.stack(np.unravel_index(actions, sizes), axis=1)  # (B, k)
+    joint = logp.reshape(b, *sizes)
+    out, prev = np.empty((b, len(sizes))), np.zeros(b)
+    for i in range(len(sizes)):
+        # log p(part_1..part_i): sum out the parts after i
+        lead = (
+            joint
+            if i == len(sizes) - 1
+            else np.logaddexp.reduce(joint, axis=tuple(range(i + 2, len(sizes) + 1)))
+        )
+        cur = lead[(np.arange(b), *digits[:, : i + 1].T)]
+        out[:, i] = prev - cur
+        prev = cur
+    return out
 
 
 def explain_metrics(
@@ -447,7 +487,15 @@ def grounding_metrics(
         )
     )
     out.update(
-        action_metrics(model, tokenizer, codec, episodes, batch_size=batch_size, device=device)
+        action_metrics(
+            model,
+            tokenizer,
+            codec,
+            episodes,
+            batch_size=batch_size,
+            device=device,
+            factors=tuple(getattr(suite, "action_factors", ())),
+        )
     )
     out.update(
         generation_metrics(

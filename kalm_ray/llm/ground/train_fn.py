@@ -485,6 +485,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     log_every = max(1, total // 10)
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
     tokens, t0, losses = 0, time.perf_counter(), []
+    by_task: dict[str, list[float]] = {}  # this log window's losses, by the batch's task
     post = ProgressPoster(config.get("progress_actor") if ctx is not None and rank == 0 else None)
     smooth: float | None = None
     checkpoint = functools.partial(
@@ -500,7 +501,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     )
     model.train()
     for step in range(start, total):
-        _, rows = pool.batch(step, int(config["batch_size"]))
+        task, rows = pool.batch(step, int(config["batch_size"]))
         b = {k: v.to(device) for k, v in collate(rows).items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = wrapped(b["input_ids"], b["attention_mask"], b["labels"])
@@ -511,6 +512,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
         losses.append(float(loss.detach()))
+        by_task.setdefault(task, []).append(losses[-1])
         done = step + 1
         smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
         post(
@@ -529,16 +531,20 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 "loss": float(np.mean(losses)),
                 "tokens_per_s": tokens / max(dt, 1e-9),
                 "resumed_from": float(start),
+                # Why by task: the total hides which skill is learnt when; acting (the policy
+                # task's loss) is learnt last and by some groundings much later than others.
+                **{f"loss_{t}": float(np.mean(v)) for t, v in sorted(by_task.items())},
             }
             if rank == 0:
                 log.info(
-                    "ground: step %d/%d loss %.4f (%.0f tok/s)",
+                    "ground: step %d/%d loss %.4f (%s) (%.0f tok/s)",
                     done,
                     total,
                     metrics["loss"],
+                    ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_task.items())),
                     metrics["tokens_per_s"],
                 )
-            losses = []
+            losses, by_task = [], {}
         if done % every == 0 or done == total:
             checkpoint(step=done, metrics=metrics, final=done == total)
     if start >= total:  # nothing left to train: still produce the final model
