@@ -61,9 +61,7 @@ def test_labels_mask_prompt_and_padding(codec, tokenizer):
     labels = labels_for(ids, plen)
     assert np.all(labels[:plen] == IGNORE) and np.array_equal(labels[plen:], ids[plen:])
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    # three steps (absolute coding: the action, then each ball's name, x, y), end token, eos:
-    # one id per codec token
-    assert len(ids) - plen == 3 * 16 + 2
+    assert len(ids) - plen == 3 * 11 + 2  # three steps, end token, eos: one id per codec token
     batch = batch_collator(tokenizer)(
         [(np.asarray(ids), plen), (np.asarray(ids[: plen + 2]), plen)]
     )

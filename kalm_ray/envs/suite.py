@@ -48,11 +48,8 @@ class StateLayout:
             shape ``(state_dim,)``; the codec normalises with these.
         max_step_delta: largest physically possible change of each dimension
             in one env step (same units), used to reject impossible imagined steps.
-        entities: entity name -> slice of its dimensions; the codec writes an entity's name
-            token before its values in an absolute state. An entity whose dimensions are all
-            zero is absent (Meta-World's objects), unless ``entities_always_present``.
-        entities_always_present: every entity is in every state (CLEVR's five balls: a ball
-            at (0, 0) is a ball, not a missing one).
+        entities: for entity-slot states, entity name -> slice of dimensions;
+            an entity whose dimensions are all zero is absent. Empty for CLEVR.
         reach_low, reach_high: where a value can be *after it moved* (CLEVR: the walls keep
             ball centres inside [-0.47, 0.47] x [-0.17, 0.57], while a start may lie closer
             to a wall); None = ``low``/``high``. The validity filter rejects a value that
@@ -72,7 +69,6 @@ class StateLayout:
     high: np.ndarray
     max_step_delta: np.ndarray
     entities: dict[str, slice] = field(default_factory=dict)
-    entities_always_present: bool = False
     reach_low: np.ndarray | None = None
     reach_high: np.ndarray | None = None
     max_step_total: float | None = None

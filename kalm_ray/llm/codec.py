@@ -13,7 +13,7 @@ Text of one trajectory (``encode_trajectory``), tokens written back to back, no 
     step := ACTION STATE            one env step: the action, then the state it led to
     ACTION := <act_a>               discrete: one token per action (CLEVR: 40)
             | <act> b_1 .. b_k      continuous: the action marker, then k bin tokens
-    STATE := b_1 .. b_f             the dimensions that belong to no entity (CLEVR: none)
+    STATE := b_1 .. b_f             the dimensions that belong to no entity (CLEVR: all 10)
              { <entity> b .. b }    then each *present* entity in layout order, led by
                                     its name token (an entity whose values are all zero is
                                     absent and decodes to zeros)
@@ -25,9 +25,8 @@ entities present in the state before it, with no entity name tokens. The entitie
 episode are those of its start state (objects do not appear or vanish), the start state is
 in the prompt, and a goal, a wall or the axes a joint holds never change, so tokens spent on
 them carry nothing. Meta-World: 5-15 state tokens per step instead of 17-33 (reach: gripper
-4 + puck 7; button-press: gripper 4 + the button's slide axis 1). CLEVR: its five balls are
-entities that are always present (``entities_always_present``), so an absolute state is 15
-tokens (name, x, y per ball) and a step's state 10 (every dimension moves, no names).
+4 + puck 7; button-press: gripper 4 + the button's slide axis 1); CLEVR is unchanged (no
+entities, every dimension moves).
 
 State coding (``state_coding``, recorded in ``codec.json``):
 
@@ -209,9 +208,6 @@ class Codec:
     """``absolute`` or ``delta`` (see the module docstring)."""
     delta_bound: np.ndarray | None = None
     """``(D,)`` largest change per step (``delta`` coding; the env's ``max_step_delta``)."""
-    entities_always_present: bool = False
-    """Every entity is in every state (CLEVR's balls), whatever its values; False: an
-    entity whose values are all zero is absent (Meta-World's objects)."""
     fixed_dims: list[int] | None = None
     """Dimensions no step changes (``suite.layout.fixed``); a ``delta`` step writes the
     others only, without entity name tokens (see the module docstring). None (codecs saved
@@ -329,7 +325,6 @@ class Codec:
                 if state_coding != "delta"
                 else [int(i) for i in np.flatnonzero(_fixed_mask(layout))]
             ),
-            entities_always_present=bool(getattr(layout, "entities_always_present", False)),
         )
 
     @property
@@ -361,8 +356,6 @@ class Codec:
         """Which entities ``s`` holds (not all zeros), as a hashable key."""
         if not self.entities:
             return b""
-        if self.entities_always_present:
-            return np.ones(len(self.entities), bool).tobytes()
         return ((s != 0).astype(np.float32) @ self._ent_member > 0).tobytes()
 
     def moving_dims(self, state: np.ndarray) -> np.ndarray:
@@ -392,10 +385,10 @@ class Codec:
 
     def _state_tokens(self, idx: np.ndarray, state: np.ndarray) -> list[str]:
         """A STATE's tokens from per-dimension bin indices: free dims, then each entity
-        present in ``state`` (see ``entities_always_present``), led by its name token."""
+        present in ``state`` (not all zeros), led by its name token."""
         out = [self.bin_tokens[i] for i in idx[self._free]]
         for k, (_, a, b) in enumerate(self.entities):
-            if self.entities_always_present or np.any(state[a:b] != 0):
+            if np.any(state[a:b] != 0):
                 out.append(self.entity_tokens[k])
                 out += [self.bin_tokens[i] for i in idx[a:b]]
         return out
@@ -518,10 +511,9 @@ class Codec:
         state = np.zeros(self.state_dim, np.float32)
         idx, i = self._bins(toks, i, len(self._free), "state")
         state[self._free] = self._values(idx, self._free, prev)
-        last, seen = -1, 0
+        last = -1
         while i < len(toks) and toks[i] in self._ent_of:
             k = self._ent_of[toks[i]]
-            seen += 1
             if k <= last:
                 raise CodecError(
                     "wrong_step_shape", f"entity {self.entities[k][0]!r} repeated or out of order"
@@ -530,8 +522,6 @@ class Codec:
             _, a, b = self.entities[k]
             idx, i = self._bins(toks, i + 1, b - a, self.entities[k][0])
             state[a:b] = self._values(idx, slice(a, b), prev)
-        if self.entities_always_present and seen != len(self.entities):
-            raise CodecError("wrong_step_shape", "an entity is missing from the state")
         return state, i
 
     def _decode_action(self, toks: list[str], i: int) -> tuple[Any, int]:
@@ -623,7 +613,6 @@ class Codec:
             "state_coding": self.state_coding,
             "delta_bound": None if self.delta_bound is None else self.delta_bound.tolist(),
             "fixed_dims": self.fixed_dims,
-            "entities_always_present": self.entities_always_present,
             "grammar": "step := ACTION STATE; trajectory := step* END (see kalm_ray.llm.codec)",
             "decode_with_skip_special_tokens": False,
         }
@@ -651,7 +640,6 @@ class Codec:
             state_coding=d.get("state_coding", "absolute"),
             delta_bound=d.get("delta_bound"),
             fixed_dims=d.get("fixed_dims"),
-            entities_always_present=bool(d.get("entities_always_present", False)),
         )
 
     def save(self, path: str | Path) -> Path:

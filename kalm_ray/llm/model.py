@@ -176,11 +176,8 @@ def bin_features(n_bins: int, width: int, *, seed: int = 0, n_freq: int = 16) ->
 def init_codec_rows(model: Any, tokenizer: Any, codec: Codec, *, seed: int = 0) -> None:
     """Give the codec's token rows structured starting values, at the matrix's own scale.
 
-    Bins get :func:`bin_features`; an entity's name token the mean embedding of its name's
-    words where the vocabulary has them (CLEVR: the colour word, so the ball named in an
-    instruction and its coordinates in a state share a direction from the start; random
-    otherwise); actions and the end token random rows. Applied to the input embeddings and
-    (when untied) the output layer.
+    Bins get :func:`bin_features`; actions, entities and the end token random rows. Applied to
+    the input embeddings and (when untied) the output layer.
     """
     import torch
 
@@ -194,14 +191,7 @@ def init_codec_rows(model: Any, tokenizer: Any, codec: Codec, *, seed: int = 0) 
             rng.standard_normal((len(ids) - codec.n_bins, width)).astype(np.float32),
         ]
     )
-    first_entity = codec.n_bins + len(codec.action_tokens)  # codec_token_ids' order
-    unk = getattr(tokenizer, "unk_token_id", None)
     with torch.no_grad():
-        for k, (name, _, _) in enumerate(codec.entities):
-            words = tokenizer(name.replace("_", " "), add_special_tokens=False)["input_ids"]
-            if words and unk not in words:
-                v = emb[torch.tensor(words)].float().mean(0).cpu().numpy()
-                rows[first_entity + k] = v / (v.std() + 1e-12)  # unit scale, like the others
         scale = float(emb.float().std())
         new = torch.from_numpy(rows * scale).to(emb.dtype)
         emb[torch.tensor(ids)] = new

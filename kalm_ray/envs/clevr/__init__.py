@@ -69,13 +69,6 @@ layout = StateLayout(
     reach_high=np.tile(np.array([BALL_LIMITS[0][1], BALL_LIMITS[1][1]], np.float32), len(COLORS)),
     max_step_total=MAX_STEP_TOTAL,
     object_dims=2,
-    # Each ball is an entity, so an absolute state names every ball before its (x, y): 15
-    # tokens instead of 10; a step's state stays 10 (compact steps write no names). Why: the
-    # policy must find the named balls' coordinates; by position alone two of four `cpu`
-    # groundings had not learnt which way to push at 12,000 steps (docs/results.md,
-    # 2026-12-05, fifth). The name tokens start as the colour words' embeddings.
-    entities={c: slice(2 * i, 2 * i + 2) for i, c in enumerate(COLORS)},
-    entities_always_present=True,
 )
 
 
