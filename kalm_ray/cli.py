@@ -225,6 +225,23 @@ _COMMANDS = {
 }
 
 
+def _last_line(message: str) -> None:
+    """``message`` on stderr, on a line of its own.
+
+    A signal can arrive while a progress bar is drawn and before its ``with`` block is
+    entered (seen in CI: SIGTERM during collect's first draw); that bar is never closed and
+    the cursor stays after it. Closing the bars still open ends their lines first.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar whose __init__ was cut short
+            print(file=sys.stderr)
+    print(message, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -239,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.cmd](args)
     except Terminated:
         _shutdown_ray()
-        print("kalm: terminated", file=sys.stderr)
+        _last_line("kalm: terminated")
         return 143
     except KalmError as e:
         if args.debug:
@@ -248,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         _shutdown_ray()
-        print("kalm: interrupted", file=sys.stderr)
+        _last_line("kalm: interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
         if args.debug:
