@@ -231,12 +231,8 @@ def factor_nll(logp: np.ndarray, actions: np.ndarray, sizes: list[int]) -> np.nd
     joint = logp.reshape(b, *sizes)
     out, prev = np.empty((b, len(sizes))), np.zeros(b)
     for i in range(len(sizes)):
-        # log p(part_1..part_i): sum out the parts after i
-        lead = (
-            joint
-            if i == len(sizes) - 1
-            else np.logaddexp.reduce(joint, axis=tuple(range(i + 2, len(sizes) + 1)))
-        )
+        # log p(part_1..part_i): sum out the parts after i (none after the last)
+        lead = np.logaddexp.reduce(joint, axis=tuple(range(i + 2, len(sizes) + 1)))
         cur = lead[(np.arange(b), *digits[:, : i + 1].T)]
         out[:, i] = prev - cur
         prev = cur

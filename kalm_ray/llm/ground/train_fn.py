@@ -526,6 +526,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         )
         if done % log_every == 0 or done == total:
             dt = time.perf_counter() - t0
+            task_loss = {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
             metrics = {
                 "step": float(done),
                 "loss": float(np.mean(losses)),
@@ -533,7 +534,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 "resumed_from": float(start),
                 # Why by task: the total hides which skill is learnt when; acting (the policy
                 # task's loss) is learnt last and by some groundings much later than others.
-                **{f"loss_{t}": float(np.mean(v)) for t, v in sorted(by_task.items())},
+                **{f"loss_{t}": v for t, v in task_loss.items()},
             }
             if rank == 0:
                 log.info(
@@ -541,7 +542,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                     done,
                     total,
                     metrics["loss"],
-                    ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_task.items())),
+                    ", ".join(f"{t} {v:.3f}" for t, v in task_loss.items()),
                     metrics["tokens_per_s"],
                 )
             losses, by_task = [], {}
