@@ -341,7 +341,8 @@ def fake_upstream(run_dir: Path, codec) -> None:
     rng = np.random.default_rng(0)
     eps = []
     for k in range(6):
-        s = rng.uniform([-0.4, -0.1] * 5, [0.0, 0.5] * 5).astype(np.float32)
+        s = rng.uniform([-0.4, 0.2] * 5, [0.0, 0.5] * 5).astype(np.float32)
+        s[1] = -0.1  # red's lane: pushed right (scripted_generate), it meets no other ball
         eps.append(
             Episode(
                 episode_id=f"r{k}",

@@ -102,25 +102,42 @@ class Case:
             low, high = np.asarray(self.layout.reach_low), np.asarray(self.layout.reach_high)
         mask = self.present_mask(rng)
         s = np.where(mask, rng.uniform(low, high), 0.0)
+        while not self.apart(s):  # objects never overlap (CLEVR: balls 0.26 wide)
+            s = np.where(mask, rng.uniform(low, high), 0.0)
         states = [s]
         k = self.layout.object_dims
         for _ in range(n):
-            step = rng.uniform(-0.5, 0.5, len(s)) * np.asarray(self.layout.max_step_delta)
-            if self.layout.max_step_total is not None:  # one object moves per step
-                moving = np.zeros(len(s), bool)
-                obj = int(rng.integers(len(s) // k))
-                moving[obj * k : (obj + 1) * k] = True
-                step = np.where(moving, step, 0.0)
-                norm = np.linalg.norm(step)
-                if norm > 0.5 * self.layout.max_step_total:
-                    step *= 0.5 * self.layout.max_step_total / norm
-            states.append(np.where(mask, np.clip(states[-1] + step, low, high), 0.0))
+            nxt = states[-1]
+            for _try in range(100):  # a step that would push one object into another: redraw
+                step = rng.uniform(-0.5, 0.5, len(s)) * np.asarray(self.layout.max_step_delta)
+                if self.layout.max_step_total is not None:  # one object moves per step
+                    moving = np.zeros(len(s), bool)
+                    obj = int(rng.integers(len(s) // k))
+                    moving[obj * k : (obj + 1) * k] = True
+                    step = np.where(moving, step, 0.0)
+                    norm = np.linalg.norm(step)
+                    if norm > 0.5 * self.layout.max_step_total:
+                        step *= 0.5 * self.layout.max_step_total / norm
+                cand = np.where(mask, np.clip(states[-1] + step, low, high), 0.0)
+                if self.apart(cand):
+                    nxt = cand
+                    break
+            states.append(nxt)
         space = self.suite.action_space
         if hasattr(space, "n"):
             actions = rng.integers(space.n, size=n)
         else:
             actions = rng.uniform(space.low, space.high, (n, *space.shape)).astype(np.float32)
         return np.asarray(states, np.float32), actions
+
+    def apart(self, s: np.ndarray) -> bool:
+        """Whether no two objects of state ``s`` are closer than the layout allows."""
+        gap = self.layout.min_object_gap
+        if gap is None:
+            return True
+        pos = np.asarray(s).reshape(-1, self.layout.object_dims)
+        i, j = np.triu_indices(len(pos), 1)
+        return bool((np.linalg.norm(pos[i] - pos[j], axis=-1) >= gap).all())
 
     def start(self, rng: np.random.Generator) -> np.ndarray:
         return self.random_walk(rng, 0)[0][0]

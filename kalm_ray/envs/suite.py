@@ -59,6 +59,12 @@ class StateLayout:
             Why: ``max_step_delta`` bounds one coordinate, so a step that moves *every*
             object by that much stays within it although no push can do that.
         object_dims: dimensions per object for ``max_step_total`` (CLEVR: x, y).
+        min_object_gap: smallest distance between two objects' positions (``object_dims``
+            consecutive dimensions each) in a state the filter accepts; None = no such
+            limit. Why: a world model that has not learnt collisions writes a pushed ball
+            into another one, a step the per-value and summed limits above cannot see
+            (CLEVR: balls 0.26 wide, closer seen from above only while one rides up on
+            another, rarely).
         fixed: ``(state_dim,)`` bool, dimensions no step can change (a goal, a static body,
             the axes a slide or hinge joint holds still); under delta coding a step does not
             write them. None = every dimension can change.
@@ -73,6 +79,7 @@ class StateLayout:
     reach_high: np.ndarray | None = None
     max_step_total: float | None = None
     object_dims: int = 1
+    min_object_gap: float | None = None
     fixed: np.ndarray | None = None
 
     @property

@@ -34,6 +34,9 @@ REASONS: dict[str, str] = {
     "it (layout.reach_low/high), a change larger than the env's physical maximum "
     "(layout.max_step_delta), or objects moving more in total than one step can move them "
     "(layout.max_step_total); each plus step_tolerance and one quantisation bin",
+    "overlap": "two objects closer together than any state allows (layout.min_object_gap less "
+    "one quantisation bin's diagonal) and than they were at the start: CLEVR balls pushed "
+    "into each other",
     "no_progress": "no state value ever moves more than one quantisation bin from the start",
 }
 """Rejection reasons, in the order they are checked; the keys are the report's keys."""
@@ -71,7 +74,8 @@ class FilterLimits:
         reach_low, reach_high: ``(D,)`` where a value that moved can end (None = no check
             beyond ``low``/``high``).
         max_step_total: largest summed object displacement per step (None = no check).
-        object_dims: dimensions per object for ``max_step_total``.
+        object_dims: dimensions per object for ``max_step_total`` and ``min_object_gap``.
+        min_object_gap: smallest distance between two objects in a state (None = no check).
     """
 
     low: np.ndarray
@@ -87,6 +91,7 @@ class FilterLimits:
     reach_high: np.ndarray | None = None
     max_step_total: float | None = None
     object_dims: int = 1
+    min_object_gap: float | None = None
 
     @classmethod
     def for_suite(
@@ -117,6 +122,7 @@ class FilterLimits:
             reach_high=_optional(getattr(lay, "reach_high", None)),
             max_step_total=getattr(lay, "max_step_total", None),
             object_dims=int(getattr(lay, "object_dims", 1)),
+            min_object_gap=getattr(lay, "min_object_gap", None),
         )
 
     @property
@@ -300,11 +306,12 @@ def check_arrays(
                 f"step {t + 1} dim {j}: moved to {body[t, j]:.4g}, where nothing can be pushed "
                 f"(reach [{limits.reach_low[j]:.4g}, {limits.reach_high[j]:.4g}])",
             )
+    # An object's decoded position may be off by up to one bin in each of its dimensions.
+    k = max(1, limits.object_dims)
+    diag = math.sqrt(k) * limits.quantum.max()
     if limits.max_step_total is not None:
-        k = max(1, limits.object_dims)
         per_object = np.linalg.norm(steps.reshape(n, -1, k), axis=-1)
-        # Each moved object may carry up to one bin of quantisation per dimension.
-        total = np.where(per_object > 0, per_object - math.sqrt(k) * limits.quantum.max(), 0.0)
+        total = np.where(per_object > 0, per_object - diag, 0.0)
         total = np.clip(total, 0.0, None).sum(axis=1)
         cap = limits.max_step_total * (1.0 + limits.step_tolerance)
         if (total > cap).any():
@@ -312,6 +319,21 @@ def check_arrays(
             return reject(
                 "impossible_step",
                 f"step {t + 1}: objects moved {total[t]:.3g} in all > max {cap:.3g}",
+            )
+    if limits.min_object_gap is not None:
+        pos = states.reshape(n + 1, -1, k)
+        i, j = np.triu_indices(pos.shape[1], 1)
+        gaps = np.linalg.norm(pos[:, i] - pos[:, j], axis=-1)
+        # A pair the request's start already had that close is the start's doing, not the
+        # model's.
+        floor = limits.min_object_gap - diag
+        close = (gaps[1:] < floor) & (gaps[1:] < gaps[0] - diag)
+        if close.any():
+            t, p = np.argwhere(close)[0]
+            return reject(
+                "overlap",
+                f"step {t + 1}: objects {i[p]} and {j[p]} {gaps[t + 1, p]:.3g} apart "
+                f"< min {floor:.3g}",
             )
     if (np.abs(states[1:] - states[0]) <= limits.quantum).all():
         return reject("no_progress", "no value moved more than one bin from the start")

@@ -63,7 +63,7 @@ class StepwiseImaginer:
             many steps; None: every request is prompted with its own wording.
         limits: the validity filter's limits (:class:`~kalm_ray.llm.imagine.filter.FilterLimits`);
             when given, a rollout stops at its first step the filter would reject (out of
-            bounds, impossible move) and is never the chosen candidate. None: no check.
+            bounds, impossible move, overlap) and is never the chosen candidate. None: no check.
     """
 
     def __init__(
