@@ -26,7 +26,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from kalm_ray.llm.imagine.filter import REASONS, FilterLimits, Verdict, check_arrays, check_text
+from kalm_ray.llm.imagine.filter import (
+    REASONS,
+    FilterLimits,
+    Verdict,
+    check_arrays,
+    check_text,
+    object_gaps,
+)
 
 MAX_STEPS = 6
 ENVS = ("clevr", "metaworld")
@@ -135,9 +142,8 @@ class Case:
         gap = self.layout.min_object_gap
         if gap is None:
             return True
-        pos = np.asarray(s).reshape(-1, self.layout.object_dims)
-        i, j = np.triu_indices(len(pos), 1)
-        return bool((np.linalg.norm(pos[i] - pos[j], axis=-1) >= gap).all())
+        gaps, _ = object_gaps(np.asarray(s)[None], self.layout.object_dims)
+        return bool((gaps >= gap).all())
 
     def start(self, rng: np.random.Generator) -> np.ndarray:
         return self.random_walk(rng, 0)[0][0]

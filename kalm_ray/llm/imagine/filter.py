@@ -321,9 +321,7 @@ def check_arrays(
                 f"step {t + 1}: objects moved {total[t]:.3g} in all > max {cap:.3g}",
             )
     if limits.min_object_gap is not None:
-        pos = states.reshape(n + 1, -1, k)
-        i, j = np.triu_indices(pos.shape[1], 1)
-        gaps = np.linalg.norm(pos[:, i] - pos[:, j], axis=-1)
+        gaps, (i, j) = object_gaps(states, k)
         # A pair the request's start already had that close is the start's doing, not the
         # model's.
         floor = limits.min_object_gap - diag
@@ -340,6 +338,17 @@ def check_arrays(
     return Verdict(
         accepted=True, states=states.astype(np.float32), actions=actions, repairs=repairs
     )
+
+
+def object_gaps(
+    states: np.ndarray, object_dims: int
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Distance between every two objects of each state: ``(T, P)`` for ``(T, D)`` states whose
+    objects are ``object_dims`` consecutive dimensions each, with the ``(i, j)`` object indices
+    of the ``P`` pairs (``i < j``)."""
+    pos = np.asarray(states).reshape(len(states), -1, object_dims)
+    i, j = np.triu_indices(pos.shape[1], 1)
+    return np.linalg.norm(pos[:, i] - pos[:, j], axis=-1), (i, j)
 
 
 def _zero_reasons() -> dict[str, int]:
