@@ -284,6 +284,9 @@ def test_run_ground_stage(tmp_path, ray_local):
         metrics
     )
     assert m.counts["episodes_heldout"] > 0 and m.counts["examples_train"] > 0
+    # One-step predictions from real states through the validity filter; the real next states
+    # themselves pass it.
+    assert 0.0 <= metrics["dynamics_rejected"] <= 1.0 and metrics["dynamics_rejected_real"] == 0.0
     # The LLM-as-policy 2 x 2: held-out and training starts, own and rephrased wordings.
     assert metrics["policy_n"] == m.counts["episodes_heldout"]
     assert metrics["policy_seen_n"] == m.counts["episodes_train"]

@@ -368,7 +368,14 @@ def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
     if "dynamics_mae" in m:
         print(
             f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
-            f"{m['copy_baseline_mae']:.4f}; explanation exact "
+            f"{m['copy_baseline_mae']:.4f}"
+            + (
+                f" (the filter rejects {m['dynamics_rejected']:.2f} of its one-step predictions, "
+                f"{m['dynamics_rejected_real']:.2f} of the real ones)"
+                if "dynamics_rejected" in m
+                else ""
+            )
+            + "; explanation exact "
             f"{m.get('explain_exact_match', 0):.2f}, "
             f"token acc {m.get('explain_token_accuracy', 0):.2f}; rollouts decode "
             f"{m.get('rollout_decoded', 0):.2f}, reach goal {m.get('rollout_success', 0):.2f}",

@@ -1,7 +1,9 @@
 """Grounding metrics on the held-out episodes (split by episode, never seen in training).
 
 - dynamics: greedy next-state prediction; mean absolute error in env units over the state
-  dimensions, against the copy-the-state baseline ``|s - s'|`` on the same transitions;
+  dimensions, against the copy-the-state baseline ``|s - s'|`` on the same transitions, and
+  the share of these one-step predictions the imagine stage's validity filter rejects
+  (:func:`dynamics_metrics`);
 - explanation: exact match of the generated instruction (token ids) and teacher-forced
   token accuracy on the instruction tokens;
 - generation: rollouts generated from (instruction, start state) under the codec's grammar
@@ -35,6 +37,7 @@ import numpy as np
 
 from kalm_ray.envs.success import goal_reached
 from kalm_ray.llm.codec import Codec, CodecError
+from kalm_ray.llm.imagine.filter import FilterLimits, step_rejection
 from kalm_ray.llm.model import codec_token_ids
 from kalm_ray.llm.prompts import (
     EpisodeArrays,
@@ -113,12 +116,21 @@ def dynamics_metrics(
     *,
     batch_size: int,
     device: str,
+    limits: FilterLimits | None = None,
 ) -> dict[str, float]:
     """Next-state error vs copy-the-state on ``(state, action, next_state)`` triples.
 
     Errors are means over the dimensions a step can change (``codec.moving_dims``: CLEVR all
     10; Meta-World the gripper and the task's moving entity axes), never over absent slots
-    or a fixed goal, whose zero error would make any model look as good as copying."""
+    or a fixed goal, whose zero error would make any model look as good as copying.
+
+    With ``limits`` (the validity filter's), ``dynamics_rejected`` is the share of these
+    one-step predictions, each from a real state, that the filter rejects (an undecodable one
+    counts; ``no_progress`` does not: it judges whole rollouts), and ``dynamics_rejected_real``
+    the share of the real next states it rejects (about 0). Why: an imagined rollout must get
+    every step past the filter, so ``(1 - dynamics_rejected) ** k`` roughly bounds how many
+    ``k``-step rollouts survive (CLEVR ``cpu``: most rejections are a pushed ball written into
+    another, ``overlap``)."""
     if not transitions:
         return {"dynamics_n": 0}
     prompts = [dynamics_prompt(codec, s, a) for s, a, _ in transitions]
@@ -133,8 +145,8 @@ def dynamics_metrics(
         device=device,
         stop_ids=[eos],
     )
-    errs, copy, ok = [], [], 0
-    for (s, _, n), ids in zip(transitions, gens, strict=False):
+    errs, copy, ok, rejected, rejected_real = [], [], 0, 0, 0
+    for (s, a, n), ids in zip(transitions, gens, strict=False):
         text = tokenizer.decode(_strip(ids, {eos}), skip_special_tokens=False)
         dims = codec.moving_dims(s)
         copy_err = float(np.mean(np.abs(np.asarray(s)[dims] - np.asarray(n)[dims])))
@@ -145,13 +157,21 @@ def dynamics_metrics(
             errs.append(float(np.mean(np.abs(pred[dims] - np.asarray(n)[dims]))))
         except CodecError:
             errs.append(copy_err)  # an undecodable prediction counts as copying the state
-    return {
+            pred = None
+        if limits is not None:
+            rejected += pred is None or step_rejection(s, a, pred, limits) is not None
+            rejected_real += step_rejection(s, a, n, limits) is not None
+    out = {
         "dynamics_n": len(transitions),
         "dynamics_decoded": ok / len(transitions),
         "dynamics_mae": float(np.mean(errs)),
         "copy_baseline_mae": float(np.mean(copy)),
         "dynamics_beats_copy": bool(np.mean(errs) < np.mean(copy)),
     }
+    if limits is not None:
+        out["dynamics_rejected"] = rejected / len(transitions)
+        out["dynamics_rejected_real"] = rejected_real / len(transitions)
+    return out
 
 
 def action_metrics(
@@ -474,7 +494,13 @@ def grounding_metrics(
     out: dict[str, Any] = {"heldout_episodes": len(episodes), "heldout_transitions": len(trans)}
     out.update(
         dynamics_metrics(
-            model, tokenizer, codec, [trans[i] for i in pick], batch_size=batch_size, device=device
+            model,
+            tokenizer,
+            codec,
+            [trans[i] for i in pick],
+            batch_size=batch_size,
+            device=device,
+            limits=FilterLimits.for_suite(suite, n_bins=codec.n_bins),
         )
     )
     out.update(

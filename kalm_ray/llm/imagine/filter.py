@@ -340,6 +340,18 @@ def check_arrays(
     )
 
 
+def step_rejection(
+    state: np.ndarray, action: Any, next_state: np.ndarray, limits: FilterLimits
+) -> str | None:
+    """Why the filter rejects the one-step rollout ``state -> next_state`` (None: it passes).
+
+    ``no_progress`` is not a reason here: it judges a whole rollout, and one real push may
+    move nothing (a ball against a wall). Used to score a world model's single steps from
+    real states (:func:`kalm_ray.llm.ground.metrics.dynamics_metrics`)."""
+    v = check_arrays(state, np.stack([state, next_state]), [action], limits=limits, max_steps=1)
+    return None if v.accepted or v.reason == "no_progress" else v.reason
+
+
 def object_gaps(
     states: np.ndarray, object_dims: int
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
