@@ -382,12 +382,12 @@ def test_physics_fires_under_delta_coding_the_pipeline_uses():
     assert v.reason == "impossible_step" and "reach" in v.detail
 
 
-def test_step_rejection_scores_one_step_from_a_real_state():
+def test_physical_rejection_scores_one_step_from_a_real_state():
     """The grounding metric's per-step check (``dynamics_rejected``): real MuJoCo pushes pass,
     a pushed ball written into the ball in its way is an ``overlap``, and a push that moves
     nothing (a ball against a wall) is not rejected: ``no_progress`` judges whole rollouts."""
     from kalm_ray.envs.clevr.env import CLEVRRobotEnv
-    from kalm_ray.llm.imagine.filter import step_rejection
+    from kalm_ray.llm.imagine.filter import physical_rejection
 
     _, _, limits = _clevr_delta()
     env = CLEVRRobotEnv(level="train")
@@ -397,10 +397,10 @@ def test_step_rejection_scores_one_step_from_a_real_state():
         for _ in range(3):
             a = int(rng.integers(40))
             nxt, *_ = env.step(a)
-            assert step_rejection(s, a, nxt, limits) is None
+            assert physical_rejection([s, nxt], [a], limits) is None
             s = nxt
     start = np.array([-0.1, 0.0, 0.2, 0.0, 0.3, -0.3, -0.3, 0.4, 0.4, 0.4], np.float32)
     into = start.copy()
     into[0] = 0.12  # red pushed right (action 0) by 0.22, onto blue, which stays
-    assert step_rejection(start, 0, into, limits) == "overlap"
-    assert step_rejection(start, 0, start, limits) is None
+    assert physical_rejection([start, into], [0], limits) == "overlap"
+    assert physical_rejection([start, start], [0], limits) is None

@@ -37,7 +37,7 @@ import numpy as np
 
 from kalm_ray.envs.success import goal_reached
 from kalm_ray.llm.codec import Codec, CodecError
-from kalm_ray.llm.imagine.filter import FilterLimits, step_rejection
+from kalm_ray.llm.imagine.filter import FilterLimits, physical_rejection
 from kalm_ray.llm.model import codec_token_ids
 from kalm_ray.llm.prompts import (
     EpisodeArrays,
@@ -159,8 +159,8 @@ def dynamics_metrics(
             errs.append(copy_err)  # an undecodable prediction counts as copying the state
             pred = None
         if limits is not None:
-            rejected += pred is None or step_rejection(s, a, pred, limits) is not None
-            rejected_real += step_rejection(s, a, n, limits) is not None
+            rejected += pred is None or physical_rejection([s, pred], [a], limits) is not None
+            rejected_real += physical_rejection([s, n], [a], limits) is not None
     out = {
         "dynamics_n": len(transitions),
         "dynamics_decoded": ok / len(transitions),
@@ -500,6 +500,8 @@ def grounding_metrics(
             [trans[i] for i in pick],
             batch_size=batch_size,
             device=device,
+            # The filter's default tolerances: the ground stage does not read the imagine
+            # section (imagine.bounds_tolerance / step_tolerance), whose defaults these are.
             limits=FilterLimits.for_suite(suite, n_bins=codec.n_bins),
         )
     )

@@ -340,15 +340,15 @@ def check_arrays(
     )
 
 
-def step_rejection(
-    state: np.ndarray, action: Any, next_state: np.ndarray, limits: FilterLimits
-) -> str | None:
-    """Why the filter rejects the one-step rollout ``state -> next_state`` (None: it passes).
+def physical_rejection(states: Any, actions: Any, limits: FilterLimits) -> str | None:
+    """Why the filter rejects a rollout's steps so far (None: they pass), from ``states[0]``.
 
-    ``no_progress`` is not a reason here: it judges a whole rollout, and one real push may
-    move nothing (a ball against a wall). Used to score a world model's single steps from
-    real states (:func:`kalm_ray.llm.ground.metrics.dynamics_metrics`)."""
-    v = check_arrays(state, np.stack([state, next_state]), [action], limits=limits, max_steps=1)
+    ``no_progress`` is not a reason here: it judges a finished rollout, a later step may still
+    move something, and one real push may move nothing (a ball against a wall). Used by the
+    stepwise imaginer to stop a candidate at its first rejected step, and to score a world
+    model's single steps from real states (:func:`kalm_ray.llm.ground.metrics.dynamics_metrics`).
+    """
+    v = check_arrays(states[0], states, actions, limits=limits, max_steps=len(actions))
     return None if v.accepted or v.reason == "no_progress" else v.reason
 
 

@@ -221,14 +221,9 @@ class StepwiseImaginer:
     def plausible(self, states: np.ndarray, actions: np.ndarray) -> bool:
         """Whether the validity filter accepts the rollout so far (``no_progress`` aside: a
         later step may still move something)."""
-        if self.limits is None:
-            return True
-        from kalm_ray.llm.imagine.filter import check_arrays
+        from kalm_ray.llm.imagine.filter import physical_rejection
 
-        v = check_arrays(
-            states[0], states, actions, limits=self.limits, max_steps=len(actions)
-        )
-        return v.accepted or v.reason == "no_progress"
+        return self.limits is None or physical_rejection(states, actions, self.limits) is None
 
 
 def part_wordings(suite: Any, task: str, seed: int) -> list[tuple[str, str]]:
