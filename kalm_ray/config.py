@@ -297,7 +297,7 @@ class ImagineConfig(_Section):
     _placement_only = frozenset(
         {"min_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "accelerator_type"}
     )
-    _hashed_when_set = frozenset({"compose"})
+    _hashed_when_set = frozenset({"compose", "state_retries", "state_temperature"})
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
     """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
@@ -337,6 +337,14 @@ class ImagineConfig(_Section):
     it, and it succeeds only where every part holds at once in the LLM's states. Why: the
     grounded LLM acts on training goals, and it never saw a conjunction
     (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
+    state_retries: NonNegInt = 0
+    """``stepwise`` only: a next state the validity filter would reject (balls pushed into each
+    other, out of bounds, an impossible move: the environment's facts) is drawn again from the
+    dynamics prompt, sampled at ``state_temperature``, up to this many times; the action stays,
+    and a step still rejected ends the rollout. 0 = the greedy next state only
+    (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
+    state_temperature: Annotated[float, Field(gt=0.0)] = 0.7
+    """Sampling temperature of redrawn next states (``state_retries``)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -382,6 +390,8 @@ class ImagineConfig(_Section):
             raise ValueError("candidates > 1 needs mode: stepwise")
         if self.compose and self.mode != "stepwise":
             raise ValueError("compose needs mode: stepwise")
+        if self.state_retries and self.mode != "stepwise":
+            raise ValueError("state_retries needs mode: stepwise")
         return self
 
 

@@ -46,6 +46,11 @@ def test_quick_is_cpu_clevr() -> None:
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
         ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
+        ({"name": "x", "imagine": {"state_retries": 2}}, "state_retries needs mode: stepwise"),
+        (
+            {"name": "x", "imagine": {"mode": "stepwise", "state_temperature": 0}},
+            "imagine.state_temperature",
+        ),
         (
             {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},
              "imagine": {"compose": True, "mode": "stepwise", "backend": "hf"}},

@@ -256,6 +256,54 @@ def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
         )
 
 
+def test_state_retries_redraw_only_the_rejected_next_states(clevr_model):
+    """``imagine.state_retries``: a next state the validity filter would reject is drawn again
+    from the dynamics prompt (sampled) before the rollout stops. A rollout whose greedy states
+    all pass is the same text as without retries (its actions come from their own stream); one
+    that was rejected keeps every step before the rejected one and that step's action, and then
+    goes on from a state the filter accepts, or stops as before. Redrawn tokens count as
+    generated."""
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.filter import FilterLimits, check_text
+
+    codec, suite = Codec.load(clevr_model), get_suite("clevr")
+    # The untrained model writes random next states, which the bounds and step checks reject
+    # at once, whatever is drawn; with those opened, balls pushed into each other (``overlap``)
+    # end every plain rollout within four steps, and some redraws pass.
+    limits = dataclasses.replace(
+        FilterLimits.for_suite(suite, n_bins=64, bounds_tolerance=10.0, step_tolerance=10.0),
+        max_step_total=None,
+        reach_low=None,
+        reach_high=None,
+    )
+    spec = _generation_spec(
+        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
+        limits=limits,
+    )
+    req = _requests(["rephrase", "hard"], 16)
+    plain = HFGenerator(spec, device="cpu", num_threads=1)(req)
+    retried = HFGenerator(
+        dataclasses.replace(spec, state_retries=4, state_temperature=1.0), device="cpu",
+        num_threads=1,
+    )(req)
+    step = codec.max_step_tokens()
+    rescued = 0
+    for i, r in enumerate(req.to_pylist()):
+        a = plain.column("generated_text")[i].as_py()
+        b = retried.column("generated_text")[i].as_py()
+        va = check_text(codec, r["start_state"], a, limits=limits, max_steps=4)
+        vb = check_text(codec, r["start_state"], b, limits=limits, max_steps=4)
+        ta, tb = codec._lex(a)[0][:-1], codec._lex(b)[0][:-1]  # without the end token
+        if va.accepted or va.reason == "no_progress":
+            assert b == a
+            continue
+        kept = len(ta) - step  # every step before the rejected one (the last), and its action
+        assert tb[: kept + 1] == ta[: kept + 1]
+        rescued += len(tb) > len(ta) or vb.accepted or vb.reason == "no_progress"
+        assert retried.column("num_generated_tokens")[i].as_py() > len(tb) + 1  # redraws count
+    assert rescued > 0
+
+
 def test_compose_prompts_each_step_with_the_first_part_that_does_not_hold(clevr_model):
     """``imagine.compose``: a hard multi-relation goal is imagined part by part. Each part gets
     ``max_steps`` (a request's limit is that times its parts), the rollout stops at the first

@@ -104,16 +104,21 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         candidates=icfg.candidates,
         compose=icfg.compose,
         limits=limits,
+        state_retries=icfg.state_retries,
+        state_temperature=icfg.state_temperature,
     )
     t_built = time.perf_counter()
     log.info(
-        "imagine: %d requests over levels %s, backend %s, max %d steps%s (%d new tokens)",
+        "imagine: %d requests over levels %s, backend %s, max %d steps%s (%d new tokens)%s",
         requests.num_rows,
         list(icfg.levels),
         backend,
         max_steps,
         f" per part (compose; per level {level_steps})" if icfg.compose else "",
         spec.max_new_tokens,
+        f"; a rejected next state drawn again up to {icfg.state_retries} times"
+        if icfg.state_retries
+        else "",
     )
 
     # ---- run: generate -> filter -> label, streamed into Parquet parts --------------------

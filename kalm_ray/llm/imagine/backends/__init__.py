@@ -67,6 +67,8 @@ class GenerationSpec:
             (``imagine.compose``); ``max_steps`` is then the budget of each part.
         limits: ``stepwise``: the validity filter's limits; a rollout stops at its first
             step the filter would reject.
+        state_retries, state_temperature: ``stepwise``: a next state the filter would reject
+            is sampled again (at this temperature) up to this many times.
     """
 
     model_dir: str
@@ -85,6 +87,8 @@ class GenerationSpec:
     candidates: int = 1
     compose: bool = False
     limits: Any = None
+    state_retries: int = 0
+    state_temperature: float = 0.7
 
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""

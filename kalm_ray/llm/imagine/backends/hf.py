@@ -378,6 +378,8 @@ class HFGenerator:
                 candidates=spec.candidates,
                 part_steps=spec.max_steps if spec.compose else None,
                 limits=spec.limits,
+                state_retries=spec.state_retries,
+                state_temperature=spec.state_temperature,
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

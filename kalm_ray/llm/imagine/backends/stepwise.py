@@ -30,6 +30,20 @@ imitates every step of them; the shortest of N keeps the fewest detours. The cat
 (docs/results.md): the search also finds the LLM's dynamics errors that make a goal look
 near, so it pays only with a world model that is right often enough.
 
+``imagine.state_retries: R`` (``state_retries`` here, needs ``limits``): a next state the
+validity filter would reject (balls pushed into each other, out of bounds, an impossible move) is
+drawn again from the world model, sampled at ``imagine.state_temperature`` from the same
+dynamics prompt, up to R times; the action stays. The filter's limits are the environment's
+facts (ball size, walls, how far one push can move a ball), so this decodes the world model's
+own distribution under those facts, as the grammar decodes it under the codec's layout. Why:
+greedy decoding writes the likeliest value of each coordinate alone, and where the model is
+unsure whether a struck ball moves it writes "no change" and leaves the pushed ball inside the
+struck one. Measured on the 279 held-out real pushes of seed 1's ``cpu`` grounding: greedy
+next states are rejected for 22.2% of them; greedy with up to 8 draws at 0.7 for those,
+7.5%, and the mean ball error against the real next states drops from 0.0241 to 0.0236 (on
+the redrawn pushes 0.0410 to 0.0386). A step still rejected after R draws ends the rollout as
+before.
+
 ``imagine.compose`` (``part_steps`` here) imagines a goal made of several training goals (the
 suite's ``parts``: CLEVR ``hard``'s two- and three-relation goals) part by part: each step's
 policy prompt holds a training wording of the first part that does not hold in the current
@@ -64,6 +78,9 @@ class StepwiseImaginer:
         limits: the validity filter's limits (:class:`~kalm_ray.llm.imagine.filter.FilterLimits`);
             when given, a rollout stops at its first step the filter would reject (out of
             bounds, impossible move, overlap) and is never the chosen candidate. None: no check.
+        state_retries, state_temperature: a next state the filter would reject is sampled
+            again from the dynamics prompt at ``state_temperature``, up to ``state_retries``
+            times, before the rollout stops (needs ``limits``).
     """
 
     def __init__(
@@ -78,10 +95,15 @@ class StepwiseImaginer:
         candidates: int = 1,
         part_steps: int | None = None,
         limits: Any = None,
+        state_retries: int = 0,
+        state_temperature: float = 0.7,
     ):
+        if state_retries and limits is None:
+            raise ValueError("state_retries needs the filter's limits")
         self.model, self.tok, self.codec, self.suite = model, tok, codec, suite
         self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
         self.part_steps, self.limits = part_steps, limits
+        self.state_retries, self.state_temperature = state_retries, state_temperature
 
     def __call__(self, batch: pa.Table, steps_for: Any) -> tuple[list[str], list[int], list[int]]:
         """``(texts, generated tokens, prompt tokens read)`` per request of ``batch``
@@ -145,6 +167,10 @@ class StepwiseImaginer:
 
         codec, n = self.codec, len(words)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
+        # Redrawn next states come from their own streams: a row whose states pass at once
+        # draws the same actions with or without retries.
+        state_gens = [torch.Generator().manual_seed(retry_seed(s)) for s in seeds]
+        spent = [0] * n  # tokens of redrawn next states (generated, not in the text)
         reached: list[int | None] = [None] * n
         valid = [True] * n
         act_rows = [RowGrammar.for_request(codec, s, 1) for s in starts]
@@ -176,26 +202,44 @@ class StepwiseImaginer:
             )
             actions = decode_actions(codec, act_toks)
             prompts = [dynamics_prompt(codec, s, a) for s, a in zip(cur, actions, strict=True)]
-            # One generate per next-state width (Meta-World: a task's entities set it).
-            st_toks: list[list[str]] = [[] for _ in active]
-            read_s = [0] * len(active)
-            for width in sorted({len(state_rows[i]) for i in active}):
-                group = [k for k, i in enumerate(active) if len(state_rows[i]) == width]
-                got, read = constrained_tokens(
-                    self.model, self.tok, codec, [prompts[k] for k in group],
-                    [state_rows[active[k]] for k in group], width,
+            st_toks, read_s = self.next_state_tokens(prompts, [state_rows[i] for i in active])
+            nxt = [
+                codec.decode_state(codec.join(t), prev=c)
+                for t, c in zip(st_toks, cur, strict=True)
+            ]
+            ok = [
+                self.plausible(np.stack([*states[i], x]), np.asarray([*acts[i], a]))
+                for i, x, a in zip(active, nxt, actions, strict=True)
+            ]
+            for _ in range(self.state_retries):
+                redo = [k for k, good in enumerate(ok) if not good]
+                if not redo:
+                    break
+                sampling = SeededSampling(
+                    generators=[state_gens[active[k]] for k in redo],
+                    temperature=self.state_temperature,
+                    top_p=1.0,
                 )
-                for k, t, r in zip(group, got, read, strict=True):
+                got, read = self.next_state_tokens(
+                    [prompts[k] for k in redo], [state_rows[active[k]] for k in redo], sampling
+                )
+                for k, t, r in zip(redo, got, read, strict=True):
+                    i = active[k]
+                    spent[i] += len(st_toks[k])
+                    n_in[i] += read_s[k]
                     st_toks[k], read_s[k] = t, r
+                    nxt[k] = codec.decode_state(codec.join(t), prev=cur[k])
+                    ok[k] = self.plausible(
+                        np.stack([*states[i], nxt[k]]), np.asarray([*acts[i], actions[k]])
+                    )
             still = []
             for k, i in enumerate(active):
                 tokens[i] += act_toks[k] + st_toks[k]
                 n_in[i] += read_a[k] + read_s[k]
-                nxt = codec.decode_state(codec.join(st_toks[k]), prev=cur[k])
-                states[i].append(nxt)
+                states[i].append(nxt[k])
                 acts[i].append(actions[k])
                 so_far = np.stack(states[i])
-                if not self.plausible(so_far, np.asarray(acts[i])):
+                if not ok[k]:
                     valid[i] = False
                     continue  # the filter rejects it whatever follows
                 if goal_reached(self.suite, tasks[i], so_far):
@@ -204,7 +248,35 @@ class StepwiseImaginer:
                     still.append(i)
             active = still
         texts = [codec.join([*t, codec.end_token]) for t in tokens]
-        return texts, [len(t) + 1 for t in tokens], n_in, reached, valid
+        counts = [len(t) + 1 + x for t, x in zip(tokens, spent, strict=True)]
+        return texts, counts, n_in, reached, valid
+
+    def next_state_tokens(
+        self, prompts: list[str], rows: list[Any], sampling: Any = None
+    ) -> tuple[list[list[str]], list[int]]:
+        """The next-state tokens of each dynamics prompt under its grammar row (greedy, or
+        with ``sampling``), and the prompt tokens read. One generate per next-state width
+        (Meta-World: a task's entities set it)."""
+        from kalm_ray.llm.imagine.backends.hf import SeededSampling, constrained_tokens
+
+        toks: list[list[str]] = [[] for _ in prompts]
+        read = [0] * len(prompts)
+        for width in sorted({len(r) for r in rows}):
+            group = [k for k, r in enumerate(rows) if len(r) == width]
+            part = sampling
+            if sampling is not None:  # the group's own streams, in the group's row order
+                part = SeededSampling(
+                    generators=[sampling.gens[k] for k in group],
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                )
+            got, n_read = constrained_tokens(
+                self.model, self.tok, self.codec, [prompts[k] for k in group],
+                [rows[k] for k in group], width, sampling=part,
+            )
+            for k, t, r in zip(group, got, n_read, strict=True):
+                toks[k], read[k] = t, r
+        return toks, read
 
     def wording(
         self, own: str, parts: list[tuple[str, str]] | None, start: np.ndarray, state: np.ndarray
@@ -247,6 +319,12 @@ def candidate_seed(seed: int, j: int) -> int:
     if j == 0:
         return seed
     return int(np.random.SeedSequence([seed, j]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def retry_seed(seed: int) -> int:
+    """The seed of a rollout's stream for redrawn next states (``state_retries``): independent
+    of its action stream (:func:`candidate_seed`)."""
+    return int(np.random.SeedSequence([seed, 0, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def choose(steps: list[int | None], valid: list[bool]) -> int:
