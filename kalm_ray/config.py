@@ -344,7 +344,8 @@ class ImagineConfig(_Section):
     and a step still rejected ends the rollout. 0 = the greedy next state only
     (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
     state_temperature: Annotated[float, Field(gt=0.0)] = 0.7
-    """Sampling temperature of redrawn next states (``state_retries``)."""
+    """Sampling temperature of redrawn next states (``state_retries``). Fingerprinted only when
+    ``state_retries`` > 0, and only when not 0.7 (so this default must never change)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -379,6 +380,12 @@ class ImagineConfig(_Section):
     rejected as ``impossible_step`` (one quantisation bin is always allowed on top)."""
     vllm_engine_kwargs: dict[str, Any] = {}
     """Extra ``vllm.AsyncEngineArgs`` (e.g. ``max_model_len``, ``tensor_parallel_size``)."""
+
+    def hashed_dump(self) -> dict[str, Any]:
+        out = super().hashed_dump()
+        if not self.state_retries:  # no draws: their temperature changes nothing
+            out.pop("state_temperature", None)
+        return out
 
     @model_validator(mode="after")
     def _pool(self) -> ImagineConfig:

@@ -109,6 +109,15 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert parse_config(stepwise).section_hash("imagine") != parse_config(
         composed
     ).section_hash("imagine")
+    # Redraws: their temperature counts only where there are draws.
+    def imagine_hash(**kw: object) -> str:
+        imagine = {"mode": "stepwise", **kw}
+        return parse_config({"name": "exp", "imagine": imagine}).section_hash("imagine")
+
+    assert imagine_hash() == imagine_hash(state_retries=0, state_temperature=0.3)
+    assert imagine_hash() != imagine_hash(state_retries=2) != imagine_hash(
+        state_retries=2, state_temperature=0.3
+    )
 
 
 def test_placement_fields_do_not_change_stage_hash() -> None:
