@@ -203,35 +203,26 @@ class StepwiseImaginer:
             actions = decode_actions(codec, act_toks)
             prompts = [dynamics_prompt(codec, s, a) for s, a in zip(cur, actions, strict=True)]
             st_toks, read_s = self.next_state_tokens(prompts, [state_rows[i] for i in active])
-            nxt = [
-                codec.decode_state(codec.join(t), prev=c)
-                for t, c in zip(st_toks, cur, strict=True)
-            ]
-            ok = [
-                self.plausible(np.stack([*states[i], x]), np.asarray([*acts[i], a]))
-                for i, x, a in zip(active, nxt, actions, strict=True)
+            judged = [
+                self.judge(states[i], acts[i], a, t)
+                for i, a, t in zip(active, actions, st_toks, strict=True)
             ]
             for _ in range(self.state_retries):
-                redo = [k for k, good in enumerate(ok) if not good]
+                redo = [k for k, (_, good) in enumerate(judged) if not good]
                 if not redo:
                     break
-                sampling = SeededSampling(
-                    generators=[state_gens[active[k]] for k in redo],
-                    temperature=self.state_temperature,
-                    top_p=1.0,
-                )
                 got, read = self.next_state_tokens(
-                    [prompts[k] for k in redo], [state_rows[active[k]] for k in redo], sampling
+                    [prompts[k] for k in redo],
+                    [state_rows[active[k]] for k in redo],
+                    [state_gens[active[k]] for k in redo],
                 )
                 for k, t, r in zip(redo, got, read, strict=True):
                     i = active[k]
                     spent[i] += len(st_toks[k])
                     n_in[i] += read_s[k]
                     st_toks[k], read_s[k] = t, r
-                    nxt[k] = codec.decode_state(codec.join(t), prev=cur[k])
-                    ok[k] = self.plausible(
-                        np.stack([*states[i], nxt[k]]), np.asarray([*acts[i], actions[k]])
-                    )
+                    judged[k] = self.judge(states[i], acts[i], actions[k], t)
+            nxt, ok = [x for x, _ in judged], [good for _, good in judged]
             still = []
             for k, i in enumerate(active):
                 tokens[i] += act_toks[k] + st_toks[k]
@@ -252,31 +243,39 @@ class StepwiseImaginer:
         return texts, counts, n_in, reached, valid
 
     def next_state_tokens(
-        self, prompts: list[str], rows: list[Any], sampling: Any = None
+        self, prompts: list[str], rows: list[Any], gens: list[Any] | None = None
     ) -> tuple[list[list[str]], list[int]]:
-        """The next-state tokens of each dynamics prompt under its grammar row (greedy, or
-        with ``sampling``), and the prompt tokens read. One generate per next-state width
-        (Meta-World: a task's entities set it)."""
+        """The next-state tokens of each dynamics prompt under its grammar row, and the prompt
+        tokens read: greedy, or sampled at ``state_temperature`` from ``gens`` (one generator
+        per prompt). One generate per next-state width (Meta-World: a task's entities set it)."""
         from kalm_ray.llm.imagine.backends.hf import SeededSampling, constrained_tokens
 
         toks: list[list[str]] = [[] for _ in prompts]
         read = [0] * len(prompts)
         for width in sorted({len(r) for r in rows}):
             group = [k for k, r in enumerate(rows) if len(r) == width]
-            part = sampling
-            if sampling is not None:  # the group's own streams, in the group's row order
-                part = SeededSampling(
-                    generators=[sampling.gens[k] for k in group],
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
+            sampling = None
+            if gens is not None:  # the group's own streams, in the group's row order
+                sampling = SeededSampling(
+                    generators=[gens[k] for k in group],
+                    temperature=self.state_temperature,
+                    top_p=1.0,
                 )
             got, n_read = constrained_tokens(
                 self.model, self.tok, self.codec, [prompts[k] for k in group],
-                [rows[k] for k in group], width, sampling=part,
+                [rows[k] for k in group], width, sampling=sampling,
             )
             for k, t, r in zip(group, got, n_read, strict=True):
                 toks[k], read[k] = t, r
         return toks, read
+
+    def judge(
+        self, states: list[np.ndarray], acts: list[Any], action: Any, toks: list[str]
+    ) -> tuple[np.ndarray, bool]:
+        """The next state ``toks`` write after ``states[-1]`` and ``action``, and whether the
+        validity filter accepts the rollout with it (:meth:`plausible`)."""
+        nxt = self.codec.decode_state(self.codec.join(toks), prev=states[-1])
+        return nxt, self.plausible(np.stack([*states, nxt]), np.asarray([*acts, action]))
 
     def wording(
         self, own: str, parts: list[tuple[str, str]] | None, start: np.ndarray, state: np.ndarray
