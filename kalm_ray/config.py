@@ -297,7 +297,16 @@ class ImagineConfig(_Section):
     _placement_only = frozenset(
         {"min_actors", "max_actors", "num_cpus_per_actor", "num_gpus_per_actor", "accelerator_type"}
     )
-    _hashed_when_set = frozenset({"compose", "state_retries", "state_temperature"})
+    _hashed_when_set = frozenset(
+        {
+            "compose",
+            "state_retries",
+            "state_temperature",
+            "action_retries",
+            "consistency_draws",
+            "consistency_min",
+        }
+    )
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
     """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
@@ -346,6 +355,21 @@ class ImagineConfig(_Section):
     state_temperature: Annotated[float, Field(gt=0.0)] = 0.7
     """Sampling temperature of redrawn next states (``state_retries``). Fingerprinted only when
     ``state_retries`` > 0, and only when not 0.7 (so this default must never change)."""
+    action_retries: NonNegInt = 0
+    """``stepwise`` only: a step the validity filter still rejects (after ``state_retries``) is
+    imagined again with another action: sampled from the policy prompt at ``temperature`` (1.0
+    where that is 0), its next state greedy, up to this many times; a step still rejected ends
+    the rollout. 0 = no new action (:mod:`kalm_ray.llm.imagine.backends.stepwise`)."""
+    consistency_draws: NonNegInt = 0
+    """``stepwise`` only: an imagined success is kept only if it holds up in the LLM's own
+    world model: its actions imagined again this many times from the same start, every next
+    state sampled (temperature 1), and at least ``consistency_min`` of those draws end at the
+    goal too. A request's successful candidates are tried shortest first; a request with none
+    that holds up is counted ``doubtful`` and not kept. The simulator is not involved (the
+    replay check reports, apart, how often it confirms the doubtful ones). 0 = no check."""
+    consistency_min: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    """Share of the ``consistency_draws`` that must reach the goal. Fingerprinted only with
+    draws, and only when not 0.5 (so this default must never change)."""
     grammar: bool = True
     """Grammar-constrained decoding: at each position only the tokens the codec's grammar
     allows (action or end at a step boundary, bins inside a step), so every rollout is
@@ -385,6 +409,8 @@ class ImagineConfig(_Section):
         out = super().hashed_dump()
         if not self.state_retries:  # no draws: their temperature changes nothing
             out.pop("state_temperature", None)
+        if not self.consistency_draws:
+            out.pop("consistency_min", None)
         return out
 
     @model_validator(mode="after")
@@ -399,6 +425,10 @@ class ImagineConfig(_Section):
             raise ValueError("compose needs mode: stepwise")
         if self.state_retries and self.mode != "stepwise":
             raise ValueError("state_retries needs mode: stepwise")
+        if self.action_retries and self.mode != "stepwise":
+            raise ValueError("action_retries needs mode: stepwise")
+        if self.consistency_draws and self.mode != "stepwise":
+            raise ValueError("consistency_draws needs mode: stepwise")
         return self
 
 

@@ -47,6 +47,15 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
         ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
         ({"name": "x", "imagine": {"state_retries": 2}}, "state_retries needs mode: stepwise"),
+        ({"name": "x", "imagine": {"action_retries": 2}}, "action_retries needs mode: stepwise"),
+        (
+            {"name": "x", "imagine": {"consistency_draws": 4}},
+            "consistency_draws needs mode: stepwise",
+        ),
+        (
+            {"name": "x", "imagine": {"mode": "stepwise", "consistency_min": 1.5}},
+            "imagine.consistency_min",
+        ),
         (
             {"name": "x", "imagine": {"mode": "stepwise", "state_temperature": 0}},
             "imagine.state_temperature",
@@ -117,6 +126,12 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert imagine_hash() == imagine_hash(state_retries=0, state_temperature=0.3)
     assert imagine_hash() != imagine_hash(state_retries=2) != imagine_hash(
         state_retries=2, state_temperature=0.3
+    )
+    assert imagine_hash() == imagine_hash(action_retries=0, consistency_draws=0)
+    assert imagine_hash() == imagine_hash(consistency_min=0.9)  # no draws: nothing to judge
+    assert imagine_hash() != imagine_hash(action_retries=2)
+    assert imagine_hash() != imagine_hash(consistency_draws=4) != imagine_hash(
+        consistency_draws=4, consistency_min=0.9
     )
 
 

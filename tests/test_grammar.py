@@ -256,6 +256,26 @@ def test_stepwise_candidates_keep_the_shortest_imagined_success(clevr_model):
         )
 
 
+def _open_limits(suite):
+    """The filter's limits with the bounds and step checks opened: the untrained model writes
+    random next states, which those reject at once whatever is drawn; with them opened, balls
+    pushed into each other (``overlap``) end every plain rollout within four steps."""
+    from kalm_ray.llm.imagine.filter import FilterLimits
+
+    return dataclasses.replace(
+        FilterLimits.for_suite(suite, n_bins=64, bounds_tolerance=10.0, step_tolerance=10.0),
+        max_step_total=None,
+        reach_low=None,
+        reach_high=None,
+    )
+
+
+def _side_by_side(req: pa.Table, *outs: pa.Table):
+    """``(request row, each output's text)`` per request."""
+    for i, r in enumerate(req.to_pylist()):
+        yield r, *(o.column("generated_text")[i].as_py() for o in outs)
+
+
 def test_state_retries_redraw_only_the_rejected_next_states(clevr_model):
     """``imagine.state_retries``: a next state the validity filter would reject is drawn again
     from the dynamics prompt (sampled) before the rollout stops. A rollout whose greedy states
@@ -264,18 +284,10 @@ def test_state_retries_redraw_only_the_rejected_next_states(clevr_model):
     goes on from a state the filter accepts, or stops as before. Redrawn tokens count as
     generated."""
     from kalm_ray.llm.imagine.backends.hf import HFGenerator
-    from kalm_ray.llm.imagine.filter import FilterLimits, check_text
+    from kalm_ray.llm.imagine.filter import check_text
 
     codec, suite = Codec.load(clevr_model), get_suite("clevr")
-    # The untrained model writes random next states, which the bounds and step checks reject
-    # at once, whatever is drawn; with those opened, balls pushed into each other (``overlap``)
-    # end every plain rollout within four steps, and some redraws pass.
-    limits = dataclasses.replace(
-        FilterLimits.for_suite(suite, n_bins=64, bounds_tolerance=10.0, step_tolerance=10.0),
-        max_step_total=None,
-        reach_low=None,
-        reach_high=None,
-    )
+    limits = _open_limits(suite)  # some redraws pass
     spec = _generation_spec(
         clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
         limits=limits,
@@ -288,9 +300,7 @@ def test_state_retries_redraw_only_the_rejected_next_states(clevr_model):
     )(req)
     step = codec.max_step_tokens()
     same = rescued = 0
-    for i, r in enumerate(req.to_pylist()):
-        a = plain.column("generated_text")[i].as_py()
-        b = retried.column("generated_text")[i].as_py()
+    for i, (r, a, b) in enumerate(_side_by_side(req, plain, retried)):
         va = check_text(codec, r["start_state"], a, limits=limits, max_steps=4)
         vb = check_text(codec, r["start_state"], b, limits=limits, max_steps=4)
         ta, tb = codec._lex(a)[0][:-1], codec._lex(b)[0][:-1]  # without the end token
@@ -303,6 +313,171 @@ def test_state_retries_redraw_only_the_rejected_next_states(clevr_model):
         rescued += len(tb) > len(ta) or vb.accepted or vb.reason == "no_progress"
         assert retried.column("num_generated_tokens")[i].as_py() > len(tb) + 1  # redraws count
     assert same > 0 and rescued > 0
+
+
+def test_action_retries_imagine_a_rejected_step_again_with_another_action(clevr_model):
+    """``imagine.action_retries``: a step the validity filter would reject is imagined again
+    from the same state with a newly sampled action (its own stream) and its greedy next state.
+    A rollout whose steps all pass is the same text as without retries; one that was rejected
+    keeps every step before the rejected one, then goes on with an action the filter accepts or
+    stops as before. The dropped steps' tokens count as generated.
+
+    The untrained model's greedy next states hardly depend on the action, so the filter here
+    also rejects every even action (the real one still judges the states): then a new action
+    can pass where the old one did not."""
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.filter import check_text
+
+    codec, suite = Codec.load(clevr_model), get_suite("clevr")
+    limits = _open_limits(suite)
+    spec = _generation_spec(
+        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
+        limits=limits,
+    )
+
+    def odd_actions_only(gen):
+        judge = gen.stepwise.judge
+
+        def strict(states, acts, action, toks):
+            nxt, ok = judge(states, acts, action, toks)
+            return nxt, ok and int(action) % 2 == 1
+
+        gen.stepwise.judge = strict
+        return gen
+
+    def odd(text):
+        acts = codec.decode_rollout(np.zeros(codec.state_dim), text, max_steps=4)[1]
+        return all(int(a) % 2 == 1 for a in acts)
+
+    req = _requests(["easy", "rephrase", "hard"], 12)
+    plain = odd_actions_only(HFGenerator(spec, device="cpu", num_threads=1))(req)
+    retried = odd_actions_only(
+        HFGenerator(dataclasses.replace(spec, action_retries=4), device="cpu", num_threads=1)
+    )(req)
+    step = codec.max_step_tokens()
+    same = rescued = 0
+    for i, (r, a, b) in enumerate(_side_by_side(req, plain, retried)):
+        va = check_text(codec, r["start_state"], a, limits=limits, max_steps=4)
+        ta, tb = codec._lex(a)[0], codec._lex(b)[0]  # the steps' tokens (no end token)
+        if (va.accepted or va.reason == "no_progress") and odd(a):
+            assert b == a
+            same += 1
+            continue
+        kept = len(ta) - step  # every step before the rejected one (the last)
+        assert tb[:kept] == ta[:kept]
+        vb = check_text(codec, r["start_state"], b, limits=limits, max_steps=4)
+        if (vb.accepted or vb.reason == "no_progress") and odd(b):
+            rescued += 1
+            assert tb[kept] != ta[kept]  # another action at the rejected step
+        assert retried.column("num_generated_tokens")[i].as_py() > len(tb) + 1
+    assert same > 0 and rescued > 0
+
+
+def test_hold_up_takes_each_requests_shortest_success_that_holds_up(monkeypatch):
+    """``imagine.consistency_draws``: a request's successful candidates are tried shortest
+    first, and the first whose draws reach the goal often enough is its success; where none
+    does, every success is passed over. The draws' tokens are added to the candidates'."""
+    from kalm_ray.llm.imagine.backends.stepwise import StepwiseImaginer, choose
+
+    imaginer = StepwiseImaginer(
+        None, None, None, suite=None, temperature=1.0, top_p=1.0, consistency_draws=4,
+        consistency_min=0.5,
+    )
+    share = {0: 0.25, 1: 0.75, 2: 1.0, 4: 0.0, 5: 0.25, 7: 1.0}  # candidate row -> draws at goal
+    asked: list[list[int]] = []
+
+    def draws_reaching(paths, tasks, seeds, *, counts, n_in):
+        asked.append([p[0] for p in paths])
+        return [(share[p[0]], c + 10, m + 1) for p, c, m in zip(paths, counts, n_in, strict=True)]
+
+    monkeypatch.setattr(imaginer, "draws_reaching", draws_reaching)
+    # two requests of four candidates: steps to the goal (None: no success)
+    steps = [3, 2, 1, None, 1, 2, None, 5]
+    counts, n_in = [0] * 8, [0] * 8
+    paths = [(r, None) for r in range(8)]
+    held = imaginer.hold_up(steps, paths, ["t"] * 8, list(range(8)), counts, n_in, 4)
+    # request 0: 2 (1 step) holds up at once; request 1: 4 (1 step) fails, 5 (2) fails, 7 holds
+    assert asked == [[2, 4], [5], [7]]
+    assert held == [None, None, 1, None, None, None, None, 5]
+    assert [choose(held[:4], [True] * 4), choose(held[4:], [True] * 4)] == [2, 3]
+    assert counts == [0, 0, 10, 0, 10, 10, 0, 10] and n_in == [0, 0, 1, 0, 1, 1, 0, 1]
+    share[7] = 0.25  # request 1 then has no success that holds up
+    held = imaginer.hold_up(steps, paths, ["t"] * 8, list(range(8)), [0] * 8, [0] * 8, 4)
+    assert held[4:] == [None] * 4
+
+
+def test_consistency_draws_mark_doubtful_successes_and_keep_them_out(clevr_model, tmp_path):
+    """With ``consistency_draws``, a request whose returned text meets its goal without
+    holding up is ``doubtful``; the stage then counts it apart and keeps it out of the data.
+    The draws are seeded (the same requests give the same texts and flags), and their tokens
+    count as generated."""
+    from kalm_ray.llm.imagine.backends.hf import HFGenerator
+    from kalm_ray.llm.imagine.labels import goal_reached
+
+    codec, suite = Codec.load(clevr_model), get_suite("clevr")
+    spec = _generation_spec(
+        clevr_model, codec, max_steps=4, temperature=1.0, mode="stepwise", env="clevr",
+        candidates=4,
+    )
+    req = _requests(["easy"], 48)  # one push each: ~10% of the untrained model's meet the goal
+    plain = HFGenerator(spec, device="cpu", num_threads=1)(req)
+    checked_spec = dataclasses.replace(spec, consistency_draws=4, consistency_min=1.0)
+    checked = HFGenerator(checked_spec, device="cpu", num_threads=1)(req)
+    again = HFGenerator(checked_spec, device="cpu", num_threads=1)(req)
+    assert checked.equals(again)
+    assert not any(plain.column("doubtful").to_pylist())
+    met = []
+    for i, r in enumerate(req.to_pylist()):
+        text = checked.column("generated_text")[i].as_py()
+        states, _ = codec.decode_rollout(r["start_state"], text, max_steps=1)
+        met.append(goal_reached(suite, r["task"], states))
+        if checked.column("doubtful")[i].as_py():
+            assert met[-1]
+        assert (
+            checked.column("num_generated_tokens")[i].as_py()
+            >= plain.column("num_generated_tokens")[i].as_py()
+        )
+    assert any(met) and any(checked.column("doubtful").to_pylist())
+
+    # The stage's accounting: doubtful rows are accepted, neither successful nor kept, and
+    # the replay check counts them apart (the untrained model's states need open limits).
+    from kalm_ray.artifacts import RunDir
+    from kalm_ray.data.schema import transition_schema
+    from kalm_ray.llm.imagine.filter import FilterTally
+    from kalm_ray.llm.imagine.labels import judge_batch
+    from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
+    from kalm_ray.llm.imagine.store import write_rollouts
+
+    judged = judge_batch(
+        checked, decoder=codec, env="clevr", limits=_open_limits(suite),
+        max_steps=4, level_max_steps={"easy": 1},
+    )
+    rows = judged.to_pylist()
+    doubtful = sum(r["accepted"] and r["doubtful"] for r in rows)
+    taken = sum(r["accepted"] and r["success"] and not r["doubtful"] for r in rows)
+    assert doubtful > 0
+    run = RunDir(str(tmp_path))
+    (tmp_path / "out").mkdir()
+    tally, replay, replayer = FilterTally(), ReplayTally(), Replayer(suite)
+    stats = write_rollouts(
+        [judged], run=run, folder="out", tally=tally, total=judged.num_rows,
+        schema=transition_schema(suite.layout.dim, suite.action_space), env="clevr",
+        generator={}, keep_failures=False, replayer=replayer, replay=replay,
+    )
+    replayer.close()
+    easy = tally.report()["per_level"]["easy"]
+    assert easy["doubtful"] == doubtful and easy["successful"] == easy["kept"] == taken
+    assert stats["episodes_written"] == taken
+    seen = replay.report()["per_level"]["easy"]
+    assert seen["doubtful"]["imagined_successes"] == doubtful
+    assert seen["rollouts"] == sum(r["accepted"] for r in rows) - doubtful
+    from kalm_ray.eval.report import _replay_section
+
+    (tmp_path / "data" / "imagined").mkdir(parents=True)
+    run.write_json({"replay": replay.report()}, "data", "imagined", "filter_report.json")
+    table = _replay_section(run)
+    text = table if isinstance(table, str) else table[0]
+    assert f"easy: {doubtful} (" in text and "did not hold up" in text
 
 
 def test_compose_prompts_each_step_with_the_first_part_that_does_not_hold(clevr_model):

@@ -272,6 +272,19 @@ def _replay_section(run: RunDir) -> str | tuple[str, list[dict[str, Any]]]:
             "Agreement by the imagined success's length in steps (imagined successes of that "
             "length), where the world model's errors compound: " + "; ".join(by_steps) + ".",
         ]
+    doubtful = [
+        f"{lv}: {d['imagined_successes']} ("
+        f"{100 * d['confirmed'] / max(d['imagined_successes'], 1):.0f}% confirmed)"
+        for lv, c in rep.get("per_level", {}).items()
+        if (d := c.get("doubtful"))
+    ]
+    if doubtful:
+        lines += [
+            "",
+            "Successes kept out of the data because they did not hold up in the world model's "
+            "own draws (`imagine.consistency_draws`; not in the table above): "
+            + "; ".join(doubtful) + ".",
+        ]
     pairs = []
     for smp in rep.get("samples", []):
         im, re_ = np.asarray(smp["imagined"]), np.asarray(smp["replayed"])

@@ -106,10 +106,13 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         limits=limits,
         state_retries=icfg.state_retries,
         state_temperature=icfg.state_temperature,
+        action_retries=icfg.action_retries,
+        consistency_draws=icfg.consistency_draws,
+        consistency_min=icfg.consistency_min,
     )
     t_built = time.perf_counter()
     log.info(
-        "imagine: %d requests over levels %s, backend %s, max %d steps%s (%d new tokens)%s",
+        "imagine: %d requests over levels %s, backend %s, max %d steps%s (%d new tokens)%s%s",
         requests.num_rows,
         list(icfg.levels),
         backend,
@@ -118,6 +121,9 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         spec.max_new_tokens,
         f"; a rejected next state drawn again up to {icfg.state_retries} times"
         if icfg.state_retries
+        else "",
+        f"; a rejected step imagined again with a new action up to {icfg.action_retries} times"
+        if icfg.action_retries
         else "",
     )
 

@@ -388,6 +388,7 @@ class FilterTally:
             "requested": 0,
             "accepted": 0,
             "successful": 0,
+            "doubtful": 0,
             "kept": 0,
             "repaired_rollouts": 0,
             "repaired_values": 0,
@@ -408,8 +409,9 @@ class FilterTally:
         tokens: int,
         text: str = "",
         detail: str = "",
+        doubtful: bool = False,
     ) -> None:
-        """Count one rollout."""
+        """Count one rollout (``doubtful``: accepted, its success did not hold up)."""
         for c in (
             self.levels.setdefault(level, self._empty()),
             self.tasks.setdefault(level, {}).setdefault(task, self._empty()),
@@ -419,6 +421,7 @@ class FilterTally:
             if accepted:
                 c["accepted"] += 1
                 c["successful"] += int(success)
+                c["doubtful"] += int(doubtful)
                 c["kept"] += int(kept)
                 c["repaired_rollouts"] += int(repairs > 0)
                 c["repaired_values"] += int(repairs)
@@ -438,6 +441,7 @@ class FilterTally:
                 "requested",
                 "accepted",
                 "successful",
+                "doubtful",
                 "kept",
                 "repaired_rollouts",
                 "repaired_values",

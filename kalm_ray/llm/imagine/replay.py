@@ -124,6 +124,7 @@ class ReplayTally:
         replayed: np.ndarray,
         imagined_success: bool,
         replayed_success: bool,
+        doubtful: bool = False,
     ) -> None:
         c = self.levels.setdefault(
             level,
@@ -135,6 +136,13 @@ class ReplayTally:
                 "errors": [],
             },
         )
+        if doubtful:
+            # A success that did not hold up under the consistency draws: not in the data, so
+            # counted apart; how often the replay confirms these says what the check removes.
+            d = c.setdefault("doubtful", [0, 0])
+            d[0] += 1
+            d[1] += int(replayed_success)
+            return
         c["rollouts"] += 1
         c["imagined_success"] += int(imagined_success)
         c["replayed_success"] += int(replayed_success)
@@ -182,6 +190,9 @@ class ReplayTally:
                     for t, (a, b) in sorted(c.get("by_steps", {}).items())
                 },
             }
+            if "doubtful" in c:  # imagine.consistency_draws: the successes it kept out
+                a, b = c["doubtful"]
+                per_level[lv]["doubtful"] = {"imagined_successes": a, "confirmed": b}
         return {
             "available": True,
             "per_level": per_level,

@@ -280,15 +280,20 @@ def write_rollouts(
     with tqdm(total=total, desc="imagine", unit="rollout") as bar:
         for batch in judged:
             for r in batch.to_pylist():
-                kept = r["accepted"] and (r["success"] or keep_failures)
+                # doubtful: a success that did not hold up under the consistency draws
+                # (imagine.consistency_draws); neither a success nor a failure to learn from
+                doubtful = bool(r.get("doubtful", False)) and r["success"]
+                success = r["success"] and not doubtful
+                kept = r["accepted"] and not doubtful and (success or keep_failures)
                 tally.add(
                     level=r["level"],
                     task=r["task"],
                     accepted=r["accepted"],
                     reason=r["reason"] or None,
                     repairs=r["repairs"],
-                    success=r["success"],
+                    success=success,
                     kept=kept,
+                    doubtful=doubtful and r["accepted"],
                     tokens=r["num_generated_tokens"],
                     text=r["generated_text"],
                     detail=r["detail"],
@@ -372,6 +377,7 @@ def _replay_one(
         replayed=replayed,
         imagined_success=bool(r["success"]),
         replayed_success=ok,
+        doubtful=bool(r.get("doubtful", False)) and bool(r["success"]),
     )
 
 
@@ -426,12 +432,13 @@ def log_summary(report: dict[str, Any]) -> None:
     for level, c in report["per_level"].items():
         top = sorted(((n, r) for r, n in c["reasons"].items() if n), reverse=True)[:3]
         log.info(
-            "imagine %-8s accepted %4d/%-4d (%.0f%%), successful %d; top rejections: %s",
+            "imagine %-8s accepted %4d/%-4d (%.0f%%), successful %d%s; top rejections: %s",
             level,
             c["accepted"],
             c["requested"],
             100 * c["accepted_fraction"],
             c["successful"],
+            f" (doubtful, not kept: {c['doubtful']})" if c.get("doubtful") else "",
             ", ".join(f"{r} {n}" for n, r in top) or "none",
         )
     t = report["throughput"]

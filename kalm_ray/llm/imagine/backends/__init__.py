@@ -69,6 +69,11 @@ class GenerationSpec:
             step the filter would reject.
         state_retries, state_temperature: ``stepwise``: a next state the filter would reject
             is sampled again (at this temperature) up to this many times.
+        action_retries: ``stepwise``: a step still rejected is imagined again with a newly
+            sampled action up to this many times.
+        consistency_draws, consistency_min: ``stepwise``: a success holds up when at least
+            ``consistency_min`` of this many sampled re-imaginings of its actions also reach
+            the goal; a request with none that does is ``doubtful`` (0 draws: no check).
     """
 
     model_dir: str
@@ -89,6 +94,9 @@ class GenerationSpec:
     limits: Any = None
     state_retries: int = 0
     state_temperature: float = 0.7
+    action_retries: int = 0
+    consistency_draws: int = 0
+    consistency_min: float = 0.5
 
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""

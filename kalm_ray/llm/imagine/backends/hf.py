@@ -323,7 +323,8 @@ class HFGenerator:
     """Ray Data ``map_batches`` callable: one model per actor, one :func:`decode` per batch.
 
     Input batch: a ``pyarrow.Table`` with at least ``prompt`` and ``seed``; output: the same
-    table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens``.
+    table plus ``generated_text``, ``num_generated_tokens``, ``num_input_tokens`` (and, in
+    ``stepwise`` mode, ``doubtful``: see :class:`~.stepwise.StepwiseImaginer`).
     """
 
     def __init__(
@@ -380,15 +381,19 @@ class HFGenerator:
                 limits=spec.limits,
                 state_retries=spec.state_retries,
                 state_temperature=spec.state_temperature,
+                action_retries=spec.action_retries,
+                consistency_draws=spec.consistency_draws,
+                consistency_min=spec.consistency_min,
             )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.stepwise is not None:
-            texts, counts, n_in = self.stepwise(batch, self.spec.steps_for)
+            texts, counts, n_in, doubtful = self.stepwise(batch, self.spec.steps_for)
             return (
                 batch.append_column("generated_text", pa.array(texts, pa.string()))
                 .append_column("num_generated_tokens", pa.array(np.asarray(counts, np.int64)))
                 .append_column("num_input_tokens", pa.array(np.asarray(n_in, np.int64)))
+                .append_column("doubtful", pa.array(doubtful, pa.bool_()))
             )
         prompts = batch.column("prompt").to_pylist()
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
