@@ -386,9 +386,9 @@ def test_hold_up_takes_each_requests_shortest_success_that_holds_up(monkeypatch)
     share = {0: 0.25, 1: 0.75, 2: 1.0, 4: 0.0, 5: 0.25, 7: 1.0}  # candidate row -> draws at goal
     asked: list[list[int]] = []
 
-    def draws_reaching(paths, tasks, seeds, *, counts, n_in):
+    def draws_reaching(paths, tasks, seeds):
         asked.append([p[0] for p in paths])
-        return [(share[p[0]], c + 10, m + 1) for p, c, m in zip(paths, counts, n_in, strict=True)]
+        return [(share[p[0]], 10, 1) for p in paths]  # 10 tokens generated, 1 read
 
     monkeypatch.setattr(imaginer, "draws_reaching", draws_reaching)
     # two requests of four candidates: steps to the goal (None: no success)

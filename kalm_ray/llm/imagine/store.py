@@ -293,7 +293,7 @@ def write_rollouts(
                     repairs=r["repairs"],
                     success=success,
                     kept=kept,
-                    doubtful=doubtful and r["accepted"],
+                    doubtful=doubtful,
                     tokens=r["num_generated_tokens"],
                     text=r["generated_text"],
                     detail=r["detail"],
@@ -306,7 +306,9 @@ def write_rollouts(
                     )
                     n_eps, pending_rows = n_eps + 1, pending_rows + int(r["n_steps"])
                 if r["accepted"] and replayer is not None:
-                    _replay_one(r, replayer, replay, dim=dim, action_dim=action_dim)
+                    _replay_one(
+                        r, replayer, replay, dim=dim, action_dim=action_dim, doubtful=doubtful
+                    )
                 if pending_rows >= ROWS_PER_PART:
                     flush()
             done += batch.num_rows
@@ -356,7 +358,13 @@ def token_budget(
 
 
 def _replay_one(
-    r: dict[str, Any], replayer: Replayer, replay: Any, *, dim: int, action_dim: int | None
+    r: dict[str, Any],
+    replayer: Replayer,
+    replay: Any,
+    *,
+    dim: int,
+    action_dim: int | None,
+    doubtful: bool = False,
 ) -> None:
     n = int(r["n_steps"])
     states = np.asarray(r["states"], np.float32).reshape(n + 1, dim)
@@ -377,7 +385,7 @@ def _replay_one(
         replayed=replayed,
         imagined_success=bool(r["success"]),
         replayed_success=ok,
-        doubtful=bool(r.get("doubtful", False)) and bool(r["success"]),
+        doubtful=doubtful,
     )
 
 

@@ -218,14 +218,11 @@ class StepwiseImaginer:
         while open_:
             rows = [order[i].pop(0)[1] for i in open_]
             share = self.draws_reaching(
-                [paths[r] for r in rows],
-                [tasks[r] for r in rows],
-                [seeds[r] for r in rows],
-                counts=[counts[r] for r in rows],
-                n_in=[n_in[r] for r in rows],
+                [paths[r] for r in rows], [tasks[r] for r in rows], [seeds[r] for r in rows]
             )
-            for r, (frac, c, m) in zip(rows, share, strict=True):
-                counts[r], n_in[r] = c, m
+            for r, (frac, made, read) in zip(rows, share, strict=True):
+                counts[r] += made
+                n_in[r] += read
                 if frac >= self.consistency_min:
                     held[r] = steps[r]
             open_ = [i for i, r in zip(open_, rows, strict=True) if held[r] is None and order[i]]
@@ -236,13 +233,10 @@ class StepwiseImaginer:
         paths: list[tuple[np.ndarray, np.ndarray]],
         tasks: list[str],
         seeds: list[int],
-        *,
-        counts: list[int],
-        n_in: list[int],
     ) -> list[tuple[float, int, int]]:
         """Per ``(states, actions)`` path: the share of ``consistency_draws`` sampled
-        re-imaginings of its actions that end at its task's goal (their last state), and the path's
-        ``counts`` / ``n_in`` plus the draws' tokens."""
+        re-imaginings of its actions that end at its task's goal (their last state), and the
+        tokens the draws generated and read."""
         import torch
 
         from kalm_ray.llm.imagine.labels import goal_reached
@@ -253,7 +247,7 @@ class StepwiseImaginer:
         gens = [torch.Generator().manual_seed(retry_seed(seeds[p], 3 + d)) for p, d in rows]
         grammar = [NextStateGrammar.for_request(self.codec, paths[p][0][0]) for p, _ in rows]
         drawn = [[paths[p][0][0]] for p, _ in rows]
-        made, read = list(counts), list(n_in)
+        made, read = [0] * len(paths), [0] * len(paths)
         for t in range(max(len(a) for _, a in paths)):
             live = [j for j, (p, _) in enumerate(rows) if t < len(paths[p][1])]
             prompts = [
