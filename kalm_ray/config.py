@@ -568,6 +568,20 @@ class ExperimentConfig(_Section):
             raise ValueError("ground.relabel_copies: only CLEVR has symmetries to relabel with")
         if self.imagine.compose and self.env.name != "clevr":
             raise ValueError("imagine.compose: only CLEVR's hard goals are made of training goals")
+        # Each imagine mode reads the model through its own prompts: one the grounding never
+        # trained writes noise, found only after the whole grounding has run.
+        mix = {t: w for t, w in self.ground.task_mix.items() if w > 0}
+        if self.imagine.mode == "rollout" and "rollout" not in mix:
+            raise ValueError(
+                "imagine.mode rollout continues the rollout prompt: ground.task_mix needs rollout"
+            )
+        if self.imagine.mode == "stepwise" and (
+            "dynamics" not in mix or not {"policy", "rollout"} & set(mix)
+        ):
+            raise ValueError(
+                "imagine.mode stepwise asks the policy prompt for each action and the dynamics "
+                "prompt for each next state: ground.task_mix needs dynamics, and policy or rollout"
+            )
         return self
 
     def section_hash(self, *sections: str) -> str:

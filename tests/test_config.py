@@ -46,6 +46,20 @@ def test_quick_is_cpu_clevr() -> None:
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
         ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
+        (
+            {"name": "x", "ground": {"task_mix": {"policy": 0.6, "dynamics": 0.4}}},
+            "imagine.mode rollout continues the rollout prompt: ground.task_mix needs rollout",
+        ),
+        (
+            {"name": "x", "ground": {"task_mix": {"policy": 1.0, "dynamics": 0.0}},
+             "imagine": {"mode": "stepwise"}},
+            "ground.task_mix needs dynamics, and policy or rollout",
+        ),
+        (
+            {"name": "x", "ground": {"task_mix": {"dynamics": 1.0, "explain": 0.5}},
+             "imagine": {"mode": "stepwise"}},
+            "ground.task_mix needs dynamics, and policy or rollout",
+        ),
         ({"name": "x", "imagine": {"state_retries": 2}}, "state_retries needs mode: stepwise"),
         ({"name": "x", "imagine": {"action_retries": 2}}, "action_retries needs mode: stepwise"),
         (

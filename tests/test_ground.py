@@ -33,6 +33,9 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     # The loss of the log window by task (4 steps log every step: one batch, one task).
     (by_task,) = [k for k in first if k.startswith("loss_")]
     assert by_task.removeprefix("loss_") in cfg["task_mix"] and first[by_task] == first["loss"]
+    # Each task's share of the training time so far: what a task mix costs.
+    shares = {k.removeprefix("time_share_"): v for k, v in first.items() if "time_share_" in k}
+    assert set(shares) <= set(cfg["task_mix"]) and sum(shares.values()) == pytest.approx(1.0)
     again = train_loop({**cfg, "max_steps": 6})  # a longer run picks up where the first stopped
     assert again["resumed_from"] == 4 and again["step"] == 6
     model, tok, codec = load_grounded(tmp_path / "out")
@@ -254,7 +257,7 @@ def test_example_pool_batches_do_not_depend_on_file_or_row_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_ground_stage(tmp_path, ray_local):
+def test_run_ground_stage(tmp_path, ray_local, capsys):
     from kalm_ray.config import parse_config
     from kalm_ray.llm.model import load_grounded
     from kalm_ray.stages.ground import run_ground
@@ -284,9 +287,16 @@ def test_run_ground_stage(tmp_path, ray_local):
         metrics
     )
     assert m.counts["episodes_heldout"] > 0 and m.counts["examples_train"] > 0
-    # One-step predictions from real states through the validity filter; the real next states
-    # themselves pass it.
-    assert 0.0 <= metrics["dynamics_rejected"] <= 1.0 and metrics["dynamics_rejected_real"] == 0.0
+    # The training time by task (recorded and printed): what the task mix costs.
+    shares = {k: v for k, v in m.counts.items() if k.startswith("time_share_")}
+    assert shares and sum(shares.values()) == pytest.approx(1.0)
+    assert "; by task: " in capsys.readouterr().out
+    # One-step predictions from held-out states through the validity filter, and the data's own
+    # next states beside them. The toy world's pushes ignore collisions, so some of its own steps
+    # put balls into each other, which the filter rejects; that real CLEVR steps pass it is
+    # test_filter.py's test_physical_rejection_scores_one_step_from_a_real_state.
+    assert 0.0 <= metrics["dynamics_rejected"] <= 1.0
+    assert 0.0 <= metrics["dynamics_rejected_real"] < 1.0
     # The LLM-as-policy 2 x 2: held-out and training starts, own and rephrased wordings.
     assert metrics["policy_n"] == m.counts["episodes_heldout"]
     assert metrics["policy_seen_n"] == m.counts["episodes_train"]

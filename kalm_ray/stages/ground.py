@@ -105,10 +105,12 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
                 for k, v in result.metrics.items()
                 if k.startswith("loss_") and isinstance(v, float)
             },
+            **{k: v for k, v in result.metrics.items() if k.startswith("time_share_")},
         }
     )
     manifest = plan.manifest(counts=counts, timings=timings)
     write_manifest(run, plan.out_dir, manifest)
     run.delete(f"{plan.out_dir}.work")
-    print_summary(metrics, timings)
+    shares = {k.removeprefix("time_share_"): v for k, v in counts.items() if "time_share_" in k}
+    print_summary(metrics, timings, time_shares=shares)
     return manifest

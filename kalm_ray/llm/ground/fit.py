@@ -363,8 +363,10 @@ def policy_line(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
-    """The stage's closing lines: held-out metrics and timings."""
+def print_summary(
+    m: dict[str, Any], timings: dict[str, float], *, time_shares: dict[str, float] | None = None
+) -> None:
+    """The stage's closing lines: held-out metrics, timings and each task's share of them."""
     if "dynamics_mae" in m:
         print(
             f"[kalm] ground: held-out dynamics MAE {m['dynamics_mae']:.4f} vs copy-the-state "
@@ -390,7 +392,12 @@ def print_summary(m: dict[str, Any], timings: dict[str, float]) -> None:
             f"the model's first choice {m['policy_action_match']:.2f}" + factor_note(m),
             flush=True,
         )
+    by_task = ", ".join(
+        f"{t} {v:.0%}" for t, v in sorted((time_shares or {}).items(), key=lambda kv: -kv[1])
+    )
     print(
-        f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s)",
+        f"[kalm] ground: done in {timings['total_s']:.0f}s (train {timings['train_s']:.0f}s"
+        + (f"; by task: {by_task}" if by_task else "")
+        + ")",
         flush=True,
     )

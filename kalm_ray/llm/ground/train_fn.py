@@ -486,6 +486,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
     tokens, t0, losses = 0, time.perf_counter(), []
     by_task: dict[str, list[float]] = {}  # this log window's losses, by the batch's task
+    task_s: dict[str, float] = {}  # seconds per task since this run (or resume) started
     post = ProgressPoster(config.get("progress_actor") if ctx is not None and rank == 0 else None)
     smooth: float | None = None
     checkpoint = functools.partial(
@@ -501,6 +502,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     )
     model.train()
     for step in range(start, total):
+        t_step = time.perf_counter()
         task, rows = pool.batch(step, int(config["batch_size"]))
         b = {k: v.to(device) for k, v in collate(rows).items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -513,6 +515,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         tokens += int(b["attention_mask"].sum())
         losses.append(float(loss.detach()))
         by_task.setdefault(task, []).append(losses[-1])
+        task_s[task] = task_s.get(task, 0.0) + time.perf_counter() - t_step
         done = step + 1
         smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
         post(
@@ -535,6 +538,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 # Why by task: the total hides which skill is learnt when; acting (the policy
                 # task's loss) is learnt last and by some groundings much later than others.
                 **{f"loss_{t}": v for t, v in task_loss.items()},
+                # Why: a task's share of the batches is not its share of the time (a whole
+                # rollout is ~3x a policy example's tokens), and the time is what a mix costs.
+                **{f"time_share_{t}": v / sum(task_s.values()) for t, v in sorted(task_s.items())},
             }
             if rank == 0:
                 log.info(
