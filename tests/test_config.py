@@ -45,6 +45,7 @@ def test_quick_is_cpu_clevr() -> None:
             "only CLEVR has symmetries",
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
+        ({"name": "x", "ground": {"weight_decay": -0.1}}, "ground.weight_decay"),
         ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
         (
             {"name": "x", "ground": {"task_mix": {"policy": 0.6, "dynamics": 0.4}}},
@@ -125,6 +126,10 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     ).section_hash("ground")
     assert plain.section_hash("ground") != parse_config(
         {"name": "exp", "ground": {"relabel_copies": 4}}
+    ).section_hash("ground")
+    assert "weight_decay" not in plain.ground.hashed_dump()
+    assert plain.section_hash("ground") != parse_config(
+        {"name": "exp", "ground": {"weight_decay": 0.1}}
     ).section_hash("ground")
     assert "compose" not in plain.imagine.hashed_dump()
     stepwise = {"name": "exp", "imagine": {"mode": "stepwise"}}

@@ -404,3 +404,33 @@ def test_physical_rejection_scores_one_step_from_a_real_state():
     into[0] = 0.12  # red pushed right (action 0) by 0.22, onto blue, which stays
     assert physical_rejection([start, into], [0], limits) == "overlap"
     assert physical_rejection([start, start], [0], limits) is None
+
+
+def test_dynamics_metrics_score_the_real_next_states_through_the_filter():
+    """``dynamics_rejected_real`` is exactly the share of the given real next states the filter
+    rejects: three real MuJoCo pushes pass and one ball written into another does not (the
+    ground stage's own test runs on a toy world whose pushes ignore collisions, so it can only
+    check the range)."""
+    from helpers import SMALL
+
+    from kalm_ray.envs.clevr.env import CLEVRRobotEnv
+    from kalm_ray.llm.ground.metrics import dynamics_metrics
+    from kalm_ray.llm.model import build_tiny
+
+    _, codec, limits = _clevr_delta()
+    env = CLEVRRobotEnv(level="train")
+    s, _ = env.reset(seed=0)
+    transitions = []
+    for a in (3, 17, 30):
+        nxt, *_ = env.step(a)
+        transitions.append((s, a, nxt))
+        s = nxt
+    start = np.array([-0.1, 0.0, 0.2, 0.0, 0.3, -0.3, -0.3, 0.4, 0.4, 0.4], np.float32)
+    into = start.copy()
+    into[0] = 0.12  # red pushed right onto blue (see the test above)
+    transitions.append((start, 0, into))
+    model, tok = build_tiny(codec, ["push the red ball left"], overrides=SMALL)
+    m = dynamics_metrics(model, tok, codec, transitions, batch_size=4, device="cpu", limits=limits)
+    assert m["dynamics_n"] == 4
+    assert m["dynamics_rejected_real"] == 0.25
+    assert 0.0 <= m["dynamics_rejected"] <= 1.0

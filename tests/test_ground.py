@@ -218,6 +218,20 @@ def test_lr_schedule_and_bin_features():
     assert near < 0.5 * far  # neighbouring values start close
 
 
+def test_weight_decay_reaches_the_matrices_only():
+    import torch
+
+    from kalm_ray.llm.ground.train_fn import param_groups
+
+    w, norm = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    assert [g["weight_decay"] for g in param_groups([w, norm], 0.0)] == [0.0]  # old checkpoints
+    opt = torch.optim.AdamW(param_groups([w, norm], 0.5), lr=0.1)
+    opt.zero_grad()
+    (0.0 * (w.sum() + norm.sum())).backward()  # zero gradients: only the decay moves weights
+    opt.step()
+    assert torch.allclose(w, torch.full((3, 3), 0.95)) and torch.equal(norm, torch.ones(3))
+
+
 def test_example_pool_batches_do_not_depend_on_file_or_row_order(tmp_path):
     """Ray Data writes the examples in task-completion order; the batches a seed draws (and so
     the grounded weights, and a resumed run's match with an uninterrupted one) must not vary
@@ -293,8 +307,9 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
     assert "; by task: " in capsys.readouterr().out
     # One-step predictions from held-out states through the validity filter, and the data's own
     # next states beside them. The toy world's pushes ignore collisions, so some of its own steps
-    # put balls into each other, which the filter rejects; that real CLEVR steps pass it is
-    # test_filter.py's test_physical_rejection_scores_one_step_from_a_real_state.
+    # put balls into each other, which the filter rejects. That the metric is exactly the share
+    # of real next states the filter rejects (real CLEVR steps pass) is test_filter.py's
+    # test_dynamics_metrics_score_the_real_next_states_through_the_filter.
     assert 0.0 <= metrics["dynamics_rejected"] <= 1.0
     assert 0.0 <= metrics["dynamics_rejected_real"] < 1.0
     # The LLM-as-policy 2 x 2: held-out and training starts, own and rephrased wordings.

@@ -18,9 +18,9 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
   input_ids, prompt_len, split``; rows with ``split == "train"`` are used);
 - ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
   ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
-- ``max_steps``, ``batch_size``, ``lr``, ``task_mix``, ``seed``, ``checkpoint_every``,
-  ``use_gpu``, ``gradient_checkpointing`` (None = on GPU), ``cpu_threads`` (None = the CPUs
-  Ray gave this worker, or outside Ray cores / workers);
+- ``max_steps``, ``batch_size``, ``lr``, ``weight_decay``, ``task_mix``, ``seed``,
+  ``checkpoint_every``, ``use_gpu``, ``gradient_checkpointing`` (None = on GPU),
+  ``cpu_threads`` (None = the CPUs Ray gave this worker, or outside Ray cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
 - ``progress_actor``: None, or the name of a
@@ -99,6 +99,18 @@ def batch_collator(tokenizer: Any) -> Any:
         return {k: v.long() for k, v in collate(feats).items()}
 
     return batch
+
+
+def param_groups(params: list[Any], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: ``weight_decay`` on the weight matrices (embeddings included,
+    as GPT-2 does), never on the norms' scales. Without decay, one group, so that the
+    optimizer state of checkpoints written before decay existed still loads."""
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def lr_schedule(opt: Any, *, peak: float, total: int, start: int = 0) -> Any:
@@ -448,7 +460,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
             if p.requires_grad:
                 p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    groups = param_groups(params, float(config.get("weight_decay", 0.0)))
+    opt = torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.95))
     total = int(config["max_steps"])
 
     start = 0
