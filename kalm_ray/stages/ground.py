@@ -93,6 +93,11 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
             else {}
         )
     timings["total_s"] = time.perf_counter() - t0
+    shares = {
+        k.removeprefix("time_share_"): v
+        for k, v in result.metrics.items()
+        if k.startswith("time_share_")
+    }
     counts.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
     counts.update(
         {
@@ -105,12 +110,11 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
                 for k, v in result.metrics.items()
                 if k.startswith("loss_") and isinstance(v, float)
             },
-            **{k: v for k, v in result.metrics.items() if k.startswith("time_share_")},
+            **{f"time_share_{t}": v for t, v in shares.items()},
         }
     )
     manifest = plan.manifest(counts=counts, timings=timings)
     write_manifest(run, plan.out_dir, manifest)
     run.delete(f"{plan.out_dir}.work")
-    shares = {k.removeprefix("time_share_"): v for k, v in counts.items() if "time_share_" in k}
     print_summary(metrics, timings, time_shares=shares)
     return manifest

@@ -543,6 +543,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         if done % log_every == 0 or done == total:
             dt = time.perf_counter() - t0
             task_loss = {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
+            timed = sum(task_s.values())
             metrics = {
                 "step": float(done),
                 "loss": float(np.mean(losses)),
@@ -553,7 +554,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
                 **{f"loss_{t}": v for t, v in task_loss.items()},
                 # Why: a task's share of the batches is not its share of the time (a whole
                 # rollout is ~3x a policy example's tokens), and the time is what a mix costs.
-                **{f"time_share_{t}": v / sum(task_s.values()) for t, v in sorted(task_s.items())},
+                **{f"time_share_{t}": v / timed for t, v in sorted(task_s.items())},
             }
             if rank == 0:
                 log.info(
