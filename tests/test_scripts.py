@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from action_tokens_probe import ActionText  # noqa: E402
 from hard_replay import replay_parts  # noqa: E402
 from wording_probe import probe  # noqa: E402
 
@@ -61,3 +62,22 @@ def test_hard_replay_scores_parts_met_in_mujoco():
     assert out["rollouts"] == 1 and out["mean_steps"] == n
     assert out["parts_at_start"] < 0.5 <= out["parts_at_end"]
     assert 0.0 <= out["random_parts_at_end"] <= 1.0 and out["random_goal"] in (0.0, 1.0)
+
+
+def test_action_tokens_probe_writes_each_push_once_in_every_mode():
+    """The probe's three action texts: 40 distinct pushes each (ball token then direction token
+    when factored), and under ``named`` each ball's token just before its two coordinates."""
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.codec import Codec
+
+    codec = Codec.for_suite(get_suite("clevr"), 64, state_coding="delta")
+    state = np.linspace(-0.3, 0.3, 10).astype(np.float32)
+    for mode in ("joint", "factored", "named"):
+        fmt = ActionText(codec, mode)
+        texts = [fmt.action(a) for a in range(40)]
+        assert len(set(texts)) == 40
+        if mode != "joint":
+            assert fmt.action(3 * 8 + 5) == fmt.balls[3] + fmt.dirs[5]
+    plain = codec.encode_state(state)
+    named, _ = codec._lex(ActionText(codec, "named").state(state))
+    assert named[3:6] == [codec.action_tokens[1], *plain[2:4]]  # blue, then blue.x blue.y
