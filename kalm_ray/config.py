@@ -240,11 +240,14 @@ class GroundConfig(_Section):
     action to take from that state, which is what the LLM-as-policy and imagination use)."""
     action_loss_weight: Annotated[float, Field(gt=0)] = 1.0
     """Weight of action tokens in the grounding loss relative to other target tokens (1 =
-    plain cross-entropy). Raising it makes the grounded model more of a policy. Measured on
-    ``cpu``'s grounding without plans at 4,000 steps, four master seeds: 1.0 instead of the
-    presets' 5.0 lowered the direction term by 0.18 on average (0.53 on the slowest seed, 0 on
-    one) and the LLM as a policy gained 11 pp; one run per seed, so the presets keep 5.0
-    (docs/results.md, 2026-12-06, eighth)."""
+    plain cross-entropy). Meant for rollout targets, where actions are few (CLEVR: one action
+    token per ten state tokens); in a policy target (the push, then the end token) it scales
+    that batch's push gradient against the other tasks' batches. Measured on ``cpu``'s
+    grounding without plans at 4,000 steps, four master seeds: 1.0 instead of the presets' 5.0
+    lowered the direction term by 0.18 on average (0.53 on the slowest seed, 0 on one) and the
+    LLM as a policy gained 11 pp; at 12,000 steps the slowest seed then acted (100% against
+    67%, random 44%). One run per seed, so the presets keep 5.0 (docs/results.md, 2026-12-06,
+    eighth)."""
     relabel_copies: Annotated[int, Field(ge=0, le=240)] = 0
     """Each training episode also gives its examples under this many of the env's symmetries
     (CLEVR: the balls' colours renamed and the table mirrored left-right, 240 in all; seeded
