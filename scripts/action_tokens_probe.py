@@ -35,8 +35,15 @@ import torch
 
 from kalm_ray.envs import LEVELS, get_suite
 from kalm_ray.llm.codec import Codec
+from kalm_ray.llm.ground.metrics import factor_nll
+from kalm_ray.llm.ground.train_fn import batch_collator, lr_schedule
 from kalm_ray.llm.model import build_tiny
-from kalm_ray.llm.prompts import episodes_from_table, is_heldout, relabelled_copies
+from kalm_ray.llm.prompts import (
+    episodes_from_table,
+    is_heldout,
+    relabelled_copies,
+    tokenize_example,
+)
 
 MODES = ("joint", "factored", "named")
 N_BALLS, N_DIRS = 5, 8  # CLEVR's action_factors: action = ball * 8 + direction
@@ -92,10 +99,9 @@ def main() -> None:
     )
     fmt = ActionText(codec, args.mode)
 
-    def ids(prompt: str, target: str, eos: bool = True) -> tuple[list[int], int]:
-        p = tok(prompt)["input_ids"]
-        t = tok(target, add_special_tokens=False)["input_ids"]
-        return [*p, *t, *([tok.eos_token_id] if eos else [])], len(p)
+    def ids(prompt: str, target: str, eos: bool = True) -> tuple[np.ndarray, int]:
+        row, plen = tokenize_example(tok, prompt, target)
+        return np.asarray(row if eos else row[:-1], np.int64), plen
 
     files = glob.glob(f"{args.run_dir}/data/real/**/*.parquet", recursive=True)
     train, held = [], []
@@ -125,16 +131,7 @@ def main() -> None:
     act_ids = torch.tensor(as_ids(codec.action_tokens))
     ball_ids, dir_ids = torch.tensor(as_ids(fmt.balls)), torch.tensor(as_ids(fmt.dirs))
 
-    def collate(rows: list[tuple[list[int], int]]) -> tuple[torch.Tensor, ...]:
-        n = max(len(r) for r, _ in rows)
-        x = torch.full((len(rows), n), tok.pad_token_id)
-        y = torch.full((len(rows), n), -100)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, (r, plen) in enumerate(rows):
-            x[i, : len(r)] = torch.tensor(r)
-            y[i, plen : len(r)] = x[i, plen : len(r)]
-            mask[i, : len(r)] = 1
-        return x, y, mask
+    collate = batch_collator(tok)  # the ground stage's: right-padded, loss on targets only
 
     @torch.no_grad()
     def held_out_nll() -> tuple[float, float]:
@@ -145,22 +142,23 @@ def main() -> None:
             chunk = scored[i : i + 64]
             joint = args.mode == "joint"
             rows = [ids(p, "" if joint else fmt.balls[a // N_DIRS], eos=False) for p, a in chunk]
-            x, _, m = collate(rows)
-            logits = model(input_ids=x, attention_mask=m).logits
+            batch = collate(rows)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             for j, (_, plen) in enumerate(rows):
-                b, d = divmod(chunk[j][1], N_DIRS)
-                if joint:
-                    lp = torch.log_softmax(logits[j, plen - 1, act_ids], -1).view(N_BALLS, N_DIRS)
-                    lb = torch.logsumexp(lp, -1)
-                    nb.append(-float(lb[b]))
-                    nd.append(-float(lp[b, d] - lb[b]))
+                a = chunk[j][1]
+                b, d = divmod(a, N_DIRS)
+                if joint:  # the grounding metrics' chain-rule split of the 40-way softmax
+                    lp = torch.log_softmax(logits[j, plen - 1, act_ids], -1).numpy()
+                    part = factor_nll(lp[None], np.asarray([a]), [N_BALLS, N_DIRS])[0]
+                    nb.append(float(part[0]))
+                    nd.append(float(part[1]))
                 else:
                     nb.append(-float(torch.log_softmax(logits[j, plen - 1, ball_ids], -1)[b]))
                     nd.append(-float(torch.log_softmax(logits[j, plen, dir_ids], -1)[d]))
         model.train()
         return float(np.mean(nb)), float(np.mean(nd))
-
-    from kalm_ray.llm.ground.train_fn import lr_schedule
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = lr_schedule(opt, peak=1e-3, total=args.steps)
@@ -168,8 +166,7 @@ def main() -> None:
     t0 = time.time()
     for step in range(1, args.steps + 1):
         pool = policy if rng.random() < args.policy_share else dynamics
-        x, y, m = collate([pool[i] for i in rng.integers(0, len(pool), 64)])
-        model(input_ids=x, attention_mask=m, labels=y).loss.backward()
+        model(**collate([pool[i] for i in rng.integers(0, len(pool), 64)])).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
