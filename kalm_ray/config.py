@@ -246,8 +246,10 @@ class GroundConfig(_Section):
     grounding without plans at 4,000 steps, four master seeds: 1.0 instead of the presets' 5.0
     lowered the direction term by 0.18 on average (0.53 on the slowest seed, 0 on one) and the
     LLM as a policy gained 11 pp; at 12,000 steps the slowest seed then acted (100% against
-    67%, random 44%). One run per seed, so the presets keep 5.0 (docs/results.md, 2026-12-06,
-    eighth)."""
+    67%, random 44%). In ``cpu``'s full recipe (with plans, 12,000 steps) it moves the draw of
+    a slow grounding rather than removing it: seed 2 acts (94% against 80%, random 41%) and
+    seed 0 no longer does (72% against 98%, random 44%), so the presets keep 5.0
+    (docs/results.md, 2026-12-06 eighth and 2026-12-07)."""
     relabel_copies: Annotated[int, Field(ge=0, le=240)] = 0
     """Each training episode also gives its examples under this many of the env's symmetries
     (CLEVR: the balls' colours renamed and the table mirrored left-right, 240 in all; seeded
