@@ -305,6 +305,13 @@ class GroundConfig(_Section):
     """Held-out transitions (dynamics) and episodes (explanation) scored after grounding."""
     eval_rollouts: PosInt = 32
     """Held-out (instruction, start state) prompts whose generated rollouts are scored."""
+    score_every: NonNegInt = 0
+    """Steps between held-out action scores during grounding: the demonstrator's actions on
+    the held-out states, teacher-forced under the policy prompt (``policy_action_nll`` and,
+    for CLEVR, its ball and direction parts; a second or two on 2 cores). They go to the log,
+    the progress bar and ``grounding_metrics.json``'s ``curve``. 0 = only after the last step.
+    Why: whether a grounding learns to act shows in the direction term long before its end
+    (docs/results.md), and a run that will not act is worth stopping early."""
 
 
 class ImagineConfig(_Section):

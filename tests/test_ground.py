@@ -48,6 +48,66 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     assert gen.shape[1] > enc["input_ids"].shape[1]
 
 
+def test_heldout_scores_during_training_leave_the_run_unchanged_and_survive_a_resume(
+    prepared, tmp_path
+):
+    """``score_every``: the held-out demonstrator's actions scored every N steps on rank 0,
+    kept in the checkpoint (a resumed run's curve starts with the scores taken before), and
+    written as the final metrics' ``curve``; the training run's numbers stay what they are
+    without it (scoring samples nothing and changes no weight)."""
+    import torch
+
+    from kalm_ray.llm.ground.fit import curve_line
+    from kalm_ray.llm.ground.train_fn import STATE_FILE, train_loop
+
+    _write_real_data(tmp_path / "real", toy_episodes(4, seed=1))
+    metrics = {
+        "env": "clevr",
+        "heldout_real": str(tmp_path / "real" / "data" / "real" / "episodes-0000.parquet"),
+        "max_examples": 2,
+        "max_rollouts": 1,
+        "max_policy_episodes": 1,
+    }
+
+    def run(name: str, steps: int, every: int) -> dict:
+        cfg = loop_config(
+            prepared,
+            max_steps=steps,
+            score_every=every,
+            metrics=metrics,
+            checkpoint_dir=str(tmp_path / name / "ckpt"),
+            output_dir=str(tmp_path / name / "out"),
+        )
+        return train_loop(cfg)
+
+    plain, scored = run("plain", 4, 0), run("scored", 4, 2)
+    assert scored["loss"] == plain["loss"]
+    weights = [
+        torch.load(tmp_path / n / "ckpt" / "step_00000004" / STATE_FILE, weights_only=True)
+        for n in ("plain", "scored")
+    ]
+    for k, v in weights[0]["params"].items():
+        assert torch.equal(v, weights[1]["params"][k]), k
+    assert weights[0]["curve"] == [] and [c["step"] for c in weights[1]["curve"]] == [2, 4]
+    done = json.loads((tmp_path / "scored" / "out" / "grounding_metrics.json").read_text())
+    assert "curve" not in json.loads(
+        (tmp_path / "plain" / "out" / "grounding_metrics.json").read_text()
+    )
+    # The last score is the final metrics' own number; CLEVR's split by ball, then direction.
+    last = done["curve"][-1]
+    assert last["policy_action_nll"] == pytest.approx(done["policy_action_nll"], abs=1e-5)
+    assert last["policy_action_nll_ball"] + last["policy_action_nll_direction"] == pytest.approx(
+        last["policy_action_nll"], abs=1e-4
+    )
+    again = run("scored", 6, 2)  # resumes at 4: the curve keeps steps 2 and 4
+    assert again["resumed_from"] == 4
+    curve = json.loads((tmp_path / "scored" / "out" / "grounding_metrics.json").read_text())[
+        "curve"
+    ]
+    assert [c["step"] for c in curve] == [2, 4, 6] and curve[:2] == done["curve"]
+    assert curve_line(curve).startswith("held-out action NLL by step (direction): 2 ")
+
+
 def test_lora_adapter_saved_and_merged(prepared, tmp_path):
     from kalm_ray.llm.ground.train_fn import train_loop
     from kalm_ray.llm.model import load_grounded
@@ -291,6 +351,7 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
                 "eval_examples": 8,
                 "eval_rollouts": 2,
                 "checkpoint_every": 2,
+                "score_every": 1,
             },
         }
     )
@@ -304,7 +365,12 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
     # The training time by task (recorded and printed): what the task mix costs.
     shares = {k: v for k, v in m.counts.items() if k.startswith("time_share_")}
     assert shares and sum(shares.values()) == pytest.approx(1.0)
-    assert "; by task: " in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "; by task: " in shown.out
+    # Held-out scores during training: printed at the end, and on the bar as they come.
+    assert "held-out action NLL by step (direction): 1 " in shown.out
+    assert [c["step"] for c in metrics["curve"]] == [1, 2, 3]
+    assert "held-out NLL=" in shown.err
     # One-step predictions from held-out states through the validity filter, and the data's own
     # next states beside them. The toy world's pushes ignore collisions, so some of its own steps
     # put balls into each other, which the filter rejects. That the metric is exactly the share

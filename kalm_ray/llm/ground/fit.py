@@ -287,6 +287,7 @@ def train_config(
         "action_loss_weight": g.action_loss_weight,
         "seed": cfg.seed,
         "checkpoint_every": g.checkpoint_every,
+        "score_every": g.score_every,
         "use_gpu": g.use_gpu,
         # Each worker sets its threads from the CPUs Ray gives it, not from this machine's.
         "cpu_threads": None,
@@ -364,6 +365,19 @@ def policy_line(m: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def curve_line(curve: list[dict[str, float]]) -> str:
+    """``"held-out action NLL by step (direction): 1000 3.10 (2.07), 2000 ..."``: the scores
+    taken during training (``ground.score_every``), with the last part of the action."""
+    key = "policy_action_nll_"
+    parts = [k.removeprefix(key) for k in curve[0] if k.startswith(key)]
+    last = parts[-1] if parts else None
+    return f"held-out action NLL by step{f' ({last})' if last else ''}: " + ", ".join(
+        f"{int(c['step'])} {c['policy_action_nll']:.2f}"
+        + (f" ({c[key + last]:.2f})" if last else "")
+        for c in curve
+    )
+
+
 def print_summary(
     m: dict[str, Any], timings: dict[str, float], *, time_shares: dict[str, float] | None = None
 ) -> None:
@@ -393,6 +407,8 @@ def print_summary(
             f"the model's first choice {m['policy_action_match']:.2f}" + factor_note(m),
             flush=True,
         )
+    if m.get("curve"):
+        print(f"[kalm] ground: {curve_line(m['curve'])}", flush=True)
     by_task = ", ".join(
         f"{t} {v:.0%}" for t, v in sorted((time_shares or {}).items(), key=lambda kv: -kv[1])
     )

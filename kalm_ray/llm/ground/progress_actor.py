@@ -74,7 +74,7 @@ def show_progress(
     """Driver side: start a board, yield its actor name, show its reports as a tqdm bar.
 
     The bar follows ``report["step"]`` (a resumed run starts where it left off) and shows
-    ``loss`` and ``tok/s`` when reported. The board is killed on exit.
+    ``loss``, ``tok/s`` and ``heldout`` when reported. The board is killed on exit.
     """
     import ray
     from tqdm.auto import tqdm
@@ -97,6 +97,8 @@ def show_progress(
         post = {k: f"{report[k]:.4g}" for k in ("loss",) if report.get(k) is not None}
         if report.get("tokens_per_s"):
             post["tok/s"] = f"{report['tokens_per_s']:.0f}"
+        if report.get("heldout"):  # the last held-out score (ground.score_every), a phrase
+            post["held-out NLL"] = report["heldout"]
         if post:
             bar.set_postfix(post, refresh=False)
 

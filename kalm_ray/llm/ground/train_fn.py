@@ -19,7 +19,8 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
 - ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
   ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
 - ``max_steps``, ``batch_size``, ``lr``, ``weight_decay``, ``task_mix``, ``seed``,
-  ``checkpoint_every``, ``use_gpu``, ``gradient_checkpointing`` (None = on GPU),
+  ``checkpoint_every``, ``score_every`` (0 = off: see :func:`heldout_scorer`), ``use_gpu``,
+  ``gradient_checkpointing`` (None = on GPU),
   ``cpu_threads`` (None = the CPUs Ray gave this worker, or outside Ray cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
@@ -29,7 +30,8 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
 - ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.ground.metrics.grounding_metrics`
   plus ``env``, ``heldout_real`` (Parquet of held-out transitions) and optionally
   ``seen_starts`` (training episodes' first rows, for the policy's seen starts); computed on
-  rank 0 after training and written as ``grounding_metrics.json`` beside the model.
+  rank 0 after training and written as ``grounding_metrics.json`` beside the model, with
+  the ``curve`` of held-out scores taken every ``score_every`` steps.
 
 The final model (merged full weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
 ``generation_config.json``) is written by rank 0 into the last checkpoint's ``final/``
@@ -341,17 +343,28 @@ def _trainable_state(model: Any) -> dict[str, Any]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_state(folder: Path, *, model: Any, opt: Any, step: int) -> None:
+def _save_state(
+    folder: Path, *, model: Any, opt: Any, step: int, curve: list[dict[str, float]] | None = None
+) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"step": step, "params": _trainable_state(model), "optimizer": opt.state_dict()},
+        {
+            "step": step,
+            "params": _trainable_state(model),
+            "optimizer": opt.state_dict(),
+            "curve": list(curve or []),
+        },
         folder / STATE_FILE,
     )
 
 
-def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
+def _load_state(
+    folder: Path, *, model: Any, opt: Any, curve: list[dict[str, float]] | None = None
+) -> int:
+    """Restore ``model`` and ``opt`` (and refill ``curve`` with the scores taken so far);
+    returns the step to resume at."""
     import torch
 
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -362,7 +375,63 @@ def _load_state(folder: Path, *, model: Any, opt: Any) -> int:
         )
     model.load_state_dict(state["params"], strict=False)
     opt.load_state_dict(state["optimizer"])
+    if curve is not None:  # checkpoints written before the curve existed have none
+        curve[:] = state.get("curve", [])
     return int(state["step"])
+
+
+def heldout_scorer(config: dict[str, Any], *, codec: Any, device: Any) -> Any | None:
+    """``score(model) -> {"policy_action_nll": ..., "policy_action_nll_<part>": ...}``: the
+    held-out demonstrator's actions teacher-forced under the policy prompt
+    (:func:`kalm_ray.llm.ground.metrics.action_metrics`, the final metrics' own numbers), for
+    rank 0 every ``score_every`` steps; None when that is 0 or nothing is held out.
+
+    Deterministic and without sampling, so scoring leaves the training run's numbers as they
+    are. Why during training: a grounding that will not learn which way to push shows it in
+    the direction term early (docs/results.md), hours before its policy metrics.
+    """
+    mcfg = config.get("metrics") or {}
+    if not int(config.get("score_every") or 0) or not mcfg.get("heldout_real"):
+        return None
+    from transformers import AutoTokenizer
+
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.ground.metrics import action_metrics, read_episodes
+
+    episodes = read_episodes(mcfg["heldout_real"])
+    if not episodes or not codec.discrete:
+        return None
+    factors = tuple(getattr(get_suite(mcfg["env"]), "action_factors", ()))
+    # Its own tokenizer: scoring pads on the left, the training batches on the right.
+    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
+
+    def score(model: Any) -> dict[str, float]:
+        import torch
+
+        model.eval()
+        try:
+            with torch.no_grad():
+                m = action_metrics(
+                    model,
+                    tokenizer,
+                    codec,
+                    episodes,
+                    batch_size=int(mcfg.get("batch_size", 32)),
+                    device=str(device),
+                    factors=factors,
+                )
+        finally:
+            model.train()
+        return {k: v for k, v in m.items() if k.startswith("policy_action_nll")}
+
+    return score
+
+
+def score_note(scores: dict[str, float]) -> str:
+    """``"2.31 (ball 0.88, direction 1.43)"``: a held-out score in one short phrase."""
+    key = "policy_action_nll_"
+    parts = [f"{k.removeprefix(key)} {v:.2f}" for k, v in scores.items() if k.startswith(key)]
+    return f"{scores['policy_action_nll']:.2f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _latest_local(ckpt_dir: str | None) -> Path | None:
@@ -465,15 +534,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     total = int(config["max_steps"])
 
     start = 0
+    curve: list[dict[str, float]] = []  # held-out scores every score_every steps
     if ctx is not None:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                start = _load_state(Path(d), model=model, opt=opt)
+                start = _load_state(Path(d), model=model, opt=opt, curve=curve)
     elif (latest := _latest_local(config.get("checkpoint_dir"))) is not None:
-        start = _load_state(latest, model=model, opt=opt)
+        start = _load_state(latest, model=model, opt=opt, curve=curve)
     if start:
         log.info("ground: resuming at step %d", start)
 
@@ -495,6 +565,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     )
     schedule = lr_schedule(opt, peak=config["lr"], total=total, start=start)
     every = int(config.get("checkpoint_every") or total)
+    score_every = int(config.get("score_every") or 0)
+    scorer = heldout_scorer(config, codec=codec, device=device) if rank == 0 else None
+    heldout = score_note(curve[-1]) + f" at {int(curve[-1]['step'])}" if curve else None
     log_every = max(1, total // 10)
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
     tokens, t0, losses = 0, time.perf_counter(), []
@@ -512,6 +585,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         tokenizer=tokenizer,
         codec=codec,
         device=device,
+        curve=curve,
     )
     model.train()
     for step in range(start, total):
@@ -531,14 +605,19 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         task_s[task] = task_s.get(task, 0.0) + time.perf_counter() - t_step
         done = step + 1
         smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
+        if scorer is not None and done % score_every == 0:
+            curve.append({"step": float(done), **scorer(model)})
+            heldout = f"{score_note(curve[-1])} at {done}"
+            log.info("ground: step %d/%d held-out action NLL %s", done, total, heldout)
         post(
             {
                 "step": done,
                 "total": total,
                 "loss": smooth,
                 "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+                "heldout": heldout,
             },
-            force=done == total,
+            force=done == total or bool(scorer and done % score_every == 0),
         )
         if done % log_every == 0 or done == total:
             dt = time.perf_counter() - t0
@@ -586,12 +665,13 @@ def _checkpoint(
     tokenizer: Any,
     codec: Any,
     device: Any,
+    curve: list[dict[str, float]],
 ) -> None:
     """Save a resume point (and, at the end, the final model with its metrics)."""
     with tempfile.TemporaryDirectory(prefix="kalm-ckpt-") as tmp:
         folder = Path(tmp)
         if rank == 0:
-            _save_state(folder, model=model, opt=opt, step=step)
+            _save_state(folder, model=model, opt=opt, step=step, curve=curve)
             if final:
                 _finish(
                     config,
@@ -600,6 +680,7 @@ def _checkpoint(
                     codec=codec,
                     out=folder / FINAL_DIR,
                     device=device,
+                    curve=curve,
                 )
         if ctx is not None:
             import ray.train
@@ -625,7 +706,14 @@ def _checkpoint(
 
 
 def _finish(
-    config: dict[str, Any], *, model: Any, tokenizer: Any, codec: Any, out: Path, device: Any
+    config: dict[str, Any],
+    *,
+    model: Any,
+    tokenizer: Any,
+    codec: Any,
+    out: Path,
+    device: Any,
+    curve: list[dict[str, float]],
 ) -> None:
     """Rank 0 at the end: save the final model, then measure it on the held-out split."""
     import torch
@@ -652,4 +740,6 @@ def _finish(
             merged, gen_tok, codec, suite, episodes, seen=seen, device=str(device), **mcfg
         )
     mx["seconds"] = time.perf_counter() - t0
+    if curve:
+        mx["curve"] = curve
     (out / "grounding_metrics.json").write_text(json.dumps(mx, indent=1))
