@@ -387,8 +387,8 @@ def heldout_scorer(config: dict[str, Any], *, codec: Any, device: Any) -> Any | 
     rank 0 every ``score_every`` steps; None when that is 0 or nothing is held out.
 
     Deterministic and without sampling, so scoring leaves the training run's numbers as they
-    are. Why during training: a grounding that will not learn which way to push shows it in
-    the direction term early (docs/results.md), hours before its policy metrics.
+    are. Why during training: the final metrics say whether a grounding acts, the curve says
+    when it learnt to (CLEVR: the direction term, docs/results.md).
     """
     mcfg = config.get("metrics") or {}
     if not int(config.get("score_every") or 0) or not mcfg.get("heldout_real"):
