@@ -427,11 +427,15 @@ def heldout_scorer(config: dict[str, Any], *, codec: Any, device: Any) -> Any | 
     return score
 
 
-def score_note(scores: dict[str, float]) -> str:
-    """``"2.31 (ball 0.88, direction 1.43)"``: a held-out score in one short phrase."""
+def score_note(score: dict[str, float]) -> str:
+    """``"2.31 (ball 0.88, direction 1.43) at 4000"``: a curve point in one short phrase."""
     key = "policy_action_nll_"
-    parts = [f"{k.removeprefix(key)} {v:.2f}" for k, v in scores.items() if k.startswith(key)]
-    return f"{scores['policy_action_nll']:.2f}" + (f" ({', '.join(parts)})" if parts else "")
+    parts = [f"{k.removeprefix(key)} {v:.2f}" for k, v in score.items() if k.startswith(key)]
+    return (
+        f"{score['policy_action_nll']:.2f}"
+        + (f" ({', '.join(parts)})" if parts else "")
+        + f" at {int(score['step'])}"
+    )
 
 
 def _latest_local(ckpt_dir: str | None) -> Path | None:
@@ -567,7 +571,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
     every = int(config.get("checkpoint_every") or total)
     score_every = int(config.get("score_every") or 0)
     scorer = heldout_scorer(config, codec=codec, device=device) if rank == 0 else None
-    heldout = score_note(curve[-1]) + f" at {int(curve[-1]['step'])}" if curve else None
+    heldout = score_note(curve[-1]) if curve else None  # the bar's last score
     log_every = max(1, total // 10)
     metrics: dict[str, float] = {"step": float(start), "resumed_from": float(start)}
     tokens, t0, losses = 0, time.perf_counter(), []
@@ -607,7 +611,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         smooth = losses[-1] if smooth is None else 0.9 * smooth + 0.1 * losses[-1]
         if scorer is not None and done % score_every == 0:
             curve.append({"step": float(done), **scorer(model)})
-            heldout = f"{score_note(curve[-1])} at {done}"
+            heldout = score_note(curve[-1])
             log.info("ground: step %d/%d held-out action NLL %s", done, total, heldout)
         post(
             {
