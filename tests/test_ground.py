@@ -38,6 +38,12 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     assert set(shares) <= set(cfg["task_mix"]) and sum(shares.values()) == pytest.approx(1.0)
     again = train_loop({**cfg, "max_steps": 6})  # a longer run picks up where the first stopped
     assert again["resumed_from"] == 4 and again["step"] == 6
+    # Where it trained, beside the model: a later regrounding that differs is checked here.
+    import torch
+
+    where = json.loads((tmp_path / "out" / "grounded.json").read_text())["trained_on"]
+    assert where["device"] == "cpu" and where["cpu"] and where["torch_threads"] >= 1
+    assert where["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     model, tok, codec = load_grounded(tmp_path / "out")
     assert model_files(tmp_path / "out")["model"] == str(tmp_path / "out")
     enc = tok(

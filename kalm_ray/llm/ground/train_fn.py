@@ -445,8 +445,47 @@ def _latest_local(ckpt_dir: str | None) -> Path | None:
     return done[-1] if done else None
 
 
-def save_final(model: Any, tokenizer: Any, codec: Any, out: Path, *, config: dict[str, Any]) -> Any:
-    """Write the grounded model: merged full weights, ``adapter/`` (LoRA), tokenizer, codec.
+def trained_on(device: Any) -> dict[str, Any]:
+    """Where this process trained: device, CPU model, the SIMD level torch's CPU kernels use,
+    and torch's thread count.
+
+    Why: a grounding's outcome on CLEVR is a draw that the last bits of its arithmetic decide
+    (docs/results.md), and two machines' kernels need not round alike; the same config, data
+    and pins regrounded in a later session acted differently. This says what to compare.
+    """
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model here; platform.processor() is often empty there
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    out = {
+        "device": str(device),
+        "cpu": cpu,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def save_final(
+    model: Any,
+    tokenizer: Any,
+    codec: Any,
+    out: Path,
+    *,
+    config: dict[str, Any],
+    machine: dict[str, Any] | None = None,
+) -> Any:
+    """Write the grounded model: merged full weights, ``adapter/`` (LoRA), tokenizer, codec,
+    and ``grounded.json`` (the run's ``info``, with ``trained_on``: ``machine``, when given).
 
     Returns the merged model (a LoRA model is merged in place: call this after training).
     """
@@ -470,9 +509,10 @@ def save_final(model: Any, tokenizer: Any, codec: Any, out: Path, *, config: dic
     tokenizer.save_pretrained(str(out))
     codec.save(out)
     set_generation_stops(out, tokenizer, codec)
-    (out / INFO_FILE).write_text(
-        json.dumps(config.get("info") or {"method": config["method"]}, indent=1)
-    )
+    info = dict(config.get("info") or {"method": config["method"]})
+    if machine:
+        info["trained_on"] = machine
+    (out / INFO_FILE).write_text(json.dumps(info, indent=1))
     return model
 
 
@@ -723,7 +763,7 @@ def _finish(
     import torch
     from transformers import AutoTokenizer
 
-    merged = save_final(model, tokenizer, codec, out, config=config)
+    merged = save_final(model, tokenizer, codec, out, config=config, machine=trained_on(device))
     mcfg = dict(config.get("metrics") or {})
     if not mcfg:
         return
