@@ -449,9 +449,10 @@ def trained_on(device: Any) -> dict[str, Any]:
     """Where this process trained: device, CPU model, the SIMD level torch's CPU kernels use,
     and torch's thread count.
 
-    Why: a grounding's outcome on CLEVR is a draw that the last bits of its arithmetic decide
-    (docs/results.md), and two machines' kernels need not round alike; the same config, data
-    and pins regrounded in a later session acted differently. This says what to compare.
+    Why: whether a CLEVR grounding learns to act is a draw, and the same config, data and
+    pins regrounded in a later session gave other groundings (docs/results.md), cause not
+    found. Kernels that round differently on another machine are one candidate; this says
+    what to compare.
     """
     import platform
 
