@@ -446,8 +446,8 @@ def _latest_local(ckpt_dir: str | None) -> Path | None:
 
 
 def trained_on(device: Any) -> dict[str, Any]:
-    """Where this process trained: device, CPU model, the SIMD level torch's CPU kernels use,
-    and torch's thread count.
+    """Where this process trained on ``device`` (the loop's ``torch.device``): device, CPU
+    model, the SIMD level torch's CPU kernels use, and torch's thread count.
 
     Why: whether a CLEVR grounding learns to act is a draw, and the same config, data and
     pins regrounded in a later session gave other groundings (docs/results.md), cause not
@@ -471,7 +471,7 @@ def trained_on(device: Any) -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
     }
-    if getattr(device, "type", str(device)).startswith("cuda"):
+    if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
 
