@@ -209,7 +209,9 @@ class ModelSection(_Section):
 class GroundConfig(_Section):
     # Memory and CPU sizing only; checkpointing recomputes the same activations.
     _placement_only = frozenset({"gradient_checkpointing", "gpu_memory_gib", "num_cpus_per_worker"})
-    _hashed_when_set = frozenset({"relabel_copies", "weight_decay", "score_every"})
+    _hashed_when_set = frozenset(
+        {"relabel_copies", "weight_decay", "score_every", "lr_decay_fraction"}
+    )
 
     model: ModelSection = ModelSection()
     """The base language model."""
@@ -271,7 +273,13 @@ class GroundConfig(_Section):
     batch_size: PosInt = 16
     """Examples per step per worker."""
     lr: Annotated[float, Field(gt=0)] = 5e-4
-    """Peak learning rate (linear warm-up, cosine decay)."""
+    """Peak learning rate (linear warm-up, cosine decay to 10% of it)."""
+    lr_decay_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Share of the steps after the warm-up over which the learning rate decays (cosine to 10%
+    of ``lr``); until then it holds ``lr``. 1.0 = decay from the end of the warm-up. Below 1
+    it is transformers' warmup-stable-decay schedule, whose warm-up starts at 10% of ``lr``
+    instead of 0. Why: on ``cpu``'s recipe a grounding can stall in the push's direction
+    while the rate decays (docs/results.md, 2026-12-07 second)."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """AdamW's decoupled weight decay on the weight matrices (embeddings included; norm scales
     never). 0 = none. Measured on ``cpu``'s recipe at 4,000 steps without plans (seed 0): 0.1

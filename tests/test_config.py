@@ -46,6 +46,8 @@ def test_quick_is_cpu_clevr() -> None:
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
         ({"name": "x", "ground": {"weight_decay": -0.1}}, "ground.weight_decay"),
+        ({"name": "x", "ground": {"lr_decay_fraction": 0}}, "ground.lr_decay_fraction"),
+        ({"name": "x", "ground": {"lr_decay_fraction": 1.5}}, "ground.lr_decay_fraction"),
         ({"name": "x", "imagine": {"compose": True}}, "compose needs mode: stepwise"),
         (
             {"name": "x", "ground": {"task_mix": {"policy": 0.6, "dynamics": 0.4}}},
@@ -127,10 +129,11 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert plain.section_hash("ground") != parse_config(
         {"name": "exp", "ground": {"relabel_copies": 4}}
     ).section_hash("ground")
-    assert "weight_decay" not in plain.ground.hashed_dump()
-    assert plain.section_hash("ground") != parse_config(
-        {"name": "exp", "ground": {"weight_decay": 0.1}}
-    ).section_hash("ground")
+    for key, value in (("weight_decay", 0.1), ("lr_decay_fraction", 0.5)):
+        assert key not in plain.ground.hashed_dump()
+        assert plain.section_hash("ground") != parse_config(
+            {"name": "exp", "ground": {key: value}}
+        ).section_hash("ground")
     assert "compose" not in plain.imagine.hashed_dump()
     stepwise = {"name": "exp", "imagine": {"mode": "stepwise"}}
     composed = {"name": "exp", "imagine": {"mode": "stepwise", "compose": True}}

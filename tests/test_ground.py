@@ -265,9 +265,10 @@ def test_lr_schedule_and_bin_features():
     from kalm_ray.llm.ground.train_fn import lr_schedule
     from kalm_ray.llm.model import bin_features
 
-    def lrs(start: int, n: int) -> list[float]:
+    def lrs(start: int, n: int, decay: float = 1.0) -> list[float]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched, out = lr_schedule(opt, peak=1.0, total=200, start=start), []
+        sched = lr_schedule(opt, peak=1.0, total=200, start=start, decay_fraction=decay)
+        out = []
         for _ in range(n):
             out.append(opt.param_groups[0]["lr"])
             opt.step()
@@ -278,6 +279,12 @@ def test_lr_schedule_and_bin_features():
     assert full[0] == 0.0 and full[5] == pytest.approx(0.5) and full[10] == pytest.approx(1.0)
     assert full[200] == pytest.approx(0.1) and full[105] == pytest.approx(0.55)
     assert lrs(60, 20) == pytest.approx(full[60:80])  # a resume continues the same curve
+    # Half the steps after the warm-up at the peak, then the same cosine compressed into the
+    # other half: 10 warm-up, 95 stable, 95 decay.
+    held = lrs(0, 201, decay=0.5)
+    assert held[0] == pytest.approx(0.1) and held[10] == held[105] == pytest.approx(1.0)
+    assert held[105 + 95 // 2] == pytest.approx(0.55, abs=0.01) and held[200] == pytest.approx(0.1)
+    assert lrs(120, 20, decay=0.5) == pytest.approx(held[120:140])
     f = bin_features(64, 32)
     assert f.shape == (64, 32) and np.sqrt((f**2).mean()) == pytest.approx(1.0, rel=1e-4)
     near, far = np.linalg.norm(f[10] - f[11]), np.linalg.norm(f[10] - f[50])

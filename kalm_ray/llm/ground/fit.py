@@ -282,6 +282,7 @@ def train_config(
         "max_steps": g.max_steps,
         "batch_size": g.batch_size,
         "lr": g.lr,
+        "lr_decay_fraction": g.lr_decay_fraction,
         "weight_decay": g.weight_decay,
         "task_mix": dict(g.task_mix),
         "action_loss_weight": g.action_loss_weight,

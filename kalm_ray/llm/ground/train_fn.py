@@ -18,9 +18,9 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
   input_ids, prompt_len, split``; rows with ``split == "train"`` are used);
 - ``method`` (``lora``/``full``), ``lora`` (r, alpha, dropout, target_modules),
   ``train_codec_embeddings``, ``init_codec_rows``, ``trust_remote_code``;
-- ``max_steps``, ``batch_size``, ``lr``, ``weight_decay``, ``task_mix``, ``seed``,
-  ``checkpoint_every``, ``score_every`` (0 = off: see :func:`heldout_scorer`), ``use_gpu``,
-  ``gradient_checkpointing`` (None = on GPU),
+- ``max_steps``, ``batch_size``, ``lr``, ``lr_decay_fraction`` (1.0 when absent), ``weight_decay``,
+  ``task_mix``, ``seed``, ``checkpoint_every``, ``score_every`` (0 = off: see
+  :func:`heldout_scorer`), ``use_gpu``, ``gradient_checkpointing`` (None = on GPU),
   ``cpu_threads`` (None = the CPUs Ray gave this worker, or outside Ray cores / workers);
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
@@ -115,18 +115,37 @@ def param_groups(params: list[Any], weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-def lr_schedule(opt: Any, *, peak: float, total: int, start: int = 0) -> Any:
+def lr_schedule(
+    opt: Any, *, peak: float, total: int, start: int = 0, decay_fraction: float = 1.0
+) -> Any:
     """Linear warm-up over ``min(50, total / 20)`` steps, then cosine decay to 10% of ``peak``
-    (transformers' schedule); on a resume it starts at step ``start``."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    over the last ``decay_fraction`` of the remaining steps, holding ``peak`` before it
+    (transformers' schedules); on a resume it starts at step ``start``.
+
+    ``decay_fraction`` 1.0 is transformers' cosine-with-minimum, the schedule every grounding
+    before the option had; below 1 its warmup-stable-decay, whose warm-up starts at 10% of
+    ``peak`` (its minimum) instead of 0. After the warm-up the two give the same values.
+    """
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
     for g in opt.param_groups:
         g.setdefault("initial_lr", peak)
-    return get_cosine_with_min_lr_schedule_with_warmup(
+    warmup = max(1, min(50, total // 20))
+    if decay_fraction >= 1.0:
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            opt,
+            num_warmup_steps=warmup,
+            num_training_steps=total,
+            min_lr_rate=0.1,
+            last_epoch=start - 1,
+        )
+    decay = max(1, round((total - warmup) * decay_fraction))
+    return get_wsd_schedule(
         opt,
-        num_warmup_steps=max(1, min(50, total // 20)),
-        num_training_steps=total,
-        min_lr_rate=0.1,
+        num_warmup_steps=warmup,
+        num_stable_steps=max(0, total - warmup - decay),
+        num_decay_steps=decay,
+        min_lr_ratio=0.1,
         last_epoch=start - 1,
     )
 
@@ -608,7 +627,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, float]:
         task_mix=config["task_mix"],
         seed=int(config.get("seed", 0)),
     )
-    schedule = lr_schedule(opt, peak=config["lr"], total=total, start=start)
+    schedule = lr_schedule(
+        opt,
+        peak=config["lr"],
+        total=total,
+        start=start,
+        decay_fraction=float(config.get("lr_decay_fraction", 1.0)),
+    )
     every = int(config.get("checkpoint_every") or total)
     score_every = int(config.get("score_every") or 0)
     scorer = heldout_scorer(config, codec=codec, device=device) if rank == 0 else None
