@@ -185,7 +185,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+_sigterm_seen = False
+"""Set by :func:`_on_sigterm`: the exit code must not depend on the exception's type alone."""
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    # Ray's blocking calls (ray.get, ray.wait) run signal handlers inside their own signal
+    # check, swallow what the handler raises and raise a fresh, plain KeyboardInterrupt
+    # (`check_status` on an Interrupted status in Ray's _raylet.pyx). So a TERM that lands
+    # there arrives as a KeyboardInterrupt; the flag says it was a TERM (seen in CI: exit 130
+    # and "interrupted" for a SIGTERM mid-collect).
+    global _sigterm_seen
+    _sigterm_seen = True
     raise Terminated()
 
 
@@ -251,22 +262,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from kalm_ray.raysetup import install_sigterm_handler
 
+    global _sigterm_seen
+    _sigterm_seen = False
     install_sigterm_handler(_on_sigterm)
     try:
         return _COMMANDS[args.cmd](args)
-    except Terminated:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, or Ray's plain rewrap)
         _shutdown_ray()
-        _last_line("kalm: terminated")
-        return 143
+        if isinstance(e, Terminated) or _sigterm_seen:
+            _last_line("kalm: terminated")
+            return 143
+        _last_line("kalm: interrupted")
+        return 130
     except KalmError as e:
         if args.debug:
             traceback.print_exc()
         print(f"kalm: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        _shutdown_ray()
-        _last_line("kalm: interrupted")
-        return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
         if args.debug:
             traceback.print_exc()

@@ -56,3 +56,28 @@ def test_unknown_env_level_task(env, level, task, needle) -> None:
     with pytest.raises(UnknownChoiceError) as e:
         get_suite(env).make_env(level, task)
     assert needle in str(e.value) and "valid choices" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_sigterm_exits_143_even_when_ray_rewraps_it(monkeypatch, capsys, signalled) -> None:
+    """A SIGTERM that lands in a blocking Ray call reaches the CLI as a plain
+    KeyboardInterrupt: Ray swallows what the handler raises and raises its own (its
+    ``check_status`` on an Interrupted status). The exit is still 143; Ctrl-C stays 130."""
+    import os
+    import signal
+
+    import kalm_ray.cli as cli
+
+    def blocking_ray_call(args) -> int:
+        try:
+            if signalled:
+                os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler runs here
+            raise KeyboardInterrupt  # Ctrl-C
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # what Ray raises instead
+
+    monkeypatch.setitem(cli._COMMANDS, "envs", blocking_ray_call)
+    rc = main(["envs"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (rc, last) == ((143, "kalm: terminated") if signalled else (130, "kalm: interrupted"))
+
