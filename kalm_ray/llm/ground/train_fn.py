@@ -123,8 +123,8 @@ def lr_schedule(
     (transformers' schedules); on a resume it starts at step ``start``.
 
     ``decay_fraction`` 1.0 is transformers' cosine-with-minimum, the schedule every grounding
-    before the option had; below 1 its warmup-stable-decay, whose warm-up starts at 10% of
-    ``peak`` (its minimum) instead of 0. After the warm-up the two give the same values.
+    before the option had (its warm-up starts at 0); below 1 it is transformers'
+    warmup-stable-decay, whose warm-up starts at 10% of ``peak`` (its minimum).
     """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
