@@ -267,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_sigterm_handler(_on_sigterm)
     try:
         return _COMMANDS[args.cmd](args)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated, or Ray's plain rewrap)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated, or Ray's plain rewrap of it)
         _shutdown_ray()
-        if isinstance(e, Terminated) or _sigterm_seen:
+        if _sigterm_seen:  # set by the only place that raises Terminated
             _last_line("kalm: terminated")
             return 143
         _last_line("kalm: interrupted")

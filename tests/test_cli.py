@@ -80,4 +80,3 @@ def test_sigterm_exits_143_even_when_ray_rewraps_it(monkeypatch, capsys, signall
     rc = main(["envs"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert (rc, last) == ((143, "kalm: terminated") if signalled else (130, "kalm: interrupted"))
-
