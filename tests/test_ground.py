@@ -44,6 +44,7 @@ def test_train_loop_without_ray_resumes_and_reloads(prepared, tmp_path):
     where = json.loads((tmp_path / "out" / "grounded.json").read_text())["trained_on"]
     assert where["device"] == "cpu" and where["cpu"] and where["torch_threads"] >= 1
     assert where["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert where["kernel"] and ("family" in where["cpu_id"] or not Path("/proc/cpuinfo").exists())
     model, tok, codec = load_grounded(tmp_path / "out")
     assert model_files(tmp_path / "out")["model"] == str(tmp_path / "out")
     enc = tok(
@@ -397,6 +398,9 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
     for prefix in ("policy", "policy_seen"):
         for key in ("llm_success", "random_success", "llm_rephrase_success"):
             assert 0.0 <= metrics[f"{prefix}_{key}"] <= 1.0
+    # A grounding whose LLM is not ahead of random pushes says so (3 steps: it is not).
+    ahead = metrics["policy_llm_success"] > metrics["policy_random_success"]
+    assert ("ground: warning: the LLM as a policy" in shown.out) is not ahead
     assert not (tmp_path / "model.work").exists()
     model, tok, codec = load_grounded(model_dir)
     assert codec.n_bins == 64 and model.config.vocab_size >= len(tok)

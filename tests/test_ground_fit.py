@@ -133,3 +133,13 @@ def test_ground_config_sizes_workers(n):
     g = GroundConfig(num_cpus_per_worker=n)
     assert g.num_cpus_per_worker == n and g.gpu_memory_gib == 40.0
     assert "num_cpus_per_worker" not in g.hashed_dump()  # sizing never changes the output
+
+
+def test_acting_note_only_when_the_llm_is_not_ahead_of_random():
+    from kalm_ray.llm.ground.fit import acting_note
+
+    assert acting_note({"policy_llm_success": 0.88, "policy_random_success": 0.44}) is None
+    assert acting_note({}) is None  # no LLM-as-policy metrics (e.g. Meta-World): nothing to say
+    for llm in (0.28, 0.44):  # behind random, and level with it
+        note = acting_note({"policy_llm_success": llm, "policy_random_success": 0.44})
+        assert f"({llm:.2f})" in note and "(0.44)" in note

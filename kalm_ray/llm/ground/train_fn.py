@@ -466,29 +466,41 @@ def _latest_local(ckpt_dir: str | None) -> Path | None:
 
 def trained_on(device: Any) -> dict[str, Any]:
     """Where this process trained on ``device`` (the loop's ``torch.device``): device, CPU
-    model, the SIMD level torch's CPU kernels use, and torch's thread count.
+    model and identity, the SIMD level torch's CPU kernels use, torch's thread count, and the
+    kernel release.
 
-    Why: whether a CLEVR grounding learns to act is a draw, and the same config, data and
-    pins regrounded in a later session gave other groundings (docs/results.md), cause not
-    found. Kernels that round differently on another machine are one candidate; this says
-    what to compare.
+    Why: the same config, data, code and pins ground another model on another day's machine
+    (docs/results.md, "One grounding, two machines"): on one machine a grounding repeats to
+    the digit. A virtual machine's CPU name is often just the vendor's ("AMD EPYC"), so the
+    family, model, stepping, microcode and cache size are what tells two hosts apart.
     """
     import platform
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the model here; platform.processor() is often empty there
+    cpu, ident = platform.processor() or platform.machine(), {}
+    try:  # Linux: platform.processor() is often empty there
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for ln in f:
+                key, _, val = ln.partition(":")
+                key = key.strip()
+                if not key:  # the first processor's block ends here
+                    break
+                ident.setdefault(key, val.strip())
+        cpu = ident.get("model name", cpu)
     except OSError:
         pass
     out = {
         "device": str(device),
         "cpu": cpu,
+        "cpu_id": " ".join(
+            f"{k.replace('cpu ', '')} {ident[k]}"
+            for k in ("cpu family", "model", "stepping", "microcode", "cache size")
+            if k in ident
+        ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "kernel": platform.release(),
     }
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
