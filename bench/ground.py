@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
 
 def synthetic_episodes(suite, n: int, *, seed: int = 0):
     from kalm_ray.llm.prompts import EpisodeArrays
@@ -103,7 +105,7 @@ def main() -> None:
     import torch
 
     from kalm_ray.llm.ground.train_fn import batch_collator
-    from kalm_ray.llm.model import TINY, count_params
+    from kalm_ray.llm.model import count_params
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/quick.yaml")
@@ -132,7 +134,9 @@ def main() -> None:
     suite = get_suite(cfg.env.name)
     codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
     texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
-    model, tok = build_tiny(codec, texts, init_from_encoder=g.tiny_init_from_encoder)
+    model, tok = build_tiny(
+        codec, texts, init_from_encoder=g.tiny_init_from_encoder, overrides=dict(g.model.tiny)
+    )  # the config's shape (quick's is 0.7M parameters, not the default 4M)
     rows = [
         r
         for e in synthetic_episodes(suite, 200)
@@ -151,7 +155,7 @@ def main() -> None:
         batches.append(collate([pool[i] for i in rng.integers(0, len(pool), g.batch_size)]))
     print(
         f"tiny: {count_params(model) / 1e6:.1f}M params, vocab {len(tok)}, "
-        f"{ {k: TINY[k] for k in ('hidden_size', 'num_hidden_layers', 'intermediate_size')} }; "
+        f"{ {k: getattr(model.config, k) for k in SHAPE} }; "
         f"env {cfg.env.name}, n_bins {g.n_bins}, batch {g.batch_size}, method {g.method}, "
         f"{args.threads} threads; mean example "
         f"{np.mean([len(r['input_ids']) for r in rows]):.0f} tokens"
