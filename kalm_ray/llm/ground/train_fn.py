@@ -472,7 +472,8 @@ def trained_on(device: Any) -> dict[str, Any]:
     Why: the same config, data, code and pins ground another model on another day's machine
     (docs/results.md, "One grounding, two machines"): on one machine a grounding repeats to
     the digit. A virtual machine's CPU name is often just the vendor's ("AMD EPYC"), so the
-    family, model, stepping, microcode and cache size are what tells two hosts apart.
+    family, model, stepping, microcode and cache size (Arm: implementer, part, revision) are
+    what tells two hosts apart.
     """
     import platform
 
@@ -495,7 +496,11 @@ def trained_on(device: Any) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_id": " ".join(
             f"{k.replace('cpu ', '')} {ident[k]}"
-            for k in ("cpu family", "model", "stepping", "microcode", "cache size")
+            for k in (
+                *("cpu family", "model", "stepping", "microcode", "cache size"),  # x86
+                *("CPU implementer", "CPU architecture", "CPU variant", "CPU part"),  # Arm
+                "CPU revision",
+            )
             if k in ident
         ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
