@@ -398,7 +398,7 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
     for prefix in ("policy", "policy_seen"):
         for key in ("llm_success", "random_success", "llm_rephrase_success"):
             assert 0.0 <= metrics[f"{prefix}_{key}"] <= 1.0
-    # A grounding whose LLM is not ahead of random pushes says so (3 steps: it is not).
+    # A grounding whose LLM is not ahead of random pushes says so, and only such a one.
     ahead = metrics["policy_llm_success"] > metrics["policy_random_success"]
     assert ("ground: warning: the LLM as a policy" in shown.out) is not ahead
     assert not (tmp_path / "model.work").exists()

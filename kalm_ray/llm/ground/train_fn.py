@@ -464,6 +464,13 @@ def _latest_local(ckpt_dir: str | None) -> Path | None:
     return done[-1] if done else None
 
 
+_CPU_ID_KEYS = (
+    *("cpu family", "model", "stepping", "microcode", "cache size"),  # x86
+    *("CPU implementer", "CPU architecture", "CPU variant", "CPU part", "CPU revision"),  # Arm
+)
+"""The ``/proc/cpuinfo`` fields of :func:`trained_on`'s ``cpu_id``, in order."""
+
+
 def trained_on(device: Any) -> dict[str, Any]:
     """Where this process trained on ``device`` (the loop's ``torch.device``): device, CPU
     model and identity, the SIMD level torch's CPU kernels use, torch's thread count, and the
@@ -496,11 +503,7 @@ def trained_on(device: Any) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_id": " ".join(
             f"{k.replace('cpu ', '')} {ident[k]}"
-            for k in (
-                *("cpu family", "model", "stepping", "microcode", "cache size"),  # x86
-                *("CPU implementer", "CPU architecture", "CPU variant", "CPU part"),  # Arm
-                "CPU revision",
-            )
+            for k in _CPU_ID_KEYS
             if k in ident
         ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
