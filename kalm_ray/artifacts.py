@@ -181,7 +181,7 @@ _JSON_SHAPES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "paired": ((dict,), False),
         "env": ((str,), False),
     },
-    "run.json": {"experiment": ((str,), True)},
+    "run.json": {"experiment": ((str,), True), "seed": ((int,), False)},
 }
 
 
@@ -315,24 +315,37 @@ class RunDir:
 
     # ---- run identity -------------------------------------------------------------------
 
-    def claim(self, experiment: str) -> None:
-        """Record which experiment owns this run dir; refuse one written by another experiment.
+    def claim(self, experiment: str, seed: int | None = None) -> None:
+        """Record which experiment (and master seed) owns this run dir; refuse one written by
+        another experiment or under another master seed.
 
         Raises RunDirError when the dir cannot be created or written, or belongs to another
-        experiment name (so that two configs never mix artefacts).
+        experiment name (so that two configs never mix artefacts) or master seed. Why the seed:
+        ``--seed N`` makes a replicate, and ``kalm compare`` reads one run dir per replicate;
+        rerun in the same dir it would replace the other seed's every stage. A run dir from
+        before the seed was recorded is not checked (claiming never rewrites ``run.json``: a
+        refused command leaves the run dir as it was).
         """
         try:
             self.makedirs()
             if self.exists(RUN_INFO):
-                owner = self.read_json(RUN_INFO).get("experiment")
+                info = self.read_json(RUN_INFO)
+                owner = info.get("experiment")
                 if owner != experiment:
                     raise RunDirError(
                         f"run dir {self.uri} was written by experiment {owner!r}, "
                         f"not {experiment!r}; "
                         "use another --run-dir"
                     )
+                if seed is not None and info.get("seed") not in (None, seed):
+                    raise RunDirError(
+                        f"run dir {self.uri} holds master seed {info['seed']}'s run of "
+                        f"{experiment!r}, not seed {seed}'s; use another --run-dir (one per "
+                        "seed; `kalm compare` reads them together)"
+                    )
                 return
-            self.write_json({"experiment": experiment, "created": time.time()}, RUN_INFO)
+            info = {"experiment": experiment, "created": time.time()}
+            self.write_json(info if seed is None else {**info, "seed": seed}, RUN_INFO)
         except RunDirError:
             raise
         except OSError as e:

@@ -7,7 +7,8 @@
     kalm plan CONFIG           kalm submit CONFIG --address URL   (submit runs plan's checks)
 
 ``--seed N`` overrides the config's master seed (every stage derives its seeds from it): one
-replicate of the experiment; ``kalm compare`` reads several.
+replicate of the experiment, in its own ``--run-dir`` (a run dir holds one master seed's run and
+refuses another's); ``kalm compare`` reads several.
 
 Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
 SIGTERM is handled like Ctrl-C: one ``kalm: terminated`` line, Ray shut down, exit 143.
@@ -46,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("config", metavar="CONFIG")
     config.add_argument("--run-dir", help="overrides the config's run_dir")
     config.add_argument(
-        "--seed", type=int, help="overrides the config's master seed (a replicate of an experiment)"
+        "--seed",
+        type=int,
+        help="overrides the config's master seed (a replicate: give each its own --run-dir)",
     )
     runs = argparse.ArgumentParser(add_help=False)
     runs.add_argument(

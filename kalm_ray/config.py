@@ -200,9 +200,20 @@ class ModelSection(_Section):
     def _tiny_only(self) -> ModelSection:
         if self.tiny and self.name != "tiny":
             raise ValueError(f"tiny: size overrides are for the tiny model, not {self.name!r}")
-        heads = self.tiny.get("num_attention_heads", 4)
-        if self.tiny.get("hidden_size", 256) % heads:
+        from kalm_ray.llm.model import TINY  # the defaults of every key not overridden
+
+        shape = {**TINY, **self.tiny}
+        heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        if shape["hidden_size"] % heads:
             raise ValueError("tiny: hidden_size must be a multiple of num_attention_heads")
+        if heads % kv:
+            # Each key/value head serves heads // kv query heads; transformers does not check,
+            # and the first forward pass would fail inside the Ray Train worker.
+            unset = "num_key_value_heads" not in self.tiny
+            raise ValueError(
+                f"tiny: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                f"({kv}{', its default: set it too' if unset else ''})"
+            )
         return self
 
 
@@ -453,6 +464,16 @@ class ImagineConfig(_Section):
             raise ValueError("mode stepwise runs on the hf backend only; use backend hf")
         if self.candidates > 1 and self.mode != "stepwise":
             raise ValueError("candidates > 1 needs mode: stepwise")
+        if (
+            self.candidates > 1
+            and self.temperature == 0
+            and not (self.compose or self.state_retries or self.action_retries)
+        ):
+            # Greedy decoding would write the same rollout for every candidate, at N x the cost.
+            raise ValueError(
+                f"candidates: {self.candidates} with temperature 0 imagines one rollout "
+                f"{self.candidates} times (greedy decoding); set temperature > 0"
+            )
         if self.compose and self.mode != "stepwise":
             raise ValueError("compose needs mode: stepwise")
         if self.state_retries and self.mode != "stepwise":

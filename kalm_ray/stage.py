@@ -60,7 +60,9 @@ def stage_inputs(stage: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     if stage == "train":
         return ("collect", "imagine") if "real+imagined" in cfg.train.data else ("collect",)
     if stage == "evaluate":
-        return ("train",)
+        # The LLM row plays the grounded model itself: a new grounding must be evaluated again
+        # even where nothing else upstream changed (train.data: [real]).
+        return ("train", "ground") if cfg.evaluate.llm_policy else ("train",)
     raise ValueError(stage)
 
 
@@ -93,7 +95,7 @@ class StagePlan:
 def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) -> StagePlan:
     """Resolve inputs and fingerprint for ``stage``; raises InputError if an input is missing."""
     run = as_run_dir(cfg, run_dir)
-    run.claim(cfg.name)
+    run.claim(cfg.name, seed=cfg.seed)
     inputs: dict[str, str] = {}
     upstream: dict[str, Manifest] = {}
     for up in stage_inputs(stage, cfg):

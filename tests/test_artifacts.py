@@ -63,3 +63,38 @@ def test_unwritable_run_dir(tmp_path) -> None:
     cfg = parse_config({"name": "exp", "run_dir": str(blocker / "run")})
     with pytest.raises(RunDirError, match="not writable"):
         plan_stage("collect", cfg, None)
+
+
+def test_run_dir_holds_one_master_seed(tmp_path) -> None:
+    """``--seed N`` is a replicate: rerun in the same dir it would replace the other seed's
+    stages, so the dir refuses it; a dir from before the seed was recorded is not checked."""
+    cfg = {"name": "exp", "run_dir": str(tmp_path / "run")}
+    plan_stage("collect", parse_config({**cfg, "seed": 0}), None)
+    plan_stage("collect", parse_config({**cfg, "seed": 0}), None)  # the same seed: fine
+    with pytest.raises(RunDirError, match="holds master seed 0's run of 'exp', not seed 1's"):
+        plan_stage("collect", parse_config({**cfg, "seed": 1}), None)
+    legacy = RunDir(str(tmp_path / "old"))
+    legacy.write_json({"experiment": "exp", "created": 0.0}, "run.json")
+    for seed in (3, 0):
+        plan_stage("collect", parse_config({**cfg, "run_dir": legacy.uri, "seed": seed}), None)
+    assert "seed" not in legacy.read_json("run.json")
+
+
+def test_llm_row_is_evaluated_again_after_a_new_grounding(tmp_path) -> None:
+    """With ``evaluate.llm_policy`` the evaluation plays the grounded model, so a new grounding
+    changes its fingerprint even where the policies' data do not read it (``data: [real]``)."""
+    base = {"name": "exp", "run_dir": str(tmp_path / "run"), "train": {"data": ["real"]}}
+    run = RunDir(base["run_dir"])
+    with_llm = parse_config({**base, "evaluate": {"llm_policy": True}})
+    without = parse_config(base)
+    for stage in ("collect", "ground", "train"):
+        plan = plan_stage(stage, with_llm, None)
+        with stage_output(run, plan.out_dir) as tmp:
+            write_manifest(run, tmp, plan.manifest())
+    first, no_llm = plan_stage("evaluate", with_llm, None), plan_stage("evaluate", without, None)
+    assert set(first.inputs) == {"train", "ground"} and set(no_llm.inputs) == {"train"}
+    plan = plan_stage("ground", with_llm, None)
+    with stage_output(run, plan.out_dir) as tmp:  # ground again: a new output id
+        write_manifest(run, tmp, plan.manifest())
+    assert plan_stage("evaluate", with_llm, None).fingerprint != first.fingerprint
+    assert plan_stage("evaluate", without, None).fingerprint == no_llm.fingerprint

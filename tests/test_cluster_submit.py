@@ -184,6 +184,8 @@ def test_runtime_env_carries_code_and_config():
     assert "pip" not in env
     assert jobs.entrypoint("collect") == "python jobs/collect.py"
     assert jobs.entrypoint(None) == "python jobs/run.py"
+    # `kalm submit --debug` reaches the job: its stage errors come with the traceback there.
+    assert jobs.entrypoint("ground", debug=True) == "python jobs/ground.py --debug"
 
 
 def test_runtime_env_missing_file_is_config_error():

@@ -38,6 +38,18 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "imagine": {"min_actors": 3, "max_actors": 1}}, "min_actors"),
         ({"name": "x", "imagine": {"candidates": 4}}, "candidates > 1 needs mode: stepwise"),
         ({"name": "x", "imagine": {"candidates": 0, "mode": "stepwise"}}, "imagine.candidates"),
+        (
+            {"name": "x", "imagine": {"candidates": 4, "mode": "stepwise"}},
+            "candidates: 4 with temperature 0 imagines one rollout 4 times",
+        ),
+        (
+            {"name": "x", "ground": {"model": {"tiny": {"num_attention_heads": 2}}}},
+            "num_attention_heads (2) must be a multiple of num_key_value_heads (4, its default",
+        ),
+        (
+            {"name": "x", "ground": {"model": {"tiny": {"num_key_value_heads": 3}}}},
+            "num_attention_heads (4) must be a multiple of num_key_value_heads (3)",
+        ),
         ({"name": "bad name!"}, "name"),
         (
             {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},

@@ -288,9 +288,11 @@ def build_runtime_env(cfg: ExperimentConfig, *, config_yaml: str) -> dict[str, A
     return env
 
 
-def entrypoint(stage: str | None) -> str:
-    """The job's shell command; ``python`` is whatever the cluster's nodes run."""
-    return f"python jobs/{stage or 'run'}.py"
+def entrypoint(stage: str | None, *, debug: bool = False) -> str:
+    """The job's shell command; ``python`` is whatever the cluster's nodes run. ``debug``:
+    the job prints tracebacks and debug logs too (``kalm submit --debug`` reaches the job, not
+    only this client)."""
+    return f"python jobs/{stage or 'run'}.py" + (" --debug" if debug else "")
 
 
 # ---- the commands -------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def submit(
     client = _client(cluster, debug=debug)
     with sdk_errors(cluster.address):
         client.submit_job(
-            entrypoint=entrypoint(stage),
+            entrypoint=entrypoint(stage, debug=debug),
             submission_id=job_id,
             runtime_env=runtime_env,
             metadata={
