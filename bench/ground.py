@@ -175,14 +175,16 @@ def micro_batches(b: dict, k: int) -> list[tuple[dict, float]]:
     with each one's share of ``b``'s target tokens (the weight of its mean loss)."""
     import torch
 
+    from kalm_ray.llm.prompts import IGNORE
+
     lengths = b["attention_mask"].sum(1)
     order = torch.argsort(lengths)
-    n_targets = int((b["labels"][:, 1:] != -100).sum())
+    n_targets = int((b["labels"][:, 1:] != IGNORE).sum())
     out = []
     for idx in torch.tensor_split(order, k):
         width = int(lengths[idx].max())
         sub = {key: v[idx, :width] for key, v in b.items()}
-        out.append((sub, int((sub["labels"][:, 1:] != -100).sum()) / n_targets))
+        out.append((sub, int((sub["labels"][:, 1:] != IGNORE).sum()) / n_targets))
     return out
 
 
