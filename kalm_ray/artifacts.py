@@ -257,6 +257,27 @@ class RunDir:
     def makedirs(self, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts), recursive=True)
 
+    def move_dir(self, src: str, dst: str) -> None:
+        """Rename the folder ``src`` to ``dst`` (both relative to the root; ``dst`` absent).
+
+        Object stores (S3, GCS) have no folders to rename, and Arrow's filesystems refuse to
+        move one there: on any filesystem that is not local, each file is copied (a
+        server-side copy on S3 and GCS), then the source is deleted, its manifest first, so
+        that a move stopped half way never leaves a folder that looks finished.
+        """
+        if self.is_local:
+            self.fs.move(self.path(src), self.path(dst))
+            return
+        base, target = self.path(src), self.path(dst)
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if info.type == pafs.FileType.File:
+                to = target + info.path[len(base) :]
+                self.fs.create_dir(to.rsplit("/", 1)[0], recursive=True)
+                self.fs.copy_file(info.path, to)
+        if self.exists(src, MANIFEST):
+            self.fs.delete_file(self.path(src, MANIFEST))
+        self.fs.delete_dir(base)
+
     def read_bytes(self, *parts: str) -> bytes:
         with self.fs.open_input_stream(self.path(*parts)) as f:
             return f.read()
@@ -404,11 +425,8 @@ def stage_output(run: RunDir, stage_dir: str, *, resume_key: str | None = None) 
         if resume_key is not None:
             run.delete(tmp, Staging.UNITS)
         if run.exists(stage_dir):
-            run.fs.move(
-                run.path(stage_dir),
-                run.path(f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"),
-            )
-        run.fs.move(run.path(tmp), run.path(stage_dir))
+            run.move_dir(stage_dir, f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run.move_dir(tmp, stage_dir)
 
 
 def write_manifest(

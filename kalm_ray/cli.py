@@ -10,7 +10,7 @@
 replicate of the experiment, in its own ``--run-dir`` (a run dir holds one master seed's run and
 refuses another's); ``kalm compare`` reads several.
 
-Errors are one line on stderr and a non-zero exit; ``--debug`` adds the traceback.
+Errors are one line on stderr and a non-zero exit; with ``--debug`` the traceback is printed too.
 SIGTERM is handled like Ctrl-C: one ``kalm: terminated`` line, Ray shut down, exit 143.
 ``--verbose`` (or ``ray.verbose: true``) also shows Ray's own logs (see kalm_ray.raysetup).
 """

@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -43,6 +45,20 @@ iterations): far above any real experiment, far below a typo's 10**22 that would
 with no output."""
 Count = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_T = TypeVar("_T")
+
+
+def _each_once(items: list[Any]) -> list[Any]:
+    twice = [x for i, x in enumerate(items) if x in items[:i]]
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed twice")
+    return items
+
+
+Distinct = Annotated[_T, Field(min_length=1), AfterValidator(_each_once)]
+"""A list that holds something, each item once. Empty, it would plan no work and say nothing;
+with an item twice, two training units of one name race into one folder, and a level listed
+twice counts each evaluation episode twice (intervals ~1.4x too narrow)."""
 
 DISCRETE_ALGOS: frozenset[str] = frozenset({"bc", "marwil", "dcql"})
 CONTINUOUS_ALGOS: frozenset[str] = frozenset({"bc", "cql", "iql"})
@@ -98,7 +114,8 @@ class EnvConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = None
-    """Cluster to join (``auto``, ``ray://...``); None starts a local Ray for this process."""
+    """Cluster to join (``auto``, ``ray://...``); None joins the cluster in ``RAY_ADDRESS``
+    where that is set (as in a submitted job), else starts a local Ray for this process."""
     num_cpus: PosInt | None = None
     """Logical CPUs of a local Ray; None = max(8, cores). Offline RLlib deadlocks with 2
     (see notes)."""
@@ -121,7 +138,8 @@ class RayConfig(_Section):
     entrypoint_num_cpus: Annotated[float, Field(ge=0)] | None = None
     """``kalm submit``: CPUs reserved for the job's driver; None = none (it runs on the head)."""
     entrypoint_num_gpus: Annotated[float, Field(ge=0)] | None = None
-    """``kalm submit``: GPUs reserved for the driver (e.g. ``train.num_learners: 0`` on a GPU)."""
+    """``kalm submit``: GPUs reserved for the driver (e.g. ``train.max_concurrent_units: 1``,
+    which trains in the driver, with ``train.num_gpus_per_learner`` > 0)."""
     verbose: bool = False
     """Show Ray's own logs on the console (Ray Data progress, RLlib/Train warnings, the
     workers' output); off = only kalm_ray's lines, bars and tables. Ray's log files get
@@ -147,7 +165,7 @@ class CollectConfig(_Section):
 
     episodes_per_task: Count = 10
     """Episodes collected for each ``train``-level task."""
-    tasks: list[str] | None = None
+    tasks: Distinct[list[str]] | None = None
     """Subset of train task ids to collect; None = all of them."""
     epsilon: Fraction = 0.1
     """CLEVR: probability of a uniformly random push instead of the scripted one."""
@@ -174,7 +192,7 @@ class LoraSection(_Section):
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: Fraction = 0.05
     """Dropout on the LoRA path."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    target_modules: Distinct[list[str]] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Module names that get adapters (Llama naming)."""
 
 
@@ -191,7 +209,7 @@ class ModelSection(_Section):
             "num_attention_heads",
             "num_key_value_heads",
         ],
-        Annotated[int, Field(ge=1, le=8192)],
+        Annotated[StrictInt, Field(ge=1, le=8192)],
     ] = {}
     """``tiny`` only: changes to its Llama config (:data:`kalm_ray.llm.model.TINY`: hidden 256,
     4 layers, 4 heads), e.g. a smaller model that trains several times faster on a CPU."""
@@ -238,7 +256,7 @@ class GroundConfig(_Section):
     (the state itself). See :mod:`kalm_ray.llm.codec`."""
     task_mix: dict[
         Literal["rollout", "explain", "dynamics", "consequence", "policy"],
-        Annotated[float, Field(ge=0)],
+        Annotated[StrictFloat, Field(ge=0)],
     ] = {
         "rollout": 0.4,
         "explain": 0.2,
@@ -352,8 +370,9 @@ class ImagineConfig(_Section):
     )
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
-    """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible."""
-    levels: list[NovelLevel] = ["rephrase", "easy", "hard"]
+    """Generation backend; ``auto`` picks vLLM when it is installed and a GPU is visible, and
+    hf under ``mode: stepwise`` (which runs on hf only)."""
+    levels: Distinct[list[NovelLevel]] = ["rephrase", "easy", "hard"]
     """Levels to imagine rollouts for."""
     rollouts_per_level: Count = 300
     """Rollouts requested per level, spread round-robin over its tasks (each request has its
@@ -499,11 +518,11 @@ class TrainConfig(_Section):
         }
     )
 
-    algos: list[AlgoName] = ["bc"]
+    algos: Distinct[list[AlgoName]] = ["bc"]
     """Algorithms to train: discrete envs take bc/marwil/dcql, continuous take bc/cql/iql."""
-    data: list[DataMix] = ["real", "real+imagined"]
+    data: Distinct[list[DataMix]] = ["real", "real+imagined"]
     """Data mixes; the central KALM comparison is ``real`` vs ``real+imagined``."""
-    seeds: list[NonNegInt] = [0]
+    seeds: Distinct[list[NonNegInt]] = [0]
     """One policy per (algo, data, seed)."""
     imagined_ratio: Fraction | None = None
     """Share of imagined transitions in each batch; None = proportional to dataset sizes."""
@@ -532,9 +551,10 @@ class TrainConfig(_Section):
     quick_eval_episodes: PosInt = 20
     """Episodes per quick check."""
     num_learners: NonNegInt = 0
-    """RLlib learners; 0 = learn in the driver process."""
+    """RLlib learners; 0 = a local learner inside each training unit's process (a Ray task of
+    its own, or the driver with ``max_concurrent_units: 1``)."""
     num_gpus_per_learner: Annotated[float, Field(ge=0)] = 0.0
-    """GPUs per learner (with ``num_learners: 0``, the driver's learner uses one GPU if > 0)."""
+    """GPUs per learner (with ``num_learners: 0``: per training unit, for its local learner)."""
     num_cpus_per_learner: Annotated[float, Field(gt=0)] | None = None
     """Logical CPUs each remote learner asks for; None = RLlib's ``auto`` (1 without GPUs, 0
     with)."""
@@ -571,7 +591,7 @@ class EvaluateConfig(_Section):
     episodes_per_task_by_level: dict[Level, Count] = {}
     """Per-level overrides of ``episodes_per_task`` (e.g. more for a level with few tasks, so
     its paired interval is as narrow as the others'); other levels' episodes are unchanged."""
-    levels: list[Level] = ["train", "rephrase", "easy", "hard"]
+    levels: Distinct[list[Level]] = ["train", "rephrase", "easy", "hard"]
     """Levels to evaluate."""
     max_tasks_per_level: PosInt | None = None
     """Cap on tasks per level (a stable sample); None = every task."""

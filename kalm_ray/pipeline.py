@@ -10,6 +10,7 @@ from collections.abc import Callable
 from kalm_ray.artifacts import Manifest, RunDir
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.errors import KalmError
+from kalm_ray.plan import check_local
 from kalm_ray.stage import OUTPUT_DIRS, STAGES, as_run_dir, plan_stage
 
 log = logging.getLogger("kalm_ray")
@@ -52,8 +53,9 @@ def run_pipeline(
     for name, value in (("--from", start), ("--only", only)):
         if value is not None and value not in STAGES:
             raise KalmError(f"{name} {value!r}: valid stages are {', '.join(STAGES)}")
-    run = as_run_dir(cfg, run_dir)
     todo = [only] if only else list(STAGES[STAGES.index(start) :] if start else STAGES)
+    check_local(cfg, todo)  # `kalm plan`'s refusals of these stages, before any starts
+    run = as_run_dir(cfg, run_dir)
     done: dict[str, Manifest] = {}
     for stage in todo:
         t0 = time.perf_counter()

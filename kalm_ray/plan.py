@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,14 @@ class Plan:
 
     lines: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    stage_of: dict[str, str] = field(default_factory=dict)
+    """Each refusal's stage (the one that would fail on it), or ``submit`` for those about the
+    runtime_env ``kalm submit`` ships: :func:`check_local` takes only the stages a local
+    command runs."""
+
+    def refuse(self, stage: str, message: str) -> None:
+        self.refusals.append(message)
+        self.stage_of[message] = stage
 
     def add(self, head: str, text: str) -> None:
         self.lines.append(f"{head:<12}{text}")
@@ -349,8 +358,10 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         + (" (shortened from the front to fit)" if full_rollout > g.max_seq_len else "")
     )
     if ctx is not None and g.max_seq_len > ctx:
-        plan.refusals.append(
-            f"ground.max_seq_len: {g.max_seq_len} is above {g.model.name}'s context of {ctx} tokens"
+        plan.refuse(
+            "ground",
+            f"ground.max_seq_len: {g.max_seq_len} is above {g.model.name}'s context of "
+            f"{ctx} tokens",
         )
     if model.known:
         mem = grounding_memory(cfg, model, codec_tokens=len(codec.all_tokens))
@@ -370,19 +381,21 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         if g.use_gpu and mem["total"] > g.gpu_memory_gib * GIB:
             need = f"~{_gib(mem['total'])} GiB per GPU > ground.gpu_memory_gib {g.gpu_memory_gib:g}"
             if g.method == "full":
-                plan.refusals.append(
+                plan.refuse(
+                    "ground",
                     f"ground.method: full fine-tuning of {g.model.name} needs {need} (16 bytes "
-                    "a parameter on every GPU: DDP, no FSDP sharding); use method: lora"
+                    "a parameter on every GPU: DDP, no FSDP sharding); use method: lora",
                 )
             else:
-                plan.refusals.append(
+                plan.refuse(
+                    "ground",
                     f"ground.batch_size: LoRA grounding at batch {g.batch_size} x "
-                    f"{g.max_seq_len} tokens needs {need}; lower ground.batch_size or max_seq_len"
+                    f"{g.max_seq_len} tokens needs {need}; lower ground.batch_size or max_seq_len",
                 )
     else:
         plan.more("memory per GPU: unknown (model shape unknown)")
 
-    backend = im.backend
+    backend = "hf" if im.mode == "stepwise" else im.backend  # stepwise runs on hf only
     vllm_possible = backend == "vllm" or (
         backend == "auto" and (env.pin("vllm") is not None or not env.installs)
     )
@@ -432,36 +445,45 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         and mml > ctx
         and env.env_vars.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1"
     ):
-        plan.refusals.append(
+        plan.refuse(
+            "imagine",
             f"imagine.vllm_engine_kwargs.max_model_len: {mml} is above {g.model.name}'s "
-            f"context of {ctx} tokens (vLLM refuses to start)"
+            f"context of {ctx} tokens (vLLM refuses to start)",
         )
     elif limit is not None and prompt + new > limit and im.mode == "stepwise":
-        plan.refusals.append(
-            f"imagine: a stepwise prompt needs ~{prompt + new} tokens > {limit_key} {limit}"
+        plan.refuse(
+            "imagine",
+            f"imagine: a stepwise prompt needs ~{prompt + new} tokens > {limit_key} {limit}",
         )
     elif limit is not None and prompt + new > limit:
-        plan.refusals.append(
+        plan.refuse(
+            "imagine",
             f"imagine.max_steps: rollouts of {longest} steps need ~{prompt + new} tokens "
             f"(prompt ~{prompt} + {codec.max_step_tokens()} per step) > {limit_key} {limit}; "
-            f"at most {max(0, (limit - prompt - 1) // codec.max_step_tokens() - 1)} steps fit"
+            f"at most {max(0, (limit - prompt - 1) // codec.max_step_tokens() - 1)} steps fit",
         )
     if vllm_possible and g.method == "lora":
         if g.lora.r > VLLM_LORA_RANKS[-1]:
-            plan.refusals.append(
+            plan.refuse(
+                "imagine",
                 f"ground.lora.r: {g.lora.r} is above vLLM's largest max_lora_rank "
-                f"{VLLM_LORA_RANKS[-1]} (allowed: {', '.join(map(str, VLLM_LORA_RANKS))})"
+                f"{VLLM_LORA_RANKS[-1]} (allowed: {', '.join(map(str, VLLM_LORA_RANKS))})",
             )
         else:
             plan.more(f"LoRA served at vLLM max_lora_rank {vllm_lora_rank(g.lora.r)}")
         user = kw.get("max_lora_rank")
         if user is not None and (user not in VLLM_LORA_RANKS or user < g.lora.r):
-            plan.refusals.append(
+            plan.refuse(
+                "imagine",
                 f"imagine.vllm_engine_kwargs.max_lora_rank: {user} must be one of "
-                f"{', '.join(map(str, VLLM_LORA_RANKS))} and >= ground.lora.r ({g.lora.r})"
+                f"{', '.join(map(str, VLLM_LORA_RANKS))} and >= ground.lora.r ({g.lora.r})",
             )
 
     t = cfg.train
+    from kalm_ray.rl.algos import algo_params_refusals
+
+    for msg in algo_params_refusals(t):
+        plan.refuse("train", msg)
     n_pol = len(t.algos) * len(t.data) * len(t.seeds)
     if t.max_concurrent_units == 1:
         units, home = "one after another in the driver", "the driver"
@@ -490,14 +512,16 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     needs_gpu = g.use_gpu or (backend == "hf" and im.num_gpus_per_actor > 0) or backend == "vllm"
     if env.installs and env.cpu_torch and needs_gpu:
         key = "ground.use_gpu" if g.use_gpu else "imagine"
-        plan.refusals.append(
+        plan.refuse(
+            "submit",
             f"ray.runtime_env: {env.path} ships CPU-only torch ({env.pin('torch')}) but {key} "
-            "needs GPUs; use ray.runtime_env: jobs/runtime_env_gpu.yaml"
+            "needs GPUs; use ray.runtime_env: jobs/runtime_env_gpu.yaml",
         )
     if backend == "vllm" and env.installs and env.pin("vllm") is None:
-        plan.refusals.append(
+        plan.refuse(
+            "submit",
             f"imagine.backend: vllm, but ray.runtime_env {env.path} installs no vllm; use "
-            "jobs/runtime_env_gpu.yaml or imagine.backend: hf"
+            "jobs/runtime_env_gpu.yaml or imagine.backend: hf",
         )
     if g.model.name != "tiny" and offline == "1" and model.source != "built locally":
         if not Path(g.model.name).expanduser().exists():
@@ -515,6 +539,28 @@ def check(cfg: ExperimentConfig) -> Plan:
         more = f" [+{len(plan.refusals) - 1} more: kalm plan]" if len(plan.refusals) > 1 else ""
         raise PlanError(plan.refusals[0] + more)
     return plan
+
+
+def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
+    """:func:`check` for ``stages`` run in this process (``kalm run``, ``kalm <stage>``, a
+    submitted job's driver): the refusals of those stages, not those about the runtime_env,
+    which only ``kalm submit`` ships. Why: a context too short or a GPU too small otherwise
+    shows only inside a stage, after the stages before it have run (hours of grounding before
+    vLLM refuses a LoRA rank).
+
+    Raises:
+        PlanError: the first refusal, naming its key.
+    """
+    try:
+        plan = make_plan(cfg)
+    except Exception:  # noqa: BLE001 - a check ahead of the stages, not a gate of its own
+        # What stops the plan itself (the runtime_env file, which a local run does not need;
+        # a model folder whose config.json the stage's own check names) is the stage's to say.
+        return
+    local = [r for r in plan.refusals if plan.stage_of[r] in stages]
+    if local:
+        more = f" [+{len(local) - 1} more: kalm plan]" if len(local) > 1 else ""
+        raise PlanError(local[0] + more)
 
 
 def cli_plan(args: argparse.Namespace) -> int:

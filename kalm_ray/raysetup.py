@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kalm_ray.config import RayConfig
+from kalm_ray.errors import InputError
 
 log = logging.getLogger("kalm_ray")
 
@@ -194,6 +195,27 @@ def _bind_loopback() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def require_cpus(key: str, need: float, cfg: RayConfig) -> None:
+    """Refuse, in one line naming ``key``, work that needs more CPUs at once than the local
+    Ray this process started has: Ray would queue it forever (Ray Train retries its worker
+    group without end) behind a progress bar at 0. A cluster may add nodes, so there it is
+    Ray's to say.
+
+    Raises:
+        InputError: ``need`` is above the local Ray's logical CPUs (``ray.num_cpus``).
+    """
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise InputError(
+            f"{key}: needs {need:g} CPUs at once, but this local Ray has {have:g} logical "
+            "CPUs (ray.num_cpus); lower it, or raise ray.num_cpus"
+        )
 
 
 def init_ray(cfg: RayConfig) -> None:

@@ -132,8 +132,57 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
             check_model_config(run, OUTPUT_DIRS["ground"])
         if stage == "ground" and os.path.isdir(cfg.ground.model.name):
             check_model_config(RunDir(cfg.ground.model.name), "", where="ground.model.name: ")
+    # A note, not an error: on stdout with the stage's progress, once the inputs passed
+    # their checks (a refused command's stderr stays its one line).
+    for up, m in upstream.items():
+        if note := made_under_other_settings(run, stage, up, m, cfg):
+            print(note, flush=True)
     return StagePlan(stage=stage, run=run, out_dir=out, config_hash=config_hash, inputs=inputs,
                      fingerprint=fp, current=current, cfg=cfg)
+
+
+_said_other_settings: set[tuple[str, str, str]] = set()
+
+
+def made_under_other_settings(
+    run: RunDir, stage: str, up: str, m: Manifest, cfg: ExperimentConfig
+) -> str | None:
+    """One line (once per process) when the input ``up`` was made under other settings of
+    the sections it depends on than ``cfg``'s, naming the keys that differ; else None.
+
+    Why: inputs are chained by identity, not by config, so ``kalm ground CONFIG`` after an
+    edit of ``collect`` uses the data already there (that is how ``--from`` reuses work);
+    without a word the user would read the new settings in ``model/config.yaml`` and take
+    them for the data's.
+    """
+    sections = CONFIG_SECTIONS[up]
+    key = (run.uri, stage, up)
+    if m.config_hash == cfg.section_hash(*sections) or key in _said_other_settings:
+        return None
+    _said_other_settings.add(key)
+    import yaml
+
+    from kalm_ray.eval.compare import config_defaults, config_differences
+
+    keys: list[str] = []
+    try:
+        made = yaml.safe_load(run.read_bytes(OUTPUT_DIRS[up], "config.yaml"))
+        now = yaml.safe_load(dump_config(cfg))
+        keys = [
+            k
+            for k in config_differences([made, now], config_defaults(now))
+            if k.split(".")[0] in sections
+            # sizing keys (workers, CPUs) change no output and no fingerprint
+            and k.split(".")[1] not in getattr(cfg, k.split(".")[0])._placement_only
+        ]
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        pass  # no readable config beside it: the line says less, not nothing
+    shown = f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
+    return (
+        f"[kalm] {stage}: {run.uri_of(OUTPUT_DIRS[up])} was made under other "
+        f"{'/'.join(sections)} settings than this config's{shown}; used as it is "
+        f"(`kalm run CONFIG --from {up}` makes it again)"
+    )
 
 
 def print_resuming(

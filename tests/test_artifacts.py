@@ -98,3 +98,25 @@ def test_llm_row_is_evaluated_again_after_a_new_grounding(tmp_path) -> None:
         write_manifest(run, tmp, plan.manifest())
     assert plan_stage("evaluate", with_llm, None).fingerprint != first.fingerprint
     assert plan_stage("evaluate", without, None).fingerprint == no_llm.fingerprint
+
+
+def test_an_input_made_under_other_settings_is_named_once(tmp_path, capsys) -> None:
+    """Inputs chain by identity, so a stage after an edit of an earlier stage's section uses
+    the output already there; it says so once, naming the keys, and only then."""
+    base = {"name": "exp", "run_dir": str(tmp_path / "run")}
+    run = RunDir(base["run_dir"])
+    cfg = parse_config(base)
+    plan = plan_stage("collect", cfg, None)
+    with stage_output(run, plan.out_dir) as tmp:
+        plan.save_config(tmp)
+    write_manifest(run, plan.out_dir, plan.manifest())
+    plan_stage("ground", cfg, None)
+    assert "made under other" not in capsys.readouterr().out  # same settings: nothing to say
+    edited = parse_config({**base, "collect": {"episodes_per_task": 3, "num_workers": 1}})
+    plan_stage("ground", edited, None)
+    err = capsys.readouterr().out
+    assert "[kalm] ground: " in err and "data/real was made under other env/collect/text" in err
+    assert "(collect.episodes_per_task)" in err  # num_workers changes no output: not named
+    assert "--from collect" in err and err.count("\n") == 1
+    plan_stage("ground", edited, None)
+    assert capsys.readouterr().out == ""  # once per process

@@ -36,6 +36,24 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "env": {"name": "atari"}}, "env.name"),
         ({"name": "x", "train": {"algos": ["cql"]}}, "do not fit env 'clevr'"),
         ({"name": "x", "imagine": {"min_actors": 3, "max_actors": 1}}, "min_actors"),
+        # An empty list would plan no work (or fail in its stage) and say nothing.
+        ({"name": "x", "train": {"algos": []}}, "train.algos: List should have at least 1"),
+        ({"name": "x", "train": {"seeds": []}}, "train.seeds"),
+        ({"name": "x", "train": {"data": []}}, "train.data"),
+        ({"name": "x", "evaluate": {"levels": []}}, "evaluate.levels"),
+        ({"name": "x", "imagine": {"levels": []}}, "imagine.levels"),
+        ({"name": "x", "collect": {"tasks": []}}, "collect.tasks"),
+        # An item twice: two units of one name race into one folder; a level twice counts
+        # each episode twice.
+        ({"name": "x", "train": {"seeds": [0, 1, 0]}}, "train.seeds: Value error, 0 is listed"),
+        ({"name": "x", "evaluate": {"levels": ["easy", "easy"]}}, "'easy' is listed twice"),
+        ({"name": "x", "train": {"algos": ["bc", "bc"]}}, "train.algos"),
+        # No bool for a number inside a mapping's values either.
+        ({"name": "x", "ground": {"task_mix": {"rollout": True}}}, "ground.task_mix.rollout"),
+        (
+            {"name": "x", "ground": {"model": {"tiny": {"num_hidden_layers": True}}}},
+            "ground.model.tiny.num_hidden_layers",
+        ),
         ({"name": "x", "imagine": {"candidates": 4}}, "candidates > 1 needs mode: stepwise"),
         ({"name": "x", "imagine": {"candidates": 0, "mode": "stepwise"}}, "imagine.candidates"),
         (
@@ -52,8 +70,12 @@ def test_quick_is_cpu_clevr() -> None:
         ),
         ({"name": "bad name!"}, "name"),
         (
-            {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},
-             "ground": {"relabel_copies": 2}},
+            {
+                "name": "x",
+                "env": {"name": "metaworld"},
+                "train": {"algos": ["bc"]},
+                "ground": {"relabel_copies": 2},
+            },
             "only CLEVR has symmetries",
         ),
         ({"name": "x", "ground": {"relabel_copies": -1}}, "ground.relabel_copies"),
@@ -66,13 +88,19 @@ def test_quick_is_cpu_clevr() -> None:
             "imagine.mode rollout continues the rollout prompt: ground.task_mix needs rollout",
         ),
         (
-            {"name": "x", "ground": {"task_mix": {"policy": 1.0, "dynamics": 0.0}},
-             "imagine": {"mode": "stepwise"}},
+            {
+                "name": "x",
+                "ground": {"task_mix": {"policy": 1.0, "dynamics": 0.0}},
+                "imagine": {"mode": "stepwise"},
+            },
             "ground.task_mix needs dynamics, and policy or rollout",
         ),
         (
-            {"name": "x", "ground": {"task_mix": {"dynamics": 1.0, "explain": 0.5}},
-             "imagine": {"mode": "stepwise"}},
+            {
+                "name": "x",
+                "ground": {"task_mix": {"dynamics": 1.0, "explain": 0.5}},
+                "imagine": {"mode": "stepwise"},
+            },
             "ground.task_mix needs dynamics, and policy or rollout",
         ),
         ({"name": "x", "imagine": {"state_retries": 2}}, "state_retries needs mode: stepwise"),
@@ -90,8 +118,12 @@ def test_quick_is_cpu_clevr() -> None:
             "imagine.state_temperature",
         ),
         (
-            {"name": "x", "env": {"name": "metaworld"}, "train": {"algos": ["bc"]},
-             "imagine": {"compose": True, "mode": "stepwise", "backend": "hf"}},
+            {
+                "name": "x",
+                "env": {"name": "metaworld"},
+                "train": {"algos": ["bc"]},
+                "imagine": {"compose": True, "mode": "stepwise", "backend": "hf"},
+            },
             "only CLEVR's hard goals",
         ),
     ],
@@ -149,31 +181,44 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert "compose" not in plain.imagine.hashed_dump()
     stepwise = {"name": "exp", "imagine": {"mode": "stepwise"}}
     composed = {"name": "exp", "imagine": {"mode": "stepwise", "compose": True}}
-    assert parse_config(stepwise).section_hash("imagine") != parse_config(
-        composed
-    ).section_hash("imagine")
+    assert parse_config(stepwise).section_hash("imagine") != parse_config(composed).section_hash(
+        "imagine"
+    )
+
     # Redraws: their temperature counts only where there are draws.
     def imagine_hash(**kw: object) -> str:
         imagine = {"mode": "stepwise", **kw}
         return parse_config({"name": "exp", "imagine": imagine}).section_hash("imagine")
 
     assert imagine_hash() == imagine_hash(state_retries=0, state_temperature=0.3)
-    assert imagine_hash() != imagine_hash(state_retries=2) != imagine_hash(
-        state_retries=2, state_temperature=0.3
+    assert (
+        imagine_hash()
+        != imagine_hash(state_retries=2)
+        != imagine_hash(state_retries=2, state_temperature=0.3)
     )
     assert imagine_hash() == imagine_hash(action_retries=0, consistency_draws=0)
     assert imagine_hash() == imagine_hash(consistency_min=0.9)  # no draws: nothing to judge
     assert imagine_hash() != imagine_hash(action_retries=2)
-    assert imagine_hash() != imagine_hash(consistency_draws=4) != imagine_hash(
-        consistency_draws=4, consistency_min=0.9
+    assert (
+        imagine_hash()
+        != imagine_hash(consistency_draws=4)
+        != imagine_hash(consistency_draws=4, consistency_min=0.9)
     )
 
 
 def test_placement_fields_do_not_change_stage_hash() -> None:
     base = parse_config({"name": "x"})
-    more = parse_config({"name": "x", "collect": {"num_workers": 8}, "evaluate": {"num_workers": 3},
-                         "imagine": {"max_actors": 6}, "text": {"batch_size": 8}})
+    more = parse_config(
+        {
+            "name": "x",
+            "collect": {"num_workers": 8},
+            "evaluate": {"num_workers": 3},
+            "imagine": {"max_actors": 6},
+            "text": {"batch_size": 8},
+        }
+    )
     for sections in (("env", "collect", "text"), ("env", "evaluate"), ("env", "ground", "imagine")):
         assert base.section_hash(*sections) == more.section_hash(*sections)
     assert base.section_hash("collect") != parse_config(
-        {"name": "x", "collect": {"episodes_per_task": 3}}).section_hash("collect")
+        {"name": "x", "collect": {"episodes_per_task": 3}}
+    ).section_hash("collect")

@@ -71,6 +71,8 @@ def test_heldout_scores_during_training_leave_the_run_unchanged_and_survive_a_re
     metrics = {
         "env": "clevr",
         "heldout_real": str(tmp_path / "real" / "data" / "real" / "episodes-0000.parquet"),
+        # The same episodes as a "seen" sample: its action metrics must equal the held-out ones.
+        "seen_real": str(tmp_path / "real" / "data" / "real" / "episodes-0000.parquet"),
         "max_examples": 2,
         "max_rollouts": 1,
         "max_policy_episodes": 1,
@@ -106,6 +108,8 @@ def test_heldout_scores_during_training_leave_the_run_unchanged_and_survive_a_re
     assert last["policy_action_nll_ball"] + last["policy_action_nll_direction"] == pytest.approx(
         last["policy_action_nll"], abs=1e-4
     )
+    for key in ("n", "nll", "match", "nll_ball", "nll_direction"):
+        assert done[f"seen_policy_action_{key}"] == done[f"policy_action_{key}"], key
     again = run("scored", 6, 2)  # resumes at 4: the curve keeps steps 2 and 4
     assert again["resumed_from"] == 4
     curve = json.loads((tmp_path / "scored" / "out" / "grounding_metrics.json").read_text())[
@@ -348,6 +352,7 @@ def test_example_pool_batches_do_not_depend_on_file_or_row_order(tmp_path):
 def test_run_ground_stage(tmp_path, ray_local, capsys):
     from kalm_ray.config import parse_config
     from kalm_ray.llm.model import load_grounded
+    from kalm_ray.llm.prompts import is_heldout
     from kalm_ray.stages.ground import run_ground
 
     _write_real_data(tmp_path, toy_episodes(30))
@@ -398,6 +403,15 @@ def test_run_ground_stage(tmp_path, ray_local, capsys):
     for prefix in ("policy", "policy_seen"):
         for key in ("llm_success", "random_success", "llm_rephrase_success"):
             assert 0.0 <= metrics[f"{prefix}_{key}"] <= 1.0
+    # The demonstrator's actions also on whole training episodes: a seeded sample of them
+    # (another stream of the held-out hash), never a held-out one.
+    sample = [
+        e
+        for e in toy_episodes(30)
+        if not is_heldout(e["episode_id"], 0.2, 0) and is_heldout(e["episode_id"], 0.2, 1)
+    ]
+    assert sample and metrics["seen_policy_action_n"] == sum(len(e["actions"]) for e in sample)
+    assert f"and on {metrics['seen_policy_action_n']} states it trained on: NLL" in shown.out
     # A grounding whose LLM is not ahead of random pushes says so, and only such a one.
     ahead = metrics["policy_llm_success"] > metrics["policy_random_success"]
     assert ("ground: warning: the LLM as a policy" in shown.out) is not ahead
@@ -553,3 +567,38 @@ def _standalone_tokenizer(codec):
             unk_token="[UNK]",
             pad_token="[PAD]",
         )
+
+
+@pytest.mark.parametrize(
+    ("ground", "error", "needle"),
+    [
+        ({"use_gpu": True}, "BackendUnavailable", "ground.use_gpu asks for GPUs"),
+        (
+            {"num_workers": 3, "num_cpus_per_worker": 4},
+            "InputError",
+            "ground.num_workers: needs 12 CPUs at once, but this local Ray has 8",
+        ),
+    ],
+)
+def test_groundings_ray_cannot_place_are_refused_before_any_example(
+    tmp_path, ray_local, ground, error, needle
+):
+    """GPUs where Ray has none (this CPU machine), or more CPUs at once than the local Ray
+    has: one line naming the key, before the examples are built, instead of Ray Train
+    waiting for its workers forever."""
+    from kalm_ray import errors
+    from kalm_ray.config import parse_config
+    from kalm_ray.stages.ground import run_ground
+
+    _write_real_data(tmp_path, toy_episodes(6))
+    cfg = parse_config(
+        {
+            "name": "groundtest",
+            "run_dir": str(tmp_path),
+            "ground": {"method": "full", "max_steps": 1, **ground},
+        }
+    )
+    with pytest.raises(getattr(errors, error), match=needle):
+        run_ground(cfg, str(tmp_path))
+    assert not (tmp_path / "model").exists()
+    assert not list((tmp_path / "model.work").glob("*/examples"))

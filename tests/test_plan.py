@@ -172,3 +172,47 @@ def test_seed_override_is_validated_like_the_file(capsys):
     assert main(["plan", quick, "--seed", "2"]) == 0
     assert main(["plan", quick, "--seed", "-1"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_stepwise_imagination_plans_on_hf_under_auto(tmp_path):
+    """``imagine.backend: auto`` with ``mode: stepwise`` is planned (and run) on hf, the only
+    backend that imagines step by step, not as vLLM replicas that would fail in the stage."""
+    cfg = load_config(_config(tmp_path, "cpu", **{"imagine.backend": "auto"}))
+    line = next(x for x in make_plan(cfg).lines if x.startswith("imagine"))
+    assert "hf: 1..2 actors" in line and "vLLM" not in line
+
+
+def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, capsys):
+    """``kalm run`` and ``kalm <stage>`` apply the plan's refusals before the first stage (a
+    context too short shows there, not inside the grounding), less the runtime_env's, which
+    only ``kalm submit`` ships."""
+    run_dir = tmp_path / "run"
+    too_long = _config(tmp_path, "quick", **{"ground.max_seq_len": 4096, "run_dir": str(run_dir)})
+    for argv in (["run", too_long], ["ground", too_long]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kalm: error: ground.max_seq_len: 4096") and "\n" not in err
+    assert not run_dir.exists()  # refused before the run dir was claimed
+    # The runtime_env is kalm submit's: a local run with a CPU runtime_env is not refused.
+    from kalm_ray.plan import PlanError, check, check_local
+
+    cpu_env = load_config(
+        _config(tmp_path, "clevr", **{"ray.runtime_env": "jobs/runtime_env.yaml"})
+    )
+    with pytest.raises(PlanError, match="CPU-only torch"):
+        check(cpu_env)
+    check_local(cpu_env, ["collect", "ground", "imagine", "train", "evaluate"])
+    # A stage is refused for its own refusals only: evaluate does not read max_seq_len.
+    check_local(load_config(too_long), ["evaluate"])
+
+
+def test_misspelt_algo_params_are_refused_by_the_plan(tmp_path, capsys):
+    """A key RLlib's config does not take fails every training unit inside its Ray task,
+    after the stages before it; the plan (and so ``kalm run``) names it first."""
+    err = _refused(
+        capsys, _config(tmp_path, "quick", **{"train.algo_params": {"bc": {"lrr": 0.001}}})
+    )
+    assert err.startswith("kalm: error: train.algo_params.bc: ") and "'lrr'" in err
+    # Params of an algorithm the config does not train are not its business.
+    cfg = load_config(_config(tmp_path, "quick", **{"train.algo_params": {"dcql": {"x": 1}}}))
+    assert not make_plan(cfg).refusals

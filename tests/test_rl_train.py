@@ -362,3 +362,18 @@ def test_units_that_start_ray_work_of_their_own_are_held_back_to_fit_the_cluster
     hw = {"num_cpus_per_unit": 2.0, "max_concurrent_units": 1}
     moved = base.model_copy(update={"train": base.train.model_copy(update=hw)})
     assert moved.section_hash("env", "train") == base.section_hash("env", "train")
+
+
+def test_a_unit_larger_than_the_local_ray_is_refused_before_training(ray_local, tmp_path):
+    """A unit that alone needs more CPUs than the local Ray has would wait forever in
+    ``ray.wait``; one line naming the key instead, before any staging folder."""
+    from kalm_ray.errors import InputError
+    from kalm_ray.stages.train import run_train
+
+    run = _clevr_run(tmp_path)
+    with pytest.raises(InputError, match=r"train.num_cpus_per_unit \(bc: .*needs 12 CPUs"):
+        run_train(_grid_cfg(run, num_cpus_per_unit=12), run)
+    assert not list(tmp_path.glob("policy*"))
+    # In the driver (one unit at a time) a unit takes no task CPUs: only its own actors count.
+    with pytest.raises(InputError, match=r"\(bc: .*needs 9 CPUs"):
+        run_train(_grid_cfg(run, max_concurrent_units=1, num_learners=9), run)

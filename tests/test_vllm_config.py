@@ -123,6 +123,9 @@ def test_auto_picks_vllm_when_it_can_run(monkeypatch):
     assert resolve_backend("auto") == "vllm"
     assert resolve_backend("vllm") == "vllm"
     assert resolve_backend("hf") == "hf"
+    # Step-by-step imagination runs on hf only: `auto` must not pick vLLM for it and fail
+    # in the imagine stage after collect and ground have run (the config refuses `vllm`).
+    assert resolve_backend("auto", mode="stepwise") == "hf"
 
 
 def test_vllm_missing_names_the_cause(monkeypatch):
@@ -183,6 +186,7 @@ def test_gpus_on_demand_flag(monkeypatch):
     assert backends.gpu_visible(on_demand=True)
     assert resolve_backend("vllm", gpus_on_demand=True) == "vllm"
     assert resolve_backend("auto", gpus_on_demand=True) == "vllm"
+    backends.require_gpu("ground.use_gpu", on_demand=True)  # GPU work waits for its nodes
     from kalm_ray.config import RayConfig
 
     assert RayConfig(gpus_on_demand=True).gpus_on_demand and not RayConfig().gpus_on_demand

@@ -129,6 +129,49 @@ def prelearner_map_kwargs(train: TrainConfig) -> dict[str, Any]:
     }
 
 
+def new_config(algo: str) -> Any:
+    """A fresh RLlib AlgorithmConfig of ``algo`` (imports RLlib)."""
+    cfg = config_class(algo)()
+    from kalm_ray.raysetup import reapply_console
+
+    # NOTE: importing RLlib adds its own console handler (to "ray.rllib"); give it the
+    # console threshold the others have (quiet unless ray.verbose).
+    reapply_console()
+    return cfg
+
+
+def training_kwargs(algo: str, train: TrainConfig) -> dict[str, Any]:
+    """``AlgorithmConfig.training`` arguments of ``algo``: the learning rate(s) under the names
+    the algorithm takes, then ``train.algo_params`` over the defaults."""
+    params = algo_params(algo, train)
+    lr = params.pop("lr", train.lr)
+    if algo == "cql":
+        lrs = {"actor_lr": lr, "critic_lr": lr, "alpha_lr": lr}
+    elif algo == "iql":
+        lrs = {"actor_lr": lr, "critic_lr": lr, "value_lr": lr}
+    else:
+        lrs = {"lr": lr}
+    lrs.update({k: params.pop(k) for k in list(params) if k in lrs})
+    if algo in _SAC_FAMILY:
+        lrs["lr"] = None  # NOTE: the SAC family on the new stack requires lr=None.
+    return {"gamma": train.gamma, "train_batch_size_per_learner": train.batch_size, **lrs, **params}
+
+
+def algo_params_refusals(train: TrainConfig) -> list[str]:
+    """One line per algorithm in ``train.algos`` whose ``train.algo_params`` RLlib's config does
+    not take (a misspelt key), naming it. Why: otherwise every training unit fails inside its
+    Ray task, after collect, ground and imagine have run. Imports RLlib only for algorithms
+    given params."""
+    out = []
+    for algo in train.algos:
+        if train.algo_params.get(algo):
+            try:
+                new_config(algo).training(**training_kwargs(algo, train))
+            except TypeError as e:
+                out.append(f"train.algo_params.{algo}: {e}")
+    return out
+
+
 def build_config(
     algo: str,
     *,
@@ -148,30 +191,12 @@ def build_config(
         obs_dim: width of ``obs`` (state + embedding).
         num_rows: rows in the prepared data (sizes the local shuffle buffer).
     """
-    params = algo_params(algo, train)
-    lr = params.pop("lr", train.lr)
-    cfg = config_class(algo)()
-    from kalm_ray.raysetup import reapply_console
-
-    # NOTE: importing RLlib adds its own console handler (to "ray.rllib"); give it the
-    # console threshold the others have (quiet unless ray.verbose).
-    reapply_console()
+    cfg = new_config(algo)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
     cfg.environment(observation_space=obs_space, action_space=action_space)
     cfg.framework("torch")
-    if algo == "cql":
-        lrs = {"actor_lr": lr, "critic_lr": lr, "alpha_lr": lr}
-    elif algo == "iql":
-        lrs = {"actor_lr": lr, "critic_lr": lr, "value_lr": lr}
-    else:
-        lrs = {"lr": lr}
-    lrs.update({k: params.pop(k) for k in list(params) if k in lrs})
-    if algo in _SAC_FAMILY:
-        lrs["lr"] = None  # NOTE: the SAC family on the new stack requires lr=None.
     try:
-        cfg.training(
-            gamma=train.gamma, train_batch_size_per_learner=train.batch_size, **lrs, **params
-        )
+        cfg.training(**training_kwargs(algo, train))
     except TypeError as e:
         raise ConfigError(f"train.algo_params.{algo}: {e}") from None
     if algo in ("bc", "marwil"):

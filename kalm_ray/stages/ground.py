@@ -37,7 +37,8 @@ from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
 from kalm_ray.llm.codec import CODEC_FILE
 from kalm_ray.llm.ground.fit import build_examples, fit, prepare_shared, print_summary
-from kalm_ray.raysetup import init_ray
+from kalm_ray.llm.imagine.backends import require_gpu
+from kalm_ray.raysetup import init_ray, require_cpus
 from kalm_ray.stage import plan_stage
 
 
@@ -57,6 +58,10 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     prep = prepare_shared(cfg, suite, run, work)
     timings["prepare_s"] = time.perf_counter() - t0
     init_ray(cfg.ray)
+    if g.use_gpu:
+        require_gpu("ground.use_gpu", on_demand=cfg.ray.gpus_on_demand)
+    # Ray Train gives a worker 1 CPU unless told otherwise
+    require_cpus("ground.num_workers", g.num_workers * (g.num_cpus_per_worker or 1), cfg.ray)
     t1 = time.perf_counter()
     counts = build_examples(cfg, run, work, prep)
     timings["examples_s"] = time.perf_counter() - t1

@@ -29,7 +29,6 @@ import pyarrow as pa
 
 from kalm_ray.artifacts import Manifest, RunDir, stage_output, write_manifest
 from kalm_ray.data.schema import transition_schema
-from kalm_ray.errors import ConfigError
 from kalm_ray.llm.imagine.backends import GenerationSpec, generate, resolve_backend
 from kalm_ray.llm.imagine.filter import FilterLimits, FilterTally
 from kalm_ray.llm.imagine.labels import judge_batch
@@ -71,12 +70,7 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     codec = load_codec(run, env=cfg.env.name)  # a bad model folder fails before Ray starts
     init_ray(cfg.ray)
     # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
-    backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand)
-    if icfg.mode == "stepwise" and backend != "hf":
-        raise ConfigError(
-            f"imagine.mode: stepwise runs on the hf backend only (backend is {backend}); "
-            "use imagine.backend: hf or imagine.mode: rollout"
-        )
+    backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand, mode=icfg.mode)
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)

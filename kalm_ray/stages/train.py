@@ -28,7 +28,8 @@ from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_ma
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
-from kalm_ray.raysetup import init_ray
+from kalm_ray.llm.imagine.backends import require_gpu
+from kalm_ray.raysetup import init_ray, require_cpus
 from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.policy import POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEvalSpec
@@ -42,7 +43,7 @@ from kalm_ray.rl.train import (
     train_in_driver,
 )
 from kalm_ray.rl.unit import plan_units
-from kalm_ray.rl.unit_pool import UnitPool
+from kalm_ray.rl.unit_pool import UnitPool, nested_cpus
 from kalm_ray.stage import plan_stage, print_resuming
 
 
@@ -70,6 +71,16 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         "gamma": train.gamma,
     }
     init_ray(cfg.ray)
+    if train.num_gpus_per_learner:
+        require_gpu("train.num_gpus_per_learner", on_demand=cfg.ray.gpus_on_demand)
+    # Each unit must fit alone: its task (none in the driver) and the actors it starts itself.
+    task_cpus = 0.0 if train.max_concurrent_units == 1 else train.num_cpus_per_unit
+    for algo in train.algos:
+        require_cpus(
+            f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
+            task_cpus + nested_cpus(algo, train),
+            cfg.ray,
+        )
 
     # ---- run ------------------------------------------------------------------------------
     t0 = time.perf_counter()

@@ -29,8 +29,9 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
   ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
 - ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.ground.metrics.grounding_metrics`
   plus ``env``, ``heldout_real`` (Parquet of held-out transitions) and optionally
-  ``seen_starts`` (training episodes' first rows, for the policy's seen starts); computed on
-  rank 0 after training and written as ``grounding_metrics.json`` beside the model, with
+  ``seen_starts`` (training episodes' first rows, for the policy's seen starts) and
+  ``seen_real`` (a sample of whole training episodes, for the action NLL on seen states);
+  computed on rank 0 after training and written as ``grounding_metrics.json`` beside the model, with
   the ``curve`` of held-out scores taken every ``score_every`` steps.
 
 The final model (merged full weights, ``adapter/`` for LoRA, tokenizer, ``codec.json``,
@@ -502,9 +503,7 @@ def trained_on(device: Any) -> dict[str, Any]:
         "device": str(device),
         "cpu": cpu,
         "cpu_id": " ".join(
-            f"{k.replace('cpu ', '')} {ident[k]}"
-            for k in _CPU_ID_KEYS
-            if k in ident
+            f"{k.replace('cpu ', '')} {ident[k]}" for k in _CPU_ID_KEYS if k in ident
         ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
@@ -819,15 +818,25 @@ def _finish(
     t0 = time.perf_counter()
     suite = get_suite(mcfg.pop("env"))
     episodes = read_episodes(mcfg.pop("heldout_real"))
-    # Optional: without it (or in a work folder built before it was written) no seen cells.
-    seen_path = mcfg.pop("seen_starts", None)
-    seen = read_episodes(seen_path) if seen_path else []
+    # Optional: without them (or in a work folder built before they were written) no seen
+    # cells, no seen action NLL.
+    seen, seen_sample = (
+        read_episodes(p) if (p := mcfg.pop(k, None)) else [] for k in ("seen_starts", "seen_real")
+    )
     gen_tok = AutoTokenizer.from_pretrained(str(out))
     gen_tok.padding_side = "left"
     merged.eval()
     with torch.no_grad():
         mx = grounding_metrics(
-            merged, gen_tok, codec, suite, episodes, seen=seen, device=str(device), **mcfg
+            merged,
+            gen_tok,
+            codec,
+            suite,
+            episodes,
+            seen=seen,
+            seen_sample=seen_sample,
+            device=str(device),
+            **mcfg,
         )
     mx["seconds"] = time.perf_counter() - t0
     if curve:

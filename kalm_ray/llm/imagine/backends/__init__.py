@@ -141,6 +141,22 @@ def gpu_visible(*, on_demand: bool = False) -> bool:
         return False
 
 
+def require_gpu(key: str, *, on_demand: bool = False) -> None:
+    """Refuse, in one line naming ``key``, work that asks for GPUs where Ray has none and can
+    get none: Ray would queue it forever (Ray Train retries its worker group without end)
+    behind a progress bar at 0.
+
+    Raises:
+        BackendUnavailable: no GPU is visible (:func:`gpu_visible`).
+    """
+    if not gpu_visible(on_demand=on_demand):
+        raise BackendUnavailable(
+            f"{key} asks for GPUs, but Ray has none here and its autoscaler offers none; "
+            "set it off for a CPU run, or ray.gpus_on_demand: true where the cluster adds "
+            "GPU nodes on request"
+        )
+
+
 def vllm_missing(*, gpus_on_demand: bool = False) -> str | None:
     """Why vLLM cannot run here (one phrase), or None when it can."""
     if importlib.util.find_spec("vllm") is None:
@@ -153,8 +169,10 @@ def vllm_missing(*, gpus_on_demand: bool = False) -> str | None:
     return None
 
 
-def resolve_backend(choice: str, *, gpus_on_demand: bool = False) -> str:
-    """``auto``/``hf``/``vllm`` -> ``hf`` or ``vllm``; ``auto`` picks vLLM when it can run.
+def resolve_backend(choice: str, *, gpus_on_demand: bool = False, mode: str = "rollout") -> str:
+    """``auto``/``hf``/``vllm`` -> ``hf`` or ``vllm``; ``auto`` picks vLLM when it can run,
+    except under ``imagine.mode: stepwise``, which runs on hf only (the config refuses
+    ``vllm`` with it; ``auto`` on a GPU host with vLLM must not fail after hours of grounding).
 
     ``auto`` falling back to ``hf`` where GPUs are to be had (vLLM not installed) says so
     in a warning: the hf pool then runs wherever ``imagine.num_gpus_per_actor`` puts it.
@@ -162,7 +180,7 @@ def resolve_backend(choice: str, *, gpus_on_demand: bool = False) -> str:
     Raises:
         BackendUnavailable: ``vllm`` was chosen and cannot run here.
     """
-    if choice == "hf":
+    if choice == "hf" or (choice == "auto" and mode == "stepwise"):
         return "hf"
     why = vllm_missing(gpus_on_demand=gpus_on_demand)
     if choice == "vllm":
