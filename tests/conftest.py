@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 from helpers import SMALL, toy_episodes, toy_suite
@@ -57,3 +58,48 @@ def prepared(tmp_path_factory) -> dict:
     (root / "examples").mkdir()
     (root / "examples" / "part-0.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return {"root": root, "codec": codec}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """``host:port`` of moto's S3 server on loopback (a real S3 protocol endpoint; Arrow's own
+    S3 client talks to it)."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_run(s3_endpoint, monkeypatch):
+    """``make(name)``: a RunDir at ``s3://bkt/<name>`` (bucket ``bkt`` created); Arrow reads
+    the endpoint and keys from the env."""
+    import pyarrow.fs as pafs
+
+    from kalm_ray.artifacts import RunDir
+
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{s3_endpoint}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    pafs.S3FileSystem(
+        endpoint_override=s3_endpoint, scheme="http", allow_bucket_creation=True
+    ).create_dir("bkt")
+
+    def make(name: str) -> RunDir:
+        run = RunDir(f"s3://bkt/{name}")
+        assert not run.is_local
+        return run
+
+    return make

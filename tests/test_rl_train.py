@@ -377,3 +377,27 @@ def test_a_unit_larger_than_the_local_ray_is_refused_before_training(ray_local, 
     # In the driver (one unit at a time) a unit takes no task CPUs: only its own actors count.
     with pytest.raises(InputError, match=r"\(bc: .*needs 9 CPUs"):
         run_train(_grid_cfg(run, max_concurrent_units=1, num_learners=9), run)
+
+
+def test_a_policy_on_s3_loads_and_acts_as_the_local_one(prepared, s3_run):
+    """Evaluation workers load each policy from the run dir: on S3 (moto's server) the module
+    folder is downloaded whole and the policy acts exactly as the local copy does."""
+    import pyarrow.fs as pafs
+
+    run, task, mix = prepared[True]
+    unit = Unit("bc", "real", 11)
+    _train(run, task, mix, unit, TINY)
+    remote = s3_run("policies")
+    pafs.copy_files(
+        run.path("policy", unit.name),
+        remote.path("policy", unit.name),
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=remote.fs,
+    )
+    here, there = load_policy(run.path("policy", unit.name)), load_policy(
+        remote.uri_of("policy", unit.name)
+    )
+    assert there.info == here.info
+    rng = np.random.default_rng(3)
+    obs = make_obs(rng.uniform(-1, 1, (9, 10)), task.embeddings[rng.integers(0, 8, 9)])
+    assert np.array_equal(there.act(obs), here.act(obs))

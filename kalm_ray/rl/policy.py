@@ -11,15 +11,13 @@ squashed mean (CQL/IQL).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.errors import InputError
+from kalm_ray.localcopy import local_copy
 
 POLICY_INFO = "policy_info.json"
 MODULE_DIR = "module"
@@ -80,24 +78,6 @@ class Policy:
         return np.clip(act.cpu().numpy().astype(np.float32), space.low, space.high)
 
 
-def _local_copy(policy_dir: str) -> tuple[str, tempfile.TemporaryDirectory | None]:
-    """A local folder with the policy's files (downloaded when ``policy_dir`` is a URI)."""
-    src = RunDir(policy_dir)
-    if src.is_local:
-        return src.root, None
-    tmp = tempfile.TemporaryDirectory(prefix="kalm-policy-")
-    for name in (POLICY_INFO, MODULE_DIR):
-        if src.fs.get_file_info(src.path(name)).type == pafs.FileType.Directory:
-            pafs.copy_files(
-                src.path(name),
-                os.path.join(tmp.name, name),
-                source_filesystem=src.fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
-        else:
-            with open(os.path.join(tmp.name, name), "wb") as f:
-                f.write(src.read_bytes(name))
-    return tmp.name, tmp
 
 
 def load_policy(policy_dir: str) -> Policy:
@@ -110,12 +90,10 @@ def load_policy(policy_dir: str) -> Policy:
             raise InputError(
                 f"{run.uri_of(name)}: missing; not a trained policy folder (run `kalm train`)"
             )
-    local, tmp = _local_copy(policy_dir)
-    try:
-        with open(os.path.join(local, POLICY_INFO)) as f:
-            info = json.load(f)
-        module = RLModule.from_checkpoint(os.path.join(local, MODULE_DIR))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    # Downloaded (and cached per content) when the policy is on an object store: one
+    # mechanism for every worker-side read of the run dir (kalm_ray.localcopy). Its own
+    # copy_files of the module folder failed on S3, whose listings name no top folder.
+    with open(local_copy(run.uri_of(POLICY_INFO))) as f:
+        info = json.load(f)
+    module = RLModule.from_checkpoint(local_copy(run.uri_of(MODULE_DIR)))
     return Policy(module, info)
