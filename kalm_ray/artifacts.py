@@ -49,6 +49,10 @@ from kalm_ray.errors import InputError, RunDirError
 log = logging.getLogger("kalm_ray")
 
 MANIFEST = "manifest.json"
+SERVER_COPY_LIMIT = 5 << 30
+"""Largest file :meth:`RunDir.move_dir` copies in one server-side request: S3's CopyObject
+refuses more than 5 GiB (a 7B model's merged weights are one ~13.5 GB file); bigger files
+are streamed, which uploads them in parts."""
 RUN_INFO = "run.json"
 
 
@@ -269,11 +273,22 @@ class RunDir:
             self.fs.move(self.path(src), self.path(dst))
             return
         base, target = self.path(src), self.path(dst)
-        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            if info.type == pafs.FileType.File:
-                to = target + info.path[len(base) :]
-                self.fs.create_dir(to.rsplit("/", 1)[0], recursive=True)
+        files = [
+            i
+            for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File
+        ]
+        # The manifest last: a copy stopped half way never looks finished either.
+        files.sort(key=lambda i: i.path == f"{base}/{MANIFEST}")
+        for info in files:
+            to = target + info.path[len(base) :]
+            self.fs.create_dir(to.rsplit("/", 1)[0], recursive=True)
+            if (info.size or 0) <= SERVER_COPY_LIMIT:
                 self.fs.copy_file(info.path, to)
+            else:  # S3 copies at most 5 GiB in one request; a stream uploads in parts
+                with self.fs.open_input_stream(info.path) as i, self.fs.open_output_stream(to) as o:
+                    while chunk := i.read(64 << 20):
+                        o.write(chunk)
         if self.exists(src, MANIFEST):
             self.fs.delete_file(self.path(src, MANIFEST))
         self.fs.delete_dir(base)

@@ -299,16 +299,27 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def make_plan(cfg: ExperimentConfig) -> Plan:
-    """Everything ``kalm plan`` prints and refuses for ``cfg`` (no Ray, no downloads)."""
+def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
+    """Everything ``kalm plan`` prints and refuses for ``cfg`` (no Ray, no downloads).
+
+    ``local``: for a run in this process (:func:`check_local`), which ships no runtime_env:
+    its file is not needed, and ``imagine.backend: auto`` is resolved on this machine (vLLM
+    where it is installed and a GPU is visible), not from what the runtime_env installs.
+    """
     from kalm_ray.envs import LEVELS, get_suite
     from kalm_ray.llm.codec import Codec
+    from kalm_ray.llm.imagine.backends import resolve_backend
     from kalm_ray.llm.imagine.backends.vllm import VLLM_LORA_RANKS, vllm_lora_rank
     from kalm_ray.llm.imagine.store import level_step_limits, max_new_tokens
 
     plan = Plan()
     g, im = cfg.ground, cfg.imagine
-    env = runtime_env_facts(cfg)
+    try:
+        env = runtime_env_facts(cfg)
+    except PlanError:
+        if not local:
+            raise
+        env = RuntimeEnvFacts(path=cfg.ray.runtime_env, pip=[], pip_options=[], env_vars={})
     suite = get_suite(cfg.env.name)
     codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
     model = model_facts(g.model.name, dict(g.model.tiny))
@@ -396,6 +407,8 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         plan.more("memory per GPU: unknown (model shape unknown)")
 
     backend = "hf" if im.mode == "stepwise" else im.backend  # stepwise runs on hf only
+    if local and backend == "auto":
+        backend = resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
     vllm_possible = backend == "vllm" or (
         backend == "auto" and (env.pin("vllm") is not None or not env.installs)
     )
@@ -482,7 +495,7 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     t = cfg.train
     from kalm_ray.rl.algos import algo_params_refusals
 
-    for msg in algo_params_refusals(t):
+    for msg in algo_params_refusals(t):  # imports RLlib, only for algorithms given params
         plan.refuse("train", msg)
     n_pol = len(t.algos) * len(t.data) * len(t.seeds)
     if t.max_concurrent_units == 1:
@@ -551,11 +564,13 @@ def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     Raises:
         PlanError: the first refusal, naming its key.
     """
+    if not set(stages) & {"ground", "imagine", "train"}:
+        return  # collect and evaluate have no refusals; and no RLlib import for them
     try:
-        plan = make_plan(cfg)
+        plan = make_plan(cfg, local=True)
     except Exception:  # noqa: BLE001 - a check ahead of the stages, not a gate of its own
-        # What stops the plan itself (the runtime_env file, which a local run does not need;
-        # a model folder whose config.json the stage's own check names) is the stage's to say.
+        # What stops the plan itself (a model folder whose config.json the ground stage's own
+        # check names in one line) is the stage's to say.
         return
     local = [r for r in plan.refusals if plan.stage_of[r] in stages]
     if local:

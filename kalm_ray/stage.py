@@ -141,7 +141,7 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
                      fingerprint=fp, current=current, cfg=cfg)
 
 
-_said_other_settings: set[tuple[str, str, str]] = set()
+_said_other_settings: set[tuple[str, str]] = set()
 
 
 def made_under_other_settings(
@@ -156,7 +156,7 @@ def made_under_other_settings(
     them for the data's.
     """
     sections = CONFIG_SECTIONS[up]
-    key = (run.uri, stage, up)
+    key = (run.uri, up)  # once per input: not again for each stage after it
     if m.config_hash == cfg.section_hash(*sections) or key in _said_other_settings:
         return None
     _said_other_settings.add(key)
@@ -175,8 +175,8 @@ def made_under_other_settings(
             # sizing keys (workers, CPUs) change no output and no fingerprint
             and k.split(".")[1] not in getattr(cfg, k.split(".")[0])._placement_only
         ]
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-        pass  # no readable config beside it: the line says less, not nothing
+    except Exception:  # noqa: BLE001 - a note: whatever the config beside it holds (none, null
+        pass  # sections, an older schema), the line says less, never stops the stage
     shown = f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
     return (
         f"[kalm] {stage}: {run.uri_of(OUTPUT_DIRS[up])} was made under other "

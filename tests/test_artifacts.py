@@ -119,4 +119,14 @@ def test_an_input_made_under_other_settings_is_named_once(tmp_path, capsys) -> N
     assert "(collect.episodes_per_task)" in err  # num_workers changes no output: not named
     assert "--from collect" in err and err.count("\n") == 1
     plan_stage("ground", edited, None)
-    assert capsys.readouterr().out == ""  # once per process
+    assert capsys.readouterr().out == ""  # once per input and process, whichever stage asks
+    # Whatever the config beside the input holds, the note never stops the stage.
+    odd = {**base, "run_dir": str(tmp_path / "odd")}
+    plan = plan_stage("collect", parse_config(odd), None)
+    with stage_output(plan.run, plan.out_dir) as tmp:
+        plan.run.write_text("collect: null\nenv: [1, 2]\n", tmp, "config.yaml")
+    write_manifest(plan.run, plan.out_dir, plan.manifest())
+    plan_stage("ground", parse_config({**odd, "collect": {"episodes_per_task": 3}}), None)
+    assert "data/real was made under other env/collect/text settings than this config's;" in (
+        capsys.readouterr().out
+    )

@@ -73,8 +73,27 @@ def test_a_move_stopped_half_way_leaves_no_finished_looking_folder(s3_run, monke
     monkeypatch.setattr(run, "fs", _StopAtDeleteDir(run.fs, deleted, Stop))
     with pytest.raises(Stop):
         run.move_dir("eval", "eval.moved")
+    # The copy too: the manifest last ("manifest.json" lists before "results.json").
+    assert run.fs.copied[-1] == run.path("eval", MANIFEST) and len(run.fs.copied) == 2
     assert deleted == [run.path("eval", MANIFEST)]
     assert run.manifest("eval") is None and run.manifest("eval.moved").fingerprint == "f1"
+
+
+def test_files_over_the_server_side_copy_limit_are_streamed(s3_run, monkeypatch):
+    """S3 copies at most 5 GiB in one request (a 7B model's weights are one ~13.5 GB file):
+    bigger files are streamed, in parts. Here the limit is lowered to a few bytes."""
+    from kalm_ray import artifacts
+
+    run = s3_run("big")
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    with stage_output(run, "model") as tmp:
+        run.write_bytes(payload, tmp, "model.safetensors")
+        run.write_text("{}", tmp, "config.json")
+    monkeypatch.setattr(artifacts, "SERVER_COPY_LIMIT", 16)
+    run.move_dir("model", "model.moved")
+    assert run.read_bytes("model.moved", "model.safetensors") == payload
+    assert run.read_bytes("model.moved", "config.json") == b"{}"
+    assert not run.exists("model")
 
 
 class _StopAtDeleteDir:
@@ -83,6 +102,11 @@ class _StopAtDeleteDir:
 
     def __init__(self, fs, deleted: list[str], stop: type[Exception]):
         self._fs, self._deleted, self._stop = fs, deleted, stop
+        self.copied: list[str] = []
+
+    def copy_file(self, src: str, dst: str) -> None:
+        self.copied.append(src)
+        self._fs.copy_file(src, dst)
 
     def __getattr__(self, name):
         return getattr(self._fs, name)

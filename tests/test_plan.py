@@ -204,6 +204,12 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     check_local(cpu_env, ["collect", "ground", "imagine", "train", "evaluate"])
     # A stage is refused for its own refusals only: evaluate does not read max_seq_len.
     check_local(load_config(too_long), ["evaluate"])
+    # Nor does a local run need the runtime_env file to be refused what it cannot do.
+    no_env = _config(
+        tmp_path, "quick", **{"ground.max_seq_len": 4096, "ray.runtime_env": "jobs/nope.yaml"}
+    )
+    with pytest.raises(PlanError, match="ground.max_seq_len: 4096"):
+        check_local(load_config(no_env), ["ground"])
 
 
 def test_misspelt_algo_params_are_refused_by_the_plan(tmp_path, capsys):

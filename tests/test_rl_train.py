@@ -375,7 +375,7 @@ def test_a_unit_larger_than_the_local_ray_is_refused_before_training(ray_local, 
         run_train(_grid_cfg(run, num_cpus_per_unit=12), run)
     assert not list(tmp_path.glob("policy*"))
     # In the driver (one unit at a time) a unit takes no task CPUs: only its own actors count.
-    with pytest.raises(InputError, match=r"\(bc: .*needs 9 CPUs"):
+    with pytest.raises(InputError, match=r"train.num_learners \(bc in the driver: .*needs 9 CPUs"):
         run_train(_grid_cfg(run, max_concurrent_units=1, num_learners=9), run)
 
 
@@ -394,8 +394,9 @@ def test_a_policy_on_s3_loads_and_acts_as_the_local_one(prepared, s3_run):
         source_filesystem=pafs.LocalFileSystem(),
         destination_filesystem=remote.fs,
     )
-    here, there = load_policy(run.path("policy", unit.name)), load_policy(
-        remote.uri_of("policy", unit.name)
+    here, there = (
+        load_policy(run.path("policy", unit.name)),
+        load_policy(remote.uri_of("policy", unit.name)),
     )
     assert there.info == here.info
     rng = np.random.default_rng(3)

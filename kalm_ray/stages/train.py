@@ -74,11 +74,13 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
     if train.num_gpus_per_learner:
         require_gpu("train.num_gpus_per_learner", on_demand=cfg.ray.gpus_on_demand)
     # Each unit must fit alone: its task (none in the driver) and the actors it starts itself.
-    task_cpus = 0.0 if train.max_concurrent_units == 1 else train.num_cpus_per_unit
+    in_driver = train.max_concurrent_units == 1
     for algo in train.algos:
         require_cpus(
-            f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
-            task_cpus + nested_cpus(algo, train),
+            f"train.num_learners ({algo} in the driver: its learners and PreLearner actors)"
+            if in_driver
+            else f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
+            (0.0 if in_driver else train.num_cpus_per_unit) + nested_cpus(algo, train),
             cfg.ray,
         )
 
