@@ -78,8 +78,6 @@ class Policy:
         return np.clip(act.cpu().numpy().astype(np.float32), space.low, space.high)
 
 
-
-
 def load_policy(policy_dir: str) -> Policy:
     """Load ``policy_dir`` (local path or URI) as a :class:`Policy`; InputError if incomplete."""
     from ray.rllib.core.rl_module.rl_module import RLModule

@@ -47,6 +47,12 @@ def nested_cpus(algo: str, train: TrainConfig) -> float:
     return cpus
 
 
+def unit_cpus(algo: str, train: TrainConfig, *, in_driver: bool = False) -> float:
+    """Logical CPUs one unit of ``algo`` holds while it runs: its Ray task (none when it trains
+    in the driver) and the actors it starts itself (:func:`nested_cpus`)."""
+    return (0.0 if in_driver else train.num_cpus_per_unit) + nested_cpus(algo, train)
+
+
 def _train_remote(
     unit: Unit,
     *,
@@ -135,15 +141,10 @@ class UnitPool:
         cap = self.train.max_concurrent_units
         if cap is not None and len(self.inflight) >= cap:
             return False
-        extra = nested_cpus(unit.algo, self.train)
-        if extra == 0 or not self.inflight:
+        if nested_cpus(unit.algo, self.train) == 0 or not self.inflight:
             return True
-        footprint = self.train.num_cpus_per_unit + extra
-        held = sum(
-            self.train.num_cpus_per_unit + nested_cpus(u.algo, self.train)
-            for u in self.inflight.values()
-        )
-        return held + footprint <= ray.cluster_resources().get("CPU", 0.0)
+        held = sum(unit_cpus(u.algo, self.train) for u in self.inflight.values())
+        return held + unit_cpus(unit.algo, self.train) <= ray.cluster_resources().get("CPU", 0.0)
 
     def imap_unordered(
         self, units: list[Unit]

@@ -43,7 +43,7 @@ from kalm_ray.rl.train import (
     train_in_driver,
 )
 from kalm_ray.rl.unit import plan_units
-from kalm_ray.rl.unit_pool import UnitPool, nested_cpus
+from kalm_ray.rl.unit_pool import UnitPool, unit_cpus
 from kalm_ray.stage import plan_stage, print_resuming
 
 
@@ -80,7 +80,7 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
             f"train.num_learners ({algo} in the driver: its learners and PreLearner actors)"
             if in_driver
             else f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
-            (0.0 if in_driver else train.num_cpus_per_unit) + nested_cpus(algo, train),
+            unit_cpus(algo, train, in_driver=in_driver),
             cfg.ray,
         )
 
