@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import socket
 import sys
 import threading
@@ -254,6 +255,22 @@ class RunDir:
             return p
         scheme = self.uri.split("://", 1)[0]
         return f"{scheme}://{p}"
+
+    def command(self, stage: str, *flags: str) -> str:
+        """The command that (re)makes ``stage`` in this run dir, for error hints:
+        ``kalm STAGE CONFIG [FLAGS] --run-dir URI [--seed N]``.
+
+        Why both flags: a hint is copied as it is, and without them it would act on the
+        config's own run_dir and master seed, not on the replicate the user is looking at.
+        The seed is the one ``run.json`` records (none for a run dir that has none).
+        """
+        try:
+            info = self.read_json(RUN_INFO) if self.exists(RUN_INFO) else {}
+        except (RunDirError, OSError):
+            info = {}  # a hint must not fail: the command without the seed
+        seed = info.get("seed")
+        words = ["kalm", stage, "CONFIG", *flags, "--run-dir", shlex.quote(self.uri)]
+        return " ".join(words + ([] if seed is None else ["--seed", str(seed)]))
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -579,8 +596,8 @@ def require_intact(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
         d = damaged[0]
         more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
         raise InputError(
-            f"{run.uri_of(d.path)}: {d.why}{more}; rerun `kalm {d.stage} CONFIG` "
-            f"(or `kalm verify {run.uri}`)"
+            f"{run.uri_of(d.path)}: {d.why}{more}; rerun `{run.command(d.stage)}` "
+            f"(or `kalm verify {shlex.quote(run.uri)}`)"
         )
 
 
@@ -615,7 +632,7 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
             print(f"  {stage:<9} {run.uri_of(folder)}: unverified (manifest has no checksums)")
         elif damaged:
             for d in damaged:
-                problems.append(f"{run.uri_of(d.path)}: {d.why}; rerun `kalm {stage} CONFIG`")
+                problems.append(f"{run.uri_of(d.path)}: {d.why}; rerun `{run.command(stage)}`")
             print(f"  {stage:<9} {run.uri_of(folder)}: {len(damaged)} damaged file(s)")
         else:
             print(f"  {stage:<9} {run.uri_of(folder)}: {len(m.checksums or {})} files intact")
@@ -623,7 +640,7 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
             if up in ids and ids[up] != oid:
                 problems.append(
                     f"{run.uri_of(folder)}: made from an earlier {up!r} output than the one "
-                    f"there now; rerun `kalm {stage} CONFIG`"
+                    f"there now; rerun `{run.command(stage)}`"
                 )
     return problems
 

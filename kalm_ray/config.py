@@ -131,7 +131,7 @@ class RayConfig(_Section):
     """The cluster brings GPU nodes up when work asks for them (an autoscaling GPU group that
     may be at zero now): GPU work is then scheduled and waited for, never judged impossible
     because no GPU node is up yet. Node types the autoscaler reports are taken into account
-    without it; set it where the autoscaler reports none (see ``gpu_visible``)."""
+    without it; set it where the autoscaler reports none (see ``kalm_ray.raysetup.gpu_visible``)."""
     shared_filesystem: bool = False
     """``kalm submit``: the local ``run_dir`` is on a filesystem every node mounts (NFS, a single
     machine). Without it a local ``run_dir`` is refused for a multi-node cluster."""

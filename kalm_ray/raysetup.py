@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kalm_ray.config import RayConfig
-from kalm_ray.errors import InputError
+from kalm_ray.errors import BackendUnavailable, InputError
 
 log = logging.getLogger("kalm_ray")
 
@@ -197,25 +197,80 @@ def _bind_loopback() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def require_cpus(key: str, need: float, cfg: RayConfig) -> None:
-    """Refuse, in one line naming ``key``, work that needs more CPUs at once than the local
-    Ray this process started has: Ray would queue it forever (Ray Train retries its worker
-    group without end) behind a progress bar at 0. A cluster may add nodes, so there it is
-    Ray's to say.
+def autoscaler_gpus() -> int:
+    """GPUs the Ray cluster's autoscaler may bring up (its declared node types); 0 if none.
+
+    NOTE: ``ray.cluster_resources()`` counts only nodes that are up, so a cluster whose GPU
+    group is at zero shows none. The autoscaler reports its node types to the GCS; this reads
+    them the way Ray Train (worker_group.py) and Ray Data (cluster_autoscaler) do, through
+    ``ray._private.state`` (private, hence guarded: any failure means "unknown" = 0).
+    """
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: unknown is 0, gpus_on_demand covers it
+        return 0
+    return int(most.get("GPU", 0) or 0)
+
+
+def gpu_visible(*, on_demand: bool = False) -> bool:
+    """Whether GPUs are there to use: ``on_demand`` (``ray.gpus_on_demand``: the cluster brings
+    GPU nodes when asked), GPUs in the Ray cluster now or in a node type its autoscaler may
+    start (when Ray is up), else a GPU on this host."""
+    if on_demand:
+        return True
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpus() > 0
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def require_resources(key: str, need: dict[str, float], cfg: RayConfig) -> None:
+    """Refuse, in one line naming ``key``, work Ray can never place: Ray would queue it
+    forever (Ray Train retries its worker group without end) behind a progress bar at 0.
+
+    A local Ray that this process starts has what it has, so every resource is counted. A
+    cluster may add nodes: there only GPUs that no node has or can have are refused
+    (:func:`gpu_visible`); how many is Ray's to say.
 
     Raises:
-        InputError: ``need`` is above the local Ray's logical CPUs (``ray.num_cpus``).
+        BackendUnavailable: GPUs asked for where Ray has none and can get none.
+        InputError: more of a resource at once than the local Ray has.
     """
     import ray
 
+    gpus = need.get("GPU", 0)
     if cfg.address or os.environ.get("RAY_ADDRESS"):
+        if gpus and not gpu_visible(on_demand=cfg.gpus_on_demand):
+            raise BackendUnavailable(
+                f"{key} asks for GPUs, but Ray has none here and its autoscaler offers none; "
+                "set it off for a CPU run, or ray.gpus_on_demand: true where the cluster adds "
+                "GPU nodes on request"
+            )
         return
-    have = ray.cluster_resources().get("CPU", 0.0)
-    if need > have:
-        raise InputError(
-            f"{key}: needs {need:g} CPUs at once, but this local Ray has {have:g} logical "
-            "CPUs (ray.num_cpus); lower it, or raise ray.num_cpus"
+    have = ray.cluster_resources()
+    if gpus and not have.get("GPU"):
+        raise BackendUnavailable(
+            f"{key} asks for GPUs, but this local Ray has none; set it off for a CPU run"
         )
+    for res, n in need.items():
+        if n > have.get(res, 0.0):
+            cpus = res == "CPU"
+            raise InputError(
+                f"{key}: needs {n:g} {res}s at once, but this local Ray has "
+                f"{have.get(res, 0.0):g}{' logical CPUs (ray.num_cpus)' if cpus else ''}; "
+                f"lower it{', or raise ray.num_cpus' if cpus else ''}"
+            )
 
 
 def init_ray(cfg: RayConfig) -> None:

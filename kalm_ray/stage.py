@@ -103,7 +103,7 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
         if m is None:
             raise InputError(
                 f"stage {stage!r} needs the output of {up!r} at {run.uri_of(OUTPUT_DIRS[up])}; "
-                f"run `kalm {up} CONFIG` (or `kalm run CONFIG`) first"
+                f"run `{run.command(up)}` (or `{run.command('run')}`) first"
             )
         inputs[up] = m.output_id
         upstream[up] = m
@@ -181,7 +181,7 @@ def made_under_other_settings(
     return (
         f"[kalm] {stage}: {run.uri_of(OUTPUT_DIRS[up])} was made under other "
         f"{'/'.join(sections)} settings than this config's{shown}; used as it is "
-        f"(`kalm run CONFIG --from {up}` makes it again)"
+        f"(`{run.command('run', '--from', up)}` makes it again)"
     )
 
 

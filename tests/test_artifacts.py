@@ -57,6 +57,22 @@ def test_missing_input_and_foreign_run_dir(tmp_path) -> None:
         plan_stage("collect", other, None)
 
 
+def test_rerun_hints_name_the_run_dir_and_its_seed(tmp_path) -> None:
+    """A hint is copied as it is: it must act on this run dir and master seed, not on the
+    config's own run_dir (a replicate's hint without them would rerun seed 0's run)."""
+    where = tmp_path / "my runs" / "q_s3"
+    cfg = parse_config({"name": "exp", "run_dir": str(where), "seed": 3})
+    with pytest.raises(InputError) as e:
+        plan_stage("ground", cfg, None)
+    quoted = f"'{where}'"  # the space is quoted for the shell
+    assert f"run `kalm collect CONFIG --run-dir {quoted} --seed 3`" in str(e.value)
+    assert f"(or `kalm run CONFIG --run-dir {quoted} --seed 3`)" in str(e.value)
+    bare = RunDir(str(tmp_path / "empty"))  # no run.json yet (or an older one): no seed
+    assert bare.command("run", "--from", "train") == (
+        f"kalm run CONFIG --from train --run-dir {bare.uri}"
+    )
+
+
 def test_unwritable_run_dir(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a dir")

@@ -196,7 +196,8 @@ def test_damaged_input_is_one_line_naming_file_and_stage(tmp_path, capsys):
     # A file of the manifest that is gone (a truncated one fails its footer check first).
     part.unlink()
     line = one_line(capsys, ["ground", cfg])
-    assert line.startswith(f"kalm: error: {part}: missing; ") and "`kalm collect CONFIG`" in line
+    assert line.startswith(f"kalm: error: {part}: missing; ")
+    assert f"`kalm collect CONFIG --run-dir {root}" in line  # the run dir the user gave
     # A byte changed in place (same size) is seen too.
     toy_run(root)
     data = bytearray(part.read_bytes())
@@ -262,7 +263,8 @@ def test_kalm_verify(tmp_path, capsys):
     _truncate(part)
     assert main(["verify", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith(f"kalm: damaged: {part}: size") and "`kalm collect CONFIG`" in err[0]
+    assert err[0].startswith(f"kalm: damaged: {part}: size")
+    assert f"`kalm collect CONFIG --run-dir {root}" in err[0]
     assert err[-1].startswith("kalm: error: 1 problem(s)")
     assert main(["verify", str(tmp_path / "nothing")]) == 2
 

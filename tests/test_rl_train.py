@@ -377,6 +377,12 @@ def test_a_unit_larger_than_the_local_ray_is_refused_before_training(ray_local, 
     # In the driver (one unit at a time) a unit takes no task CPUs: only its own actors count.
     with pytest.raises(InputError, match=r"train.num_learners \(bc in the driver: .*needs 9 CPUs"):
         run_train(_grid_cfg(run, max_concurrent_units=1, num_learners=9), run)
+    # GPUs this local Ray does not have (none on this machine): refused the same way.
+    from kalm_ray.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="train.num_gpus_per_learner asks for GPUs"):
+        run_train(_grid_cfg(run, num_gpus_per_learner=1.0), run)
+    assert not list(tmp_path.glob("policy*"))
 
 
 def test_a_policy_on_s3_loads_and_acts_as_the_local_one(prepared, s3_run):

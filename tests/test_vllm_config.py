@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from kalm_ray.config import ImagineConfig
+from kalm_ray import raysetup
+from kalm_ray.config import ImagineConfig, RayConfig
 from kalm_ray.errors import BackendUnavailable
 from kalm_ray.llm.imagine import backends
 from kalm_ray.llm.imagine.backends import GenerationSpec, resolve_backend
@@ -157,7 +158,7 @@ def test_gpus_of_autoscaler_node_types_count(ray_local, monkeypatch):
 
     _vllm_importable(monkeypatch)
     assert ray_local.cluster_resources().get("GPU", 0) == 0
-    assert not backends.gpu_visible() and resolve_backend("auto") == "hf"
+    assert not raysetup.gpu_visible() and resolve_backend("auto") == "hf"
     # What the autoscaler reports to the GCS: a CPU group and a GPU group, both at zero now.
     declared = autoscaler_pb2.ClusterConfig(
         node_group_configs=[
@@ -170,26 +171,57 @@ def test_gpus_of_autoscaler_node_types_count(ray_local, monkeypatch):
     key, ns = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
     internal_kv._internal_kv_put(key, declared.SerializeToString(), namespace=ns)
     try:
-        assert backends.autoscaler_gpus() == 4
-        assert backends.gpu_visible()
+        assert raysetup.autoscaler_gpus() == 4
+        assert raysetup.gpu_visible()
         assert resolve_backend("vllm") == "vllm" and resolve_backend("auto") == "vllm"
     finally:
         internal_kv._internal_kv_del(key, namespace=ns)  # the session's cluster is shared
-    assert backends.autoscaler_gpus() == 0
+    assert raysetup.autoscaler_gpus() == 0
 
 
 def test_gpus_on_demand_flag(monkeypatch):
     """``ray.gpus_on_demand`` for autoscalers that report no node types: vLLM is not refused
     and ``auto`` does not fall back to hf on CPU."""
     _vllm_importable(monkeypatch)
-    monkeypatch.setattr(backends, "autoscaler_gpus", lambda: 0)
-    assert backends.gpu_visible(on_demand=True)
+    monkeypatch.setattr(raysetup, "autoscaler_gpus", lambda: 0)
+    assert raysetup.gpu_visible(on_demand=True)
     assert resolve_backend("vllm", gpus_on_demand=True) == "vllm"
     assert resolve_backend("auto", gpus_on_demand=True) == "vllm"
-    backends.require_gpu("ground.use_gpu", on_demand=True)  # GPU work waits for its nodes
-    from kalm_ray.config import RayConfig
-
+    # On a cluster, GPU work waits for its nodes; without the flag it is refused in one line.
+    cluster = RayConfig(address="ray://head:10001", gpus_on_demand=True)
+    raysetup.require_resources("ground.use_gpu", {"GPU": 4}, cluster)
+    with pytest.raises(BackendUnavailable, match="ground.use_gpu asks for GPUs"):
+        raysetup.require_resources("ground.use_gpu", {"GPU": 4}, RayConfig(address="ray://h:1"))
     assert RayConfig(gpus_on_demand=True).gpus_on_demand and not RayConfig().gpus_on_demand
+
+
+def test_a_local_ray_counts_the_gpus_asked_for(tmp_path):
+    """Two workers of one GPU each on a local Ray of one: Ray would queue the second forever.
+    Its own Ray (in a child process, the session's has none) advertises one GPU, which Ray
+    lets a CPU machine do; counting needs no device."""
+    import os
+    import subprocess
+
+    code = (
+        "import ray\n"
+        "from kalm_ray.config import RayConfig\n"
+        "from kalm_ray.errors import InputError\n"
+        "from kalm_ray.raysetup import require_resources\n"
+        "ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)\n"
+        "require_resources('ground.num_workers', {'CPU': 2, 'GPU': 1}, RayConfig())\n"
+        "try:\n"
+        "    require_resources('ground.num_workers', {'CPU': 2, 'GPU': 2}, RayConfig())\n"
+        "except InputError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == (
+        "ground.num_workers: needs 2 GPUs at once, but this local Ray has 1; lower it"
+    )
 
 
 @pytest.mark.gpu

@@ -35,7 +35,9 @@ def episode_files(run: RunDir | str, folder: str = REAL_DIR) -> list[str]:
     run = run if isinstance(run, RunDir) else RunDir(run)
     names = [n for n in run.list(folder) if n.endswith(".parquet")]
     if not names:
-        raise InputError(f"{run.uri_of(folder)}: no episode files; run `kalm collect CONFIG` first")
+        raise InputError(
+            f"{run.uri_of(folder)}: no episode files; run `{run.command('collect')}` first"
+        )
     return [run.path(folder, n) for n in names]
 
 

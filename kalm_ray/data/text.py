@@ -375,7 +375,7 @@ def read_instruction_table(run: RunDir | str) -> pa.Table:
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.exists(*INSTRUCTIONS_FILE):
         raise InputError(
-            f"{run.uri_of(*INSTRUCTIONS_FILE)} not found; run `kalm collect CONFIG` first"
+            f"{run.uri_of(*INSTRUCTIONS_FILE)} not found; run `{run.command('collect')}` first"
         )
     try:
         return pq.read_table(pa.BufferReader(run.read_bytes(*INSTRUCTIONS_FILE)))

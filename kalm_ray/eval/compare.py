@@ -47,7 +47,7 @@ def load_run(uri: str) -> Run:
     run = RunDir(uri)
     if not run.exists("eval", "results.json"):
         raise InputError(
-            f"{run.uri_of('eval', 'results.json')} not found; run `kalm evaluate CONFIG` "
+            f"{run.uri_of('eval', 'results.json')} not found; run `{run.command('evaluate')}` "
             "for that run first"
         )
     config = None

@@ -65,7 +65,7 @@ def find_policies(run: RunDir, *, env: str) -> list[PolicyId]:
         found.append(PolicyId(name=name, algo=algo, data=data, seed=seed))
     if not found:
         raise InputError(
-            f"{run.uri_of('policy')}: no exported policies; run `kalm train CONFIG` first"
+            f"{run.uri_of('policy')}: no exported policies; run `{run.command('train')}` first"
         )
     return found
 
@@ -81,7 +81,7 @@ def wording_embeddings(run: RunDir, specs: Sequence[EpisodeSpec]) -> dict[str, n
         raise InputError(
             f"{run.uri_of('data', 'instructions.parquet')}: no embedding for {len(missing)} "
             "evaluation "
-            f"wordings (e.g. {missing[0]!r}); rerun `kalm collect CONFIG`"
+            f"wordings (e.g. {missing[0]!r}); rerun `{run.command('collect')}`"
         )
     return {w: np.asarray(table[w], dtype=np.float32) for w in wanted}
 
@@ -127,7 +127,7 @@ def llm_policy_id(run: RunDir, cfg: ExperimentConfig) -> PolicyId:
     if not run.exists("model", CODEC_FILE):
         raise InputError(
             f"evaluate.llm_policy: {run.uri_of('model', CODEC_FILE)} missing; "
-            "run `kalm ground CONFIG` first (or set evaluate.llm_policy: false)"
+            f"run `{run.command('ground')}` first (or set evaluate.llm_policy: false)"
         )
     return PolicyId(name=LLM_ALGO, algo=LLM_ALGO, data="real", seed=cfg.seed)
 

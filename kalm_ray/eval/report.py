@@ -45,7 +45,8 @@ def write_report(run: RunDir, *, eval_dir: str = "eval") -> list[str]:
     """Write ``report.md`` and PNGs into ``eval_dir``; returns the file names written."""
     if not run.exists(eval_dir, "results.json"):
         raise InputError(
-            f"{run.uri_of(eval_dir, 'results.json')} not found; run `kalm evaluate CONFIG` first"
+            f"{run.uri_of(eval_dir, 'results.json')} not found; "
+            f"run `{run.command('evaluate')}` first"
         )
     results = run.read_json(eval_dir, "results.json")
     files: dict[str, bytes] = {}

@@ -21,6 +21,7 @@ The machinery (requests, judged batches, the writer) is in :mod:`kalm_ray.llm.im
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -155,10 +156,13 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
     # The staging folder is named by the fingerprint and kept if the stage is stopped; every
     # judged batch is saved there as it arrives, so a rerun of the same config generates only
-    # the requests no saved batch holds (issue 19).
+    # the requests no saved batch holds (issue 19). The backend is in its name too: under
+    # `auto` a rerun elsewhere may resolve to the other one, whose sampling differs, and one
+    # output must come from one backend.
+    resume_key = hashlib.sha256(f"{plan.fingerprint}/{backend}".encode()).hexdigest()
     with (
         quiet_ray_progress(),
-        stage_output(run, plan.out_dir, resume_key=plan.fingerprint) as tmp,
+        stage_output(run, plan.out_dir, resume_key=resume_key) as tmp,
     ):
         store = JudgedStore(run, tmp)
         resumed = store.resume()

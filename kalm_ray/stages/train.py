@@ -28,8 +28,7 @@ from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_ma
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
-from kalm_ray.llm.imagine.backends import require_gpu
-from kalm_ray.raysetup import init_ray, require_cpus
+from kalm_ray.raysetup import init_ray, require_resources
 from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.policy import POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEvalSpec
@@ -72,15 +71,17 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
     }
     init_ray(cfg.ray)
     if train.num_gpus_per_learner:
-        require_gpu("train.num_gpus_per_learner", on_demand=cfg.ray.gpus_on_demand)
+        # the unit's task (a local learner) or each of its learner actors holds them
+        gpus = train.num_gpus_per_learner * max(1, train.num_learners)
+        require_resources("train.num_gpus_per_learner", {"GPU": gpus}, cfg.ray)
     # Each unit must fit alone: its task (none in the driver) and the actors it starts itself.
     in_driver = train.max_concurrent_units == 1
     for algo in train.algos:
-        require_cpus(
+        require_resources(
             f"train.num_learners ({algo} in the driver: its learners and PreLearner actors)"
             if in_driver
             else f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
-            unit_cpus(algo, train, in_driver=in_driver),
+            {"CPU": unit_cpus(algo, train, in_driver=in_driver)},
             cfg.ray,
         )
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kalm_ray.data import episode_files
 from kalm_ray.errors import InputError
 
 if TYPE_CHECKING:
@@ -150,9 +151,7 @@ class DataStarts:
 
 def real_first_states(run: RunDir, folder: str = "data/real") -> dict[str, np.ndarray]:
     """Task -> ``(N, D)`` first states of the real episodes under ``folder``."""
-    files = [run.path(folder, f) for f in run.list(folder) if f.endswith(".parquet")]
-    if not files:
-        raise InputError(f"{run.uri_of(folder)}: no Parquet files; run `kalm collect CONFIG` first")
+    files = episode_files(run, folder)
     parts = []
     for f in files:
         t = pq.read_table(f, columns=["t", "task", "state"], filesystem=run.fs)

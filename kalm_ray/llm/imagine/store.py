@@ -90,7 +90,7 @@ def load_codec(run: RunDir, *, env: str | None = None) -> Any:
 
     if not run.exists("model", CODEC_FILE):
         raise InputError(
-            f"{run.uri_of('model', CODEC_FILE)}: missing; run `kalm ground CONFIG` first"
+            f"{run.uri_of('model', CODEC_FILE)}: missing; run `{run.command('ground')}` first"
         )
     try:
         codec = Codec.from_dict(run.read_json("model", CODEC_FILE))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kalm_ray.errors import BackendUnavailable
+from kalm_ray.raysetup import gpu_visible
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,60 +102,6 @@ class GenerationSpec:
     def steps_for(self, level: str | None) -> int:
         """The step limit of a request of ``level``."""
         return dict(self.level_max_steps).get(level, self.max_steps)
-
-
-def autoscaler_gpus() -> int:
-    """GPUs the Ray cluster's autoscaler may bring up (its declared node types); 0 if none.
-
-    NOTE: ``ray.cluster_resources()`` counts only nodes that are up, so a cluster whose GPU
-    group is at zero shows none. The autoscaler reports its node types to the GCS; this reads
-    them the way Ray Train (worker_group.py) and Ray Data (cluster_autoscaler) do, through
-    ``ray._private.state`` (private, hence guarded: any failure means "unknown" = 0).
-    """
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - a private API: unknown is 0, gpus_on_demand covers it
-        return 0
-    return int(most.get("GPU", 0) or 0)
-
-
-def gpu_visible(*, on_demand: bool = False) -> bool:
-    """Whether GPUs are there to use: ``on_demand`` (``ray.gpus_on_demand``: the cluster brings
-    GPU nodes when asked), GPUs in the Ray cluster now or in a node type its autoscaler may
-    start (when Ray is up), else a GPU on this host."""
-    if on_demand:
-        return True
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.cluster_resources().get("GPU", 0) > 0 or autoscaler_gpus() > 0
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
-def require_gpu(key: str, *, on_demand: bool = False) -> None:
-    """Refuse, in one line naming ``key``, work that asks for GPUs where Ray has none and can
-    get none: Ray would queue it forever (Ray Train retries its worker group without end)
-    behind a progress bar at 0.
-
-    Raises:
-        BackendUnavailable: no GPU is visible (:func:`gpu_visible`).
-    """
-    if not gpu_visible(on_demand=on_demand):
-        raise BackendUnavailable(
-            f"{key} asks for GPUs, but Ray has none here and its autoscaler offers none; "
-            "set it off for a CPU run, or ray.gpus_on_demand: true where the cluster adds "
-            "GPU nodes on request"
-        )
 
 
 def vllm_missing(*, gpus_on_demand: bool = False) -> str | None:
