@@ -239,6 +239,8 @@ class RunDir:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RunDirError(f"run_dir {uri!r}: not a usable path or URI ({why})") from None
         self.root = root.rstrip("/")
+        self.claimed_seed: int | None = None
+        """The master seed a command of this process claims the dir for (:meth:`claim`)."""
 
     @property
     def is_local(self) -> bool:
@@ -256,19 +258,32 @@ class RunDir:
         scheme = self.uri.split("://", 1)[0]
         return f"{scheme}://{p}"
 
+    def require_run(self) -> None:
+        """InputError unless this is a run dir (``kalm verify``/``report``/``compare`` read
+        one): a mistyped path must not read as a run with nothing done."""
+        if not self.exists():
+            raise InputError(f"{self.uri}: no such run directory")
+        if not self.exists(RUN_INFO):
+            raise InputError(
+                f"{self.uri}: not a kalm run directory (no {RUN_INFO}, which the first stage "
+                "run in it writes)"
+            )
+
     def command(self, stage: str, *flags: str) -> str:
         """The command that (re)makes ``stage`` in this run dir, for error hints:
         ``kalm STAGE CONFIG [FLAGS] --run-dir URI [--seed N]``.
 
         Why both flags: a hint is copied as it is, and without them it would act on the
         config's own run_dir and master seed, not on the replicate the user is looking at.
-        The seed is the one ``run.json`` records (none for a run dir that has none).
+        The seed is the one this process claims the dir for (:meth:`claim`), else the one
+        ``run.json`` records (none for a run dir that has none).
         """
-        try:
-            info = self.read_json(RUN_INFO) if self.exists(RUN_INFO) else {}
-        except (RunDirError, OSError):
-            info = {}  # a hint must not fail: the command without the seed
-        seed = info.get("seed")
+        seed = self.claimed_seed
+        if seed is None:
+            try:
+                seed = (self.read_json(RUN_INFO) if self.exists(RUN_INFO) else {}).get("seed")
+            except (RunDirError, OSError):
+                pass  # a hint must not fail: the command without the seed
         words = ["kalm", stage, "CONFIG", *flags, "--run-dir", shlex.quote(self.uri)]
         return " ".join(words + ([] if seed is None else ["--seed", str(seed)]))
 
@@ -368,7 +383,7 @@ class RunDir:
 
     # ---- run identity -------------------------------------------------------------------
 
-    def claim(self, experiment: str, seed: int | None = None) -> None:
+    def claim(self, experiment: str, seed: int | None = None, *, write: bool = True) -> None:
         """Record which experiment (and master seed) owns this run dir; refuse one written by
         another experiment or under another master seed.
 
@@ -377,10 +392,13 @@ class RunDir:
         ``--seed N`` makes a replicate, and ``kalm compare`` reads one run dir per replicate;
         rerun in the same dir it would replace the other seed's every stage. A run dir from
         before the seed was recorded is not checked (claiming never rewrites ``run.json``: a
-        refused command leaves the run dir as it was).
+        refused command leaves the run dir as it was). ``write=False`` only checks: a command
+        claims the dir once its own checks have passed (:func:`kalm_ray.stage.plan_stage`).
         """
+        self.claimed_seed = seed
         try:
-            self.makedirs()
+            if write:
+                self.makedirs()
             if self.exists(RUN_INFO):
                 info = self.read_json(RUN_INFO)
                 owner = info.get("experiment")
@@ -396,6 +414,8 @@ class RunDir:
                         f"{experiment!r}, not seed {seed}'s; use another --run-dir (one per "
                         "seed; `kalm compare` reads them together)"
                     )
+                return
+            if not write:
                 return
             info = {"experiment": experiment, "created": time.time()}
             self.write_json(info if seed is None else {**info, "seed": seed}, RUN_INFO)
@@ -794,12 +814,17 @@ class Lease:
     def acquire(self) -> None:
         self._started = time.time()
         local = self.run.is_local
-        if local:
-            # A stage refused before writing anything leaves no folder behind (see release).
-            self._made_parent = not os.path.isdir(os.path.dirname(self.path))
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        else:
-            self.run.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        try:
+            if local:
+                # A stage refused before writing anything leaves no folder behind (release).
+                self._made_parent = not os.path.isdir(os.path.dirname(self.path))
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            else:
+                self.run.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        except OSError as e:  # a file where a folder must be, a read-only or absent mount
+            raise RunDirError(
+                f"run dir {self.run.uri} is not writable ({e.strerror or e})"
+            ) from None
         if self._create():
             return self._start_renewer()
         with self._guard():

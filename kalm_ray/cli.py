@@ -153,20 +153,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     run_pipeline(cfg, start=args.start, only=args.only)
-    _print_summary(cfg.run_dir)
+    _print_summary(cfg)
     return 0
 
 
-def _print_summary(run_dir: str) -> None:
-    """Where everything is, and the headline table when evaluation ran."""
+def _print_summary(cfg) -> None:
+    """Where everything is, whether a rerun would redo it, and the headline table when
+    evaluation ran."""
     from kalm_ray.artifacts import RunDir
-    from kalm_ray.stage import OUTPUT_DIRS
+    from kalm_ray.stage import OUTPUT_DIRS, stage_states
 
-    run = RunDir(run_dir)
+    run = RunDir(cfg.run_dir)
     print(f"\n[kalm] run directory: {run.uri}")
-    for stage, out in OUTPUT_DIRS.items():
-        state = "done" if run.manifest(out) is not None else "not run"
-        print(f"  {stage:<9} {run.uri_of(out):<60} {state}")
+    for stage, state in stage_states(cfg, run).items():
+        print(f"  {stage:<9} {run.uri_of(OUTPUT_DIRS[stage]):<60} {state}")
     if run.exists("eval", "headline.md"):
         print("\n" + run.read_bytes("eval", "headline.md").decode())
 
@@ -177,8 +177,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from kalm_ray.stage import OUTPUT_DIRS
 
     run = RunDir(args.run_dir)
-    if not run.exists():
-        raise InputError(f"{run.uri}: no such run directory")
+    run.require_run()
     print(f"[kalm] verify: {run.uri}")
     problems = verify_run(run, OUTPUT_DIRS, full=not args.quick)
     for line in problems:

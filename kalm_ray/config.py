@@ -701,6 +701,8 @@ def load_config(
         raise ConfigError(f"{path}: no such config file")
     try:
         data = yaml.load(p.read_text(), Loader=_SafeUniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""

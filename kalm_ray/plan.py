@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +309,7 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     """
     from kalm_ray.envs import LEVELS, get_suite
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.imagine.backends import resolve_backend
+    from kalm_ray.llm.imagine.backends import resolve_backend, vllm_missing
     from kalm_ray.llm.imagine.backends.vllm import VLLM_LORA_RANKS, vllm_lora_rank
     from kalm_ray.llm.imagine.store import level_step_limits, max_new_tokens
 
@@ -337,7 +338,7 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     offline = env.env_vars.get("HF_HUB_OFFLINE", "unset")
     plan.more(f"HF_HUB_OFFLINE={offline}; shipped env vars: {', '.join(env.env_vars) or 'none'}")
     shape = (
-        f"{model.params(0) / 1e9:.2f}B params, context {ctx}, "
+        f"{_count(model.params(0))} params, context {ctx}, "
         f"{'tied' if model.shape.get('tie_word_embeddings') else 'untied'} output layer"
         if model.known
         else "shape unknown (no local config.json, not in the known-models table)"
@@ -409,6 +410,13 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     backend = "hf" if im.mode == "stepwise" else im.backend  # stepwise runs on hf only
     if local and backend == "auto":
         backend = resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
+    if local and backend == "vllm":
+        # The imagine stage's own refusal, ahead of collect and ground. Joining a cluster,
+        # its GPUs are Ray's to count once it is up: only the package is checked here.
+        joins = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        why = vllm_missing(gpus_on_demand=cfg.ray.gpus_on_demand or joins)
+        if why:
+            plan.refuse("imagine", f"imagine.backend: vllm, but {why}; or use backend: hf")
     vllm_possible = backend == "vllm" or (
         backend == "auto" and (env.pin("vllm") is not None or not env.installs)
     )
@@ -552,6 +560,11 @@ def check(cfg: ExperimentConfig) -> Plan:
         more = f" [+{len(plan.refusals) - 1} more: kalm plan]" if len(plan.refusals) > 1 else ""
         raise PlanError(plan.refusals[0] + more)
     return plan
+
+
+def _count(n: float) -> str:
+    """1.35B, 134.5M, 0.7M: a parameter count at a scale that shows it."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:

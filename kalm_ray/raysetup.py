@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kalm_ray.config import RayConfig
-from kalm_ray.errors import BackendUnavailable, InputError
+from kalm_ray.errors import BackendUnavailable, ConfigError, InputError
 
 log = logging.getLogger("kalm_ray")
 
@@ -273,6 +274,29 @@ def require_resources(key: str, need: dict[str, float], cfg: RayConfig) -> None:
             )
 
 
+def check_reachable(address: str, key: str, *, timeout_s: float = 10.0) -> None:
+    """Refuse, in one line, a Ray address nothing listens on.
+
+    Why: ``ray.init`` retries an unreachable GCS without end (C++ log lines every 30 s, a
+    SIGTERM barely heard). A TCP connect to the address's port says it in seconds. ``auto``
+    and addresses without a port are left to Ray.
+
+    Raises:
+        ConfigError: nothing accepts a connection at ``host:port`` within ``timeout_s``.
+    """
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__.replace("Error", " error").strip()
+        raise ConfigError(
+            f"{key} {address!r}: no Ray there ({why}); start the cluster, or correct {key}"
+            + (" (unset it for a local Ray)" if key == "RAY_ADDRESS" else "")
+        ) from None
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join ``cfg.address`` or start a local Ray; a no-op when Ray is already up.
 
@@ -293,6 +317,7 @@ def init_ray(cfg: RayConfig) -> None:
     # Jobs submitted to a cluster set RAY_ADDRESS; join it rather than start a new Ray.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, "ray.address" if cfg.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=cfg.verbose, configure_logging=True)
         _reinstall_sigterm()
         configure_console(cfg.verbose)

@@ -92,10 +92,28 @@ class StagePlan:
         self.run.write_text(dump_config(self.cfg), folder, "config.yaml")
 
 
+def stage_states(cfg: ExperimentConfig, run: RunDir) -> dict[str, str]:
+    """Each stage's state in ``run`` under ``cfg``, for the summary after ``kalm run``:
+    ``done`` (a rerun skips it), ``out of date`` (made under other settings or from other
+    inputs: a rerun redoes it) or ``not run``. Read-only: no checks, no claim."""
+    out: dict[str, str] = {}
+    for stage in STAGES:
+        m = run.manifest(OUTPUT_DIRS[stage])
+        if m is None:
+            out[stage] = "not run"
+            continue
+        ups = {up: run.manifest(OUTPUT_DIRS[up]) for up in stage_inputs(stage, cfg)}
+        inputs = {up: u.output_id for up, u in ups.items() if u is not None}
+        fp = fingerprint(stage, cfg.section_hash(*CONFIG_SECTIONS[stage]), inputs)
+        current = len(inputs) == len(ups) and m.fingerprint == fp
+        out[stage] = "done" if current else "out of date (the next run redoes it)"
+    return out
+
+
 def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) -> StagePlan:
     """Resolve inputs and fingerprint for ``stage``; raises InputError if an input is missing."""
     run = as_run_dir(cfg, run_dir)
-    run.claim(cfg.name, seed=cfg.seed)
+    run.claim(cfg.name, seed=cfg.seed, write=False)  # written below, once inputs pass
     inputs: dict[str, str] = {}
     upstream: dict[str, Manifest] = {}
     for up in stage_inputs(stage, cfg):
@@ -132,6 +150,9 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
             check_model_config(run, OUTPUT_DIRS["ground"])
         if stage == "ground" and os.path.isdir(cfg.ground.model.name):
             check_model_config(RunDir(cfg.ground.model.name), "", where="ground.model.name: ")
+    # Inputs passed: the run dir is this experiment's and seed's from now on (a command
+    # refused above must not claim it, or the right seed's next command would be refused).
+    run.claim(cfg.name, seed=cfg.seed)
     # A note, not an error: on stdout with the stage's progress, once the inputs passed
     # their checks (a refused command's stderr stays its one line).
     for up, m in upstream.items():

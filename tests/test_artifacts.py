@@ -52,6 +52,7 @@ def test_missing_input_and_foreign_run_dir(tmp_path) -> None:
     cfg = parse_config({"name": "exp", "run_dir": str(tmp_path / "run")})
     with pytest.raises(InputError, match="needs the output of 'collect'"):
         plan_stage("ground", cfg, None)
+    plan_stage("collect", cfg, None)  # claims the run dir for 'exp'
     other = parse_config({"name": "other", "run_dir": str(tmp_path / "run")})
     with pytest.raises(RunDirError, match="written by experiment 'exp'"):
         plan_stage("collect", other, None)
@@ -71,6 +72,22 @@ def test_rerun_hints_name_the_run_dir_and_its_seed(tmp_path) -> None:
     assert bare.command("run", "--from", "train") == (
         f"kalm run CONFIG --from train --run-dir {bare.uri}"
     )
+
+
+def test_a_refused_command_does_not_claim_the_run_dir(tmp_path) -> None:
+    """Refused for a missing input, or a task that is not one, a command leaves no
+    ``run.json``: the right seed's first command must not be refused for it."""
+    from kalm_ray.errors import ConfigError
+    from kalm_ray.stages.collect import run_collect
+
+    cfg = {"name": "exp", "run_dir": str(tmp_path / "run")}
+    with pytest.raises(InputError, match="needs the output of 'collect'"):
+        plan_stage("imagine", parse_config({**cfg, "seed": 3}), None)
+    with pytest.raises(ConfigError, match="collect.tasks: 'nope' is not a task"):
+        run_collect(parse_config({**cfg, "seed": 4, "collect": {"tasks": ["nope"]}}))
+    assert not (tmp_path / "run" / "run.json").exists()
+    plan_stage("collect", parse_config({**cfg, "seed": 0}), None)  # seed 0 claims it
+    assert RunDir(cfg["run_dir"]).read_json("run.json")["seed"] == 0
 
 
 def test_unwritable_run_dir(tmp_path) -> None:

@@ -23,6 +23,8 @@ def test_envs_table(capsys) -> None:
         (["collect", "nope.yaml"], "nope.yaml: no such config file"),
         (["ground", "{cfg}"], "needs the output of 'collect'"),
         (["run", "{cfg}", "--from", "bake"], "--from 'bake'"),
+        # a file where the run dir should be: one line, not NotADirectoryError
+        (["collect", "{cfg}", "--run-dir", "{cfg}"], "is not writable (Not a directory)"),
     ],
 )
 def test_errors_are_one_line(tmp_path, capsys, argv, needle) -> None:
@@ -80,3 +82,41 @@ def test_sigterm_exits_143_even_when_ray_rewraps_it(monkeypatch, capsys, signall
     rc = main(["envs"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert (rc, last) == ((143, "kalm: terminated") if signalled else (130, "kalm: interrupted"))
+
+
+def test_a_ray_address_with_nothing_there_is_one_line_not_a_hang(tmp_path) -> None:
+    """``ray.init`` retries an unreachable GCS without end; the command says so at once. In
+    its own process: this session's Ray may be up already, and init_ray would join it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"name: t\nrun_dir: {tmp_path / 'run'}\nray: {{address: '127.0.0.1:{port}'}}\n"
+        "collect: {episodes_per_task: 1, tasks: ['left:red:blue']}\n"
+    )
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "kalm_ray.cli", "collect", str(cfg)],
+        capture_output=True, text=True, timeout=300,
+    )
+    err = [line for line in out.stderr.splitlines() if line.startswith("kalm: ")]
+    assert out.returncode == 2 and len(err) == 1, out.stderr[-2000:]
+    assert err[0] == (
+        f"kalm: error: ray.address '127.0.0.1:{port}': no Ray there (Connection refused); "
+        "start the cluster, or correct ray.address"
+    )
+    assert time.monotonic() - t0 < 120
+
+
+def test_a_binary_config_is_one_line(tmp_path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert main(["plan", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kalm: error: {cfg}: not a text file (a YAML config is UTF-8 text)"

@@ -56,6 +56,7 @@ def _run(tmp_path, name: str, seed: int, *, lift: float, env: str = "clevr", **c
     meta = {"env": env, "n_specs": len(specs), "seed": seed, "specs_digest": f"d{seed}"}
     run.write_json(build_results(specs, outcomes, POLICIES, meta=meta), "eval", "results.json")
     run.write_text(yaml.safe_dump(config.model_dump(mode="json")), "eval", "config.yaml")
+    run.claim("toy", seed=seed)  # run.json, as the first stage writes it
     return run.uri
 
 
@@ -156,12 +157,20 @@ def test_compare_refuses_what_it_cannot_compare(tmp_path, capsys) -> None:
     a = _run(tmp_path, "a", 0, lift=0.1)
     with pytest.raises(InputError, match="two runs"):
         compare_markdown([load_run(a)])
-    with pytest.raises(InputError, match="results.json"):
+    with pytest.raises(InputError, match="nothing: no such run directory"):
         load_run(str(tmp_path / "nothing"))
+    with pytest.raises(InputError, match="not a kalm run directory"):
+        load_run(str(tmp_path))  # the folder above the runs
+    (tmp_path / "a" / "eval" / "results.json").unlink()
+    with pytest.raises(InputError, match=r"results.json not found; run `kalm evaluate CONFIG"):
+        load_run(a)
+    a = _run(tmp_path, "a", 0, lift=0.1)
     mw = _run(tmp_path, "mw", 1, lift=0.1, env="metaworld")
     with pytest.raises(InputError, match="different envs"):
         compare_markdown([load_run(a), load_run(mw)])
     assert main(["compare", a, a]) == 2
+    assert "named twice" in capsys.readouterr().err
+    assert main(["compare", a, a + "/"]) == 2  # one run spelt two ways is still one run
     assert "named twice" in capsys.readouterr().err
 
 
@@ -172,3 +181,6 @@ def test_compare_cli_writes_the_table(tmp_path, capsys) -> None:
     assert out.read_text().startswith("# KALM effect over 2 runs of `clevr`")
     assert main(["compare", *uris]) == 0
     assert capsys.readouterr().out.count("| bc | train |") == 1
+    assert main(["compare", *uris, "--out", str(tmp_path)]) == 2  # a folder: one line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kalm: error: --out {tmp_path}: cannot write it (Is a directory)")

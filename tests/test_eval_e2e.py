@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_eval_support import ToySuite, load_scripted, toy_make_obs, toy_suite_env, write_toy_run
 
+from kalm_ray.artifacts import RunDir
 from kalm_ray.cli import main
 from kalm_ray.config import parse_config
 from kalm_ray.eval.eval_actor import EvalPool
@@ -81,9 +82,14 @@ def test_evaluate_writes_results_headline_and_report(ray_local, toy_stage, capsy
 
 
 def test_report_without_results_is_one_line_error(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) != 0  # not a run at all
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a kalm run directory" in err[0]
+    RunDir(str(tmp_path)).claim("t", seed=2)  # a run not evaluated yet
     assert main(["report", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "results.json" in err[0]
+    assert len(err) == 1 and "results.json not found" in err[0]
+    assert f"`kalm evaluate CONFIG --run-dir {tmp_path} --seed 2`" in err[0]
 
 
 def test_interrupted_evaluate_resumes_its_finished_units(ray_local, toy_stage, capsys) -> None:

@@ -111,6 +111,11 @@ def test_full_report_has_every_section_and_plot(tmp_path) -> None:
     assert "| rejected: unparseable |" in md and "| **requested** | 5 | 5 |" in md
     assert "real episodes first" in md and "No imagined data" not in md
     assert "| dcql | train |" in md
+    # Two training seeds per mix: the table says it is not a result; three make one.
+    assert "**Not a result:** 2 training seed(s) per mix" in md
+    three = [PolicyId(f"dcql-{d}-seed{k}", "dcql", d, k) for d in ("real", "real+imagined")
+             for k in (0, 1, 2)]
+    assert "Not a result" not in headline_markdown(_results(run, three))
 
 
 def test_report_without_optional_inputs_says_so(tmp_path) -> None:

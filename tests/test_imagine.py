@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from kalm_ray.llm.imagine.requests import (
     pick_tasks,
     requests_dataset,
     state_matrix,
+    wording_shortfall,
 )
 
 
@@ -106,6 +108,22 @@ def test_requests_use_every_wording_of_a_level_and_only_valid_starts():
     templates = {suite.instructions("easy", r["task"]).index(r["instruction"]) for r in t}
     assert len(templates) == 11, templates  # each of the level's 11 templates is used
     assert all(valid_start(r["task"], np.asarray(r["start_state"], np.float32)) for r in t)
+    # Whatever the seed: 40 requests are 2 per task, and still every template, each 3-4 times
+    # (independent offsets per task left one out on 3 seeds of 8).
+    for seed in range(8):
+        rows = build_requests(
+            suite, levels=["easy"], rollouts_per_level=40, max_tasks_per_level=None,
+            seed=seed, starts=starts, prompt_fn=partial(rollout_prompt, codec),
+        ).to_pylist()
+        used = Counter(suite.instructions("easy", r["task"]).index(r["instruction"]) for r in rows)
+        assert len(used) == 11 and set(used.values()) <= {3, 4}, (seed, used)
+    # 40 requests use 40 of the 220 easy wordings; 220 would use each (11 per task).
+    short = build_requests(
+        suite, levels=["easy", "hard"], rollouts_per_level=1000, max_tasks_per_level=None,
+        seed=0, starts=starts, prompt_fn=partial(rollout_prompt, codec),
+    )
+    assert wording_shortfall(short, suite) == {}
+    assert wording_shortfall(pa.Table.from_pylist(rows), suite) == {"easy": (40, 220, 220)}
 
 
 def test_step_limits_per_level_and_per_part():

@@ -197,7 +197,11 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     from kalm_ray.plan import PlanError, check, check_local
 
     cpu_env = load_config(
-        _config(tmp_path, "clevr", **{"ray.runtime_env": "jobs/runtime_env.yaml"})
+        _config(
+            tmp_path,
+            "clevr",
+            **{"ray.runtime_env": "jobs/runtime_env.yaml", "imagine.backend": "hf"},  # no vllm here
+        )
     )
     with pytest.raises(PlanError, match="CPU-only torch"):
         check(cpu_env)
@@ -210,6 +214,12 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     )
     with pytest.raises(PlanError, match="ground.max_seq_len: 4096"):
         check_local(load_config(no_env), ["ground"])
+    # vLLM named where it is not installed (this machine): before collect, not at imagine.
+    vllm = load_config(_config(tmp_path, "quick", **{"imagine.backend": "vllm",
+                                                     "imagine.mode": "rollout"}))
+    with pytest.raises(PlanError, match=r"imagine.backend: vllm, but the vllm package is not"):
+        check_local(vllm, ["collect", "ground", "imagine"])
+    check_local(vllm, ["ground", "train"])  # not theirs to refuse
 
 
 def test_misspelt_algo_params_are_refused_by_the_plan(tmp_path, capsys):

@@ -174,6 +174,19 @@ def _current_collect(tmp_path: Path) -> tuple[ExperimentConfig, RunDir]:
     return cfg, run
 
 
+def test_the_run_summary_says_which_stages_a_rerun_redoes(tmp_path):
+    """``kalm run --only collect`` after an edit listed every finished stage as done; the
+    summary now says which ones the next run would redo."""
+    from kalm_ray.stage import stage_states
+
+    cfg, run = _current_collect(tmp_path)
+    states = stage_states(cfg, run)
+    assert states["collect"] == "done"
+    assert states["ground"] == states["imagine"] == "not run"
+    edited = parse_config({"name": NAME, "run_dir": cfg.run_dir, "collect": {"epsilon": 0.5}})
+    assert stage_states(edited, run)["collect"] == "out of date (the next run redoes it)"
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -267,6 +280,8 @@ def test_kalm_verify(tmp_path, capsys):
     assert f"`kalm collect CONFIG --run-dir {root}" in err[0]
     assert err[-1].startswith("kalm: error: 1 problem(s)")
     assert main(["verify", str(tmp_path / "nothing")]) == 2
+    assert main(["verify", str(tmp_path)]) == 2  # the folder above the run: not a run
+    assert "not a kalm run directory" in capsys.readouterr().err
 
 
 def test_big_files_get_a_sampled_digest_and_a_full_one(tmp_path, monkeypatch):
@@ -365,6 +380,7 @@ def test_policy_info_of_wrong_shape_is_one_line(tmp_path, capsys, info, needle):
 def test_results_json_of_wrong_shape_for_kalm_report(tmp_path, capsys, results, needle):
     (tmp_path / "run" / "eval").mkdir(parents=True)
     (tmp_path / "run" / "eval" / "results.json").write_text(json.dumps(results))
+    RunDir(str(tmp_path / "run")).claim(NAME)  # run.json, as the first stage writes it
     line = one_line(capsys, ["report", str(tmp_path / "run")])
     assert line.startswith(f"kalm: error: {tmp_path}/run/eval/results.json: ") and needle in line
 

@@ -45,6 +45,7 @@ class Run:
 
 def load_run(uri: str) -> Run:
     run = RunDir(uri)
+    run.require_run()
     if not run.exists("eval", "results.json"):
         raise InputError(
             f"{run.uri_of('eval', 'results.json')} not found; run `{run.command('evaluate')}` "
@@ -273,12 +274,19 @@ def _notes(runs: Sequence[Run]) -> list[str]:
 
 def cli_compare(args: argparse.Namespace) -> int:
     """``kalm compare RUN_DIR RUN_DIR ... [--out FILE]``."""
-    if len(set(args.run_dirs)) != len(args.run_dirs):
-        raise InputError("a run directory is named twice")
+    # The same run spelt twice (a trailing slash, ./, a relative path) would count as two
+    # replicates and narrow the interval.
+    where = [RunDir(u).uri_of("") for u in args.run_dirs]
+    twice = next((u for u, w in zip(args.run_dirs, where, strict=True) if where.count(w) > 1), None)
+    if twice is not None:
+        raise InputError(f"{twice}: a run directory is named twice")
     md = compare_markdown([load_run(u) for u in args.run_dirs])
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(md)
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(md)
+        except OSError as e:
+            raise InputError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
         print(f"[kalm] compare: {args.out}")
     else:
         print(md, end="")

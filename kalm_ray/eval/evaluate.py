@@ -81,7 +81,8 @@ def wording_embeddings(run: RunDir, specs: Sequence[EpisodeSpec]) -> dict[str, n
         raise InputError(
             f"{run.uri_of('data', 'instructions.parquet')}: no embedding for {len(missing)} "
             "evaluation "
-            f"wordings (e.g. {missing[0]!r}); rerun `{run.command('collect')}`"
+            f"wordings (e.g. {missing[0]!r}): it was made for other wordings than this "
+            "code's; collect into a new --run-dir (an up-to-date collect is skipped)"
         )
     return {w: np.asarray(table[w], dtype=np.float32) for w in wanted}
 

@@ -36,6 +36,7 @@ _NOT_CURVES = ("updates", "train_s", "time", "timestamp")
 def cli_report(args: argparse.Namespace) -> int:
     """``kalm report RUN_DIR``: regenerate ``eval/report.md`` and the plots."""
     run = RunDir(args.run_dir)
+    run.require_run()
     written = write_report(run)
     print(f"[kalm] report: {run.uri_of('eval', 'report.md')} ({len(written) - 1} plots)")
     return 0

@@ -32,6 +32,8 @@ from kalm_ray.eval.stats import (
     wilson_interval,
 )
 
+MIN_SEEDS = 3
+"""Training seeds per mix below which a paired comparison is flagged as not a result."""
 BASELINE = "real"
 TREATMENT = "real+imagined"
 CI_METHOD = (
@@ -224,4 +226,19 @@ def headline_markdown(results: Mapping[str, Any]) -> str:
                 row += f" {_pct(random['levels'][lv]['mean'])} |"
             lines.append(row)
     lines += ["", f"_{results.get('ci_method', CI_METHOD)}_", ""]
+    few = sorted(
+        {
+            p["n_seeds"]
+            for by_level in results.get("paired", {}).values()
+            for p in by_level.values()
+            if p.get("n_seeds") is not None and p["n_seeds"] < MIN_SEEDS
+        }
+    )
+    if few:
+        lines += [
+            f"_**Not a result:** {' or '.join(map(str, few))} training seed(s) per mix, so the "
+            "intervals hold little or no seed variance; a comparison needs "
+            f"`train.seeds` of {MIN_SEEDS} at least._",
+            "",
+        ]
     return "\n".join(lines)

@@ -7,6 +7,11 @@
   and ``##`` piece so any text still tokenizes, the 2,000 most frequent words, and every
   piece of every instruction of the suite at every level). A 30k-row output layer would
   cost more than the whole transformer at this size (measured ~2x slower per token).
+  The novel levels' wordings choose which of the encoder's tokens are kept (26 word pieces
+  on CLEVR, e.g. ``marble``, 75 on Meta-World), never a weight: their rows are the encoder's
+  own, no grounding example holds a novel wording, and a pretrained LLM's vocabulary has
+  these words too. Without them a novel word would reach the model in pieces, mostly single
+  characters.
 - weights: random, except the token embeddings, which are the sentence encoder's
   (PCA-projected to the model width, ``GroundConfig.tiny_init_from_encoder``) so words start
   with real meaning, and the codec's bin tokens, which start as smooth features of the value

@@ -82,7 +82,8 @@ def check_embeddings(instructions: list[str], table: dict[str, np.ndarray], *, w
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(
             f"{where}: instruction {missing[0]!r} has no embedding in {INSTRUCTIONS_FILE}{more}; "
-            "re-run `kalm collect` so the instruction table covers every wording"
+            "it was made for other wordings than this code's; collect into a new --run-dir "
+            "(an up-to-date collect is skipped)"
         )
 
 

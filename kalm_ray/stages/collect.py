@@ -54,6 +54,8 @@ from kalm_ray.stage import plan_stage, print_resuming
 
 def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
     """Collect ``cfg.collect.episodes_per_task`` episodes per train task into ``data/real/``."""
+    suite = get_suite(cfg.env.name)
+    tasks = resolve_tasks(suite, cfg.collect.tasks)  # refused before the run dir is claimed
     plan = plan_stage("collect", cfg, run_dir)
     run = plan.run
     if plan.current is not None and run.exists(*INSTRUCTIONS_FILE):
@@ -64,8 +66,6 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         return plan.current
 
     # ---- build: everything that can be wrong is checked before Ray starts ------------------
-    suite = get_suite(cfg.env.name)
-    tasks = resolve_tasks(suite, cfg.collect.tasks)
     resolve_encoder(cfg.text)
     spec = CollectSpec(
         env=suite.name,

@@ -127,7 +127,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
         if missing:
             raise KalmError(
                 f"evaluation lost {len(missing)} episodes (first: {missing[0]}); "
-                "rerun `kalm evaluate`"
+                f"rerun `{run.command('evaluate')}`"
             )
         ordered = {p.name: [outcomes[p.name][s.index] for s in specs] for p in policies}
         n_episodes = len(specs) * len(policies)

@@ -34,7 +34,7 @@ from kalm_ray.llm.imagine.backends import GenerationSpec, generate, resolve_back
 from kalm_ray.llm.imagine.filter import FilterLimits, FilterTally
 from kalm_ray.llm.imagine.labels import judge_batch
 from kalm_ray.llm.imagine.replay import Replayer, ReplayTally
-from kalm_ray.llm.imagine.requests import requests_dataset
+from kalm_ray.llm.imagine.requests import requests_dataset, wording_shortfall
 from kalm_ray.llm.imagine.store import (
     JudgedStore,
     judged_once,
@@ -76,6 +76,12 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
     suite = get_suite(cfg.env.name)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
+    for level, (used, total, needed) in wording_shortfall(requests, suite).items():
+        print(
+            f"[kalm] imagine: {level}: {icfg.rollouts_per_level} requests use {used} of its "
+            f"tasks' {total} wordings (imagine.rollouts_per_level: {needed} uses each)",
+            flush=True,
+        )
     level_steps = level_step_limits(suite, list(icfg.levels), max_steps, compose=icfg.compose)
     limits = FilterLimits.for_suite(
         suite,

@@ -189,7 +189,8 @@ def build_examples(
     if not run.exists(work, "examples.done"):
         if not run.exists("data", "real"):
             raise InputError(
-                f"{run.uri_of('data', 'real')}: no real episodes; run `kalm collect` first"
+                f"{run.uri_of('data', 'real')}: no real episodes; run `{run.command('collect')}` "
+                "first"
             )
         if g.lookahead_pushes and not all(
             "lookahead" in pq.read_schema(p, filesystem=run.fs).names

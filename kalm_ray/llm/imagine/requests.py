@@ -2,12 +2,14 @@
 
 For each target level, ``rollouts_per_level`` requests are spread round-robin over the
 level's tasks (optionally a stable sample of ``max_tasks_per_level`` of them); the k-th
-request of a task takes wording ``(offset + k) mod n`` of that task, with a seeded offset per
-task, so a level's requests use all of its wordings even when each task gets fewer requests
-than it has wordings. Start states come from real episodes' first states or from the env's
-reset distribution, and only states where the task is meaningful (the suite's
-``valid_start``: the goal does not hold yet, a ball to move has room). Everything is a
-deterministic function of the master seed.
+request of a task takes wording ``(offset + k) mod n`` of that task (:func:`wording_offsets`).
+With at least as many requests per task as it has wordings, every wording of the level is
+requested; with fewer, the tasks' windows follow one another, so every wording index (CLEVR:
+every template) is used as evenly as the requests allow, and the imagine stage says how many
+of the level's wordings its requests use. Start states come from real episodes' first
+states or from the env's reset distribution, and only states where the task is meaningful
+(the suite's ``valid_start``: the goal does not hold yet, a ball to move has room).
+Everything is a deterministic function of the master seed.
 """
 
 from __future__ import annotations
@@ -165,6 +167,25 @@ def real_first_states(run: RunDir, folder: str = "data/real") -> dict[str, np.nd
     return {task: states[tasks == task] for task in sorted(set(tasks.tolist()))}
 
 
+def wording_offsets(n_wordings: list[int], n_requests: int, rng: np.random.Generator) -> np.ndarray:
+    """Each task's first wording: its k-th request takes wording ``(offset + k) mod n``.
+
+    Requests go round-robin over the tasks, so task j gets ``count_j`` of them. When every
+    task gets at least as many requests as it has wordings, every (task, wording) pair is
+    requested whatever the offsets, and they are seeded draws. When some get fewer, the tasks
+    take consecutive windows of the wording list from one seeded start (task j's window
+    begins where task j-1's ended), so the level uses each wording index (CLEVR: each
+    template, the same index in every task) as evenly as its requests allow; independent
+    offsets would leave templates out by chance.
+    """
+    n_tasks = len(n_wordings)
+    counts = [n_requests // n_tasks + (j < n_requests % n_tasks) for j in range(n_tasks)]
+    if all(c >= n for c, n in zip(counts, n_wordings, strict=True)):
+        return rng.integers(0, 2**31 - 1, size=n_tasks)
+    start = int(rng.integers(0, 2**31 - 1))
+    return start + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
 def build_requests(
     suite: Any,
     *,
@@ -197,7 +218,11 @@ def build_requests(
             continue
         seeds = level_rng(seed, level, "seeds").integers(0, 2**31 - 1, size=rollouts_per_level)
         task_of = [tasks[i % len(tasks)] for i in range(rollouts_per_level)]
-        offsets = level_rng(seed, level, "wordings").integers(0, 2**31 - 1, size=len(tasks))
+        offsets = wording_offsets(
+            [len(suite.instructions(level, t)) for t in tasks],
+            rollouts_per_level,
+            level_rng(seed, level, "wordings"),
+        )
         state_of = np.zeros((rollouts_per_level, dim), np.float32)
         for task in tasks:
             idx = np.array([i for i, t in enumerate(task_of) if t == task], dtype=int)
@@ -219,6 +244,30 @@ def build_requests(
     arrays = {c: pa.array(v, schema.field(c).type) for c, v in rows.items()}
     arrays["start_state"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
     return pa.Table.from_arrays([arrays[c] for c in REQUEST_COLUMNS], schema=schema)
+
+
+def wording_shortfall(table: pa.Table, suite: Any) -> dict[str, tuple[int, int, int]]:
+    """Levels whose requests leave wordings out: ``level -> (used, wordings, needed)``, with
+    ``needed`` the ``rollouts_per_level`` that requests each (tasks in the table's order)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    levels = table.column("level").to_pylist()
+    pairs = list(
+        zip(
+            levels,
+            table.column("task").to_pylist(),
+            table.column("instruction").to_pylist(),
+            strict=True,
+        )
+    )
+    for level in dict.fromkeys(levels):
+        tasks = list(dict.fromkeys(t for lv, t, _ in pairs if lv == level))
+        n = [len(suite.instructions(level, t)) for t in tasks]
+        used = len({(t, w) for lv, t, w in pairs if lv == level})
+        if used < sum(n):
+            # round-robin: task j's n-th request is request (n - 1) * len(tasks) + j
+            needed = max((k - 1) * len(tasks) + j + 1 for j, k in enumerate(n))
+            out[level] = (used, sum(n), needed)
+    return out
 
 
 def requests_dataset(table: pa.Table, *, rows_per_block: int) -> ray.data.Dataset:
