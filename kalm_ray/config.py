@@ -239,7 +239,7 @@ class GroundConfig(_Section):
     # Memory and CPU sizing only; checkpointing recomputes the same activations.
     _placement_only = frozenset({"gradient_checkpointing", "gpu_memory_gib", "num_cpus_per_worker"})
     _hashed_when_set = frozenset(
-        {"relabel_copies", "weight_decay", "score_every", "lr_decay_fraction"}
+        {"relabel_copies", "weight_decay", "score_every", "lr_decay_fraction", "tiny_vocabulary"}
     )
 
     model: ModelSection = ModelSection()
@@ -335,6 +335,11 @@ class GroundConfig(_Section):
     """Steps between checkpoints (resume point after a crash)."""
     tiny_init_from_encoder: bool = True
     """``tiny`` only: initialise token embeddings from the sentence encoder's."""
+    tiny_vocabulary: Literal["all_levels", "train"] = "all_levels"
+    """``tiny`` only: whose wordings choose the encoder tokens the tokenizer keeps (beside the
+    characters and the 2,000 most frequent words): every level's (the novel words keep their
+    own token, as in a pretrained LLM's vocabulary), or the train level's only (a novel word
+    reaches the model in pieces). See :mod:`kalm_ray.llm.model` and docs/results.md."""
     train_codec_embeddings: bool = True
     """LoRA only: also train the codec tokens' embedding rows (PEFT trainable tokens; reserved
     tokens are often untrained). The model is then served merged; off = the adapter alone is

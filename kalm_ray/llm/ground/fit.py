@@ -85,7 +85,8 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
         from kalm_ray.llm.model import build_tiny, count_params
 
         codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
-        texts = [w for lv in LEVELS for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
+        levels = LEVELS if g.tiny_vocabulary == "all_levels" else ("train",)
+        texts = [w for lv in levels for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
         model, tok = build_tiny(
             codec,
             texts,
