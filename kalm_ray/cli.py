@@ -81,8 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--quick", action="store_true", help="sampled hashes for big files (as stages do)"
     )
-    sub.add_parser(
+    envs = sub.add_parser(
         "envs", parents=[common], help="list environments, levels, tasks, sample instructions"
+    )
+    envs.add_argument(
+        "--tasks",
+        action="store_true",
+        help="list every task id instead (what collect.tasks takes: the train level's)",
     )
     sub.add_parser(
         "plan",
@@ -104,9 +109,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_envs(_: argparse.Namespace) -> int:
+def _cmd_envs(args: argparse.Namespace) -> int:
     from kalm_ray.envs import ENVS, LEVELS, get_suite
 
+    if args.tasks:
+        for env in ENVS:
+            try:
+                suite = get_suite(env)
+            except ModuleNotFoundError as e:
+                print(f"{env}: unavailable ({e})")
+                continue
+            for level in LEVELS:
+                print(f"{env} {level}: {' '.join(suite.tasks(level))}")
+        return 0
     rows = [("env", "level", "tasks", "steps", "sample instructions")]
     for env in ENVS:
         try:

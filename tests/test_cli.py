@@ -15,6 +15,11 @@ def test_envs_table(capsys) -> None:
     assert ["clevr", "train", "80"] in rows and ["clevr", "rephrase", "80"] in rows
     assert any(r[:2] == ["metaworld", "train"] and r[2] == "10" for r in rows)
     assert any(r[:2] == ["metaworld", "hard"] and r[2] == "4" for r in rows)
+    # --tasks: every task id, what collect.tasks takes (its error points here)
+    assert main(["envs", "--tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    train = next(line for line in lines if line.startswith("clevr train: ")).split()[2:]
+    assert len(train) == 80 and "left:red:blue" in train
 
 
 @pytest.mark.parametrize(

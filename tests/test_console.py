@@ -95,3 +95,18 @@ def test_console_handlers_added_later_get_the_threshold(restore_console):
         assert stream.getvalue() == "a real error\n"
     finally:
         logger.removeHandler(late)
+
+
+def test_the_progress_board_sums_the_steps_of_its_sources():
+    """Training units post their own iteration under their name; the bar shows the sum, and a
+    late (out of order) report never moves a source back."""
+    from kalm_ray.progress import ProgressBoard
+
+    board = ProgressBoard()
+    board.post({"source": "bc-real-seed0", "step": 2})
+    board.post({"source": "bc-real-seed1", "step": 1})
+    board.post({"source": "bc-real-seed0", "step": 1})  # arrived late
+    assert board.latest()["step"] == 3
+    board.post({"step": 7, "loss": 0.5})  # ground's single source: the furthest step
+    board.post({"step": 6})
+    assert board.latest()["step"] == 7 and board.latest()["loss"] == 0.5

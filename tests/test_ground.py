@@ -145,8 +145,8 @@ def test_torchtrainer_checkpoint_and_resume(prepared, tmp_path, ray_local, capsy
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kalm_ray.llm.ground.progress_actor import show_progress
     from kalm_ray.llm.ground.train_fn import train_loop
+    from kalm_ray.progress import show_progress
 
     def fit(steps: int):
         with show_progress("ground", total=steps) as board:

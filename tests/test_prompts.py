@@ -231,3 +231,21 @@ def test_example_builder_relabels_training_episodes_only(codec, tokenizer, suite
     assert ids == held | train | {f"{e}~r{k}" for e in train for k in range(2)}
     assert all(r["split"] == "train" for r in more if "~r" in r["episode_id"])
     assert len(more) == len(plain) + 2 * sum(r["split"] == "train" for r in plain)
+
+
+def test_the_tiny_vocabulary_of_all_levels_or_of_the_train_level(suite, codec):
+    """``ground.tiny_vocabulary``: the novel levels' words keep a token of their own (as in a
+    pretrained LLM's vocabulary), or reach the model in pieces when only the train level's
+    wordings choose the tokens; no training wording is tokenized differently."""
+    from kalm_ray.llm.model import build_tiny_tokenizer, vocabulary_texts
+
+    every, train = vocabulary_texts(suite), vocabulary_texts(suite, "train")
+    assert set(train) < set(every) and all(
+        w in every for t in suite.tasks("rephrase") for w in suite.instructions("rephrase", t)
+    )
+    big, _ = build_tiny_tokenizer(codec, every)
+    small, _ = build_tiny_tokenizer(codec, train)
+    assert len(big) - len(small) == 26  # word pieces only the novel levels use (CLEVR)
+    assert big.tokenize("a marble") == ["a", "marble"]
+    assert len(small.tokenize("a marble")) > 2
+    assert all(big.tokenize(w) == small.tokenize(w) for w in train[::50])

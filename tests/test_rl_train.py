@@ -309,14 +309,17 @@ def _digests(run: RunDir) -> dict[str, str]:
     }
 
 
-def test_units_in_parallel_give_the_sequential_weights(ray_local, tmp_path):
+def test_units_in_parallel_give_the_sequential_weights(ray_local, tmp_path, capsys):
     """Units as Ray tasks (the default) train the same weights as one after another in the
-    driver (``max_concurrent_units: 1``)."""
+    driver (``max_concurrent_units: 1``); either way a bar counts the units' iterations."""
     from kalm_ray.stages.train import run_train
 
     seq, par = _clevr_run(tmp_path / "seq"), _clevr_run(tmp_path / "par")
     run_train(_grid_cfg(seq, max_concurrent_units=1), seq)
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "4/4 [" in err, err[-500:]
     manifest = run_train(_grid_cfg(par), par)
+    assert "4/4 [" in capsys.readouterr().err  # 2 units x 2 iterations, from Ray tasks
     assert manifest.counts["policies"] == ["bc-real-seed0", "dcql-real-seed0"]
     assert _digests(par) == _digests(seq) and len(set(_digests(par).values())) == 2
     assert not list((tmp_path / "par").glob("policy/*/_units"))  # resume marks gone when done

@@ -49,7 +49,7 @@ def resolve_tasks(suite: Suite, wanted: list[str] | None) -> list[tuple[int, str
             )
             raise ConfigError(
                 f"collect.tasks: {t!r} is {why} of env {suite.name!r} "
-                f"(train tasks: {shown}; see `kalm envs`)"
+                f"(train tasks: {shown}; all: `kalm envs --tasks`)"
             )
     return sorted({(index[t], t) for t in wanted})
 

@@ -97,6 +97,15 @@ def codec_token_ids(tokenizer: Any, codec: Codec) -> list[int]:
     return ids
 
 
+def vocabulary_texts(suite: Any, which: str = "all_levels") -> list[str]:
+    """The wordings whose pieces the tiny tokenizer keeps (``ground.tiny_vocabulary``):
+    every level's (``all_levels``) or the train level's only (``train``)."""
+    from kalm_ray.envs import LEVELS
+
+    levels = LEVELS if which == "all_levels" else ("train",)
+    return [w for lv in levels for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
+
+
 def build_tiny_tokenizer(
     codec: Codec, texts: Iterable[str], *, n_frequent: int = N_FREQUENT_WORDS
 ) -> tuple[Any, list[int]]:

@@ -62,10 +62,14 @@ def train_in_driver(
     embeddings: dict[str, Any],
     quick: QuickEvalSpec | None,
     master_seed: int,
+    progress: str | None = None,
 ) -> Iterator[tuple[Unit, dict[str, Any] | BaseException]]:
     """``max_concurrent_units: 1``: the units one after another in this process, each
     yielded with its summary or its exception (as :meth:`UnitPool.imap_unordered` does)."""
+    from kalm_ray.progress import ProgressPoster
+
     quick_eval = quick.build(embeddings) if quick is not None else None
+    poster = ProgressPoster(progress)
     try:
         for unit in units:
             try:
@@ -79,6 +83,7 @@ def train_in_driver(
                     info=info,
                     quick_eval=quick_eval,
                     master_seed=master_seed,
+                    progress=poster,
                 )
             except Exception as e:  # noqa: BLE001 - a unit's failure is reported, not raised
                 log.debug("train %s failed", unit.name, exc_info=True)

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,7 @@ def train_unit(
     info: dict[str, Any],
     quick_eval: QuickEval | None,
     master_seed: int = 0,
+    progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Train ``unit`` and write ``<out_dir>/<unit.name>/`` on ``run``; returns its summary.
 
@@ -143,6 +145,7 @@ def train_unit(
         mix: the prepared data of ``unit.data``.
         info: fields shared by every unit's ``policy_info.json`` (env, dims, encoder).
         quick_eval: the train-level success check, or None to skip it.
+        progress: told each finished iteration (a :class:`kalm_ray.progress.ProgressPoster`).
     """
     t0 = time.perf_counter()
     run.delete(out_dir, unit.name)  # what an interrupted attempt left, if anything
@@ -195,6 +198,8 @@ def train_unit(
             rows.append(row)
             with open(os.path.join(local, CURVE_FILE), "w") as f:
                 f.write(curve_csv(rows))
+            if progress is not None:
+                progress({"source": unit.name, "step": it}, force=True)
             log.info(
                 "train %s: iteration %d/%d %s",
                 unit.name,

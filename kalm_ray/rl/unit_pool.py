@@ -65,10 +65,12 @@ def _train_remote(
     embeddings: dict[str, np.ndarray],
     quick: QuickEvalSpec | None,
     master_seed: int,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Body of a unit's Ray task: the same :func:`train_unit` the driver would run."""
     import torch
 
+    from kalm_ray.progress import ProgressPoster
     from kalm_ray.raysetup import configure_console
     from kalm_ray.rl.unit import train_unit
 
@@ -88,6 +90,7 @@ def _train_remote(
             info=info,
             quick_eval=quick_eval,
             master_seed=master_seed,
+            progress=ProgressPoster(progress),
         )
     finally:
         if quick_eval is not None:
@@ -109,6 +112,7 @@ class UnitPool:
         embeddings: dict[str, np.ndarray],
         quick: QuickEvalSpec | None,
         master_seed: int,
+        progress: str | None = None,
     ):
         import ray
 
@@ -124,6 +128,7 @@ class UnitPool:
             "embeddings": ray.put(embeddings),
             "quick": quick,
             "master_seed": master_seed,
+            "progress": progress,
         }
         gpus = train.num_gpus_per_learner if train.num_learners == 0 else 0.0
         self.task = ray.remote(_train_remote).options(

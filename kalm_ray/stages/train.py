@@ -28,6 +28,7 @@ from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_ma
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
+from kalm_ray.progress import show_progress
 from kalm_ray.raysetup import init_ray, require_resources
 from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.policy import POLICY_INFO
@@ -135,28 +136,29 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
             "quick": quick,
             "master_seed": cfg.seed,
         }
-        if train.max_concurrent_units == 1:
-            outcomes = train_in_driver(todo, **common)
-        else:
-            outcomes = UnitPool(**common).imap_unordered(todo)
         by_name, failed = dict(done), {}
-        for unit, res in outcomes:
-            if isinstance(res, BaseException):
-                failed[unit.name] = res
-                print(f"[kalm] train: {unit.name} failed: {one_line(res)}", flush=True)
-                continue
-            # Marked only once complete: a unit cut short has no mark and is trained again.
-            Staging(run, f"{out}/{unit.name}").mark_finished(POLICY_INFO, res)
-            by_name[unit.name] = res
-            shown = (
-                ""
-                if res["quick_success"] is None
-                else f", quick success {res['quick_success']:.2f}"
-            )
-            print(
-                f"[kalm] train: {len(by_name)}/{len(units)} {unit.name}: {res['wall_s']}s{shown}",
-                flush=True,
-            )
+        # A bar over the units' iterations: units run in Ray workers, whose logs the console
+        # does not show, so without it nothing moves between two finished units.
+        with show_progress("train", total=len(todo) * train.iterations, unit="it") as board:
+            if train.max_concurrent_units == 1:
+                outcomes = train_in_driver(todo, **common, progress=board)
+            else:
+                outcomes = UnitPool(**common, progress=board).imap_unordered(todo)
+            for unit, res in outcomes:
+                if isinstance(res, BaseException):
+                    failed[unit.name] = res
+                    print(f"[kalm] train: {unit.name} failed: {one_line(res)}", flush=True)
+                    continue
+                # Marked only once complete: a unit cut short has no mark and is trained again.
+                Staging(run, f"{out}/{unit.name}").mark_finished(POLICY_INFO, res)
+                by_name[unit.name] = res
+                quick_s = res["quick_success"]
+                shown = "" if quick_s is None else f", quick success {quick_s:.2f}"
+                print(
+                    f"[kalm] train: {len(by_name)}/{len(units)} {unit.name}: "
+                    f"{res['wall_s']}s{shown}",
+                    flush=True,
+                )
         if failed:
             name, err = next(iter(failed.items()))
             raise UnitFailed(

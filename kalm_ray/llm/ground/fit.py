@@ -18,7 +18,6 @@ import pyarrow.fs as pafs
 
 from kalm_ray.artifacts import RunDir
 from kalm_ray.config import ExperimentConfig
-from kalm_ray.envs import LEVELS
 from kalm_ray.errors import InputError
 from kalm_ray.llm.codec import Codec
 
@@ -82,11 +81,10 @@ def _prepare(cfg: ExperimentConfig, suite: Any, run: RunDir, work: str) -> dict[
     prep.mkdir(parents=True, exist_ok=True)
     tiny = g.model.name == "tiny"
     if tiny:
-        from kalm_ray.llm.model import build_tiny, count_params
+        from kalm_ray.llm.model import build_tiny, count_params, vocabulary_texts
 
         codec = Codec.for_suite(suite, g.n_bins, state_coding=g.state_coding)
-        levels = LEVELS if g.tiny_vocabulary == "all_levels" else ("train",)
-        texts = [w for lv in levels for t in suite.tasks(lv) for w in suite.instructions(lv, t)]
+        texts = vocabulary_texts(suite, g.tiny_vocabulary)
         model, tok = build_tiny(
             codec,
             texts,
@@ -315,8 +313,8 @@ def fit(cfg: ExperimentConfig, run: RunDir, work: str, prep: dict[str, Any]) -> 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kalm_ray.llm.ground.progress_actor import show_progress
     from kalm_ray.llm.ground.train_fn import train_loop
+    from kalm_ray.progress import show_progress
 
     g = cfg.ground
     # The workers' output does not reach this console: rank 0 posts its progress to a board

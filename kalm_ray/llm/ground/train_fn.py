@@ -25,7 +25,7 @@ the output layer at prompt positions, and must run unchanged on a GPU box withou
 - ``checkpoint_dir`` (outside Ray), ``output_dir`` (outside Ray: where the final model goes);
 - ``info``: written to ``grounded.json`` beside the final model;
 - ``progress_actor``: None, or the name of a
-  :class:`kalm_ray.llm.ground.progress_actor.ProgressBoard` that rank 0 posts
+  :class:`kalm_ray.progress.ProgressBoard` that rank 0 posts
   ``step``/``loss``/``tokens_per_s`` to (the driver's progress bar);
 - ``metrics``: None, or keyword arguments of :func:`kalm_ray.llm.ground.metrics.grounding_metrics`
   plus ``env``, ``heldout_real`` (Parquet of held-out transitions) and optionally
@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from kalm_ray.llm.ground.progress_actor import ProgressPoster
 from kalm_ray.llm.prompts import IGNORE
+from kalm_ray.progress import ProgressPoster
 
 log = logging.getLogger("kalm_ray")
 

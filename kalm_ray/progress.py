@@ -1,11 +1,13 @@
-"""Training progress from Ray Train workers to the driver's progress bar (one Ray role).
+"""Progress from Ray workers to the driver's progress bar (one Ray role).
 
-Ray Train runs the loop in worker processes whose output the driver does not show (see
-:mod:`kalm_ray.raysetup`), and ``trainer.fit()`` blocks until the end. So the driver starts
-a small named :class:`ProgressBoard` actor, rank 0 of the loop posts its step and loss to it
-(:func:`post_progress`, fire-and-forget, at most every ``min_interval_s``), and a driver
-thread polls the board into a tqdm bar (:func:`show_progress`). Progress is best effort:
-a board that is gone or unreachable never fails training.
+Ray Train's loop (ground) and the training units (train) run in worker processes whose
+output the driver does not show (see :mod:`kalm_ray.raysetup`), and the driver blocks until
+they end. So the driver starts a small named :class:`ProgressBoard` actor, the workers post
+their step to it (:class:`ProgressPoster`, fire-and-forget, at most every
+``min_interval_s``), and a driver thread polls the board into a tqdm bar
+(:func:`show_progress`). Several workers at once (training units) post under their own
+``source``; the bar shows the sum of their steps. Progress is best effort: a board that is
+gone or unreachable never fails the work.
 """
 
 from __future__ import annotations
@@ -23,14 +25,23 @@ log = logging.getLogger("kalm_ray")
 
 
 class ProgressBoard:
-    """Holds the latest progress report (a plain dict: ``step``, ``total``, ``loss``, ...)."""
+    """Holds the latest progress report (a plain dict: ``step``, ``total``, ``loss``, ...).
+
+    A report with a ``source`` (one of several workers) counts that source's own ``step``;
+    :meth:`latest` then reports the sum over the sources.
+    """
 
     def __init__(self) -> None:
         self._latest: dict[str, Any] = {}
+        self._steps: dict[str, float] = {}
 
     def post(self, report: dict[str, Any]) -> None:
         # Reports can arrive out of order (fire-and-forget calls); keep the furthest step.
-        if float(report.get("step", 0)) >= float(self._latest.get("step", -1)):
+        source = report.get("source")
+        if source is not None:
+            self._steps[source] = max(self._steps.get(source, 0), float(report.get("step", 0)))
+            self._latest = {**report, "step": sum(self._steps.values())}
+        elif float(report.get("step", 0)) >= float(self._latest.get("step", -1)):
             self._latest = dict(report)
 
     def latest(self) -> dict[str, Any]:
