@@ -344,6 +344,16 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
         else "shape unknown (no local config.json, not in the known-models table)"
     )
     plan.add("model", f"{g.model.name}: {shape} [{model.source}]")
+    if (
+        g.model.name.startswith(("/", "./", "../", "~"))
+        and not Path(g.model.name).expanduser().exists()
+    ):
+        # A path: the ground stage's own refusal where it runs here; a cluster's nodes may
+        # hold it, so `kalm plan`/`kalm submit` only say so.
+        if local:
+            plan.refuse("ground", f"ground.model.name: no such model folder {g.model.name!r}")
+        else:
+            plan.more(f"note: {g.model.name} is not on this machine; the nodes must have it")
     plan.more(
         f"codec: {len(codec.all_tokens)} tokens, at most {codec.max_step_tokens()} tokens per "
         f"step ({g.n_bins} bins, {g.state_coding} states)"

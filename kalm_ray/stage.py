@@ -110,6 +110,10 @@ def stage_states(cfg: ExperimentConfig, run: RunDir) -> dict[str, str]:
     return out
 
 
+_damaged: set[tuple[str, str]] = set()
+"""(stage output folder, output id) found damaged by this process (said once)."""
+
+
 def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) -> StagePlan:
     """Resolve inputs and fingerprint for ``stage``; raises InputError if an input is missing."""
     run = as_run_dir(cfg, run_dir)
@@ -129,10 +133,15 @@ def plan_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None) 
     fp = fingerprint(stage, config_hash, inputs)
     out = OUTPUT_DIRS[stage]
     current = run.is_current(out, fp)
-    if current is not None and not check_stage_files(run, out, current):
+    # Judged once per process (`kalm run` plans the stage, then the stage plans itself); an
+    # output made again has another output id, and is judged afresh.
+    damaged = (run.uri_of(out), current.output_id if current is not None else "")
+    if current is not None and (damaged in _damaged or not check_stage_files(run, out, current)):
         # Damaged output of this very stage: make it again (the damaged folder is moved
         # aside, not deleted) rather than skip it as up to date.
-        print(f"[kalm] {stage}: its output is damaged; running it again", file=sys.stderr)
+        if damaged not in _damaged:
+            print(f"[kalm] {stage}: its output is damaged; running it again", file=sys.stderr)
+            _damaged.add(damaged)
         current = None
     if current is None:
         # Inputs are checked before any work, before Ray starts (inside a Ray Data read a

@@ -220,6 +220,12 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     with pytest.raises(PlanError, match=r"imagine.backend: vllm, but the vllm package is not"):
         check_local(vllm, ["collect", "ground", "imagine"])
     check_local(vllm, ["ground", "train"])  # not theirs to refuse
+    # A model folder that is not there: refused for a local run; a cluster's nodes may have it.
+    gone = load_config(_config(tmp_path, "quick", **{"ground.model": {"name": "/no/such/model"}}))
+    with pytest.raises(PlanError, match="ground.model.name: no such model folder '/no/such/model'"):
+        check_local(gone, ["ground"])
+    assert not make_plan(gone).refusals
+    assert any("/no/such/model is not on this machine" in line for line in make_plan(gone).lines)
 
 
 def test_misspelt_algo_params_are_refused_by_the_plan(tmp_path, capsys):

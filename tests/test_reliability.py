@@ -199,6 +199,9 @@ def test_damaged_output_is_not_skipped_as_up_to_date(tmp_path, capsys):
     assert plan_stage("collect", cfg, run).current is None
     err = capsys.readouterr().err
     assert f"{part}: size" in err and "collect: its output is damaged; running it again" in err
+    # `kalm run` plans the stage, then the stage plans itself: said once, not twice
+    assert plan_stage("collect", cfg, run).current is None
+    assert capsys.readouterr().err == ""
 
 
 def test_damaged_input_is_one_line_naming_file_and_stage(tmp_path, capsys):
