@@ -282,7 +282,7 @@ class RunDir:
         if seed is None:
             try:
                 seed = (self.read_json(RUN_INFO) if self.exists(RUN_INFO) else {}).get("seed")
-            except (RunDirError, OSError):
+            except (InputError, RunDirError, OSError):  # unreadable, or not of run.json's shape
                 pass  # a hint must not fail: the command without the seed
         words = ["kalm", stage, "CONFIG", *flags, "--run-dir", shlex.quote(self.uri)]
         return " ".join(words + ([] if seed is None else ["--seed", str(seed)]))

@@ -11,7 +11,15 @@ from kalm_ray.artifacts import Manifest, RunDir
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.errors import KalmError
 from kalm_ray.plan import check_local
-from kalm_ray.stage import OUTPUT_DIRS, STAGES, as_run_dir, plan_stage
+from kalm_ray.raysetup import check_address
+from kalm_ray.stage import (
+    OUTPUT_DIRS,
+    STAGES,
+    as_run_dir,
+    plan_stage,
+    stage_inputs,
+    stage_states,
+)
 
 log = logging.getLogger("kalm_ray")
 
@@ -42,6 +50,15 @@ def run_stage(stage: str, cfg: ExperimentConfig, run_dir: RunDir | str | None = 
         return fn(cfg, run)
 
 
+def stages_to_run(cfg: ExperimentConfig, run: RunDir, todo: list[str]) -> list[str]:
+    """The stages of ``todo`` that will run: not up to date, or reading a stage that will."""
+    states, runs = stage_states(cfg, run), []
+    for stage in todo:
+        if states[stage] != "done" or set(stage_inputs(stage, cfg)) & set(runs):
+            runs.append(stage)
+    return runs
+
+
 def run_pipeline(
     cfg: ExperimentConfig,
     run_dir: RunDir | str | None = None,
@@ -54,8 +71,11 @@ def run_pipeline(
         if value is not None and value not in STAGES:
             raise KalmError(f"{name} {value!r}: valid stages are {', '.join(STAGES)}")
     todo = [only] if only else list(STAGES[STAGES.index(start) :] if start else STAGES)
-    check_local(cfg, todo)  # `kalm plan`'s refusals of these stages, before any starts
     run = as_run_dir(cfg, run_dir)
+    # `kalm plan`'s refusals of the stages that will run (not of those up to date, which are
+    # skipped whatever this machine lacks), and the Ray address, before any stage starts.
+    check_local(cfg, stages_to_run(cfg, run, todo))
+    check_address(cfg.ray)
     done: dict[str, Manifest] = {}
     for stage in todo:
         t0 = time.perf_counter()

@@ -297,6 +297,14 @@ def check_reachable(address: str, key: str, *, timeout_s: float = 10.0) -> None:
         ) from None
 
 
+def check_address(cfg: RayConfig) -> None:
+    """:func:`check_reachable` on the address :func:`init_ray` would join, if any (``kalm run``
+    checks it before the first stage, so a refused command claims no run dir)."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address, "ray.address" if cfg.address else "RAY_ADDRESS")
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join ``cfg.address`` or start a local Ray; a no-op when Ray is already up.
 
@@ -317,7 +325,7 @@ def init_ray(cfg: RayConfig) -> None:
     # Jobs submitted to a cluster set RAY_ADDRESS; join it rather than start a new Ray.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_reachable(address, "ray.address" if cfg.address else "RAY_ADDRESS")
+        check_address(cfg)
         ray.init(address=address, log_to_driver=cfg.verbose, configure_logging=True)
         _reinstall_sigterm()
         configure_console(cfg.verbose)

@@ -85,6 +85,12 @@ def test_a_refused_command_does_not_claim_the_run_dir(tmp_path) -> None:
         plan_stage("imagine", parse_config({**cfg, "seed": 3}), None)
     with pytest.raises(ConfigError, match="collect.tasks: 'nope' is not a task"):
         run_collect(parse_config({**cfg, "seed": 4, "collect": {"tasks": ["nope"]}}))
+    # Nor a Ray address nothing listens on (kalm run checks it before the first stage).
+    from kalm_ray.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: exp\nrun_dir: {cfg['run_dir']}\nray: {{address: '127.0.0.1:1'}}\n")
+    assert main(["collect", str(bad), "--seed", "5"]) == 2
     assert not (tmp_path / "run" / "run.json").exists()
     plan_stage("collect", parse_config({**cfg, "seed": 0}), None)  # seed 0 claims it
     assert RunDir(cfg["run_dir"]).read_json("run.json")["seed"] == 0

@@ -122,8 +122,19 @@ def test_requests_use_every_wording_of_a_level_and_only_valid_starts():
         suite, levels=["easy", "hard"], rollouts_per_level=1000, max_tasks_per_level=None,
         seed=0, starts=starts, prompt_fn=partial(rollout_prompt, codec),
     )
-    assert wording_shortfall(short, suite) == {}
-    assert wording_shortfall(pa.Table.from_pylist(rows), suite) == {"easy": (40, 220, 220)}
+    assert wording_shortfall(short, suite, max_tasks_per_level=None, seed=0) == {}
+    table = pa.Table.from_pylist(rows)
+    assert wording_shortfall(table, suite, max_tasks_per_level=None, seed=7) == {
+        "easy": (40, 220, 220)
+    }
+    # Fewer requests than tasks: the tasks never requested count too (80 x 12 rephrase).
+    few = build_requests(
+        suite, levels=["rephrase"], rollouts_per_level=40, max_tasks_per_level=None,
+        seed=0, starts=starts, prompt_fn=partial(rollout_prompt, codec),
+    )
+    assert wording_shortfall(few, suite, max_tasks_per_level=None, seed=0) == {
+        "rephrase": (40, 960, 960)
+    }
 
 
 def test_step_limits_per_level_and_per_part():

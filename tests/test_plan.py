@@ -182,7 +182,7 @@ def test_stepwise_imagination_plans_on_hf_under_auto(tmp_path):
     assert "hf: 1..2 actors" in line and "vLLM" not in line
 
 
-def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, capsys):
+def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, capsys, monkeypatch):
     """``kalm run`` and ``kalm <stage>`` apply the plan's refusals before the first stage (a
     context too short shows there, not inside the grounding), less the runtime_env's, which
     only ``kalm submit`` ships."""
@@ -200,7 +200,7 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
         _config(
             tmp_path,
             "clevr",
-            **{"ray.runtime_env": "jobs/runtime_env.yaml", "imagine.backend": "hf"},  # no vllm here
+            **{"ray.runtime_env": "jobs/runtime_env.yaml", "imagine.backend": "hf"},
         )
     )
     with pytest.raises(PlanError, match="CPU-only torch"):
@@ -214,9 +214,16 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     )
     with pytest.raises(PlanError, match="ground.max_seq_len: 4096"):
         check_local(load_config(no_env), ["ground"])
-    # vLLM named where it is not installed (this machine): before collect, not at imagine.
-    vllm = load_config(_config(tmp_path, "quick", **{"imagine.backend": "vllm",
-                                                     "imagine.mode": "rollout"}))
+    # vLLM named where it is not installed: before collect, not at imagine.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a)
+    )
+    vllm = load_config(
+        _config(tmp_path, "quick", **{"imagine.backend": "vllm", "imagine.mode": "rollout"})
+    )
     with pytest.raises(PlanError, match=r"imagine.backend: vllm, but the vllm package is not"):
         check_local(vllm, ["collect", "ground", "imagine"])
     check_local(vllm, ["ground", "train"])  # not theirs to refuse

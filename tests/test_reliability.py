@@ -185,6 +185,12 @@ def test_the_run_summary_says_which_stages_a_rerun_redoes(tmp_path):
     assert states["ground"] == states["imagine"] == "not run"
     edited = parse_config({"name": NAME, "run_dir": cfg.run_dir, "collect": {"epsilon": 0.5}})
     assert stage_states(edited, run)["collect"] == "out of date (the next run redoes it)"
+    # What `kalm run` checks before the first stage: the stages that will run, not those up
+    # to date (skipped whatever this machine lacks), and every stage after one that reruns.
+    from kalm_ray.pipeline import stages_to_run
+
+    assert stages_to_run(cfg, run, ["collect", "ground", "imagine"]) == ["ground", "imagine"]
+    assert stages_to_run(edited, run, ["collect", "ground"]) == ["collect", "ground"]
 
 
 def _truncate(path: Path) -> None:

@@ -55,7 +55,9 @@ from kalm_ray.stage import plan_stage, print_resuming
 def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
     """Collect ``cfg.collect.episodes_per_task`` episodes per train task into ``data/real/``."""
     suite = get_suite(cfg.env.name)
-    tasks = resolve_tasks(suite, cfg.collect.tasks)  # refused before the run dir is claimed
+    # Refused before the run dir is claimed (plan_stage claims it once inputs pass).
+    tasks = resolve_tasks(suite, cfg.collect.tasks)
+    resolve_encoder(cfg.text)
     plan = plan_stage("collect", cfg, run_dir)
     run = plan.run
     if plan.current is not None and run.exists(*INSTRUCTIONS_FILE):
@@ -66,7 +68,6 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         return plan.current
 
     # ---- build: everything that can be wrong is checked before Ray starts ------------------
-    resolve_encoder(cfg.text)
     spec = CollectSpec(
         env=suite.name,
         max_episode_steps=cfg.env.max_episode_steps or suite.max_episode_steps,

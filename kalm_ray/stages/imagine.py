@@ -76,7 +76,10 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
 
     suite = get_suite(cfg.env.name)
     requests, max_steps = stage_requests(cfg, run, suite, codec)
-    for level, (used, total, needed) in wording_shortfall(requests, suite).items():
+    short = wording_shortfall(
+        requests, suite, max_tasks_per_level=icfg.max_tasks_per_level, seed=cfg.seed
+    )
+    for level, (used, total, needed) in short.items():
         print(
             f"[kalm] imagine: {level}: {icfg.rollouts_per_level} requests use {used} of its "
             f"tasks' {total} wordings (imagine.rollouts_per_level: {needed} uses each)",

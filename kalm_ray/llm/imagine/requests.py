@@ -246,9 +246,12 @@ def build_requests(
     return pa.Table.from_arrays([arrays[c] for c in REQUEST_COLUMNS], schema=schema)
 
 
-def wording_shortfall(table: pa.Table, suite: Any) -> dict[str, tuple[int, int, int]]:
+def wording_shortfall(
+    table: pa.Table, suite: Any, *, max_tasks_per_level: int | None, seed: int
+) -> dict[str, tuple[int, int, int]]:
     """Levels whose requests leave wordings out: ``level -> (used, wordings, needed)``, with
-    ``needed`` the ``rollouts_per_level`` that requests each (tasks in the table's order)."""
+    ``needed`` the ``rollouts_per_level`` that requests each. The level's tasks are those
+    :func:`build_requests` picked (with the same arguments), requested or not."""
     out: dict[str, tuple[int, int, int]] = {}
     levels = table.column("level").to_pylist()
     pairs = list(
@@ -260,7 +263,7 @@ def wording_shortfall(table: pa.Table, suite: Any) -> dict[str, tuple[int, int, 
         )
     )
     for level in dict.fromkeys(levels):
-        tasks = list(dict.fromkeys(t for lv, t, _ in pairs if lv == level))
+        tasks = pick_tasks(suite.tasks(level), max_tasks_per_level, level_rng(seed, level, "tasks"))
         n = [len(suite.instructions(level, t)) for t in tasks]
         used = len({(t, w) for lv, t, w in pairs if lv == level})
         if used < sum(n):
