@@ -74,7 +74,7 @@ def test_rerun_hints_name_the_run_dir_and_its_seed(tmp_path) -> None:
     )
 
 
-def test_a_refused_command_does_not_claim_the_run_dir(tmp_path) -> None:
+def test_a_refused_command_does_not_claim_the_run_dir(tmp_path, capsys) -> None:
     """Refused for a missing input, or a task that is not one, a command leaves no
     ``run.json``: the right seed's first command must not be refused for it."""
     from kalm_ray.errors import ConfigError
