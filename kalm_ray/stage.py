@@ -97,12 +97,12 @@ def stage_states(cfg: ExperimentConfig, run: RunDir) -> dict[str, str]:
     ``done`` (a rerun skips it), ``out of date`` (made under other settings or from other
     inputs: a rerun redoes it) or ``not run``. Read-only: no checks, no claim."""
     out: dict[str, str] = {}
-    for stage in STAGES:
-        m = run.manifest(OUTPUT_DIRS[stage])
+    manifests = {stage: run.manifest(OUTPUT_DIRS[stage]) for stage in STAGES}  # each read once
+    for stage, m in manifests.items():
         if m is None:
             out[stage] = "not run"
             continue
-        ups = {up: run.manifest(OUTPUT_DIRS[up]) for up in stage_inputs(stage, cfg)}
+        ups = {up: manifests[up] for up in stage_inputs(stage, cfg)}
         inputs = {up: u.output_id for up, u in ups.items() if u is not None}
         fp = fingerprint(stage, cfg.section_hash(*CONFIG_SECTIONS[stage]), inputs)
         current = len(inputs) == len(ups) and m.fingerprint == fp
