@@ -396,9 +396,11 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
             f"{'on' if mem['checkpointing'] else 'off'}) + logits {_gib(parts['logits'])} + "
             f"overhead {_gib(parts['overhead'])}"
         )
+        # The limit is a GPU's: a CPU worker's memory is the node's, which Ray schedules.
+        limit = f"; limit ground.gpu_memory_gib {g.gpu_memory_gib:g}" if g.use_gpu else ""
         plan.more(
-            f"  ({mem['trainable_params'] / 1e6:.1f}M trainable; formula: kalm_ray/plan.py; "
-            f"limit ground.gpu_memory_gib {g.gpu_memory_gib:g})"
+            f"  ({mem['trainable_params'] / 1e6:.1f}M trainable; formula: kalm_ray/plan.py"
+            f"{limit})"
         )
         if g.use_gpu and mem["total"] > g.gpu_memory_gib * GIB:
             need = f"~{_gib(mem['total'])} GiB per GPU > ground.gpu_memory_gib {g.gpu_memory_gib:g}"

@@ -44,6 +44,10 @@ def test_shipped_configs_plan_ok(name, capsys):
     for head in ("runtime_env", "model", "collect", "ground", "imagine", "train", "evaluate"):
         assert f"\n{head} " in f"\n{out}"
     assert "verdict     ok" in out
+    # The GPU memory limit is named where the grounding runs on GPUs only.
+    assert ("ground.gpu_memory_gib" in out) == load_config(
+        ROOT / "configs" / f"{name}.yaml"
+    ).ground.use_gpu
 
 
 def test_gpu_configs_ship_the_gpu_runtime_env_and_fit_llama2():
