@@ -671,14 +671,17 @@ class ExperimentConfig(_Section):
 
 def _format_error(path: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    key = ".".join(str(p) for p in first["loc"])
+    # pydantic prefixes our own messages with "Value error, "; the key already says where.
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
     shown = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{path}: {key}: {msg}{shown}{more}"
+    # A check across sections has no key of its own: its message names the keys.
+    where = f"{key}: " if key else ""
+    return f"{path}: {where}{msg}{shown}{more}"
 
 
 def parse_config(data: dict[str, Any], *, source: str = "<config>") -> ExperimentConfig:

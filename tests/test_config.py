@@ -34,7 +34,7 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "bogus": 1}, "bogus: unknown key"),
         ({"name": "x", "train": {"iterations": "many"}}, "train.iterations"),
         ({"name": "x", "env": {"name": "atari"}}, "env.name"),
-        ({"name": "x", "train": {"algos": ["cql"]}}, "do not fit env 'clevr'"),
+        ({"name": "x", "train": {"algos": ["cql"]}}, "c.yaml: train.algos: ['cql'] do not fit"),
         ({"name": "x", "imagine": {"min_actors": 3, "max_actors": 1}}, "min_actors"),
         # An empty list would plan no work (or fail in its stage) and say nothing.
         ({"name": "x", "train": {"algos": []}}, "train.algos: List should have at least 1"),
@@ -45,7 +45,7 @@ def test_quick_is_cpu_clevr() -> None:
         ({"name": "x", "collect": {"tasks": []}}, "collect.tasks"),
         # An item twice: two units of one name race into one folder; a level twice counts
         # each episode twice.
-        ({"name": "x", "train": {"seeds": [0, 1, 0]}}, "train.seeds: Value error, 0 is listed"),
+        ({"name": "x", "train": {"seeds": [0, 1, 0]}}, "train.seeds: 0 is listed"),
         ({"name": "x", "evaluate": {"levels": ["easy", "easy"]}}, "'easy' is listed twice"),
         ({"name": "x", "train": {"algos": ["bc", "bc"]}}, "train.algos"),
         # No bool for a number inside a mapping's values either.
@@ -133,6 +133,8 @@ def test_bad_values_name_the_key(data: dict, needle: str) -> None:
         parse_config(data, source="c.yaml")
     msg = str(e.value)
     assert msg.startswith("c.yaml") and needle in msg and "\n" not in msg
+    # pydantic's own labels are not ours to show: a check across sections names its keys.
+    assert "Value error" not in msg and "(top level)" not in msg
 
 
 def test_yaml_errors_are_one_line(tmp_path: Path) -> None:
