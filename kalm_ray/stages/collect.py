@@ -123,6 +123,12 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
             pool.shutdown()
         t_collect = time.perf_counter() - t_start
         files.check_complete()
+        if not embedded.done():  # it can outlast a short collection by ~30 s on 2 cores
+            print(
+                f"[kalm_ray] collect: {n_episodes} episodes in {t_collect:.0f} s; still "
+                "embedding the instruction wordings (started beside the collection)",
+                flush=True,
+            )
         instructions, t_embed = embedded.result()
         encoder_name, embedding_dim = encoder_info(instructions)
 
