@@ -141,7 +141,7 @@ def test_prepare_mix_keeps_every_row_and_its_embedding(ray_local, toy_run, engin
 def test_prepare_mix_with_wording_copies(toy_run):
     run, task = toy_run
     groups = wording_groups(run)
-    assert sorted(t for g in groups for t in g) == sorted(task.instructions)
+    assert sorted(t for g in groups.values() for t in g) == sorted(task.instructions)
     info = prepare_mix(
         run,
         "real",
@@ -284,3 +284,67 @@ def test_local_mix_does_not_depend_on_the_order_imagined_rollouts_were_written(t
 
     assert not pq.read_table(part).equals(pq.read_table(run.path("data/imagined/part-0.parquet")))
     assert prepared(run).equals(prepared(other))
+
+
+def test_copies_of_imagined_rows_go_only_to_wordings_imagination_was_given():
+    """A novel wording nobody asked the LLM about is the evaluation's alone: a rollout imagined
+    for another wording of its goal is never copied under it (training wordings all are)."""
+    from kalm_ray.rl.dataset import copy_targets
+
+    groups = {
+        ("train", "t0"): ["push a", "move a"],
+        ("rephrase", "t0"): ["shove a", "nudge a", "send a"],
+    }
+    targets = copy_targets(groups, {"shove a", "send a"})
+    assert targets == [["push a", "move a"], ["shove a", "send a"]]
+    texts = ["push a", "move a", "shove a", "nudge a", "send a"]
+    table = {t: np.full(4, i, np.float32) for i, t in enumerate(texts)}
+    join = JoinEmbeddings(table, 0, wordings=targets, copies=50)
+    import pyarrow as pa
+
+    batch = pa.table(
+        {
+            "instruction": ["shove a"] * 4,
+            "state": pa.array([[0.0, 0.0]] * 4, pa.list_(pa.float32(), 2)),
+            "next_state": pa.array([[0.0, 0.0]] * 4, pa.list_(pa.float32(), 2)),
+            "action": pa.array([1, 2, 3, 4], pa.int64()),
+            "reward": pa.array([0.0] * 4, pa.float32()),
+            "terminated": [False] * 4,
+            "truncated": [False] * 4,
+            "episode_id": ["e"] * 4,
+        }
+    )
+    seen = {texts[int(v)] for v in join(batch)["obs"][:, 2]}
+    assert seen == {"shove a", "send a"}
+
+
+def test_train_reads_the_asked_wordings_from_the_imagine_stage_config(tmp_path):
+    """``metaworld_quick`` asks 64 of its 100 rephrase wordings: the train stage takes those
+    64 from the config the imagined data were made under, not from its own."""
+    from pathlib import Path
+
+    from kalm_ray.config import dump_config, load_config
+    from kalm_ray.envs import get_suite
+    from kalm_ray.llm.imagine.requests import build_requests
+    from kalm_ray.stages.train import asked_wordings
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "metaworld_quick.yaml")
+    suite = get_suite("metaworld")
+    run = RunDir(str(tmp_path))
+    assert asked_wordings(run, suite) is None  # no imagined data: the data's own wordings
+    run.makedirs("data/imagined")
+    run.write_text(dump_config(cfg), "data/imagined", "config.yaml")
+    requests = build_requests(
+        suite,
+        levels=list(cfg.imagine.levels),
+        rollouts_per_level=cfg.imagine.rollouts_per_level,
+        max_tasks_per_level=cfg.imagine.max_tasks_per_level,
+        seed=cfg.seed,
+        starts=lambda level, task, seeds: np.zeros((len(seeds), suite.layout.dim), np.float32),
+        prompt_fn=lambda text, state: text,
+    )
+    asked = asked_wordings(run, suite)
+    assert asked == set(requests.column("instruction").to_pylist())
+    rephrase = {t for task in suite.tasks("rephrase") for t in suite.instructions("rephrase", task)}
+    assert len(asked & rephrase) == 64 < len(rephrase)

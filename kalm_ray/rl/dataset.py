@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from kalm_ray.artifacts import RunDir
 from kalm_ray.data.schema import column_matrix
 from kalm_ray.data.text import load_instruction_table
+from kalm_ray.envs.suite import LEVELS
 from kalm_ray.errors import InputError
 
 log = logging.getLogger("kalm_ray")
@@ -87,16 +88,33 @@ def check_embeddings(instructions: list[str], table: dict[str, np.ndarray], *, w
         )
 
 
-def wording_groups(run: RunDir) -> list[list[str]]:
-    """The wordings of each (level, task) of the run's instruction table: texts that name the
-    same goal, any of which a transition of that goal may carry (see ``wording_copies``)."""
+WordingGroups = dict[tuple[str, str], list[str]]
+"""``(level, task) -> wordings``: texts that name the same goal (see ``wording_copies``)."""
+
+
+def wording_groups(run: RunDir) -> WordingGroups:
+    """The wordings of each (level, task) of the run's instruction table."""
     from kalm_ray.data.text import read_instruction_table
 
     table = read_instruction_table(run).select(["text", "level", "task"]).to_pydict()
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: WordingGroups = {}
     for text, level, task in zip(table["text"], table["level"], table["task"], strict=True):
         groups.setdefault((level, task), []).append(text)
-    return list(groups.values())
+    return groups
+
+
+def copy_targets(groups: WordingGroups, allowed: set[str]) -> list[list[str]]:
+    """The wordings a transition may be copied under, group by group.
+
+    A train-level group keeps every wording: they are the training instructions, given to
+    the experimenter. A novel level's group keeps only the wordings in ``allowed`` (those the
+    LLM was asked to imagine for): the others are the evaluation's alone, and a rollout
+    imagined for one wording must not teach the policy a wording nobody gave imagination.
+    """
+    return [
+        texts if level == LEVELS[0] else [t for t in texts if t in allowed]
+        for (level, _), texts in groups.items()
+    ]
 
 
 class JoinEmbeddings:
@@ -306,8 +324,9 @@ def prepare_mix(
     ratio: float | None,
     seed: int,
     engine: str = "auto",
-    wordings: list[list[str]] | None = None,
+    wordings: WordingGroups | None = None,
     wording_copies: int = 0,
+    asked: set[str] | None = None,
 ) -> MixInfo:
     """Join, mix and write one data mix to ``out_dir`` (relative to the run dir).
 
@@ -317,13 +336,18 @@ def prepare_mix(
     Rows are permuted within each block; training adds a local shuffle buffer on top (see
     ``kalm_ray.rl.algos``). With ``ratio`` set, the ``ray`` engine reaches the imagined share in
     expectation (Bernoulli sampling), the ``local`` one exactly. ``wording_copies`` extra
-    copies of every row carry other wordings of its goal (see :class:`JoinEmbeddings`).
+    copies of every row carry other wordings of its goal (see :class:`JoinEmbeddings`): any
+    training wording, and of a novel level's only those in ``asked`` (the wordings the imagine
+    stage gave the LLM) or in the data (:func:`copy_targets`).
     Raises InputError when a source folder is empty or an instruction has no embedding.
     """
     have: dict[str, int] = {}
+    present: set[str] = set()
     for source in MIX_SOURCES[mix]:
         texts, have[source] = source_instructions(run, source)
         check_embeddings(texts, embeddings, where=run.uri_of(SOURCE_DIRS[source]))
+        present.update(texts)
+    targets = copy_targets(wordings, present | (asked or set())) if wordings else None
     if "imagined" in have and have["imagined"] == 0:
         log.warning(
             "%s holds no rollouts (the filter kept none): mix %r trains on real data only",
@@ -342,7 +366,7 @@ def prepare_mix(
             out_dir,
             have=have,
             want=want,
-            join=JoinEmbeddings(embeddings, seed, wordings=wordings, copies=wording_copies),
+            join=JoinEmbeddings(embeddings, seed, wordings=targets, copies=wording_copies),
             seed=seed,
         )
     else:
@@ -359,7 +383,7 @@ def prepare_mix(
             fn_kwargs={
                 "table": embeddings,
                 "seed": seed,
-                "wordings": wordings,
+                "wordings": targets,
                 "copies": wording_copies,
             },
             batch_format="pyarrow",

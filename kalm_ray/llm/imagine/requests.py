@@ -186,6 +186,33 @@ def wording_offsets(n_wordings: list[int], n_requests: int, rng: np.random.Gener
     return start + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
+def level_wordings(
+    suite: Any,
+    level: str,
+    *,
+    rollouts_per_level: int,
+    max_tasks_per_level: int | None,
+    seed: int,
+) -> list[tuple[str, str]]:
+    """``(task, instruction)`` of each of a level's requests, in request order: round-robin
+    over the level's picked tasks, each task's wordings from its offset (:func:`wording_offsets`).
+    Needs no start state, so the train stage can tell which wordings imagination was given."""
+    tasks = pick_tasks(suite.tasks(level), max_tasks_per_level, level_rng(seed, level, "tasks"))
+    if not tasks:
+        return []
+    offsets = wording_offsets(
+        [len(suite.instructions(level, t)) for t in tasks],
+        rollouts_per_level,
+        level_rng(seed, level, "wordings"),
+    )
+    out = []
+    for i in range(rollouts_per_level):
+        k, j = divmod(i, len(tasks))  # the k-th request of task j
+        wordings = suite.instructions(level, tasks[j])
+        out.append((tasks[j], wordings[(int(offsets[j]) + k) % len(wordings)]))
+    return out
+
+
 def build_requests(
     suite: Any,
     *,
@@ -213,28 +240,25 @@ def build_requests(
     dim = suite.layout.dim
     rows: dict[str, list] = {c: [] for c in REQUEST_COLUMNS}
     for level in levels:
-        tasks = pick_tasks(suite.tasks(level), max_tasks_per_level, level_rng(seed, level, "tasks"))
-        if not tasks:
+        pairs = level_wordings(
+            suite,
+            level,
+            rollouts_per_level=rollouts_per_level,
+            max_tasks_per_level=max_tasks_per_level,
+            seed=seed,
+        )
+        if not pairs:
             continue
         seeds = level_rng(seed, level, "seeds").integers(0, 2**31 - 1, size=rollouts_per_level)
-        task_of = [tasks[i % len(tasks)] for i in range(rollouts_per_level)]
-        offsets = wording_offsets(
-            [len(suite.instructions(level, t)) for t in tasks],
-            rollouts_per_level,
-            level_rng(seed, level, "wordings"),
-        )
+        task_of = [t for t, _ in pairs]
         state_of = np.zeros((rollouts_per_level, dim), np.float32)
-        for task in tasks:
+        for task in dict.fromkeys(task_of):
             idx = np.array([i for i, t in enumerate(task_of) if t == task], dtype=int)
-            if len(idx):
-                state_of[idx] = starts(level, task, seeds[idx])
-        for i in range(rollouts_per_level):
-            wordings = suite.instructions(level, task_of[i])
-            k, j = divmod(i, len(tasks))  # the k-th request of task j
-            instruction = wordings[(int(offsets[j]) + k) % len(wordings)]
+            state_of[idx] = starts(level, task, seeds[idx])
+        for i, (task, instruction) in enumerate(pairs):
             rows["request_id"].append(f"{level}-{i:06d}")
             rows["level"].append(level)
-            rows["task"].append(task_of[i])
+            rows["task"].append(task)
             rows["instruction"].append(instruction)
             rows["start_state"].append(state_of[i])
             rows["seed"].append(int(seeds[i]))
