@@ -78,6 +78,9 @@ class _Section(BaseModel):
     # (old fingerprints would stand for the new behaviour), and it must be a top-level field
     # of a section with a plain default (nested models are dumped whole).
     _hashed_when_set: ClassVar[frozenset[str]] = frozenset()
+    # Fields found to change no output after runs were hashed with them: hashed at this fixed
+    # value whatever they hold, so a change redoes nothing and old fingerprints stand.
+    _hashed_as: ClassVar[dict[str, Any]] = {}
 
     def hashed_dump(self) -> dict[str, Any]:
         unset = {
@@ -85,7 +88,8 @@ class _Section(BaseModel):
             for f in self._hashed_when_set
             if getattr(self, f) == type(self).model_fields[f].default
         }
-        return self.model_dump(mode="json", exclude=set(self._placement_only) | unset)
+        dump = self.model_dump(mode="json", exclude=set(self._placement_only) | unset)
+        return {**dump, **self._hashed_as}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -241,6 +245,9 @@ class GroundConfig(_Section):
     _hashed_when_set = frozenset(
         {"relabel_copies", "weight_decay", "score_every", "lr_decay_fraction", "tiny_vocabulary"}
     )
+    # A resume point: the batches depend on (seed, rank, step) only, so where checkpoints
+    # fall changes no weight. Hashed at its default, as every run before this was.
+    _hashed_as = {"checkpoint_every": 200}
 
     model: ModelSection = ModelSection()
     """The base language model."""

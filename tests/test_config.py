@@ -180,6 +180,11 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
         assert plain.section_hash("ground") != parse_config(
             {"name": "exp", "ground": {key: value}}
         ).section_hash("ground")
+    # Where checkpoints fall changes no weight: a grounding is not redone for it, and the
+    # fingerprint is the one every run had (hashed at the old default).
+    every = parse_config({"name": "exp", "ground": {"checkpoint_every": 50}})
+    assert every.section_hash("ground") == plain.section_hash("ground")
+    assert every.ground.hashed_dump()["checkpoint_every"] == 200
     assert "compose" not in plain.imagine.hashed_dump()
     stepwise = {"name": "exp", "imagine": {"mode": "stepwise"}}
     composed = {"name": "exp", "imagine": {"mode": "stepwise", "compose": True}}
