@@ -412,7 +412,8 @@ class RunDir:
                     raise RunDirError(
                         f"run dir {self.uri} holds master seed {info['seed']}'s run of "
                         f"{experiment!r}, not seed {seed}'s; use another --run-dir (one per "
-                        "seed; `kalm compare` reads them together)"
+                        "seed, or `run_dir: runs/${name}_s${seed}` in the config; `kalm "
+                        "compare` reads them together)"
                     )
                 return
             if not write:

@@ -625,7 +625,9 @@ class ExperimentConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Experiment name; recorded in the run directory, which refuses another experiment's stages."""
     run_dir: str = "runs/${name}"
-    """Where artefacts go: a local path or a pyarrow.fs URI (``s3://``, ``gs://``)."""
+    """Where artefacts go: a local path or a pyarrow.fs URI (``s3://``, ``gs://``).
+    ``${name}`` and ``${seed}`` stand for the experiment's name and master seed, so
+    ``runs/${name}_s${seed}`` gives each ``--seed`` replicate its own folder."""
     seed: NonNegInt = 0
     """Master seed; every stage derives its own from it."""
     env: EnvConfig = EnvConfig()
@@ -701,9 +703,13 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Experimen
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(source, e)) from None
-    if "${name}" in cfg.run_dir:
-        cfg = cfg.model_copy(update={"run_dir": cfg.run_dir.replace("${name}", cfg.name)})
-    return cfg
+    run_dir = cfg.run_dir.replace("${name}", cfg.name).replace("${seed}", str(cfg.seed))
+    if "${" in run_dir:
+        raise ConfigError(
+            f"{source}: run_dir: {cfg.run_dir!r} has a placeholder other than ${{name}} and "
+            "${seed}"
+        )
+    return cfg.model_copy(update={"run_dir": run_dir}) if run_dir != cfg.run_dir else cfg
 
 
 def load_config(

@@ -162,6 +162,14 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert rep.section_hash("collect") != load_config(p).section_hash("collect")
     with pytest.raises(ConfigError, match="seed"):
         load_config(p, seed=-1)
+    # ${seed}: each replicate in its own folder without a --run-dir per seed.
+    t = tmp_path / "t.yaml"
+    t.write_text("name: exp\nrun_dir: runs/${name}_s${seed}\n")
+    assert load_config(t).run_dir == "runs/exp_s0"
+    assert load_config(t, seed=3).run_dir == "runs/exp_s3"
+    t.write_text("name: exp\nrun_dir: runs/${experiment}\n")
+    with pytest.raises(ConfigError, match="placeholder other than"):
+        load_config(t)
     a = cfg.section_hash("env", "collect")
     b = parse_config({"name": "exp", "collect": {"epsilon": 0.1}}).section_hash("env", "collect")
     c = parse_config({"name": "exp", "collect": {"epsilon": 0.2}}).section_hash("env", "collect")
