@@ -462,6 +462,7 @@ def stage_output(run: RunDir, stage_dir: str, *, resume_key: str | None = None) 
             tmp = f"{stage_dir}.tmp-{uuid.uuid4().hex[:8]}"
         else:
             tmp = f"{stage_dir}.partial-{resume_key[:16]}"
+            _say_other_staging(run, stage_dir, keep=tmp)
         run.makedirs(tmp)
         try:
             yield tmp
@@ -480,6 +481,24 @@ def stage_output(run: RunDir, stage_dir: str, *, resume_key: str | None = None) 
         if run.exists(stage_dir):
             run.move_dir(stage_dir, f"{stage_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         run.move_dir(tmp, stage_dir)
+
+
+def _say_other_staging(run: RunDir, stage_dir: str, *, keep: str) -> None:
+    """One line naming the staging folders of this stage that other settings (or older code)
+    left: this run does not resume them and nothing removes them, so they would only take up
+    space unseen. Kept, as every stopped run's work is; whether to delete them is the user's."""
+    parent, _, name = stage_dir.rpartition("/")
+    others = [
+        f"{parent}/{n}" if parent else n
+        for n in run.list(*([parent] if parent else []))
+        if n.startswith(f"{name}.partial-") and (f"{parent}/{n}" if parent else n) != keep
+    ]
+    if others:
+        print(
+            f"[kalm] {', '.join(run.uri_of(o) for o in others)}: left by a stopped run under "
+            "other settings; not resumed by this one (delete when no longer needed)",
+            flush=True,
+        )
 
 
 def write_manifest(

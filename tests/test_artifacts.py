@@ -169,3 +169,21 @@ def test_an_input_made_under_other_settings_is_named_once(tmp_path, capsys) -> N
     assert "data/real was made under other env/collect/text settings than this config's;" in (
         capsys.readouterr().out
     )
+
+
+def test_a_staging_folder_of_other_settings_is_named_not_resumed_nor_removed(tmp_path, capsys):
+    """A stage stopped under other settings (or older code) leaves ``<dir>.partial-<key>``;
+    the next run under this config names it in one line and leaves it alone."""
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(KeyboardInterrupt), stage_output(run, "data/imagined", resume_key="a" * 64):
+        raise KeyboardInterrupt  # stopped: the staging folder stays
+    assert run.exists("data/imagined.partial-" + "a" * 16)
+    capsys.readouterr()
+    with stage_output(run, "data/imagined", resume_key="b" * 64) as tmp:
+        run.write_text("x", tmp, "f.txt")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"imagined.partial-{'a' * 16}: left by a stopped run" in out
+    assert run.exists("data/imagined.partial-" + "a" * 16) and run.exists("data/imagined/f.txt")
+    with stage_output(run, "model", resume_key="c" * 64):  # a top-level stage folder: no others
+        pass
+    assert capsys.readouterr().out == ""

@@ -347,6 +347,58 @@ def test_submit_collect_on_two_nodes(two_nodes, tmp_path):
     print(f"submit -> SUCCEEDED in {wall:.1f}s; actors on {len(nodes)} nodes")
 
 
+@pytest.mark.slow
+def test_submit_to_s3_with_the_endpoint_in_the_runtime_env(two_nodes, s3_endpoint, tmp_path):
+    """An S3-compatible store at its own endpoint (MinIO, Ceph; here moto's server) reached
+    from a job: the cluster's processes were started without any AWS_* variable, so the
+    driver and the collection actors on both nodes find the endpoint and keys only in the
+    runtime_env's ``env_vars`` (cluster/README.md)."""
+    import pyarrow.fs as pafs
+
+    s3 = {
+        "AWS_ENDPOINT_URL": f"http://{s3_endpoint}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    assert not any(k in two_nodes.env for k in s3)
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_endpoint,
+        scheme="http",
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir("jobs-bkt")
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env_preinstalled.yaml").read_text())
+    env["env_vars"] = {**env.get("env_vars", {}), **s3}
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(env))
+    cfg_path = _write_config(tmp_path / "cfg.yaml", run_dir="s3://jobs-bkt/run", shared=False)
+    cfg = yaml.safe_load(Path(cfg_path).read_text())
+    cfg["ray"]["runtime_env"] = str(tmp_path / "runtime_env.yaml")
+    Path(cfg_path).write_text(yaml.safe_dump(cfg))
+
+    r = subprocess.run(
+        [str(VENV_BIN / "kalm"), "submit", cfg_path, "--address", two_nodes.address,
+         "--stage", "collect"],
+        env={**two_nodes.env, **s3},  # the user's shell has them; the cluster does not
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with fs.open_input_stream("jobs-bkt/run/data/real/manifest.json") as f:
+        manifest = json.loads(f.read())
+    assert manifest["stage"] == "collect" and manifest["counts"]["episodes"] == 8
+    written = fs.get_file_info(pafs.FileSelector("jobs-bkt/run/data/real"))
+    assert sorted(i.base_name for i in written if i.base_name.endswith(".parquet")) == sorted(
+        manifest["counts"]["files"]
+    )
+
+
 def test_ci_runs_the_two_node_acceptance_tests():
     """CI (``.ci/run``) runs ``make test`` and then this file's slow two-node tests (issue 8)."""
     script = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
