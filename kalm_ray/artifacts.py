@@ -58,7 +58,7 @@ RUN_INFO = "run.json"
 
 
 def fingerprint(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
-    """Identity of a stage's output: its config hash and its inputs' fingerprints."""
+    """Identity of a stage's output: its config hash and its inputs' output ids."""
     blob = json.dumps({"stage": stage, "config": config_hash, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -445,9 +445,11 @@ class ImagineConfig(_Section):
     """Share of the ``consistency_draws`` that must reach the goal. Fingerprinted only with
     draws, and only when not 0.5 (so this default must never change)."""
     grammar: bool = True
-    """Grammar-constrained decoding: at each position only the tokens the codec's grammar
-    allows (action or end at a step boundary, bins inside a step), so every rollout is
-    well-formed (:mod:`kalm_ray.llm.grammar`). The filter still judges plausibility."""
+    """Grammar-constrained decoding (hf backend): at each position only the tokens the codec's
+    grammar allows (action or end at a step boundary, bins inside a step), so every rollout is
+    well-formed (:mod:`kalm_ray.llm.grammar`). The filter still judges plausibility. The vllm
+    backend decodes unconstrained (``kalm plan`` says so): the filter rejects its malformed
+    rollouts."""
     replay_check: bool = True
     """Replay every accepted rollout's actions from its start state in the simulator and report
     imagined vs replayed success and the state error (``filter_report.json["replay"]``). A
@@ -467,7 +469,8 @@ class ImagineConfig(_Section):
     keep_failures: bool = True
     """Keep valid rollouts that never reach the goal (labelled ``terminated=false``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """hf backend: where each actor runs the model; ``auto`` = CUDA when the actor sees a GPU."""
+    """hf backend: where each actor runs the model; ``auto`` = CUDA when the actor asks for a
+    GPU (``num_gpus_per_actor`` > 0), else CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """hf backend weights dtype; ``auto`` = bfloat16 on GPU, float32 on CPU."""
     bounds_tolerance: Annotated[float, Field(ge=0.0)] = 0.02
@@ -554,7 +557,7 @@ class TrainConfig(_Section):
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
     """Discount; terminated and truncated stay distinct."""
     lr: Annotated[float, Field(gt=0)] = 3e-4
-    """Learning rate (actor/critic/alpha for CQL and IQL)."""
+    """Learning rate (CQL: actor, critic and alpha; IQL: actor, critic and value)."""
     algo_params: dict[AlgoName, dict[str, Any]] = {}
     """Per-algorithm extra settings passed to its RLlib config,
     e.g. ``{cql: {min_q_weight: 5.0}}``."""
@@ -631,13 +634,21 @@ class ExperimentConfig(_Section):
     seed: NonNegInt = 0
     """Master seed; every stage derives its own from it."""
     env: EnvConfig = EnvConfig()
+    """The environment suite (``clevr`` or ``metaworld``) and its episode length."""
     ray: RayConfig = RayConfig()
+    """Where and how Ray runs: local or a cluster's address, CPUs, the jobs' runtime_env."""
     text: TextConfig = TextConfig()
+    """How instructions become the policy's input: the sentence encoder and its features."""
     collect: CollectConfig = CollectConfig()
+    """Stage 1: real episodes from scripted behaviour policies (``data/real/``)."""
     ground: GroundConfig = GroundConfig()
+    """Stage 2: the LLM fine-tuned on the real data's tasks (``model/``)."""
     imagine: ImagineConfig = ImagineConfig()
+    """Stage 3: rollouts the grounded LLM writes for novel instructions (``data/imagined/``)."""
     train: TrainConfig = TrainConfig()
+    """Stage 4: offline-RL policies per (algorithm, data mix, seed) (``policy/``)."""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """Stage 5: every policy on the same episodes of every level (``eval/``)."""
 
     @model_validator(mode="after")
     def _algos_fit_env(self) -> ExperimentConfig:

@@ -451,6 +451,13 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
             + (f" ({im.accelerator_type})" if im.accelerator_type else "")
             + (", else hf" if backend == "auto" else ""),
         )
+        if im.grammar:
+            # Not built for vLLM (its structured-output path and the codec's added tokens are
+            # untested without a GPU here): its malformed rollouts are the filter's to reject.
+            plan.more(
+                "vLLM decodes without imagine.grammar (hf only): the filter rejects malformed "
+                "rollouts (filter_report.json: unparseable, wrong_step_shape)"
+            )
         limit = kw.get("max_model_len") or ctx
         limit_key = (
             "imagine.vllm_engine_kwargs.max_model_len"

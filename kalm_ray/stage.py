@@ -2,7 +2,7 @@
 
 Every ``run_<stage>(cfg, run_dir)`` starts with :func:`plan_stage`: it resolves the
 run directory, checks that the inputs exist, computes the stage's fingerprint from
-its config sections and its inputs' fingerprints, and says whether the stage is
+its config sections and its inputs' output ids, and says whether the stage is
 already up to date (then the stage returns the existing manifest and does nothing).
 """
 

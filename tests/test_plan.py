@@ -44,10 +44,11 @@ def test_shipped_configs_plan_ok(name, capsys):
     for head in ("runtime_env", "model", "collect", "ground", "imagine", "train", "evaluate"):
         assert f"\n{head} " in f"\n{out}"
     assert "verdict     ok" in out
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     # The GPU memory limit is named where the grounding runs on GPUs only.
-    assert ("ground.gpu_memory_gib" in out) == load_config(
-        ROOT / "configs" / f"{name}.yaml"
-    ).ground.use_gpu
+    assert ("ground.gpu_memory_gib" in out) == cfg.ground.use_gpu
+    # vLLM decodes unconstrained, and the plan says so where it may run.
+    assert ("vLLM decodes without imagine.grammar" in out) == (cfg.imagine.backend != "hf")
 
 
 def test_gpu_configs_ship_the_gpu_runtime_env_and_fit_llama2():

@@ -326,7 +326,7 @@ def test_train_reads_the_asked_wordings_from_the_imagine_stage_config(tmp_path):
     from kalm_ray.config import dump_config, load_config
     from kalm_ray.envs import get_suite
     from kalm_ray.llm.imagine.requests import build_requests
-    from kalm_ray.stages.train import asked_wordings
+    from kalm_ray.rl.train import asked_wordings
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "metaworld_quick.yaml")

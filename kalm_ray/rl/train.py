@@ -12,7 +12,7 @@ from typing import Any
 
 from kalm_ray.artifacts import RunDir, Staging
 from kalm_ray.config import TrainConfig
-from kalm_ray.errors import KalmError
+from kalm_ray.errors import ConfigError, KalmError
 from kalm_ray.rl.dataset import MixInfo
 from kalm_ray.rl.policy import CHECKPOINT_DIR, MODULE_DIR, POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEvalSpec
@@ -29,6 +29,38 @@ class UnitFailed(KalmError):
     """One or more training units raised; the finished ones stay staged for the rerun."""
 
     exit_code = 1
+
+
+def asked_wordings(run: RunDir, suite: Any) -> set[str] | None:
+    """The novel wordings the imagine stage gave the LLM, from the config it ran under
+    (``data/imagined/config.yaml``: the data may have been made under other settings than
+    this config's). None when there is none to read: then only the wordings the imagined
+    data carry are copy targets, a subset of these."""
+    import yaml
+
+    from kalm_ray.config import parse_config
+    from kalm_ray.llm.imagine.requests import level_wordings
+
+    where = ("data", "imagined", "config.yaml")
+    if not run.exists(*where):
+        return None
+    try:
+        made = parse_config(yaml.safe_load(run.read_bytes(*where)), source=run.uri_of(*where))
+    except (ConfigError, yaml.YAMLError) as e:
+        log.warning("%s; copies go to the imagined data's own wordings only", e)
+        return None
+    im = made.imagine
+    return {
+        text
+        for level in im.levels
+        for _, text in level_wordings(
+            suite,
+            level,
+            rollouts_per_level=im.rollouts_per_level,
+            max_tasks_per_level=im.max_tasks_per_level,
+            seed=made.seed,
+        )
+    }
 
 
 def one_line(err: BaseException) -> str:

@@ -20,16 +20,14 @@ The machinery (resume, the in-driver loop) is in :mod:`kalm_ray.rl.train`.
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import Any
 
 import numpy as np
 
 from kalm_ray.artifacts import Manifest, RunDir, Staging, stage_output, write_manifest
 from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
-from kalm_ray.errors import ConfigError, InputError
+from kalm_ray.errors import InputError
 from kalm_ray.progress import show_progress
 from kalm_ray.raysetup import init_ray, require_resources
 from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
@@ -39,6 +37,7 @@ from kalm_ray.rl.train import (
     DATA_DIR,
     SUMMARY,
     UnitFailed,
+    asked_wordings,
     encoder_name,
     finished_units,
     one_line,
@@ -47,40 +46,6 @@ from kalm_ray.rl.train import (
 from kalm_ray.rl.unit import plan_units
 from kalm_ray.rl.unit_pool import UnitPool, unit_cpus
 from kalm_ray.stage import plan_stage, print_resuming
-
-log = logging.getLogger(__name__)
-
-
-def asked_wordings(run: RunDir, suite: Any) -> set[str] | None:
-    """The novel wordings the imagine stage gave the LLM, from the config it ran under
-    (``data/imagined/config.yaml``: the data may have been made under other settings than
-    this config's). None when there is none to read: then only the wordings the imagined
-    data carry are copy targets, a subset of these."""
-    import yaml
-
-    from kalm_ray.config import parse_config
-    from kalm_ray.llm.imagine.requests import level_wordings
-
-    where = ("data", "imagined", "config.yaml")
-    if not run.exists(*where):
-        return None
-    try:
-        made = parse_config(yaml.safe_load(run.read_bytes(*where)), source=run.uri_of(*where))
-    except (ConfigError, yaml.YAMLError) as e:
-        log.warning("%s; copies go to the imagined data's own wordings only", e)
-        return None
-    im = made.imagine
-    return {
-        text
-        for level in im.levels
-        for _, text in level_wordings(
-            suite,
-            level,
-            rollouts_per_level=im.rollouts_per_level,
-            max_tasks_per_level=im.max_tasks_per_level,
-            seed=made.seed,
-        )
-    }
 
 
 def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
