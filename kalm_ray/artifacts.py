@@ -24,6 +24,7 @@ Three guards make a run directory safe to share and to trust (issue 19):
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import hashlib
 import json
@@ -220,6 +221,11 @@ def check_json_shape(obj: Any, name: str, where: str) -> None:
             raise InputError(f"{where}: 'levels' is not a list of level names")
 
 
+GCS_RETRY_S = 60
+"""How long one call to a ``gs://`` run dir is retried before it fails (Arrow's default: 15
+minutes, uninterruptible)."""
+
+
 class RunDir:
     """A run directory on any ``pyarrow.fs`` filesystem. Paths are relative to its root."""
 
@@ -230,8 +236,15 @@ class RunDir:
         try:
             if "://" in uri:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
+                if isinstance(self.fs, pafs.GcsFileSystem) and "?" not in uri:
+                    # Arrow's GCS client retries a failing call for 15 minutes, in C++, where
+                    # neither Ctrl-C nor SIGTERM reach it (no credentials: `kalm verify gs://…`
+                    # hung that long). Options in the URI's query are the user's own.
+                    self.fs = pafs.GcsFileSystem(
+                        retry_time_limit=datetime.timedelta(seconds=GCS_RETRY_S)
+                    )
             else:
-                self.fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+                self.fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
         except (pa.ArrowException, ValueError, NotImplementedError, OSError) as e:
             # pa.ArrowInvalid (unknown scheme) and ArrowNotImplementedError (a scheme this
             # pyarrow build lacks) are ValueError/NotImplementedError subclasses; hdfs:// without
@@ -261,7 +274,12 @@ class RunDir:
     def require_run(self) -> None:
         """InputError unless this is a run dir (``kalm verify``/``report``/``compare`` read
         one): a mistyped path must not read as a run with nothing done."""
-        if not self.exists():
+        try:
+            found = self.exists()
+        except OSError as e:  # an object store this machine cannot reach (no credentials, DNS)
+            why = " ".join(str(e).split())[:240]
+            raise RunDirError(f"{self.uri}: cannot reach it ({why})") from None
+        if not found:
             raise InputError(f"{self.uri}: no such run directory")
         if not self.exists(RUN_INFO):
             raise InputError(

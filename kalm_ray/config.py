@@ -44,6 +44,11 @@ MAX_COUNT = 10_000_000
 iterations): far above any real experiment, far below a typo's 10**22 that would sit
 with no output."""
 Count = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+UNIT_SEEDS = 1000
+"""A training unit's RLlib seed is ``master seed x UNIT_SEEDS + train seed``, and RLlib seeds
+NumPy's legacy generator, which takes at most 2**32 - 1: the bounds below keep it there, so a
+seed too large fails at the config, not at the train stage after hours of grounding."""
+MAX_MASTER_SEED = (2**32 - 1) // UNIT_SEEDS - 1
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 _T = TypeVar("_T")
 
@@ -67,7 +72,10 @@ CONTINUOUS_ALGOS: frozenset[str] = frozenset({"bc", "cql", "iql"})
 class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan: `lr: .inf` passes `gt=0`; no value here means anything as inf or nan.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
     # Fields that only say how much hardware to use: they never change a stage's output,
     # so they are left out of the stage fingerprint (more workers must not re-collect data).
@@ -537,8 +545,8 @@ class TrainConfig(_Section):
     """Algorithms to train: discrete envs take bc/marwil/dcql, continuous take bc/cql/iql."""
     data: Distinct[list[DataMix]] = ["real", "real+imagined"]
     """Data mixes; the central KALM comparison is ``real`` vs ``real+imagined``."""
-    seeds: Distinct[list[NonNegInt]] = [0]
-    """One policy per (algo, data, seed)."""
+    seeds: Distinct[list[Annotated[StrictInt, Field(ge=0, lt=UNIT_SEEDS)]]] = [0]
+    """One policy per (algo, data, seed); each below 1,000 (see ``UNIT_SEEDS``)."""
     imagined_ratio: Fraction | None = None
     """Share of imagined transitions in each batch; None = proportional to dataset sizes."""
     wording_copies: NonNegInt = 0
@@ -627,12 +635,13 @@ class EvaluateConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Experiment name; recorded in the run directory, which refuses another experiment's stages."""
-    run_dir: str = "runs/${name}"
+    run_dir: str = Field(default="runs/${name}", min_length=1)
     """Where artefacts go: a local path or a pyarrow.fs URI (``s3://``, ``gs://``).
     ``${name}`` and ``${seed}`` stand for the experiment's name and master seed, so
     ``runs/${name}_s${seed}`` gives each ``--seed`` replicate its own folder."""
-    seed: NonNegInt = 0
-    """Master seed; every stage derives its own from it."""
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_MASTER_SEED)] = 0
+    """Master seed; every stage derives its own from it (at most 4,294,966: see
+    ``UNIT_SEEDS``)."""
     env: EnvConfig = EnvConfig()
     """The environment suite (``clevr`` or ``metaworld``) and its episode length."""
     ray: RayConfig = RayConfig()
@@ -649,6 +658,13 @@ class ExperimentConfig(_Section):
     """Stage 4: offline-RL policies per (algorithm, data mix, seed) (``policy/``)."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Stage 5: every policy on the same episodes of every level (``eval/``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _not_dots_alone(cls, name: str) -> str:
+        if set(name) == {"."}:  # `..` would make the default run_dir `runs/..`, the project root
+            raise ValueError("dots alone are no name (the run dir runs/${name} would be runs/..)")
+        return name
 
     @model_validator(mode="after")
     def _algos_fit_env(self) -> ExperimentConfig:
@@ -689,9 +705,11 @@ class ExperimentConfig(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _format_error(path: str, err: ValidationError) -> str:
+def _format_error(path: str, err: ValidationError, flags: dict[str, str]) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
+    if key in flags:
+        path, key = flags[key], ""  # `--seed: Input should be ...`
     # pydantic prefixes our own messages with "Value error, "; the key already says where.
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -704,8 +722,11 @@ def _format_error(path: str, err: ValidationError) -> str:
     return f"{path}: {where}{msg}{shown}{more}"
 
 
-def parse_config(data: dict[str, Any], *, source: str = "<config>") -> ExperimentConfig:
-    """Validate a config mapping; raises ConfigError naming ``source`` and the bad key."""
+def parse_config(
+    data: dict[str, Any], *, source: str = "<config>", flags: dict[str, str] | None = None
+) -> ExperimentConfig:
+    """Validate a config mapping; raises ConfigError naming ``source`` and the bad key, or the
+    command-line flag (``flags``: top-level key -> flag) that set it."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: expected a mapping at the top level, got {type(data).__name__}"
@@ -713,12 +734,12 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Experimen
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(source, e)) from None
+        raise ConfigError(_format_error(source, e, flags or {})) from None
     run_dir = cfg.run_dir.replace("${name}", cfg.name).replace("${seed}", str(cfg.seed))
     if "${" in run_dir:
+        where = (flags or {}).get("run_dir") or f"{source}: run_dir"
         raise ConfigError(
-            f"{source}: run_dir: {cfg.run_dir!r} has a placeholder other than ${{name}} and "
-            "${seed}"
+            f"{where}: {cfg.run_dir!r} has a placeholder other than ${{name}} and ${{seed}}"
         )
     return cfg.model_copy(update={"run_dir": run_dir}) if run_dir != cfg.run_dir else cfg
 
@@ -729,8 +750,11 @@ def load_config(
     """Read and validate a YAML config; ``run_dir`` and ``seed`` override the file's (a seed
     replicate of an experiment is the same file with another master seed; ``kalm compare``)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{path}: no such config file")
+    if not p.is_file():
+        what = "a folder" if p.is_dir() else "not a regular file"
+        raise ConfigError(f"{path}: {what}, not a config file")
     try:
         data = yaml.load(p.read_text(), Loader=_SafeUniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
@@ -741,13 +765,20 @@ def load_config(
         raise ConfigError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', e)})") from None
     if data is None:
         raise ConfigError(f"{path}: empty config")
+    flags = {}
     if isinstance(data, dict):
         data = {
             **data,
             **({"run_dir": run_dir} if run_dir is not None else {}),
             **({"seed": seed} if seed is not None else {}),
         }
-    return parse_config(data, source=str(path))
+        # A bad override is the flag's fault, not the file's: name the flag.
+        flags = {
+            k: f
+            for k, f, v in (("run_dir", "--run-dir", run_dir), ("seed", "--seed", seed))
+            if v is not None
+        }
+    return parse_config(data, source=str(path), flags=flags)
 
 
 class _SafeUniqueKeyLoader(yaml.SafeLoader):
@@ -758,6 +789,11 @@ class _SafeUniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not {type(key).__name__}",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark

@@ -30,6 +30,12 @@ def test_envs_table(capsys) -> None:
         (["run", "{cfg}", "--from", "bake"], "--from 'bake'"),
         # a file where the run dir should be: one line, not NotADirectoryError
         (["collect", "{cfg}", "--run-dir", "{cfg}"], "is not writable (Not a directory)"),
+        # a bad override is the flag's, not the file's
+        (["plan", "{cfg}", "--seed", "-1"], "error: --seed: Input should be greater than"),
+        (["plan", "{cfg}", "--seed", "4294967"], "error: --seed: Input should be less than"),
+        (["plan", "{cfg}", "--run-dir", "runs/${seed"], "error: --run-dir: 'runs/${seed'"),
+        (["plan", "/dev/null"], "/dev/null: not a regular file, not a config file"),
+        (["plan", "/"], "/: a folder, not a config file"),
     ],
 )
 def test_errors_are_one_line(tmp_path, capsys, argv, needle) -> None:
@@ -125,3 +131,18 @@ def test_a_binary_config_is_one_line(tmp_path, capsys) -> None:
     assert main(["plan", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"kalm: error: {cfg}: not a text file (a YAML config is UTF-8 text)"
+
+
+def test_an_unreachable_object_store_fails_within_the_retry_limit(monkeypatch, capsys) -> None:
+    """Arrow's GCS client retried a failing call for 15 minutes, deaf to Ctrl-C and SIGTERM:
+    `kalm verify gs://...` without credentials hung. Its retry limit is now ours."""
+    import time
+
+    import kalm_ray.artifacts
+
+    monkeypatch.setattr(kalm_ray.artifacts, "GCS_RETRY_S", 2)
+    t0 = time.monotonic()
+    rc = main(["verify", "gs://kalm-no-such-bucket-3c9f/run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("kalm: error: gs://kalm-no-such")
+    assert time.monotonic() - t0 < 40

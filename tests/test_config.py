@@ -69,6 +69,14 @@ def test_quick_is_cpu_clevr() -> None:
             "num_attention_heads (4) must be a multiple of num_key_value_heads (3)",
         ),
         ({"name": "bad name!"}, "name"),
+        # `..` would make the default run dir runs/.., the project root
+        ({"name": ".."}, "name: dots alone are no name"),
+        ({"name": "x", "run_dir": ""}, "run_dir: String should have at least 1 character"),
+        ({"name": "x", "train": {"lr": float("inf")}}, "train.lr: Input should be a finite"),
+        ({"name": "x", "imagine": {"temperature": float("nan")}}, "imagine.temperature"),
+        # A training unit's RLlib seed is master x 1000 + train seed, below 2**32.
+        ({"name": "x", "seed": 4_294_967}, "seed: Input should be less than or equal to 4294966"),
+        ({"name": "x", "train": {"seeds": [0, 1000]}}, "train.seeds.1: Input should be less"),
         (
             {
                 "name": "x",
@@ -162,6 +170,15 @@ def test_run_dir_override_and_hash_stability(tmp_path: Path) -> None:
     assert rep.section_hash("collect") != load_config(p).section_hash("collect")
     with pytest.raises(ConfigError, match="seed"):
         load_config(p, seed=-1)
+    # ~ is the user's home, as in a shell (it made a folder named `~` in the project)
+    from kalm_ray.artifacts import RunDir
+
+    assert RunDir("~/kalm-run").root == str(Path.home() / "kalm-run")
+    # A YAML key that is a list or mapping (`? [a, b]`) is refused with the file's name.
+    k = tmp_path / "k.yaml"
+    k.write_text("name: exp\n? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="k.yaml: line 2 not valid YAML .a key must be a plain"):
+        load_config(k)
     # ${seed}: each replicate in its own folder without a --run-dir per seed.
     t = tmp_path / "t.yaml"
     t.write_text("name: exp\nrun_dir: runs/${name}_s${seed}\n")
