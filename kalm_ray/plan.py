@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from kalm_ray.config import ExperimentConfig
-from kalm_ray.errors import ConfigError
+from kalm_ray.errors import ConfigError, KalmError
 
 GIB = 1024**3
 OVERHEAD_GIB = 1.0
@@ -140,10 +140,13 @@ def model_facts(name: str, tiny: dict[str, int] | None = None) -> ModelFacts:
     if not local.is_file():
         local = _cached_config(name)
     if local is not None and local.is_file():
-        cfg = json.loads(local.read_text())
-        cfg = cfg.get("text_config", cfg)
+        try:
+            cfg = json.loads(local.read_text())
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"ground.model.name: {local} is not readable JSON ({e})") from None
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        if all(k in cfg for k in keys):
+        if all(isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) for k in keys):
             return ModelFacts(name, f"{local}", cfg)
     if name in KNOWN_MODELS:
         return ModelFacts(name, "known-models table", KNOWN_MODELS[name])
@@ -206,17 +209,28 @@ def runtime_env_facts(cfg: ExperimentConfig) -> RuntimeEnvFacts:
     try:
         env = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise PlanError(f"ray.runtime_env: {path} is not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise PlanError(
+            f"ray.runtime_env: {path}{line} is not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
+    if not isinstance(env, dict):
+        raise PlanError(f"ray.runtime_env: {path}: a runtime_env must be a mapping")
+    env_vars = env.get("env_vars") or {}
+    if not isinstance(env_vars, dict):
+        raise PlanError(f"ray.runtime_env: {path}: env_vars must be a mapping")
     pip = env.get("pip") or []
     opts: list[str] = []
     if isinstance(pip, dict):
         opts = [str(o) for o in pip.get("pip_install_options") or []]
         pip = pip.get("packages") or []
+    if isinstance(pip, str):
+        pip = []  # a requirements file on the nodes: its pins are not ours to read
     return RuntimeEnvFacts(
         path=cfg.ray.runtime_env,
         pip=[str(p) for p in pip],
         pip_options=opts,
-        env_vars={k: str(v) for k, v in (env.get("env_vars") or {}).items()},
+        env_vars={k: str(v) for k, v in env_vars.items()},
     )
 
 
@@ -432,7 +446,12 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     vllm_possible = backend == "vllm" or (
         backend == "auto" and (env.pin("vllm") is not None or not env.installs)
     )
-    kw = im.vllm_engine_kwargs
+    kw = dict(im.vllm_engine_kwargs)
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len"):
+        # free-form engine arguments: the ones read here must be counts, said in one line
+        value = kw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"imagine.vllm_engine_kwargs.{name}: {value!r} is not an integer")
     steps = level_step_limits(suite, list(im.levels), im.max_steps or eps, compose=im.compose)
     longest = max(steps.values(), default=im.max_steps or eps)
     new = max_new_tokens(codec, longest)
@@ -515,7 +534,7 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
         if user is not None and (user not in VLLM_LORA_RANKS or user < g.lora.r):
             plan.refuse(
                 "imagine",
-                f"imagine.vllm_engine_kwargs.max_lora_rank: {user} must be one of "
+                f"imagine.vllm_engine_kwargs.max_lora_rank: {user!r} must be one of "
                 f"{', '.join(map(str, VLLM_LORA_RANKS))} and >= ground.lora.r ({g.lora.r})",
             )
 
@@ -549,9 +568,18 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     )
 
     # ---- what the runtime_env must provide ----------------------------------------------------
-    needs_gpu = g.use_gpu or (backend == "hf" and im.num_gpus_per_actor > 0) or backend == "vllm"
-    if env.installs and env.cpu_torch and needs_gpu:
-        key = "ground.use_gpu" if g.use_gpu else "imagine"
+    gpu_keys = [
+        k
+        for k, on in (
+            ("ground.use_gpu", g.use_gpu),
+            ("imagine.num_gpus_per_actor", backend == "hf" and im.num_gpus_per_actor > 0),
+            ("imagine.backend: vllm", backend == "vllm"),
+            ("train.num_gpus_per_learner", cfg.train.num_gpus_per_learner > 0),
+        )
+        if on
+    ]
+    if env.installs and env.cpu_torch and gpu_keys:
+        key = gpu_keys[0]
         plan.refuse(
             "submit",
             f"ray.runtime_env: {env.path} ships CPU-only torch ({env.pin('torch')}) but {key} "
@@ -568,6 +596,18 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
             plan.more(
                 f"note: HF_HUB_OFFLINE=1 in {env.path}: {g.model.name} must be in the nodes' cache"
             )
+    if cfg.ray.num_cpus:
+        # A config sized for a local Ray: a piece of work larger than it is queued forever.
+        from kalm_ray.stage import STAGES, stage_needs
+
+        for stage in STAGES:
+            for key, need in stage_needs(cfg, stage):
+                if need.get("CPU", 0) > cfg.ray.num_cpus:
+                    plan.refuse(
+                        stage,
+                        f"{key}: needs {need['CPU']:g} CPUs at once, but ray.num_cpus is "
+                        f"{cfg.ray.num_cpus:g}; lower it, or raise ray.num_cpus",
+                    )
     plan.add("verdict", "refused" if plan.refusals else "ok: nothing refused")
     return plan
 
@@ -596,10 +636,23 @@ def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     Raises:
         PlanError: the first refusal, naming its key.
     """
+    from kalm_ray.raysetup import local_resources, shortfall
+    from kalm_ray.stage import stage_needs
+
+    # Work Ray could never place (an actor, worker group or unit larger than the local Ray):
+    # the stage would refuse it only once it starts, after the stages before it.
+    have = local_resources(cfg.ray)
+    for stage in stages if have is not None else ():
+        for key, need in stage_needs(cfg, stage):
+            refusal = shortfall(key, need, have)
+            if refusal is not None:
+                raise refusal
     if not set(stages) & {"ground", "imagine", "train"}:
-        return  # collect and evaluate have no refusals; and no RLlib import for them
+        return  # collect and evaluate have no other refusals; and no RLlib import for them
     try:
         plan = make_plan(cfg, local=True)
+    except KalmError:
+        raise  # a value the plan cannot read, named in one line
     except Exception:  # noqa: BLE001 - a check ahead of the stages, not a gate of its own
         # What stops the plan itself (a model folder whose config.json the ground stage's own
         # check names in one line) is the stage's to say.

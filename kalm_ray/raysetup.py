@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from kalm_ray.config import RayConfig
-from kalm_ray.errors import BackendUnavailable, ConfigError, InputError
+from kalm_ray.errors import BackendUnavailable, ConfigError, InputError, KalmError
 
 log = logging.getLogger("kalm_ray")
 
@@ -236,6 +236,40 @@ def gpu_visible(*, on_demand: bool = False) -> bool:
         return False
 
 
+def local_resources(cfg: RayConfig) -> dict[str, float] | None:
+    """What this process's Ray has or will have: the running one's, or those :func:`init_ray`
+    gives a local Ray it starts (its CPUs; the GPUs CUDA shows this process). None when Ray
+    is joined at an address: a cluster's resources are its own to count."""
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(cfg.num_cpus or max(8, os.cpu_count() or 1)), "GPU": float(gpus)}
+
+
+def shortfall(key: str, need: dict[str, float], have: dict[str, float]) -> KalmError | None:
+    """The refusal naming ``key`` when ``need`` (one piece of work, all at once) does not fit
+    in a local Ray that has ``have``; None when it fits."""
+    if need.get("GPU", 0) and not have.get("GPU"):
+        return BackendUnavailable(
+            f"{key} asks for GPUs, but this local Ray has none; set it off for a CPU run"
+        )
+    for res, n in need.items():
+        if n > have.get(res, 0.0):
+            cpus = res == "CPU"
+            return InputError(
+                f"{key}: needs {n:g} {res}s at once, but this local Ray has "
+                f"{have.get(res, 0.0):g}{' logical CPUs (ray.num_cpus)' if cpus else ''}; "
+                f"lower it{', or raise ray.num_cpus' if cpus else ''}"
+            )
+    return None
+
+
 def require_resources(key: str, need: dict[str, float], cfg: RayConfig) -> None:
     """Refuse, in one line naming ``key``, work Ray can never place: Ray would queue it
     forever (Ray Train retries its worker group without end) behind a progress bar at 0.
@@ -259,19 +293,9 @@ def require_resources(key: str, need: dict[str, float], cfg: RayConfig) -> None:
                 "GPU nodes on request"
             )
         return
-    have = ray.cluster_resources()
-    if gpus and not have.get("GPU"):
-        raise BackendUnavailable(
-            f"{key} asks for GPUs, but this local Ray has none; set it off for a CPU run"
-        )
-    for res, n in need.items():
-        if n > have.get(res, 0.0):
-            cpus = res == "CPU"
-            raise InputError(
-                f"{key}: needs {n:g} {res}s at once, but this local Ray has "
-                f"{have.get(res, 0.0):g}{' logical CPUs (ray.num_cpus)' if cpus else ''}; "
-                f"lower it{', or raise ray.num_cpus' if cpus else ''}"
-            )
+    refusal = shortfall(key, need, ray.cluster_resources())
+    if refusal is not None:
+        raise refusal
 
 
 def check_reachable(address: str, key: str, *, timeout_s: float = 10.0) -> None:

@@ -49,6 +49,58 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def stage_needs(cfg: ExperimentConfig, stage: str) -> list[tuple[str, dict[str, float]]]:
+    """``(key, resources)`` of each piece of work ``stage`` must place whole on Ray: one
+    collection, generation or evaluation actor, the grounding's worker group, one training
+    unit. Ray queues a piece larger than it can ever have forever, so the stages check these
+    when Ray is up (:func:`~kalm_ray.raysetup.require_resources`) and ``kalm run`` before the
+    first stage (:func:`~kalm_ray.plan.check_local`)."""
+    if stage == "collect":
+        return [("collect.num_cpus_per_worker", {"CPU": cfg.collect.num_cpus_per_worker})]
+    if stage == "ground":
+        g = cfg.ground
+        gpu = 1 if g.use_gpu else 0  # Ray Train: 1 CPU a worker unless told, 1 GPU under use_gpu
+        group = {"CPU": g.num_workers * (g.num_cpus_per_worker or 1), "GPU": g.num_workers * gpu}
+        # ground.use_gpu first: with no GPU at all it is the key to name
+        return [("ground.use_gpu", {"GPU": 1})] * gpu + [("ground.num_workers", group)]
+    if stage == "imagine":
+        im = cfg.imagine
+        if im.backend == "vllm":
+            return []  # the engine asks for tp x pp GPUs itself; the plan checks vLLM's needs
+        actor = {"CPU": im.num_cpus_per_actor, "GPU": im.num_gpus_per_actor}
+        return [("imagine.num_gpus_per_actor" if im.num_gpus_per_actor else
+                 "imagine.num_cpus_per_actor", actor)]
+    if stage == "train":
+        from kalm_ray.rl.unit_pool import unit_cpus
+
+        t = cfg.train
+        out = []
+        if t.num_gpus_per_learner:
+            # the unit's task (a local learner) or each of its learner actors holds them
+            gpus = t.num_gpus_per_learner * max(1, t.num_learners)
+            out.append(("train.num_gpus_per_learner", {"GPU": gpus}))
+        in_driver = t.max_concurrent_units == 1
+        for algo in t.algos:
+            key = (
+                f"train.num_learners ({algo} in the driver: its learners and PreLearner actors)"
+                if in_driver
+                else f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)"
+            )
+            out.append((key, {"CPU": unit_cpus(algo, t, in_driver=in_driver)}))
+        return out
+    if stage == "evaluate":
+        return [("evaluate.num_cpus_per_worker", {"CPU": cfg.evaluate.num_cpus_per_worker})]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def require_stage_resources(cfg: ExperimentConfig, stage: str) -> None:
+    """:func:`~kalm_ray.raysetup.require_resources` for every piece of :func:`stage_needs`."""
+    from kalm_ray.raysetup import require_resources
+
+    for key, need in stage_needs(cfg, stage):
+        require_resources(key, need, cfg.ray)
+
+
 def stage_inputs(stage: str, cfg: ExperimentConfig) -> tuple[str, ...]:
     """Upstream stages whose outputs ``stage`` reads under this config."""
     if stage == "collect":

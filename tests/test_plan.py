@@ -11,6 +11,7 @@ import yaml
 
 from kalm_ray.cli import main
 from kalm_ray.config import load_config
+from kalm_ray.errors import BackendUnavailable, InputError
 from kalm_ray.plan import GIB, KNOWN_MODELS, grounding_memory, make_plan, model_facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +211,11 @@ def test_local_runs_refuse_what_kalm_plan_refuses_before_any_stage(tmp_path, cap
     )
     with pytest.raises(PlanError, match="CPU-only torch"):
         check(cpu_env)
-    check_local(cpu_env, ["collect", "ground", "imagine", "train", "evaluate"])
+    import kalm_ray.raysetup
+
+    with monkeypatch.context() as m:  # a machine with the GPUs the config asks for
+        m.setattr(kalm_ray.raysetup, "local_resources", lambda ray: {"CPU": 64.0, "GPU": 8.0})
+        check_local(cpu_env, ["collect", "ground", "imagine", "train", "evaluate"])
     # A stage is refused for its own refusals only: evaluate does not read max_seq_len.
     check_local(load_config(too_long), ["evaluate"])
     # Nor does a local run need the runtime_env file to be refused what it cannot do.
@@ -250,3 +255,43 @@ def test_misspelt_algo_params_are_refused_by_the_plan(tmp_path, capsys):
     # Params of an algorithm the config does not train are not its business.
     cfg = load_config(_config(tmp_path, "quick", **{"train.algo_params": {"dcql": {"x": 1}}}))
     assert not make_plan(cfg).refusals
+
+
+def test_work_a_local_ray_can_never_place_is_refused_before_the_first_stage(
+    tmp_path, capsys, monkeypatch
+):
+    """An actor, worker group or training unit larger than the local Ray was refused only
+    when its stage started (a unit after collect, ground and imagine had run): ``kalm run``
+    refuses it before the first stage, and ``kalm plan`` for a config sized for a local Ray."""
+    import kalm_ray.raysetup
+    from kalm_ray.plan import check_local
+
+    run_dir = tmp_path / "run"
+    big = _config(tmp_path, "quick", **{"train.num_cpus_per_unit": 64, "run_dir": str(run_dir)})
+    assert main(["run", big]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kalm: error: train.num_cpus_per_unit (bc: with its learners")
+    assert "but this local Ray has 8 logical CPUs (ray.num_cpus)" in err and "\n" not in err
+    assert not run_dir.exists()
+    assert main(["plan", big]) == 2
+    assert "ray.num_cpus is 8" in capsys.readouterr().err
+    real = kalm_ray.raysetup.local_resources
+    monkeypatch.setattr(kalm_ray.raysetup, "local_resources", lambda ray: {"CPU": 8.0, "GPU": 0.0})
+    gpu = load_config(_config(tmp_path, "quick", **{"ground.use_gpu": True}))
+    with pytest.raises(BackendUnavailable, match="ground.use_gpu asks for GPUs"):
+        check_local(gpu, ["collect", "ground"])
+    check_local(gpu, ["collect", "imagine", "train", "evaluate"])  # not theirs to refuse
+    actor = load_config(_config(tmp_path, "quick", **{"collect.num_cpus_per_worker": 16}))
+    with pytest.raises(InputError, match="collect.num_cpus_per_worker: needs 16"):
+        check_local(actor, ["collect"])
+    # Joining a cluster: its resources are its own to count.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(kalm_ray.raysetup, "local_resources", real)
+    check_local(actor, ["collect"])
+
+
+def test_engine_arguments_the_plan_reads_must_be_counts(tmp_path, capsys):
+    kwargs = {"imagine.vllm_engine_kwargs": {"tensor_parallel_size": "two"}}
+    bad = _config(tmp_path, "clevr", **kwargs)
+    err = _refused(capsys, bad)
+    assert "imagine.vllm_engine_kwargs.tensor_parallel_size: 'two' is not an integer" in err

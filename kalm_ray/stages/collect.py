@@ -49,7 +49,7 @@ from kalm_ray.data.text import (
 )
 from kalm_ray.envs import LEVELS, get_suite
 from kalm_ray.raysetup import init_ray
-from kalm_ray.stage import plan_stage, print_resuming
+from kalm_ray.stage import plan_stage, print_resuming, require_stage_resources
 
 
 def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
@@ -82,6 +82,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     )
     n_episodes = sum(u.episodes for u in units)
     init_ray(cfg.ray)
+    require_stage_resources(cfg, "collect")
 
     # ---- run ---------------------------------------------------------------------------------
     t_start = time.perf_counter()

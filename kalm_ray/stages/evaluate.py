@@ -47,7 +47,7 @@ from kalm_ray.eval.evaluate import (
     wording_embeddings,
 )
 from kalm_ray.eval.results import build_results, headline_markdown
-from kalm_ray.stage import plan_stage, print_resuming
+from kalm_ray.stage import plan_stage, print_resuming, require_stage_resources
 
 log = logging.getLogger("kalm_ray")
 
@@ -77,6 +77,7 @@ def run_evaluate(cfg: ExperimentConfig, run_dir: RunDir | str | None) -> Manifes
     from kalm_ray.raysetup import init_ray
 
     init_ray(cfg.ray)
+    require_stage_resources(cfg, "evaluate")
     import ray
 
     num_workers = pool_size(

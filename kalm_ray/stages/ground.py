@@ -37,8 +37,8 @@ from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
 from kalm_ray.llm.codec import CODEC_FILE
 from kalm_ray.llm.ground.fit import build_examples, fit, prepare_shared, print_summary
-from kalm_ray.raysetup import init_ray, require_resources
-from kalm_ray.stage import plan_stage
+from kalm_ray.raysetup import init_ray
+from kalm_ray.stage import plan_stage, require_stage_resources
 
 
 def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
@@ -57,13 +57,7 @@ def run_ground(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Ma
     prep = prepare_shared(cfg, suite, run, work)
     timings["prepare_s"] = time.perf_counter() - t0
     init_ray(cfg.ray)
-    # Ray Train gives a worker 1 CPU unless told otherwise, and 1 GPU under use_gpu
-    if g.use_gpu:
-        require_resources("ground.use_gpu", {"GPU": 1}, cfg.ray)
-    per_worker = {"CPU": g.num_cpus_per_worker or 1, "GPU": 1 if g.use_gpu else 0}
-    require_resources(
-        "ground.num_workers", {k: g.num_workers * n for k, n in per_worker.items()}, cfg.ray
-    )
+    require_stage_resources(cfg, "ground")
     t1 = time.perf_counter()
     counts = build_examples(cfg, run, work, prep)
     timings["examples_s"] = time.perf_counter() - t1

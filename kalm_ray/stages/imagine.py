@@ -49,7 +49,7 @@ from kalm_ray.llm.imagine.store import (
     write_rollouts,
 )
 from kalm_ray.raysetup import init_ray
-from kalm_ray.stage import plan_stage, print_resuming
+from kalm_ray.stage import plan_stage, print_resuming, require_stage_resources
 
 if TYPE_CHECKING:
     import ray.data
@@ -72,6 +72,8 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     init_ray(cfg.ray)
     # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
     backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand, mode=icfg.mode)
+    if backend == "hf":
+        require_stage_resources(cfg, "imagine")
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)

@@ -29,7 +29,7 @@ from kalm_ray.config import ExperimentConfig
 from kalm_ray.envs import get_suite
 from kalm_ray.errors import InputError
 from kalm_ray.progress import show_progress
-from kalm_ray.raysetup import init_ray, require_resources
+from kalm_ray.raysetup import init_ray
 from kalm_ray.rl.dataset import load_embeddings, prepare_mix, wording_groups
 from kalm_ray.rl.policy import POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEvalSpec
@@ -44,8 +44,8 @@ from kalm_ray.rl.train import (
     train_in_driver,
 )
 from kalm_ray.rl.unit import plan_units
-from kalm_ray.rl.unit_pool import UnitPool, unit_cpus
-from kalm_ray.stage import plan_stage, print_resuming
+from kalm_ray.rl.unit_pool import UnitPool
+from kalm_ray.stage import plan_stage, print_resuming, require_stage_resources
 
 
 def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Manifest:
@@ -77,20 +77,7 @@ def run_train(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> Man
         "gamma": train.gamma,
     }
     init_ray(cfg.ray)
-    if train.num_gpus_per_learner:
-        # the unit's task (a local learner) or each of its learner actors holds them
-        gpus = train.num_gpus_per_learner * max(1, train.num_learners)
-        require_resources("train.num_gpus_per_learner", {"GPU": gpus}, cfg.ray)
-    # Each unit must fit alone: its task (none in the driver) and the actors it starts itself.
-    in_driver = train.max_concurrent_units == 1
-    for algo in train.algos:
-        require_resources(
-            f"train.num_learners ({algo} in the driver: its learners and PreLearner actors)"
-            if in_driver
-            else f"train.num_cpus_per_unit ({algo}: with its learners and PreLearner actors)",
-            {"CPU": unit_cpus(algo, train, in_driver=in_driver)},
-            cfg.ray,
-        )
+    require_stage_resources(cfg, "train")
 
     # ---- run ------------------------------------------------------------------------------
     t0 = time.perf_counter()
