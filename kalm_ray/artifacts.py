@@ -46,7 +46,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from kalm_ray.errors import InputError, RunDirError
+from kalm_ray.errors import InputError, KalmError, RunDirError
 
 log = logging.getLogger("kalm_ray")
 
@@ -286,6 +286,7 @@ class RunDir:
                 f"{self.uri}: not a kalm run directory (no {RUN_INFO}, which the first stage "
                 "run in it writes)"
             )
+        self.read_json(RUN_INFO)  # its shape is checked there: one line if it is no record
 
     def command(self, stage: str, *flags: str) -> str:
         """The command that (re)makes ``stage`` in this run dir, for error hints:
@@ -680,7 +681,12 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
     problems: list[str] = []
     ids: dict[str, str] = {}
     for stage, folder in stage_dirs.items():
-        m = run.manifest(folder)
+        try:
+            m = run.manifest(folder)
+        except KalmError as e:  # unreadable: this stage is damaged, the others still checked
+            problems.append(f"{e}; rerun `{run.command(stage)}`")
+            print(f"  {stage:<9} {run.uri_of(folder)}: manifest damaged")
+            continue
         if m is None:
             print(f"  {stage:<9} {run.uri_of(folder)}: not run")
             continue
@@ -695,7 +701,12 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
         else:
             print(f"  {stage:<9} {run.uri_of(folder)}: {len(m.checksums or {})} files intact")
         for up, oid in m.inputs.items():
-            if up in ids and ids[up] != oid:
+            if up in stage_dirs and up not in ids:
+                problems.append(
+                    f"{run.uri_of(folder)}: made from a {up!r} output that is no longer there "
+                    f"({run.uri_of(stage_dirs[up])}); rerun `{run.command('run', '--from', up)}`"
+                )
+            elif up in ids and ids[up] != oid:
                 problems.append(
                     f"{run.uri_of(folder)}: made from an earlier {up!r} output than the one "
                     f"there now; rerun `{run.command(stage)}`"

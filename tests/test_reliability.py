@@ -291,6 +291,31 @@ def test_kalm_verify(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert main(["verify", str(tmp_path)]) == 2  # the folder above the run: not a run
     assert "not a kalm run directory" in capsys.readouterr().err
+    # An input that is gone: the stage made from it is not "intact" alone.
+    import shutil
+
+    run = RunDir(str(root))
+    with stage_output(run, "model") as tmp:
+        run.write_bytes(b"weights", tmp, "model.safetensors")
+    write_manifest(run, "model", Manifest.new("ground", "h", {"collect": "gone-id"}))
+    shutil.rmtree(root / "data" / "real")
+    assert main(["verify", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "made from a 'collect' output that is no longer there" in err
+    assert f"kalm run CONFIG --from collect --run-dir {root}" in err
+    # A damaged manifest is that stage's problem; the others are still checked.
+    (root / "model" / "manifest.json").write_text("{not json")
+    assert main(["verify", str(root)]) == 2
+    cap = capsys.readouterr()
+    assert "ground    " in cap.out and "manifest damaged" in cap.out
+    assert "kalm: error: 1 problem(s)" in cap.err
+    # A run.json that is no run record.
+    (root / "run.json").write_text("[1]")
+    assert main(["verify", str(root)]) == 2
+    assert "run.json: expected a JSON object" in capsys.readouterr().err
+    (root / "run.json").write_text('{"seed": 0}')
+    assert main(["verify", str(root)]) == 2
+    assert "run.json: no 'experiment' field" in capsys.readouterr().err
 
 
 def test_big_files_get_a_sampled_digest_and_a_full_one(tmp_path, monkeypatch):
