@@ -380,7 +380,8 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     cpus = g.num_cpus_per_worker or 1
     plan.add(
         "ground",
-        f"Ray Train: {g.num_workers} workers x ({per}, {cpus:g} CPU), {g.method}"
+        f"Ray Train: {g.num_workers} worker{'s' if g.num_workers != 1 else ''} x ({per}, "
+        f"{cpus:g} CPU), {g.method}"
         + (f" r={g.lora.r}" if g.method == "lora" else "")
         + f", {'bf16' if g.use_gpu else 'fp32'}, {g.max_steps} steps x batch {g.batch_size}",
     )
@@ -560,10 +561,14 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
         f"RLlib: {n_pol} policies ({'/'.join(t.algos)}), {units}; learners {learners}",
     )
     e = cfg.evaluate
-    workers = e.num_workers or f"(free CPUs at start / {e.num_cpus_per_worker:g})"
+    actors = (
+        f"{e.num_workers} actor{'s' if e.num_workers != 1 else ''}"
+        if e.num_workers
+        else "as many actors as free CPUs allow at start"
+    )
     plan.add(
         "evaluate",
-        f"{workers} actors x {e.num_cpus_per_worker:g} CPU x {e.envs_per_worker} envs, levels "
+        f"{actors} x {e.num_cpus_per_worker:g} CPU x {e.envs_per_worker} envs, levels "
         f"{', '.join(e.levels)}",
     )
 
