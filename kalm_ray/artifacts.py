@@ -221,27 +221,28 @@ def check_json_shape(obj: Any, name: str, where: str) -> None:
             raise InputError(f"{where}: 'levels' is not a list of level names")
 
 
-GCS_RETRY_S = 60
-"""How long one call to a ``gs://`` run dir is retried before it fails (Arrow's default: 15
-minutes, uninterruptible)."""
+READ_ONLY_GCS_RETRY_S = 60
+"""How long ``kalm verify``/``report``/``compare`` retry one call to a ``gs://`` run dir
+before they fail. Arrow's default, which the stages keep (a blip in a stage hours long is
+worth waiting out), is 15 minutes, in C++, deaf to Ctrl-C and SIGTERM."""
 
 
 class RunDir:
     """A run directory on any ``pyarrow.fs`` filesystem. Paths are relative to its root."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, *, gcs_retry_s: float | None = None):
         if not uri or not isinstance(uri, str):
             raise RunDirError(f"run_dir must be a path or URI, got {uri!r}")
         self.uri = uri
         try:
             if "://" in uri:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
-                if isinstance(self.fs, pafs.GcsFileSystem) and "?" not in uri:
+                if gcs_retry_s is not None and self.fs.type_name == "gcs" and "?" not in uri:
                     # Arrow's GCS client retries a failing call for 15 minutes, in C++, where
                     # neither Ctrl-C nor SIGTERM reach it (no credentials: `kalm verify gs://…`
                     # hung that long). Options in the URI's query are the user's own.
                     self.fs = pafs.GcsFileSystem(
-                        retry_time_limit=datetime.timedelta(seconds=GCS_RETRY_S)
+                        retry_time_limit=datetime.timedelta(seconds=gcs_retry_s)
                     )
             else:
                 self.fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
@@ -680,12 +681,14 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
     and prints one line per stage."""
     problems: list[str] = []
     ids: dict[str, str] = {}
+    unreadable: set[str] = set()
     for stage, folder in stage_dirs.items():
         try:
             m = run.manifest(folder)
         except KalmError as e:  # unreadable: this stage is damaged, the others still checked
             problems.append(f"{e}; rerun `{run.command(stage)}`")
             print(f"  {stage:<9} {run.uri_of(folder)}: manifest damaged")
+            unreadable.add(stage)
             continue
         if m is None:
             print(f"  {stage:<9} {run.uri_of(folder)}: not run")
@@ -701,7 +704,7 @@ def verify_run(run: RunDir, stage_dirs: dict[str, str], *, full: bool = True) ->
         else:
             print(f"  {stage:<9} {run.uri_of(folder)}: {len(m.checksums or {})} files intact")
         for up, oid in m.inputs.items():
-            if up in stage_dirs and up not in ids:
+            if up in stage_dirs and up not in ids and up not in unreadable:
                 problems.append(
                     f"{run.uri_of(folder)}: made from a {up!r} output that is no longer there "
                     f"({run.uri_of(stage_dirs[up])}); rerun `{run.command('run', '--from', up)}`"

@@ -187,11 +187,12 @@ def _print_summary(cfg) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from kalm_ray import artifacts
     from kalm_ray.artifacts import RunDir, verify_run
     from kalm_ray.errors import InputError
     from kalm_ray.stage import OUTPUT_DIRS
 
-    run = RunDir(args.run_dir)
+    run = RunDir(args.run_dir, gcs_retry_s=artifacts.READ_ONLY_GCS_RETRY_S)
     run.require_run()
     print(f"[kalm] verify: {run.uri}")
     problems = verify_run(run, OUTPUT_DIRS, full=not args.quick)

@@ -451,8 +451,11 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len"):
         # free-form engine arguments: the ones read here must be counts, said in one line
         value = kw.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        bad = value is not None and (isinstance(value, bool) or not isinstance(value, int))
+        if bad and vllm_possible:
             raise ConfigError(f"imagine.vllm_engine_kwargs.{name}: {value!r} is not an integer")
+        if bad:
+            kw.pop(name)  # the hf backend never reads them
     steps = level_step_limits(suite, list(im.levels), im.max_steps or eps, compose=im.compose)
     longest = max(steps.values(), default=im.max_steps or eps)
     new = max_new_tokens(codec, longest)
@@ -601,17 +604,17 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
             plan.more(
                 f"note: HF_HUB_OFFLINE=1 in {env.path}: {g.model.name} must be in the nodes' cache"
             )
-    if cfg.ray.num_cpus:
-        # A config sized for a local Ray: a piece of work larger than it is queued forever.
+    if cfg.ray.num_cpus and not local:
+        # A local Ray gets ray.num_cpus (check_local refuses what it cannot place); a cluster
+        # ignores it, so here it is a note, not a refusal that would stop `kalm submit`.
         from kalm_ray.stage import STAGES, stage_needs
 
         for stage in STAGES:
-            for key, need in stage_needs(cfg, stage):
+            for key, need in stage_needs(cfg, stage, backend=backend):
                 if need.get("CPU", 0) > cfg.ray.num_cpus:
-                    plan.refuse(
-                        stage,
-                        f"{key}: needs {need['CPU']:g} CPUs at once, but ray.num_cpus is "
-                        f"{cfg.ray.num_cpus:g}; lower it, or raise ray.num_cpus",
+                    plan.more(
+                        f"note: {key} needs {need['CPU']:g} CPUs at once, more than "
+                        f"ray.num_cpus ({cfg.ray.num_cpus:g}): a local run refuses it"
                     )
     plan.add("verdict", "refused" if plan.refusals else "ok: nothing refused")
     return plan
@@ -631,6 +634,18 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _local_backend(cfg: ExperimentConfig) -> str:
+    """The imagine backend a run in this process resolves to (as the stage does)."""
+    from kalm_ray.llm.imagine.backends import resolve_backend
+
+    im = cfg.imagine
+    if im.mode == "stepwise" or im.backend == "hf":
+        return "hf"
+    if im.backend == "vllm":
+        return "vllm"
+    return resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
+
+
 def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     """:func:`check` for ``stages`` run in this process (``kalm run``, ``kalm <stage>``, a
     submitted job's driver): the refusals of those stages, not those about the runtime_env,
@@ -648,7 +663,7 @@ def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     # the stage would refuse it only once it starts, after the stages before it.
     have = local_resources(cfg.ray)
     for stage in stages if have is not None else ():
-        for key, need in stage_needs(cfg, stage):
+        for key, need in stage_needs(cfg, stage, backend=_local_backend(cfg)):
             refusal = shortfall(key, need, have)
             if refusal is not None:
                 raise refusal
@@ -657,7 +672,11 @@ def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     try:
         plan = make_plan(cfg, local=True)
     except KalmError:
-        raise  # a value the plan cannot read, named in one line
+        # A value the plan cannot read (the base model's config.json, vLLM's engine
+        # arguments): ground's and imagine's to read, so theirs to refuse.
+        if set(stages) & {"ground", "imagine"}:
+            raise
+        return
     except Exception:  # noqa: BLE001 - a check ahead of the stages, not a gate of its own
         # What stops the plan itself (a model folder whose config.json the ground stage's own
         # check names in one line) is the stage's to say.

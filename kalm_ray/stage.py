@@ -49,12 +49,15 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_needs(cfg: ExperimentConfig, stage: str) -> list[tuple[str, dict[str, float]]]:
+def stage_needs(
+    cfg: ExperimentConfig, stage: str, *, backend: str | None = None
+) -> list[tuple[str, dict[str, float]]]:
     """``(key, resources)`` of each piece of work ``stage`` must place whole on Ray: one
     collection, generation or evaluation actor, the grounding's worker group, one training
     unit. Ray queues a piece larger than it can ever have forever, so the stages check these
     when Ray is up (:func:`~kalm_ray.raysetup.require_resources`) and ``kalm run`` before the
-    first stage (:func:`~kalm_ray.plan.check_local`)."""
+    first stage (:func:`~kalm_ray.plan.check_local`). ``backend``: imagine's, resolved (the
+    config's when None)."""
     if stage == "collect":
         return [("collect.num_cpus_per_worker", {"CPU": cfg.collect.num_cpus_per_worker})]
     if stage == "ground":
@@ -65,11 +68,12 @@ def stage_needs(cfg: ExperimentConfig, stage: str) -> list[tuple[str, dict[str, 
         return [("ground.use_gpu", {"GPU": 1})] * gpu + [("ground.num_workers", group)]
     if stage == "imagine":
         im = cfg.imagine
-        if im.backend == "vllm":
+        if (backend or im.backend) == "vllm":
             return []  # the engine asks for tp x pp GPUs itself; the plan checks vLLM's needs
-        actor = {"CPU": im.num_cpus_per_actor, "GPU": im.num_gpus_per_actor}
-        return [("imagine.num_gpus_per_actor" if im.num_gpus_per_actor else
-                 "imagine.num_cpus_per_actor", actor)]
+        gpus = [("imagine.num_gpus_per_actor", {"GPU": im.num_gpus_per_actor})]
+        return gpus * bool(im.num_gpus_per_actor) + [
+            ("imagine.num_cpus_per_actor", {"CPU": im.num_cpus_per_actor})
+        ]
     if stage == "train":
         from kalm_ray.rl.unit_pool import unit_cpus
 
@@ -93,11 +97,13 @@ def stage_needs(cfg: ExperimentConfig, stage: str) -> list[tuple[str, dict[str, 
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def require_stage_resources(cfg: ExperimentConfig, stage: str) -> None:
+def require_stage_resources(
+    cfg: ExperimentConfig, stage: str, *, backend: str | None = None
+) -> None:
     """:func:`~kalm_ray.raysetup.require_resources` for every piece of :func:`stage_needs`."""
     from kalm_ray.raysetup import require_resources
 
-    for key, need in stage_needs(cfg, stage):
+    for key, need in stage_needs(cfg, stage, backend=backend):
         require_resources(key, need, cfg.ray)
 
 

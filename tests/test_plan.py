@@ -273,14 +273,23 @@ def test_work_a_local_ray_can_never_place_is_refused_before_the_first_stage(
     assert err.startswith("kalm: error: train.num_cpus_per_unit (bc: with its learners")
     assert "but this local Ray has 8 logical CPUs (ray.num_cpus)" in err and "\n" not in err
     assert not run_dir.exists()
-    assert main(["plan", big]) == 2
-    assert "ray.num_cpus is 8" in capsys.readouterr().err
+    # kalm plan (and kalm submit: a cluster ignores ray.num_cpus) notes it, refuses nothing
+    assert main(["plan", big]) == 0
+    out = capsys.readouterr().out
+    assert "note: train.num_cpus_per_unit (bc: with its learners and PreLearner" in out
+    assert "more than ray.num_cpus (8): a local run refuses it" in out
     real = kalm_ray.raysetup.local_resources
     monkeypatch.setattr(kalm_ray.raysetup, "local_resources", lambda ray: {"CPU": 8.0, "GPU": 0.0})
     gpu = load_config(_config(tmp_path, "quick", **{"ground.use_gpu": True}))
     with pytest.raises(BackendUnavailable, match="ground.use_gpu asks for GPUs"):
         check_local(gpu, ["collect", "ground"])
     check_local(gpu, ["collect", "imagine", "train", "evaluate"])  # not theirs to refuse
+    # imagine names the key to lower: the CPUs, though the actor also asks for a GPU
+    im = {"imagine.num_cpus_per_actor": 16, "imagine.num_gpus_per_actor": 1}
+    with monkeypatch.context() as m:
+        m.setattr(kalm_ray.raysetup, "local_resources", lambda ray: {"CPU": 8.0, "GPU": 1.0})
+        with pytest.raises(InputError, match="^imagine.num_cpus_per_actor: needs 16 CPUs"):
+            check_local(load_config(_config(tmp_path, "quick", **im)), ["imagine"])
     actor = load_config(_config(tmp_path, "quick", **{"collect.num_cpus_per_worker": 16}))
     with pytest.raises(InputError, match="collect.num_cpus_per_worker: needs 16"):
         check_local(actor, ["collect"])
@@ -295,3 +304,5 @@ def test_engine_arguments_the_plan_reads_must_be_counts(tmp_path, capsys):
     bad = _config(tmp_path, "clevr", **kwargs)
     err = _refused(capsys, bad)
     assert "imagine.vllm_engine_kwargs.tensor_parallel_size: 'two' is not an integer" in err
+    # Where vLLM never runs (hf), its engine arguments are nobody's to refuse.
+    assert not make_plan(load_config(_config(tmp_path, "quick", **kwargs))).refusals

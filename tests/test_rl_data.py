@@ -323,6 +323,8 @@ def test_train_reads_the_asked_wordings_from_the_imagine_stage_config(tmp_path):
     64 from the config the imagined data were made under, not from its own."""
     from pathlib import Path
 
+    import yaml
+
     from kalm_ray.config import dump_config, load_config
     from kalm_ray.envs import get_suite
     from kalm_ray.llm.imagine.requests import build_requests
@@ -346,5 +348,10 @@ def test_train_reads_the_asked_wordings_from_the_imagine_stage_config(tmp_path):
     )
     asked = asked_wordings(run, suite)
     assert asked == set(requests.column("instruction").to_pylist())
+    # A config saved by another version (a key this one lacks) still says what was asked.
+    saved = yaml.safe_load(dump_config(cfg))
+    saved["imagine"]["a_key_of_another_version"] = 1
+    run.write_text(yaml.safe_dump(saved), "data/imagined", "config.yaml")
+    assert asked_wordings(run, suite) == asked
     rephrase = {t for task in suite.tasks("rephrase") for t in suite.instructions("rephrase", task)}
     assert len(asked & rephrase) == 64 < len(rephrase)

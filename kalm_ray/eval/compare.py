@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kalm_ray import artifacts
 from kalm_ray.artifacts import RunDir
 from kalm_ray.errors import InputError
 from kalm_ray.eval.results import BASELINE, LLM_ALGO, RANDOM_ALGO, RANDOM_DATA, TREATMENT
@@ -44,7 +45,7 @@ class Run:
 
 
 def load_run(uri: str) -> Run:
-    run = RunDir(uri)
+    run = RunDir(uri, gcs_retry_s=artifacts.READ_ONLY_GCS_RETRY_S)
     run.require_run()
     if not run.exists("eval", "results.json"):
         raise InputError(

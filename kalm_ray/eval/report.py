@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kalm_ray import artifacts
 from kalm_ray.artifacts import RunDir
 from kalm_ray.envs.suite import LEVELS
 from kalm_ray.errors import InputError
@@ -35,7 +36,7 @@ _NOT_CURVES = ("updates", "train_s", "time", "timestamp")
 
 def cli_report(args: argparse.Namespace) -> int:
     """``kalm report RUN_DIR``: regenerate ``eval/report.md`` and the plots."""
-    run = RunDir(args.run_dir)
+    run = RunDir(args.run_dir, gcs_retry_s=artifacts.READ_ONLY_GCS_RETRY_S)
     run.require_run()
     written = write_report(run)
     print(f"[kalm] report: {run.uri_of('eval', 'report.md')} ({len(written) - 1} plots)")

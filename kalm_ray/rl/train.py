@@ -12,7 +12,7 @@ from typing import Any
 
 from kalm_ray.artifacts import RunDir, Staging
 from kalm_ray.config import TrainConfig
-from kalm_ray.errors import ConfigError, KalmError
+from kalm_ray.errors import InputError, KalmError
 from kalm_ray.rl.dataset import MixInfo
 from kalm_ray.rl.policy import CHECKPOINT_DIR, MODULE_DIR, POLICY_INFO
 from kalm_ray.rl.quick_eval import QuickEvalSpec
@@ -34,33 +34,48 @@ class UnitFailed(KalmError):
 def asked_wordings(run: RunDir, suite: Any) -> set[str] | None:
     """The novel wordings the imagine stage gave the LLM, from the config it ran under
     (``data/imagined/config.yaml``: the data may have been made under other settings than
-    this config's). None when there is none to read: then only the wordings the imagined
-    data carry are copy targets, a subset of these."""
+    this config's). None when there is none: then only the wordings the imagined data carry
+    are copy targets, a subset of these.
+
+    Only the four keys the requests depend on are read, with today's defaults, so a config
+    saved by an older version (other keys, other bounds) still says what was asked.
+
+    Raises:
+        InputError: the file does not hold them readably.
+    """
     import yaml
 
-    from kalm_ray.config import parse_config
+    from kalm_ray.config import ImagineConfig
     from kalm_ray.llm.imagine.requests import level_wordings
 
     where = ("data", "imagined", "config.yaml")
     if not run.exists(*where):
         return None
     try:
-        made = parse_config(yaml.safe_load(run.read_bytes(*where)), source=run.uri_of(*where))
-    except (ConfigError, yaml.YAMLError) as e:
-        log.warning("%s; copies go to the imagined data's own wordings only", e)
-        return None
-    im = made.imagine
-    return {
-        text
-        for level in im.levels
-        for _, text in level_wordings(
-            suite,
-            level,
-            rollouts_per_level=im.rollouts_per_level,
-            max_tasks_per_level=im.max_tasks_per_level,
-            seed=made.seed,
-        )
-    }
+        made = yaml.safe_load(run.read_bytes(*where))
+        im = made.get("imagine") or {}
+        defaults = ImagineConfig()
+        levels = [str(v) for v in im.get("levels", defaults.levels)]
+        per_level = int(im.get("rollouts_per_level", defaults.rollouts_per_level))
+        max_tasks = im.get("max_tasks_per_level", defaults.max_tasks_per_level)
+        seed = int(made.get("seed", 0))
+        pairs = [
+            p
+            for level in levels
+            for p in level_wordings(
+                suite,
+                level,
+                rollouts_per_level=per_level,
+                max_tasks_per_level=None if max_tasks is None else int(max_tasks),
+                seed=seed,
+            )
+        ]
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError, KeyError) as e:
+        raise InputError(
+            f"{run.uri_of(*where)}: cannot tell which wordings imagination was given "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return {text for _, text in pairs}
 
 
 def one_line(err: BaseException) -> str:

@@ -126,7 +126,7 @@ def run_collect(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
         files.check_complete()
         if not embedded.done():  # it can outlast a short collection by ~30 s on 2 cores
             print(
-                f"[kalm_ray] collect: {n_episodes} episodes in {t_collect:.0f} s; still "
+                f"[kalm] collect: {n_episodes} episodes in {t_collect:.0f} s; still "
                 "embedding the instruction wordings (started beside the collection)",
                 flush=True,
             )

@@ -72,8 +72,7 @@ def run_imagine(cfg: ExperimentConfig, run_dir: RunDir | str | None = None) -> M
     init_ray(cfg.ray)
     # A one-line BackendUnavailable before any work; GPU nodes may still be at zero.
     backend = resolve_backend(icfg.backend, gpus_on_demand=cfg.ray.gpus_on_demand, mode=icfg.mode)
-    if backend == "hf":
-        require_stage_resources(cfg, "imagine")
+    require_stage_resources(cfg, "imagine", backend=backend)
     from kalm_ray.envs import get_suite
 
     suite = get_suite(cfg.env.name)
