@@ -508,10 +508,11 @@ def _say_other_staging(run: RunDir, stage_dir: str, *, keep: str) -> None:
     left: this run does not resume them and nothing removes them, so they would only take up
     space unseen. Kept, as every stopped run's work is; whether to delete them is the user's."""
     parent, _, name = stage_dir.rpartition("/")
+    prefix = f"{parent}/" if parent else ""
     others = [
-        f"{parent}/{n}" if parent else n
-        for n in run.list(*([parent] if parent else []))
-        if n.startswith(f"{name}.partial-") and (f"{parent}/{n}" if parent else n) != keep
+        f"{prefix}{n}"
+        for n in run.list(parent)
+        if n.startswith(f"{name}.partial-") and f"{prefix}{n}" != keep
     ]
     if others:
         print(

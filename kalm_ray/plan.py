@@ -323,7 +323,7 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     """
     from kalm_ray.envs import LEVELS, get_suite
     from kalm_ray.llm.codec import Codec
-    from kalm_ray.llm.imagine.backends import resolve_backend, vllm_missing
+    from kalm_ray.llm.imagine.backends import vllm_missing
     from kalm_ray.llm.imagine.backends.vllm import VLLM_LORA_RANKS, vllm_lora_rank
     from kalm_ray.llm.imagine.store import level_step_limits, max_new_tokens
 
@@ -434,9 +434,7 @@ def make_plan(cfg: ExperimentConfig, *, local: bool = False) -> Plan:
     else:
         plan.more("memory per GPU: unknown (model shape unknown)")
 
-    backend = "hf" if im.mode == "stepwise" else im.backend  # stepwise runs on hf only
-    if local and backend == "auto":
-        backend = resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
+    backend = _backend(cfg, local=local)
     if local and backend == "vllm":
         # The imagine stage's own refusal, ahead of collect and ground. Joining a cluster,
         # its GPUs are Ray's to count once it is up: only the package is checked here.
@@ -634,16 +632,15 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _local_backend(cfg: ExperimentConfig) -> str:
-    """The imagine backend a run in this process resolves to (as the stage does)."""
+def _backend(cfg: ExperimentConfig, *, local: bool) -> str:
+    """Imagine's backend: stepwise runs on hf only; ``auto`` is resolved on this machine for a
+    run in this process (as the stage does), and left ``auto`` for a cluster's plan."""
     from kalm_ray.llm.imagine.backends import resolve_backend
 
-    im = cfg.imagine
-    if im.mode == "stepwise" or im.backend == "hf":
-        return "hf"
-    if im.backend == "vllm":
-        return "vllm"
-    return resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
+    backend = "hf" if cfg.imagine.mode == "stepwise" else cfg.imagine.backend
+    if local and backend == "auto":
+        return resolve_backend("auto", gpus_on_demand=cfg.ray.gpus_on_demand)
+    return backend
 
 
 def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
@@ -662,8 +659,9 @@ def check_local(cfg: ExperimentConfig, stages: Sequence[str]) -> None:
     # Work Ray could never place (an actor, worker group or unit larger than the local Ray):
     # the stage would refuse it only once it starts, after the stages before it.
     have = local_resources(cfg.ray)
+    backend = _backend(cfg, local=True) if have is not None else None
     for stage in stages if have is not None else ():
-        for key, need in stage_needs(cfg, stage, backend=_local_backend(cfg)):
+        for key, need in stage_needs(cfg, stage, backend=backend):
             refusal = shortfall(key, need, have)
             if refusal is not None:
                 raise refusal

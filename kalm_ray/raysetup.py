@@ -236,6 +236,12 @@ def gpu_visible(*, on_demand: bool = False) -> bool:
         return False
 
 
+def local_cpus(cfg: RayConfig) -> int:
+    """Logical CPUs of a local Ray this process starts: ``ray.num_cpus``, else max(8, cores)
+    (see :func:`init_ray` for why at least 8)."""
+    return cfg.num_cpus or max(8, os.cpu_count() or 1)
+
+
 def local_resources(cfg: RayConfig) -> dict[str, float] | None:
     """What this process's Ray has or will have: the running one's, or those :func:`init_ray`
     gives a local Ray it starts (its CPUs; the GPUs CUDA shows this process). None when Ray
@@ -249,7 +255,7 @@ def local_resources(cfg: RayConfig) -> dict[str, float] | None:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"CPU": float(cfg.num_cpus or max(8, os.cpu_count() or 1)), "GPU": float(gpus)}
+    return {"CPU": float(local_cpus(cfg)), "GPU": float(gpus)}
 
 
 def shortfall(key: str, need: dict[str, float], have: dict[str, float]) -> KalmError | None:
@@ -356,7 +362,7 @@ def init_ray(cfg: RayConfig) -> None:
         return
     with _bind_loopback():
         ray.init(
-            num_cpus=cfg.num_cpus or max(8, os.cpu_count() or 1),
+            num_cpus=local_cpus(cfg),
             include_dashboard=cfg.dashboard,
             dashboard_host=cfg.dashboard_host,
             _node_ip_address=LOOPBACK,

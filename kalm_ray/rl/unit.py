@@ -26,7 +26,7 @@ import gymnasium as gym
 import pyarrow.fs as pafs
 
 from kalm_ray.artifacts import RunDir
-from kalm_ray.config import TrainConfig
+from kalm_ray.config import UNIT_SEEDS, TrainConfig
 from kalm_ray.rl.algos import build_config
 from kalm_ray.rl.dataset import MixInfo
 from kalm_ray.rl.policy import CHECKPOINT_DIR, CURVE_FILE, MODULE_DIR, POLICY_INFO, load_policy
@@ -173,7 +173,7 @@ def train_unit(
         obs_dim=mix.obs_dim,
         action_space=action_space,
         num_rows=sum(mix.rows.values()),
-        seed=master_seed * 1000 + unit.seed,
+        seed=master_seed * UNIT_SEEDS + unit.seed,  # bounded in config: below 2**32
     )
     algo = config.build_algo()
     t_build = time.perf_counter() - t0
